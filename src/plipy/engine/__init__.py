@@ -1,0 +1,126 @@
+"""The attention engine: one attention function for every HF decoder, steered by a context object.
+
+    engine = Engine(lm.model)
+    with engine.run(capture=Capture(rows=[m]), edits=[EdgeEdit(layers=[5], edges=[(m, 0)], scale=0.0)]) as rec:
+        logits = lm.model(ids).logits
+    rec.attn[5]   # [batch, heads, 1, keys] post-softmax row of query m at layer 5 (after the knockout)
+
+The plan lives in a ContextVar, so `model.generate()` inside the `with` block is steered too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from plipy.engine import attention, residual
+from plipy.engine.attention import NAME, ActivePlan
+from plipy.engine.residual import decoder_layers
+from plipy.engine.spec import Capture, EdgeEdit, Record, ResidualAdd, ResidualCapture, compile_edits, rows_tensor
+from plipy.errors import PlipyError
+
+__all__ = ["Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture", "Record", "NAME", "decoder_layers"]
+
+
+class Engine:
+    """Installs plipy's attention function and residual hooks on one model (idle until `run()`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        attention.register()
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.n_layers = len(self.layers)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+        attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and _is_attention(m)]
+        if len(attn_modules) != self.n_layers:
+            raise PlipyError(
+                f"{type(model).__name__}: found {len(attn_modules)} attention modules for {self.n_layers} layers"
+            )
+        for m in [*attn_modules, *self.layers]:
+            m._plipy_owner = id(model)  # a plan only applies to the model it was made for
+        model.set_attn_implementation(NAME)
+        if not getattr(model, "_plipy_hooked", False):
+            for i, layer in enumerate(self.layers):
+                layer.register_forward_pre_hook(_pre_hook(i), with_kwargs=True)
+                layer.register_forward_hook(_post_hook(i), with_kwargs=True)
+            model._plipy_hooked = True
+
+    @contextmanager
+    def run(
+        self,
+        capture: Capture | None = None,
+        edits: Iterable[EdgeEdit] = (),
+        residual_adds: Iterable[ResidualAdd] = (),
+        residual_capture: ResidualCapture | None = None,
+    ) -> Iterator[Record]:
+        """Within the block, forwards of this model capture and edit as asked; yields the Record they fill."""
+        record = Record()
+        layers: frozenset[int] = frozenset()
+        rows = None
+        if capture is not None:
+            layers = frozenset(range(self.n_layers) if capture.layers is None else (int(x) for x in capture.layers))
+            for layer in layers:
+                if not 0 <= layer < self.n_layers:
+                    raise PlipyError(f"layer {layer} does not exist (the model has {self.n_layers} layers)")
+            rows = rows_tensor(capture.rows)
+            record.rows = rows
+        plan = ActivePlan(
+            owner=id(self.model),
+            capture_layers=layers,
+            rows=rows,
+            want_scores=bool(capture and capture.scores),
+            want_value_norms=bool(capture and capture.value_norms),
+            want_values=bool(capture and capture.values),
+            edits=compile_edits(edits, self.n_layers, self.n_heads),
+            record=record,
+            residual=residual.ResidualPlan.build(list(residual_adds), residual_capture, self.n_layers),
+        )
+        token = attention.ACTIVE.set(plan)
+        try:
+            yield record
+        finally:
+            attention.ACTIVE.reset(token)
+
+
+def _is_attention(m: torch.nn.Module) -> bool:
+    name = type(m).__name__
+    return name.endswith("Attention") or name.endswith("SdpaAttention")
+
+
+def _wants_residual(plan: ActivePlan | None, module: torch.nn.Module) -> bool:
+    return (
+        plan is not None
+        and (bool(plan.residual.adds) or bool(plan.residual.capture))
+        and getattr(module, "_plipy_owner", None) == plan.owner
+    )
+
+
+def _pre_hook(layer: int):
+    def hook(module, args, kwargs):
+        plan = attention.ACTIVE.get()
+        if not _wants_residual(plan, module):
+            return None
+        if args:
+            new = residual.apply(plan.residual, plan.record, layer, "pre", args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = residual.apply(plan.residual, plan.record, layer, "pre", kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return hook
+
+
+def _post_hook(layer: int):
+    def hook(module, args, kwargs, output):
+        plan = attention.ACTIVE.get()
+        if not _wants_residual(plan, module):
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = residual.apply(plan.residual, plan.record, layer, "post", hidden)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook

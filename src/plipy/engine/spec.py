@@ -1,0 +1,146 @@
+"""What the engine is asked to do in one run: capture query rows, bias edges, touch the residual stream.
+
+Positions are absolute token indices of the sequence as fed to the model (left padding included), so the same
+spec works for a full forward and for `generate()` (where later calls only see new queries).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from plipy.errors import CausalEdgeError, PlipyError
+
+Edge = tuple[int, int] | tuple[int, int, int]
+
+
+@dataclass
+class Capture:
+    """Record, per layer, only the query rows asked for: post-softmax probabilities `[batch, heads, rows, keys]`.
+
+    `rows` is one list of positions shared by the batch, or one equally long list per batch element.
+    `scores` adds the pre-softmax scores (after scaling, softcap, mask and edits), `value_norms` the per-key
+    ‖v_j‖ of every head `[batch, heads, keys]`, `values` the raw value states `[batch, kv_heads, keys, d]`.
+    """
+
+    rows: Sequence[int] | Sequence[Sequence[int]]
+    layers: Iterable[int] | None = None
+    scores: bool = False
+    value_norms: bool = False
+    values: bool = False
+
+
+@dataclass
+class EdgeEdit:
+    """Multiply the post-softmax weight of each edge query→key by `scale`, then renormalise the row.
+
+    Implemented as adding `log(scale)` to the pre-softmax score, which is exactly the renormalised post-softmax
+    scaling; `scale=0` adds -inf (knockout). Edges are `(query, key)` for every batch element or
+    `(batch, query, key)` for one. `heads=None` means every query head.
+    """
+
+    layers: Iterable[int]
+    edges: Sequence[Edge]
+    scale: float = 0.0
+    heads: Sequence[int] | None = None
+
+    def bias(self) -> float:
+        """The additive pre-softmax bias this edit stands for."""
+        if self.scale < 0 or math.isnan(self.scale):
+            raise PlipyError(f"an attention scale must be ≥ 0, got {self.scale}")
+        return -math.inf if self.scale == 0 else math.log(self.scale)
+
+
+@dataclass
+class ResidualAdd:
+    """Add `vector` ([d] or [batch, d]) to the residual stream at the input (`pre`) or output (`post`) of `layer`.
+
+    `positions=None` means every position. `skip_single_token=True` leaves cached generation steps (one new
+    token) alone, as the SAE steering pipelines do.
+    """
+
+    layer: int
+    vector: torch.Tensor
+    positions: Sequence[int] | None = None
+    where: str = "pre"
+    skip_single_token: bool = False
+
+
+@dataclass
+class ResidualCapture:
+    """Record the residual stream at the input (`pre`) and/or output (`post`) of the given layers."""
+
+    layers: Iterable[int] | None = None
+    where: Sequence[str] = ("pre",)
+    positions: Sequence[int] | None = None
+
+
+@dataclass
+class Record:
+    """What a run captured. Keys are layer indices (residual: `(layer, "pre"|"post")`)."""
+
+    rows: torch.Tensor | None = None
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    resid: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def stack(self, what: str = "attn") -> torch.Tensor:
+        """Captured tensors of all layers stacked in layer order: `[layers, ...]`."""
+        d = getattr(self, what)
+        return torch.stack([d[k] for k in sorted(d)])
+
+
+@dataclass
+class LayerEdit:
+    """One compiled edit for one layer: absolute (batch or None, query, key) edges, head mask, additive bias."""
+
+    edges: list[tuple[int | None, int, int]]
+    heads: list[int] | None
+    bias: float
+
+
+def compile_edits(edits: Iterable[EdgeEdit], n_layers: int, n_heads: int) -> dict[int, list[LayerEdit]]:
+    """Validate edits once and group them per layer; identity edits (scale 1, no edges, no heads) vanish,
+    so an identity intervention runs exactly the baseline computation (KL exactly 0)."""
+    out: dict[int, list[LayerEdit]] = {}
+    for e in edits:
+        bias = e.bias()
+        heads = None if e.heads is None else sorted({int(h) for h in e.heads})
+        for h in heads or []:
+            if not 0 <= h < n_heads:
+                raise PlipyError(f"head {h} does not exist (the model has {n_heads} query heads: 0-{n_heads - 1})")
+        edges: list[tuple[int | None, int, int]] = []
+        for edge in e.edges:
+            b, q, k = (None, *edge) if len(edge) == 2 else edge
+            if k > q:
+                raise CausalEdgeError(
+                    f"edge query {q} → key {k} is causally masked (the key comes after the query): "
+                    "there is no attention to remove or steer"
+                )
+            if q < 0 or k < 0:
+                raise PlipyError(f"edge query {q} → key {k}: positions must be ≥ 0")
+            edges.append((b, int(q), int(k)))
+        if bias == 0.0 or not edges or heads == []:
+            continue
+        for layer in e.layers:
+            if not 0 <= layer < n_layers:
+                raise PlipyError(f"layer {layer} does not exist (the model has {n_layers} layers: 0-{n_layers - 1})")
+            out.setdefault(int(layer), []).append(LayerEdit(edges, heads, bias))
+    return out
+
+
+def rows_tensor(rows: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+    """Capture rows as a `[batch or 1, r]` long tensor."""
+    t = torch.as_tensor(rows, dtype=torch.long)
+    if t.ndim == 1:
+        t = t[None]
+    if t.ndim != 2 or t.shape[1] == 0:
+        raise PlipyError("capture rows must be a non-empty list of positions, or one equal-length list per batch item")
+    if (t < 0).any():
+        raise PlipyError("capture rows must be ≥ 0")
+    return t

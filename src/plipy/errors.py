@@ -1,0 +1,13 @@
+"""One exception type for every user-facing failure, so the CLI can print one clear line and exit non-zero."""
+
+
+class PlipyError(Exception):
+    """A problem the user can act on (bad input, unknown model, impossible intervention)."""
+
+
+class CausalEdgeError(PlipyError):
+    """An edge whose key is masked for its query (after it, or outside a sliding window): nothing to steer."""
+
+
+class MaskedRowError(PlipyError):
+    """An intervention would leave a query row with no key to attend to (softmax of all -inf is NaN)."""

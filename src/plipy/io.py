@@ -1,0 +1,56 @@
+"""Writing results atomically (nothing half-written) and hashing inputs for provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temp file beside `path`, then rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomic, indented JSON (NaN is written as null so any JSON reader accepts the file)."""
+    text = json.dumps(_clean(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:  # NaN
+        return None
+    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _clean(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,180 @@
+"""The engine against HF eager and SDPA on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plipy.engine import Capture, EdgeEdit, Engine, ResidualAdd, ResidualCapture
+from plipy.errors import CausalEdgeError, MaskedRowError
+from tiny_models import ARCHS, NO_SDPA, REF, REF_EDITS, SLIDING, batch_inputs, build, kl, register_reference, variant
+
+ROWS = [5, 9]  # real tokens in both sequences (the second is left-padded by 3)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def trio(request):
+    """(arch, eager model, plipy-engine model, engine) sharing weights."""
+    arch = request.param
+    eager = build(arch, "eager")
+    ours = variant(eager, "eager")
+    return arch, eager, ours, Engine(ours)
+
+
+def _real(mask: torch.Tensor) -> torch.Tensor:
+    return mask.bool()[..., None]
+
+
+def test_idle_engine_matches_eager_and_sdpa(trio):
+    arch, eager, ours, _ = trio
+    ids, mask = batch_inputs()
+    ref = eager(ids, attention_mask=mask).logits
+    got = ours(ids, attention_mask=mask).logits
+    real = _real(mask)
+    assert (got - ref).masked_select(real).abs().max() <= 1e-5
+    if arch not in NO_SDPA:
+        sdpa = variant(eager, "sdpa")(ids, attention_mask=mask).logits
+        assert (got - sdpa).masked_select(real).abs().max() <= 1e-5
+
+
+def test_captured_rows_equal_eager_output_attentions(trio):
+    arch, eager, ours, engine = trio
+    ids, mask = batch_inputs()
+    out = eager(ids, attention_mask=mask, output_attentions=True)
+    with engine.run(capture=Capture(rows=ROWS, scores=True, value_norms=True)) as rec:
+        logits = ours(ids, attention_mask=mask).logits
+    assert sorted(rec.attn) == list(range(engine.n_layers))
+    for layer, att in enumerate(out.attentions):
+        got = rec.attn[layer]
+        assert got.shape == (2, att.shape[1], len(ROWS), ids.shape[1])
+        assert (got - att[:, :, ROWS]).abs().max() <= 1e-6, f"{arch} layer {layer}"
+        assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-5)
+        assert torch.allclose(torch.softmax(rec.scores[layer], -1), got, atol=1e-6)
+    # capturing does not change the computation
+    assert (logits - ours(ids, attention_mask=mask).logits).abs().max() == 0
+
+
+def test_per_item_rows_in_a_padded_batch(trio):
+    """Rows given per batch item: the padded item's rows shifted by the padding give the unpadded numbers."""
+    arch, eager, ours, engine = trio
+    ids, mask = batch_inputs(pad=3)
+    single = ids[1:, 3:]
+    with engine.run(capture=Capture(rows=[[4, 9], [4 + 3, 9]])) as rec_b:
+        ours(ids, attention_mask=mask)
+    with engine.run(capture=Capture(rows=[1, 6])) as rec_1:
+        ours(single)
+    # position ids differ between a left-padded and an unpadded run unless given; compare the padded item to
+    # itself run with explicit position_ids instead, which HF then treats identically
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with engine.run(capture=Capture(rows=[[4, 9], [4, 9]])) as rec_p:
+        ours(ids, attention_mask=mask, position_ids=pos)
+    with engine.run(capture=Capture(rows=[1, 6])) as rec_u:
+        ours(single, position_ids=torch.arange(single.shape[1])[None])
+    for layer in rec_b.attn:
+        assert rec_b.attn[layer].shape == (2, rec_b.attn[layer].shape[1], 2, ids.shape[1])
+        got = rec_p.attn[layer][1, :, :, 3:]
+        assert (got - rec_u.attn[layer][0]).abs().max() <= 1e-5, f"{arch} layer {layer}"
+        assert rec_p.attn[layer][1, :, :, :3].abs().max() == 0  # no weight on padding
+    assert rec_1.attn
+
+
+def test_edits_equal_explicit_post_softmax_reference(trio):
+    arch, eager, ours, engine = trio
+    register_reference()
+    ref_model = variant(eager, REF)
+    ids, mask = batch_inputs()
+    edits = [
+        (1, 9, 7, [0, 2], 3.0),
+        (1, 9, 8, None, 0.0),
+        (2, 9, 6, [1], 0.25),
+        (2, 5, 4, None, 5.0),
+    ]
+    REF_EDITS.clear()
+    REF_EDITS["edits"] = edits
+    try:
+        ref_logits = ref_model(ids, attention_mask=mask).logits
+        ref_probs = REF_EDITS["probs"]
+    finally:
+        REF_EDITS.clear()
+    spec = [EdgeEdit(layers=[lay], edges=[(q, k)], heads=h, scale=a) for lay, q, k, h, a in edits]
+    with engine.run(capture=Capture(rows=ROWS), edits=spec) as rec:
+        logits = ours(ids, attention_mask=mask).logits
+    real = _real(mask)
+    assert (logits - ref_logits).masked_select(real).abs().max() <= 1e-5, arch
+    for layer in (1, 2):
+        assert (rec.attn[layer] - ref_probs[layer][:, :, ROWS]).abs().max() <= 1e-6, f"{arch} layer {layer}"
+    assert (rec.attn[1][:, :, 1, 8] == 0).all()  # knocked out: exactly zero, every head
+
+
+def test_identity_edits_change_nothing(trio):
+    _, _, ours, engine = trio
+    ids, mask = batch_inputs()
+    base = ours(ids, attention_mask=mask).logits
+    identity = [
+        EdgeEdit(layers=[0, 1, 2], edges=[(9, 3), (5, 0)], scale=1.0),
+        EdgeEdit(layers=[1], edges=[(9, 3)], scale=0.0, heads=[]),
+        EdgeEdit(layers=[1], edges=[], scale=0.0),
+    ]
+    with engine.run(edits=identity):
+        got = ours(ids, attention_mask=mask).logits
+    assert kl(base[0, -1], got[0, -1]) == 0.0
+    assert torch.equal(base, got)
+
+
+def test_refusals(trio):
+    arch, _, ours, engine = trio
+    ids, mask = batch_inputs()
+    with pytest.raises(CausalEdgeError, match="after the query"):
+        with engine.run(edits=[EdgeEdit(layers=[1], edges=[(5, 6)], scale=2.0)]):
+            pass
+    with pytest.raises(MaskedRowError, match="every key of query row 2"):
+        with engine.run(edits=[EdgeEdit(layers=[1], edges=[(2, 0), (2, 1), (2, 2)], scale=0.0)]):
+            ours(ids[:1])
+    if arch in SLIDING:
+        # key 2 is outside the 4-token window of query 9 in sliding layers (layer 0 slides in every sliding arch)
+        with pytest.raises(CausalEdgeError, match="sliding window"):
+            with engine.run(edits=[EdgeEdit(layers=[0], edges=[(9, 2)], scale=2.0)]):
+                ours(ids[:1])
+    with pytest.raises(CausalEdgeError, match="padding"):
+        with engine.run(edits=[EdgeEdit(layers=[1], edges=[(1, 9, 1)], scale=2.0)]):
+            ours(ids, attention_mask=mask)
+
+
+def test_generate_under_the_engine(trio):
+    arch, eager, ours, engine = trio
+    ids = batch_inputs()[0][:1]
+    plain = eager.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), plain)
+    knock = [EdgeEdit(layers=[0, 1, 2], edges=[(9, k) for k in (6, 7, 8)], scale=0.0)]  # inside any window
+    with engine.run(edits=knock):
+        steered = ours.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with engine.run(edits=knock):
+        direct = ours(steered[:, :-1]).logits
+    # each steered greedy token is the argmax of the steered full-sequence forward (same intervention)
+    assert torch.equal(direct[0, ids.shape[1] - 1 :].argmax(-1), steered[0, ids.shape[1] :])
+
+
+def test_residual_capture_and_add(trio):
+    arch, eager, ours, engine = trio
+    ids, mask = batch_inputs()
+    out = eager(ids, attention_mask=mask, output_hidden_states=True)
+    with engine.run(residual_capture=ResidualCapture(where=("pre", "post"))) as rec:
+        base = ours(ids, attention_mask=mask).logits
+    for layer in range(engine.n_layers):
+        diff = (rec.resid[(layer, "pre")] - out.hidden_states[layer]).masked_select(_real(mask))
+        assert diff.abs().max() <= 1e-5, f"{arch} {layer}"
+        if layer + 1 < engine.n_layers:
+            assert torch.equal(rec.resid[(layer, "post")], rec.resid[(layer + 1, "pre")])
+    d = rec.resid[(0, "pre")].shape[-1]
+    with engine.run(residual_adds=[ResidualAdd(layer=1, vector=torch.zeros(d), positions=[4])]):
+        assert torch.equal(ours(ids, attention_mask=mask).logits, base)
+    vec = torch.randn(d)
+    with engine.run(
+        residual_adds=[ResidualAdd(layer=1, vector=vec, positions=[4])],
+        residual_capture=ResidualCapture(layers=[1], where=("pre",)),
+    ) as rec2:
+        steered = ours(ids, attention_mask=mask).logits
+    assert torch.allclose(rec2.resid[(1, "pre")][:, 4], rec.resid[(1, "pre")][:, 4] + vec, atol=1e-6)
+    assert torch.equal(rec2.resid[(1, "pre")][:, 5], rec.resid[(1, "pre")][:, 5])
+    assert torch.equal(steered[:, :4], base[:, :4])  # positions before the add cannot see it
+    assert (steered[:, 4:] - base[:, 4:]).abs().max() > 1e-4

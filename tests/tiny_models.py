@@ -1,0 +1,120 @@
+"""Tiny random configs of every supported architecture (for parity tests against HF eager and SDPA)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import transformers as tf
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+VOCAB = 128
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+
+
+def _configs() -> dict:
+    return {
+        "qwen2": tf.Qwen2Config(**COMMON, num_key_value_heads=2, max_position_embeddings=128),
+        "starcoder2": tf.Starcoder2Config(
+            **COMMON, num_key_value_heads=2, sliding_window=4, use_bias=True, max_position_embeddings=128
+        ),
+        "gemma": tf.GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16, max_position_embeddings=128),
+        "gemma2": tf.Gemma2Config(
+            **COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4, attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0, query_pre_attn_scalar=16, max_position_embeddings=128,
+        ),
+        "gemma3": tf.Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, sliding_window=4,
+            query_pre_attn_scalar=16, max_position_embeddings=128,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        "llama": tf.LlamaConfig(**COMMON, num_key_value_heads=2, max_position_embeddings=128),
+        "phi3": tf.Phi3Config(**COMMON, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0),
+        "gpt2": tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128),
+        "gpt_neox": tf.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            rotary_pct=0.5, max_position_embeddings=128,
+        ),
+    }
+
+
+ARCHS = list(_configs())
+SLIDING = {"starcoder2", "gemma2", "gemma3"}
+NO_SDPA = {"gemma2"}
+
+
+def build(arch: str, impl: str = "eager", seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of `arch` with its own config object (configs are shared objects in HF)."""
+    torch.manual_seed(seed)
+    cfg = copy.deepcopy(_configs()[arch])
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=torch.float32)
+    # Non-trivial weights: random init is near-uniform attention, which would hide row/column mix-ups.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "ln" not in name and p.ndim >= 2:
+                p.normal_(0, 0.15)
+    return model.eval().requires_grad_(False)
+
+
+def variant(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """A deep copy of `model` running attention implementation `impl` (same weights)."""
+    m = copy.deepcopy(model)
+    m.set_attn_implementation(impl)
+    return m
+
+
+# --- an independent reference: full eager attention with an explicit post-softmax edit -------------------------
+
+REF = "plipy_test_reference"
+REF_EDITS: dict = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Eager attention written from scratch; edits multiply post-softmax weights and renormalise each row."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1)
+    v = value.repeat_interleave(n_rep, dim=1)
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if kwargs.get("softcap") is not None:
+        w = torch.tanh(w / kwargs["softcap"]) * kwargs["softcap"]
+    if attention_mask is not None:
+        w = w + attention_mask
+    p = torch.softmax(w.double(), dim=-1)
+    for layer, q, kk, heads, alpha in REF_EDITS.get("edits", []):
+        if layer == module.layer_idx:
+            hs = list(range(p.shape[1])) if heads is None else heads
+            p[:, hs, q, kk] *= alpha
+            p[:, hs, q, :] /= p[:, hs, q, :].sum(-1, keepdim=True)
+    REF_EDITS.setdefault("probs", {})[module.layer_idx] = p.float()
+    out = torch.matmul(p.to(v.dtype), v).transpose(1, 2).contiguous()
+    return out, p.float()
+
+
+def register_reference() -> None:
+    AttentionInterface.register(REF, _reference_attention)
+    AttentionMaskInterface.register(REF, eager_mask)
+
+
+def batch_inputs(seed: int = 1, length: int = 10, pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences; the second is left-padded by `pad` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    return ids, mask
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p = torch.log_softmax(p_logits.double(), -1)
+    q = torch.log_softmax(q_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).max())
+
+
+def log(x: float) -> float:
+    return -math.inf if x == 0 else math.log(x)
