@@ -18,10 +18,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from plipy.cli import corpus, models
+    from plipy.cli import corpus, models, scan
 
     app.add_typer(models.app, name="models")
     app.add_typer(corpus.app, name="corpus")
+    app.command("scan")(scan.scan)
 
 
 @app.callback()
@@ -48,10 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors arrive here in non-standalone mode; typer may vendor its own click, so duck-type them.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         raise
