@@ -35,6 +35,9 @@ def test_idle_engine_matches_eager_and_sdpa(trio):
     if arch not in NO_SDPA:
         sdpa = variant(eager, "sdpa")(ids, attention_mask=mask).logits
         assert (got - sdpa).masked_select(real).abs().max() <= 1e-5
+    eager_mode = variant(eager, "eager")
+    Engine(eager_mode, idle="eager")
+    assert torch.equal(eager_mode(ids, attention_mask=mask).logits.masked_select(real), ref.masked_select(real))
 
 
 def test_captured_rows_equal_eager_output_attentions(trio):
@@ -97,12 +100,14 @@ def test_edits_equal_explicit_post_softmax_reference(trio):
     finally:
         REF_EDITS.clear()
     spec = [EdgeEdit(layers=[lay], edges=[(q, k)], heads=h, scale=a) for lay, q, k, h, a in edits]
-    with engine.run(capture=Capture(rows=ROWS), edits=spec) as rec:
+    with engine.run(capture=Capture(rows=ROWS, scores=True), edits=spec) as rec:
         logits = ours(ids, attention_mask=mask).logits
     real = _real(mask)
     assert (logits - ref_logits).masked_select(real).abs().max() <= 1e-5, arch
     for layer in (1, 2):
         assert (rec.attn[layer] - ref_probs[layer][:, :, ROWS]).abs().max() <= 1e-6, f"{arch} layer {layer}"
+        # the recorded scores carry log α on the edited edges: their plain softmax is the edited row
+        assert (torch.softmax(rec.scores[layer], -1) - rec.attn[layer]).abs().max() <= 1e-6
     assert (rec.attn[1][:, :, 1, 8] == 0).all()  # knocked out: exactly zero, every head
 
 

@@ -84,7 +84,8 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
         w = torch.tanh(w / kwargs["softcap"]) * kwargs["softcap"]
     if attention_mask is not None:
         w = w + attention_mask
-    p = torch.softmax(w.double(), dim=-1)
+    # fp32 softmax as eager does (unedited layers then match eager exactly); the edit itself in fp64
+    p = torch.softmax(w, dim=-1, dtype=torch.float32).double()
     for layer, q, kk, heads, alpha in REF_EDITS.get("edits", []):
         if layer == module.layer_idx:
             hs = list(range(p.shape[1])) if heads is None else heads

@@ -27,8 +27,13 @@ __all__ = ["Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture", "R
 class Engine:
     """Installs plipy's attention function and residual hooks on one model (idle until `run()`)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, idle: str = "sdpa"):
+        """`idle="sdpa"` (default, fast) makes untouched layers bit-identical to HF SDPA; `idle="eager"` computes
+        every layer with HF eager's operations in eager's order, bit-identical to `attn_implementation="eager"`."""
+        if idle not in ("sdpa", "eager"):
+            raise PlipyError(f"idle must be 'sdpa' or 'eager', got {idle!r}")
         attention.register()
+        self.idle = idle
         self.model = model
         self.layers = decoder_layers(model)
         self.n_layers = len(self.layers)
@@ -41,6 +46,8 @@ class Engine:
             )
         for m in [*attn_modules, *self.layers]:
             m._plipy_owner = id(model)  # a plan only applies to the model it was made for
+        for m in attn_modules:
+            m._plipy_eager = idle == "eager"
         model.set_attn_implementation(NAME)
         if not getattr(model, "_plipy_hooked", False):
             for i, layer in enumerate(self.layers):

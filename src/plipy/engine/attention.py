@@ -75,7 +75,9 @@ def plipy_attention(
     edits = plan.edits.get(layer, ()) if plan is not None else ()
     capture = plan is not None and layer in plan.capture_layers
     softcap = kwargs.get("softcap")
-    if not edits and not capture and softcap is None:
+    # Full explicit rows: softcapping has no SDPA kernel, and eager mode reproduces HF eager op for op.
+    full = softcap is not None or getattr(module, "_plipy_eager", False)
+    if not edits and not capture and not full:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     if scaling is None:
@@ -87,7 +89,6 @@ def plipy_attention(
     else:
         offset = k_len - q_len  # absolute position of query row 0 (dynamic cache)
 
-    full = softcap is not None  # no SDPA kernel for softcapping: compute every row explicitly
     local_rows: list[torch.Tensor] = []
     cap_rows = None
     if capture:
@@ -167,7 +168,8 @@ def _explicit_rows(
     b, n_heads, _, d = query.shape
     n_rep = n_heads // key.shape[1]
     k_len = key.shape[2]
-    q_sel = query.index_select(2, rows)
+    # All rows: use the query as is, so the matmul is eager's own (a copied layout can round differently).
+    q_sel = query if rows.numel() == query.shape[2] else query.index_select(2, rows)
     scores = torch.matmul(q_sel, _repeat_kv(key, n_rep).transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap  # before the mask, as Gemma-2's eager does
@@ -184,9 +186,14 @@ def _explicit_rows(
     scores = scores.float() if upcast else scores
     scores = scores.masked_fill(~allowed, -math.inf)
 
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if upcast else None)
+    # Rows the model's own mask empties (left-padding queries) are 0, not NaN; no edit can reach them.
+    probs = torch.nan_to_num(probs, nan=0.0)
     bias_rows = torch.zeros(b, rows.numel(), dtype=torch.bool, device=query.device)
     if chunk_edits:
-        bias = torch.zeros(b, n_heads, rows.numel(), k_len, dtype=scores.dtype, device=scores.device)
+        # exp(bias) = α applied after the softmax and renormalised: the same function as adding log α to the
+        # score, without rounding log α into a score of magnitude ~10–30 in fp32.
+        factor = torch.ones_like(probs)
         for eb, q, k, heads, val in chunk_edits:
             r = int(torch.searchsorted(rows, torch.tensor(q - offset, device=rows.device)))
             bs = slice(None) if eb is None else slice(eb, eb + 1)
@@ -196,17 +203,19 @@ def _explicit_rows(
                     "a sliding window): there is no attention to remove or steer"
                 )
             hs = slice(None) if heads is None else heads
-            bias[bs, hs, r, k] += val
+            factor[bs, hs, r, k] *= math.exp(val)
             bias_rows[bs, r] = True
-        scores = scores + bias
-        dead = allowed.any(-1) & (scores == -math.inf).all(-1)
+        edited = (factor != 1).any(-1, keepdim=True)
+        probs = probs * factor
+        total = probs.sum(-1, keepdim=True)
+        dead = edited.squeeze(-1) & (total.squeeze(-1) == 0)
         if dead.any():
             bi, hi, ri = dead.nonzero(as_tuple=True)
             raise MaskedRowError(
                 f"layer {layer}: the intervention removes every key of query row {int(rows[ri[0]]) + offset} "
                 f"(batch item {int(bi[0])}, head {int(hi[0])}): softmax over no keys is undefined"
             )
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if upcast else None)
-    # Rows the model's own mask empties (left-padding queries) are 0, not NaN; no edit can reach them.
-    probs = torch.nan_to_num(probs, nan=0.0).to(query.dtype)
+        probs = torch.where(edited, probs / total, probs)  # untouched rows stay bit-identical
+        scores = scores + factor.log()  # the equivalent pre-softmax scores, for the record
+    probs = probs.to(query.dtype)
     return probs, scores, bias_rows
