@@ -1,0 +1,31 @@
+# Two commands on a fresh machine with Python ≥ 3.10 and pip:  `make demo`  and  `make test`.
+# Both create .venv (torch pinned to the CPU wheel by constraints.txt) on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Tests may take the default model from ../shared/models (no download); plipy itself never needs it.
+SHARED_MODELS := $(wildcard $(CURDIR)/../shared/models)
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/plipy scan --plot
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python -m pytest
+
+bench: setup
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
