@@ -20,6 +20,7 @@ if SHARED_MODELS.is_dir():
 def smollm():
     """The real default model (SmolLM2-135M-Instruct, fp32, CPU), loaded once per test session."""
     import torch
+
     from plipy.models import load_model
 
     torch.manual_seed(0)
