@@ -54,3 +54,26 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def write_table(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """Per-sample rows as Parquet (`.parquet`) or CSV (`.csv`), atomically; nested lists stay lists in Parquet."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        import csv
+        import io as _io
+
+        buf = _io.StringIO()
+        keys = list(rows[0]) if rows else []
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+        return atomic_write_bytes(path, buf.getvalue().encode())
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([_clean(r) for r in rows])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return atomic_write_bytes(path, sink.getvalue().to_pybytes())

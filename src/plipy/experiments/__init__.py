@@ -1,0 +1,1 @@
+"""Experiments: scan, knockout, steer, sae — each a function from (model, corpus, config) to a result dict."""
