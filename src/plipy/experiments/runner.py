@@ -1,0 +1,386 @@
+"""Run many attention interventions on one input: the baseline once, then only what each intervention can change.
+
+    runner = ConditionRunner(lm.model)
+    base = runner.baseline(input_ids)                       # one full forward: logits, K/V cache, resid_post
+    outcomes = runner.run(base, [[EdgeEdit(layers=[5], edges=[(m, t)], scale=0.0)], ...])
+    outcomes[0].logits                                      # last-position logits under that intervention
+
+An intervention whose earliest edited query is position q0 and whose first edited layer is L0 cannot change any
+position before q0 (causality) nor any layer below L0. The fast path therefore runs only the suffix q0.. with a
+fresh cache built from the baseline's keys/values of positions < q0, and replaces the decoder layers below L0 by
+a stub returning the baseline's resid_post. Conditions are batched: batch item j carries its own edits as
+`(j, query, key)` edges, items are sorted by first edited layer, and at layer l only the items already edited
+(a prefix of the batch) are computed — the others keep the baseline's residual ("staircase"), so no layer is
+ever recomputed for an item that cannot have changed yet. Models whose cache is not a plain dynamic cache
+(sliding windows, chunked attention, shared KV) or whose decoder layers do not return a tensor use the naive
+path (one full forward per condition); `runner.reasons` says why.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from plipy.engine import EdgeEdit, Engine
+from plipy.engine.spec import LayerEdit, compile_edits
+from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
+
+ConditionEdits = Sequence[EdgeEdit]  # one condition: the edits applied together
+
+
+@dataclass
+class Baseline:
+    """One input's unintervened forward: last-position logits and, for the fast path, what conditions reuse."""
+
+    input_ids: torch.Tensor  # [1, S]
+    logits: torch.Tensor  # [V], model dtype
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, S, d]
+    resid: list[torch.Tensor] | None = None  # per layer resid_post [1, S, d]
+
+
+@dataclass
+class Outcome:
+    """One condition's result: `logits` [V] (None when it could not run) and a status.
+
+    Statuses: `ok`; `identity` (nothing to edit: the baseline logits, KL exactly 0); `row-fully-masked` (the
+    edits remove every key of some query row); `edge-masked` (an edge the model's own mask already removes)."""
+
+    logits: torch.Tensor | None
+    status: str
+    note: str | None = None
+    first_layer: int | None = None
+    first_query: int | None = None
+
+
+@dataclass
+class _Plan:
+    index: int
+    edits: list[EdgeEdit]
+    first_layer: int
+    first_query: int
+
+
+@dataclass
+class RunnerStats:
+    """Work counters (for provenance and the benchmark): forwards and layer×item×position units computed."""
+
+    baselines: int = 0
+    calls: int = 0
+    conditions: int = 0
+    layer_tokens: int = 0  # Σ over calls of computed (layer, batch item, position) triples
+    fallbacks: int = 0  # chunks re-run item by item after an error inside the batch
+    extra: dict = field(default_factory=dict)
+
+
+class ConditionRunner:
+    """Evaluates interventions against a cached baseline; `path` is "auto" (fast when safe), "fast" or "naive"."""
+
+    def __init__(self, model: torch.nn.Module, engine: Engine | None = None, path: str = "auto",
+                 max_batch: int = 32):
+        if path not in ("auto", "fast", "naive"):
+            raise PlipyError(f"runner path must be auto, fast or naive, got {path!r}")
+        if max_batch < 1:
+            raise PlipyError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.model = model
+        self.engine = engine if engine is not None else Engine(model)
+        self.layers = self.engine.layers
+        self.n_layers, self.n_heads = self.engine.n_layers, self.engine.n_heads
+        self.max_batch = max_batch
+        self.reasons: list[str] = ["naive path requested"] if path == "naive" else fast_path_blockers(model)
+        if path == "fast" and self.reasons:
+            raise PlipyError("the fast path is unsafe for this model: " + "; ".join(self.reasons))
+        self.path = "naive" if self.reasons else "fast"
+        params = inspect.signature(model.forward).parameters
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.stats = RunnerStats()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def describe(self) -> dict[str, Any]:
+        """What the runner did, for provenance."""
+        return {
+            "path": self.path,
+            "fallback_reasons": list(self.reasons),
+            "max_batch": self.max_batch,
+            "last_logits_only": bool(self._keep),
+            "baselines": self.stats.baselines,
+            "forward_calls": self.stats.calls,
+            "conditions": self.stats.conditions,
+            "layer_token_units": self.stats.layer_tokens,
+            "batch_fallbacks": self.stats.fallbacks,
+        }
+
+    # -- baseline ------------------------------------------------------------------------------------------------
+
+    def baseline(self, input_ids: Sequence[int] | torch.Tensor) -> Baseline:
+        """The unintervened forward of one sequence; on the fast path also its K/V cache and every resid_post."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        s = ids.shape[1]
+        self.stats.baselines += 1
+        self.stats.calls += 1
+        self.stats.layer_tokens += self.n_layers * s
+        if self.path == "naive":
+            with torch.inference_mode():
+                return Baseline(ids, self._last(self.model(ids, **self._keep)))
+        outputs: list[Any] = [None] * self.n_layers
+
+        def recorder(i: int):
+            def hook(module, args, output):
+                outputs[i] = output
+
+            return hook
+
+        handles = [layer.register_forward_hook(recorder(i)) for i, layer in enumerate(self.layers)]
+        try:
+            with torch.inference_mode():
+                out = self.model(ids, use_cache=True, **self._keep)
+        finally:
+            for h in handles:
+                h.remove()
+        logits = self._last(out)
+        problem = _baseline_problem(outputs, getattr(out, "past_key_values", None), s, self.n_layers)
+        if problem:
+            # Discovered only now (e.g. an architecture whose layers return tuples): switch for good.
+            self.reasons.append(problem)
+            self.path = "naive"
+            return Baseline(ids, logits)
+        cache = out.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return Baseline(ids, logits, kv=kv, resid=[o.detach() for o in outputs])
+
+    def _last(self, out: Any) -> torch.Tensor:
+        return out.logits[0, -1].detach()
+
+    # -- conditions ----------------------------------------------------------------------------------------------
+
+    def run(self, base: Baseline, conditions: Sequence[ConditionEdits]) -> list[Outcome]:
+        """One Outcome per condition (a list of EdgeEdits with `(query, key)` edges on this one sequence)."""
+        outcomes: list[Outcome | None] = [None] * len(conditions)
+        plans: list[_Plan] = []
+        seq = base.input_ids.shape[1]
+        for i, edits in enumerate(conditions):
+            # materialise iterables: the edits are read again when batched
+            edits = [EdgeEdit(list(e.layers), list(e.edges), e.scale, None if e.heads is None else list(e.heads))
+                     for e in edits]
+            try:
+                compiled = compile_edits(edits, self.n_layers, self.n_heads)
+            except CausalEdgeError as e:
+                outcomes[i] = Outcome(None, "edge-masked", str(e))
+                continue
+            if not compiled:
+                outcomes[i] = Outcome(base.logits, "identity", "no edit left (no edges, no heads or scale 1)")
+                continue
+            first_layer = min(compiled)
+            queries = [q for les in compiled.values() for le in les for _b, q, _k in le.edges]
+            first_query = min(queries)
+            for les in compiled.values():
+                for le in les:
+                    for b, q, k in le.edges:
+                        if b not in (None, 0):
+                            raise PlipyError(f"condition {i}: edge ({b}, {q}, {k}) names batch item {b}; "
+                                             "the runner runs one sequence, give (query, key) edges")
+                        if q >= seq:
+                            raise PlipyError(f"condition {i}: edge query {q} is past the sequence ({seq} tokens)")
+            dead = dead_row(compiled)
+            if dead is not None:
+                outcomes[i] = Outcome(None, "row-fully-masked", dead, first_layer, first_query)
+                continue
+            plans.append(_Plan(i, edits, first_layer, first_query))
+        self.stats.conditions += len(conditions)
+
+        if self.path == "naive" or base.kv is None:
+            for p in plans:
+                outcomes[p.index] = self._naive(base, p)
+        else:
+            by_query: dict[int, list[_Plan]] = {}
+            for p in plans:
+                by_query.setdefault(p.first_query, []).append(p)
+            for q0, group in sorted(by_query.items()):
+                group.sort(key=lambda p: p.first_layer)
+                for start in range(0, len(group), self.max_batch):
+                    chunk = group[start:start + self.max_batch]
+                    for p, o in zip(chunk, self._fast_safe(base, chunk, q0), strict=True):
+                        outcomes[p.index] = o
+        return outcomes  # type: ignore[return-value]
+
+    def _naive(self, base: Baseline, p: _Plan) -> Outcome:
+        """A full forward of the whole sequence with the edits (the reference the fast path must equal)."""
+        try:
+            with torch.inference_mode(), self.engine.run(edits=p.edits):
+                out = self.model(base.input_ids, **self._keep)
+        except MaskedRowError as e:
+            return Outcome(None, "row-fully-masked", str(e), p.first_layer, p.first_query)
+        except CausalEdgeError as e:
+            return Outcome(None, "edge-masked", str(e), p.first_layer, p.first_query)
+        self.stats.calls += 1
+        self.stats.layer_tokens += self.n_layers * base.input_ids.shape[1]
+        return Outcome(self._last(out), "ok", None, p.first_layer, p.first_query)
+
+    def _fast_safe(self, base: Baseline, chunk: list[_Plan], q0: int) -> list[Outcome]:
+        try:
+            logits = self._fast(base, chunk, q0)
+        except (MaskedRowError, CausalEdgeError) as e:
+            if len(chunk) == 1:
+                status = "row-fully-masked" if isinstance(e, MaskedRowError) else "edge-masked"
+                p = chunk[0]
+                return [Outcome(None, status, str(e), p.first_layer, p.first_query)]
+            # one item's problem must not sink the batch: run each alone
+            self.stats.fallbacks += 1
+            return [o for p in chunk for o in self._fast_safe(base, [p], q0)]
+        return [Outcome(lg, "ok", None, p.first_layer, p.first_query) for p, lg in zip(chunk, logits, strict=True)]
+
+    def _fast(self, base: Baseline, chunk: list[_Plan], q0: int) -> list[torch.Tensor]:
+        """One batched suffix forward for conditions sharing their earliest query q0 (sorted by first layer)."""
+        from transformers import DynamicCache
+
+        n_items = len(chunk)
+        starts = [p.first_layer for p in chunk]
+        active = [bisect.bisect_right(starts, layer) for layer in range(self.n_layers)]  # items computed per layer
+        edits = [
+            EdgeEdit(layers=e.layers, edges=[(j, *edge[-2:]) for edge in e.edges], scale=e.scale, heads=e.heads)
+            for j, p in enumerate(chunk)
+            for e in p.edits
+        ]
+        suffix = base.input_ids[:, q0:].expand(n_items, -1)
+        cache = None
+        if q0 > 0:
+            # A fresh cache per call, sliced from the baseline's (never mutated): only the layers that run read
+            # it, but every layer needs the prefix length, which sets the mask's key length and the positions.
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    (k[:, :, :q0].expand(max(n, 1), -1, -1, -1), v[:, :, :q0].expand(max(n, 1), -1, -1, -1))
+                    for (k, v), n in zip(base.kv, active, strict=True)
+                ]
+            )
+        with torch.inference_mode(), self._staircase(base, q0, active, n_items), self.engine.run(edits=edits):
+            out = self.model(suffix, past_key_values=cache, use_cache=cache is not None, **self._keep)
+        self.stats.calls += 1
+        self.stats.layer_tokens += sum(active) * suffix.shape[1]
+        return list(out.logits[:, -1].detach().unbind(0))
+
+    @contextmanager
+    def _staircase(self, base: Baseline, q0: int, active: list[int], n_items: int) -> Iterator[None]:
+        """Within the block, decoder layer l computes only its first `active[l]` batch items; the rest (and every
+        item at layers below its first edit) get the baseline's resid_post for positions q0.."""
+        saved = []
+        try:
+            for i, layer in enumerate(self.layers):
+                saved.append((layer, layer.__dict__.get("forward")))
+                layer.forward = _stub(layer.forward, base.resid[i][:, q0:], active[i], n_items)
+            yield
+        finally:
+            for layer, own in saved:
+                if own is None:
+                    del layer.forward
+                else:
+                    layer.forward = own
+
+
+def _stub(forward: Any, resid: torch.Tensor, n: int, n_items: int):
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if n == 0:
+            return resid.expand(n_items, -1, -1)
+        if n < n_items:
+            args = tuple(_take(a, n, n_items) for a in args)
+            kwargs = {k: _take(v, n, n_items) for k, v in kwargs.items()}
+        out = forward(*args, **kwargs)
+        if n < n_items:
+            out = torch.cat([out, resid.expand(n_items - n, -1, -1).to(out.dtype)], 0)
+        return out
+
+    return run
+
+
+def _take(x: Any, n: int, n_items: int) -> Any:
+    """The first n batch items of a layer argument (hidden states, masks); anything without that batch is kept."""
+    if isinstance(x, torch.Tensor):
+        # ndim ≥ 2: a 1-D tensor (cache positions) could have n_items entries by coincidence
+        return x[:n] if x.ndim >= 2 and x.shape[0] == n_items else x
+    if isinstance(x, tuple):
+        return tuple(_take(v, n, n_items) for v in x)
+    if isinstance(x, list):
+        return [_take(v, n, n_items) for v in x]
+    if isinstance(x, dict):
+        return {k: _take(v, n, n_items) for k, v in x.items()}
+    return x
+
+
+def dead_row(compiled: dict[int, list[LayerEdit]]) -> str | None:
+    """Why the knockout edits leave some query row with no key at all (under the plain causal mask), or None.
+
+    Edges are validated key ≤ query, so a row q is dead in a head when its removed keys number q + 1."""
+    for layer in sorted(compiled):
+        removed: dict[tuple[int | None, int], dict[int | None, set[int]]] = {}
+        for le in compiled[layer]:
+            if le.bias != -math.inf:
+                continue
+            for b, q, k in le.edges:
+                for h in le.heads if le.heads is not None else [None]:
+                    removed.setdefault((b, q), {}).setdefault(h, set()).add(k)
+        for (_b, q), per_head in sorted(removed.items(), key=lambda kv: kv[0][1]):
+            common = per_head.get(None, set())
+            for h in [h for h in per_head if h is not None] or [None]:
+                if len(common | per_head.get(h, set())) >= q + 1:
+                    head = "every head" if h is None else f"head {h}"
+                    return (f"layer {layer}: the knockout removes every key of query row {q} ({head}): "
+                            "softmax over no keys is undefined")
+    return None
+
+
+def fast_path_blockers(model: torch.nn.Module) -> list[str]:
+    """Why reusing the baseline's cache and residuals could be wrong for this model (empty list: safe)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    reasons = []
+    params = inspect.signature(model.forward).parameters
+    if "past_key_values" not in params:
+        reasons.append(f"{type(model).__name__}.forward takes no past_key_values")
+        return reasons
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception as e:  # noqa: BLE001 — any failure here just means "do not take the shortcut"
+        return [f"cannot build a DynamicCache for this config ({type(e).__name__}: {e})"]
+    odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if odd:
+        reasons.append(f"cache layers of type {', '.join(odd)} (sliding window / chunked / shared KV) cannot be "
+                       "sliced to a prefix safely")
+    return reasons
+
+
+def _baseline_problem(outputs: list[Any], cache: Any, seq: int, n_layers: int) -> str | None:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    for i, o in enumerate(outputs):
+        if not isinstance(o, torch.Tensor) or o.ndim != 3 or o.shape[:2] != (1, seq):
+            return f"decoder layer {i} returned {type(o).__name__}, not a [1, seq, d] tensor"
+    if not isinstance(cache, DynamicCache) or len(cache.layers) != n_layers:
+        return f"the model returned a {type(cache).__name__} cache, not a DynamicCache with {n_layers} layers"
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] != seq:
+            return f"cache layer {i} ({type(layer).__name__}) does not hold the {seq} positions of the input"
+    return None
+
+
+def layer_windows(model: torch.nn.Module, n_layers: int) -> list[int | None]:
+    """Per decoder layer, the sliding-window size (a key k is visible from query q when q − k < window), or None."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        cfg = model.config.get_text_config(decoder=True)
+        types, kwargs = get_layer_types_and_kwargs(cfg)
+        out = [kw.get("sliding_window") if t == "sliding_attention" else None for t, kw in zip(types, kwargs,
+                                                                                           strict=False)]
+    except Exception:  # noqa: BLE001 — configs without per-layer information: assume full attention
+        out = []
+    return (out + [None] * n_layers)[:n_layers]
