@@ -1,0 +1,598 @@
+"""SAE steering and its effect on attention: the "Do I know this entity?" analysis on any HF decoder.
+
+Per prompt: one original forward and one steered forward per latent (`coeff × W_dec[latent]` added to the input of
+the latent's layer at the steered positions), each capturing the last position's attention row and the value
+states of every layer. From them, per layer and head, four measures of attention from the last position to the
+steered positions (summed over those positions):
+
+- `attn_weights`           Σ a_qk
+- `value_weighted`         Σ ‖a_qk v_k‖ = Σ a_qk ‖v_k‖
+- `output_value_weighted`  Σ ‖a_qk v_k W_O^h‖ (L1 over d_model as upstream, L2 as an option)
+- `distance_based`         Σ clip(‖o_q^h‖ − ‖f_qk^h − o_q^h‖, 1e-5), f_qk^h = a_qk v_k W_O^h, o_q^h = Σ_k f_qk^h
+
+computed in float64 from per-key quantities (never a [batch, heads, q, k, d] tensor). Results are [N, layers, heads].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from plipy import provenance
+from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture, decoder_layers
+from plipy.errors import PlipyError
+from plipy.experiments.sae_inputs import EntityPrompt, Tokenized, positions_for, tokenize_prompt
+from plipy.io import atomic_write_bytes, write_json
+from plipy.sae import SAE, check_model, steer_layer
+
+MEASURES = ("attn_weights", "value_weighted", "output_value_weighted", "distance_based")
+EXPECTED = {"known": "decrease", "unknown": "increase"}  # upstream: known prompts get the unknown latent, and v.v.
+
+
+# ---------------------------------------------------------------------------------------------- steering
+
+
+@dataclass
+class Steering:
+    """How a latent is added: `coeff` a number, "norm" (× the residual's norm at that position) or "mean"
+    (× `mean_act`); `direction` the decoder row (upstream) or the encoder column; `ablate` latents whose
+    (normalised) decoder direction is projected out first."""
+
+    latent: int
+    coeff: float | str = 100.0
+    direction: str = "decoder"
+    ablate: tuple[int, ...] = ()
+    mean_act: float | None = None
+
+
+def parse_coeff(text: str | float) -> float | str:
+    """`100`, `-20.5`, `norm` or `mean`."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    t = str(text).strip().lower()
+    if t in ("norm", "mean"):
+        return t
+    try:
+        return float(t)
+    except ValueError:
+        raise PlipyError(f"coefficient must be a number, 'norm' or 'mean', got {text!r}") from None
+
+
+def needs_residual(s: Steering) -> bool:
+    """`norm` and ablation depend on the residual itself (read from the original forward at the same point)."""
+    return s.coeff == "norm" or bool(s.ablate)
+
+
+def steering_adds(sae: SAE, layer: int, steering: Steering, positions: Sequence[Sequence[int]],
+                  resid: torch.Tensor | None = None) -> list[ResidualAdd]:  # fmt: skip
+    """ResidualAdds at the input of `layer` for one batch; `positions[b]` are absolute (padded) positions of item b.
+
+    One add per absolute position with a `[batch, d]` vector (zero rows for items not steered there: x + 0 is x),
+    since a ResidualAdd's positions are shared by the batch. `resid` (`[batch, seq, d]`, the un-steered residual at
+    that point) is needed for `norm` and ablation. Skipped on single-token generation steps, as upstream.
+    """
+    d = sae.direction(steering.latent, steering.direction).float()
+    coeff = steering.coeff
+    if coeff == "mean":
+        if steering.mean_act is None:
+            raise PlipyError(f"coefficient 'mean' needs the mean activation of latent {steering.latent}")
+        coeff = float(steering.mean_act)
+    if coeff == 0 and not steering.ablate:
+        return []  # nothing added: the steered forward is the original one, bit for bit
+    if needs_residual(steering) and resid is None:
+        raise PlipyError("'norm' coefficients and ablation need the residual at the steering point")
+    units = [sae.direction(a, "decoder").double() for a in steering.ablate]
+    units = [u / u.norm() for u in units]
+    batch = len(positions)
+    per_pos: dict[int, torch.Tensor] = {}
+    for b, ps in enumerate(positions):
+        for p in ps:
+            vec = torch.zeros(sae.d_in, dtype=torch.float32)
+            if units:
+                x = resid[b, p].double().cpu()
+                y = x.clone()
+                for u in units:  # one after the other, as stacked upstream hooks do
+                    y = y - (y @ u) * u
+                vec += (y - x).float()
+            if coeff == "norm":
+                vec += d.cpu() * resid[b, p].float().norm().cpu()
+            else:
+                vec += float(coeff) * d.cpu()
+            per_pos.setdefault(int(p), torch.zeros(batch, sae.d_in))[b] = vec
+    return [ResidualAdd(layer, v, positions=[p], where="pre", skip_single_token=True)
+            for p, v in sorted(per_pos.items())]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- measures
+
+
+def _attention_module(layer_module: torch.nn.Module) -> torch.nn.Module:
+    for name in ("self_attn", "attn", "attention", "self_attention"):
+        m = getattr(layer_module, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    for m in layer_module.modules():
+        if type(m).__name__.endswith("Attention"):
+            return m
+    raise PlipyError(f"no attention module in {type(layer_module).__name__}")
+
+
+def head_output_weights(model: torch.nn.Module, layer: int, n_heads: int) -> torch.Tensor:
+    """W_O per head, `[heads, head_dim, d_model]` (float64): Linear `o_proj`/`dense`/`out_proj` weight
+    `[d_model, H·d]` sliced by columns, or GPT-2's Conv1D `c_proj` weight `[H·d, d_model]` sliced by rows."""
+    attn = _attention_module(decoder_layers(model)[layer])
+    for name in ("o_proj", "c_proj", "dense", "out_proj"):
+        proj = getattr(attn, name, None)
+        if proj is not None and hasattr(proj, "weight"):
+            break
+    else:
+        raise PlipyError(f"layer {layer}: cannot find the attention output projection of {type(attn).__name__}")
+    w = proj.weight.detach().double()
+    if type(proj).__name__ == "Conv1D":  # GPT-2: y = x @ W, W [in, out]
+        hd = w.shape[0] // n_heads
+        return w.reshape(n_heads, hd, w.shape[1])
+    hd = w.shape[1] // n_heads  # Linear: y = x @ W.T, W [out, in]
+    return w.T.reshape(n_heads, hd, w.shape[0])
+
+
+def layer_measures(attn: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, kmask: torch.Tensor,
+                   w_o: torch.Tensor | None, measures: Sequence[str], ovw_norm: str = "l1") -> dict[str, torch.Tensor]:
+    """The measures of one layer, `{measure: [batch, heads]}` (float64).
+
+    `attn` `[batch, heads, keys]` is the last position's post-softmax row, `values` `[batch, kv_heads, keys, d]`
+    the raw value states (GQA: head h reads kv head h // (heads/kv_heads)), `keys` `[batch, P]` the steered
+    positions of each item (padded; `kmask` `[batch, P]` marks the real ones), `w_o` `[heads, d, d_model]` (needed
+    for the two output-space measures). Only the steered keys are projected: `[batch, heads, P, d_model]` at most.
+    """
+    a = attn.double()
+    b, n_heads, _ = a.shape
+    n_rep = n_heads // values.shape[1]
+    v = values.double().repeat_interleave(n_rep, dim=1)  # [b, H, K, d]
+    keys = keys.to(a.device)
+    m = kmask.to(a.device, torch.float64)[:, None, :]  # [b, 1, P]
+    a_k = a.gather(2, keys[:, None, :].expand(b, n_heads, -1))  # [b, H, P]
+    v_k = v.gather(2, keys[:, None, :, None].expand(b, n_heads, -1, v.shape[-1]))  # [b, H, P, d]
+    out: dict[str, torch.Tensor] = {}
+    if "attn_weights" in measures:
+        out["attn_weights"] = (a_k * m).sum(-1)
+    if "value_weighted" in measures:
+        out["value_weighted"] = (a_k * v_k.norm(dim=-1) * m).sum(-1)
+    if "output_value_weighted" in measures or "distance_based" in measures:
+        if w_o is None:
+            raise PlipyError("output-space measures need the per-head W_O")
+        w_o = w_o.to(a.device)
+        g = torch.einsum("bhpd,hdD->bhpD", v_k, w_o)  # v_k W_O^h
+        if "output_value_weighted" in measures:
+            p = 1 if ovw_norm == "l1" else 2
+            out["output_value_weighted"] = (a_k * g.norm(p=p, dim=-1) * m).sum(-1)
+        if "distance_based" in measures:
+            o = torch.einsum("bhd,hdD->bhD", torch.einsum("bhk,bhkd->bhd", a, v), w_o)  # Σ_k f_qk (no b_O)
+            f = a_k[..., None] * g
+            dist = (f - o[:, :, None, :] + 1e-6).norm(dim=-1)  # F.pairwise_distance semantics (eps=1e-6)
+            score = torch.clamp(o.norm(dim=-1)[..., None] - dist, min=1e-5)
+            out["distance_based"] = (score * m).sum(-1)
+    return out
+
+
+def key_index(steer_positions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item steered positions as a padded `[batch, P]` index and its mask (items steer different counts)."""
+    width = max(len(ps) for ps in steer_positions)
+    keys = torch.zeros(len(steer_positions), width, dtype=torch.long)
+    kmask = torch.zeros(len(steer_positions), width, dtype=torch.bool)
+    for b, ps in enumerate(steer_positions):
+        keys[b, : len(ps)] = torch.tensor(list(ps), dtype=torch.long)
+        kmask[b, : len(ps)] = True
+    return keys, kmask
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """A left-padded batch: ids, mask, position_ids, and per item the steered absolute positions."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    position_ids: torch.Tensor
+    steer_positions: list[list[int]]
+
+
+def make_batch(items: Sequence[Tokenized], pos_type: str, pad_id: int, device: Any = "cpu") -> Batch:
+    """Left-pad; positions become absolute padded positions; position_ids restart at 0 on each item's first real
+    token, so a padded item computes what it computes alone."""
+    length = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    pos = []
+    for b, t in enumerate(items):
+        pad = length - len(t.input_ids)
+        ids[b, pad:] = torch.tensor(t.input_ids)
+        mask[b, pad:] = 1
+        pos.append([pad + p for p in positions_for(t.entity_tokens, len(t.input_ids), pos_type)])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), position_ids.to(device), pos)
+
+
+def forward_measures(engine: Engine, model: torch.nn.Module, batch: Batch, w_o: dict[int, torch.Tensor],
+                     measures: Sequence[str], ovw_norm: str, adds: Sequence[ResidualAdd] = (),
+                     resid_layer: int | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:  # fmt: skip
+    """One forward: `{measure: [batch, layers, heads]}` and, if asked, the residual entering `resid_layer`."""
+    length = batch.ids.shape[1]
+    keys, kmask = key_index(batch.steer_positions)
+    rc = ResidualCapture(layers=[resid_layer], where=("pre",)) if resid_layer is not None else None
+    with torch.inference_mode(), engine.run(capture=Capture(rows=[length - 1], values=True), residual_adds=adds,
+                                            residual_capture=rc) as rec:  # fmt: skip
+        # The decoder stack only: logits are not needed (the vocabulary projection is the costliest matmul).
+        model.base_model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.position_ids,
+                         use_cache=False)  # fmt: skip
+    per_layer = [layer_measures(rec.attn[layer][:, :, 0], rec.values[layer], keys, kmask, w_o.get(layer), measures,
+                                ovw_norm) for layer in range(engine.n_layers)]  # fmt: skip
+    out = {m: torch.stack([pl[m] for pl in per_layer], dim=1).cpu().numpy() for m in measures}
+    resid = rec.resid.get((resid_layer, "pre")) if resid_layer is not None else None
+    return out, resid
+
+
+# ---------------------------------------------------------------------------------------------- the analysis
+
+
+@dataclass
+class AttentionConfig:
+    """Everything that shapes the numbers of `run_attention` (all of it goes into provenance)."""
+
+    latent: int
+    layer: int | None = None  # steering layer (input of this decoder layer); None = from the SAE's hook
+    coeff: float | str = 100.0
+    direction: str = "decoder"
+    ablate: tuple[int, ...] = ()
+    pos_type: str = "entity_last"
+    measures: tuple[str, ...] = MEASURES
+    ovw_norm: str = "l1"
+    heads: list[tuple[int, int]] | None = None  # None = every head of layers ≥ the steering layer
+    expect: str = "auto"  # auto (by label, upstream) | increase | decrease | two-sided
+    n_random: int = 10
+    random_candidates: list[int] | None = None  # None = every other latent of the SAE
+    seed: int = 42
+    alpha: float = 0.05
+    batch_size: int = 16
+    bos: bool = True
+    attn_impl: str = "eager"  # idle layers: "eager" = HF eager op for op (TL-like numbers), "sdpa" = faster
+    latent_means: dict[int, float] = field(default_factory=dict)
+
+
+def resolve_layer(sae: SAE, layer: int | None, n_layers: int) -> int:
+    """The decoder layer at whose input the latent is added (upstream "latent layer")."""
+    point = sae.hook_point()
+    from_hook = None if point is None else steer_layer(point)
+    if layer is None and from_hook is None:
+        raise PlipyError(f"SAE {sae.source} names no hook: give the steering layer (--layer)")
+    if layer is not None and from_hook is not None and layer != from_hook:
+        raise PlipyError(
+            f"--layer {layer} contradicts SAE {sae.source} (hook {sae.hook_name} is the input of layer {from_hook})"
+        )
+    out = from_hook if layer is None else layer
+    if not 0 <= out < n_layers:
+        raise PlipyError(
+            f"SAE {sae.source}: steering at the input of layer {out}, but the model has layers 0-{n_layers - 1}"
+            " (an SAE on the last layer's output has no attention after it)"
+        )
+    return out
+
+
+def pick_random_latents(sae: SAE, config: AttentionConfig) -> list[int]:
+    """K latents drawn with `random.Random(seed).sample` from the candidates, the steered/ablated ones excluded."""
+    if config.n_random <= 0:
+        return []
+    pool = range(sae.d_sae) if config.random_candidates is None else config.random_candidates
+    for c in config.random_candidates or []:
+        sae.check_latent(c)
+    skip = {config.latent, *config.ablate}
+    cands = sorted({int(c) for c in pool} - skip)
+    if len(cands) < config.n_random:
+        raise PlipyError(f"{config.n_random} random latents asked for, but only {len(cands)} candidates")
+    return random.Random(config.seed).sample(cands, config.n_random)
+
+
+def default_heads(layer: int, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    return [(la, h) for la in range(layer, n_layers) for h in range(n_heads)]
+
+
+def parse_heads(text: str | None, n_layers: int, n_heads: int) -> list[tuple[int, int]] | None:
+    """`L12H3,L14H0` → [(12, 3), (14, 0)]; `all` → every head; None/'' → default (layers ≥ the latent's)."""
+    if text is None or not text.strip():
+        return None
+    if text.strip() == "all":
+        return default_heads(0, n_layers, n_heads)
+    out = []
+    for part in text.split(","):
+        t = part.strip().upper()
+        try:
+            la, h = (int(x) for x in t.lstrip("L").split("H"))
+        except ValueError:
+            raise PlipyError(f"cannot read head {part!r}: write L12H3") from None
+        if not (0 <= la < n_layers and 0 <= h < n_heads):
+            raise PlipyError(f"head {part!r} does not exist (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})")
+        out.append((la, h))
+    return out
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoints:
+    """Per-batch results in a folder beside the output, so an interrupted run resumes where it stopped."""
+
+    def __init__(self, folder: Path | None, fingerprint: str):
+        self.folder = folder
+        if folder is None:
+            return
+        meta = folder / "meta.json"
+        if meta.is_file():
+            old = json.loads(meta.read_text()).get("fingerprint")
+            if old != fingerprint:
+                raise PlipyError(f"{folder} holds partial results of a different run: delete it or pass --fresh")
+        else:
+            write_json(meta, {"fingerprint": fingerprint})
+
+    def load(self, i: int) -> dict[str, np.ndarray] | None:
+        if self.folder is None or not (f := self.folder / f"batch-{i:05d}.npz").is_file():
+            return None
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(self, i: int, arrays: dict[str, np.ndarray]) -> None:
+        if self.folder is None:
+            return
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(self.folder / f"batch-{i:05d}.npz", buf.getvalue())
+
+
+def run_attention(
+    lm: Any,
+    sae: SAE,
+    prompts: Sequence[EntityPrompt],
+    config: AttentionConfig,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Original vs steered attention measures for every prompt, plus the random-latent baseline.
+
+    Returns `(result, arrays)`: `result` is JSON-ready (provenance, per-head summaries, significance);
+    `arrays` = `{"original": {measure: [N, L, H]}, "steered": {latent: {measure: [N, L, H]}}}`.
+    """
+    model, tok = lm.model, lm.tokenizer
+    n_layers, n_heads = lm.n_layers, lm.n_heads
+    check_model(sae, lm.hidden_size, n_layers)
+    sae.check_latent(config.latent)
+    for a in config.ablate:
+        sae.check_latent(a)
+    bad = [m for m in config.measures if m not in MEASURES]
+    if bad or not config.measures:
+        raise PlipyError(f"unknown measure(s) {bad}: choose from {', '.join(MEASURES)}")
+    if config.ovw_norm not in ("l1", "l2"):
+        raise PlipyError(f"output_value_weighted norm must be l1 or l2, got {config.ovw_norm!r}")
+    if config.direction not in ("decoder", "encoder"):
+        raise PlipyError(f"direction must be decoder or encoder, got {config.direction!r}")
+    if config.expect not in ("auto", "increase", "decrease", "two-sided"):
+        raise PlipyError(f"expect must be auto, increase, decrease or two-sided, got {config.expect!r}")
+    if not prompts:
+        raise PlipyError("no prompts to analyse")
+    positions_for([0], 1, config.pos_type)  # validates the position type
+    layer = resolve_layer(sae, config.layer, n_layers)
+    heads = config.heads if config.heads is not None else default_heads(layer, n_layers, n_heads)
+    randoms = pick_random_latents(sae, config)
+    latents = [config.latent, *randoms]
+    if config.coeff == "mean":
+        missing = [lat for lat in latents if lat not in config.latent_means]
+        if missing:
+            raise PlipyError(f"coefficient 'mean': no mean activation for latent(s) {missing} in the latent file")
+    toks = [tokenize_prompt(p, tok, bos=config.bos, index=i) for i, p in enumerate(prompts)]
+
+    engine = Engine(model, idle=config.attn_impl)
+    w_o = {}
+    if {"output_value_weighted", "distance_based"} & set(config.measures):
+        w_o = {la: head_output_weights(model, la, n_heads) for la in range(n_layers)}
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    steerings = {lat: Steering(lat, config.coeff, config.direction, tuple(config.ablate),
+                               config.latent_means.get(lat)) for lat in latents}  # fmt: skip
+    resid_layer = layer if any(needs_residual(s) for s in steerings.values()) else None
+    fp = _fingerprint({
+        "config": asdict(config), "randoms": randoms, "layer": layer, "sae": sae.describe(), "model": lm.spec,
+        "dtype": str(next(model.parameters()).dtype), "prompts": [asdict(p) for p in prompts],
+    })  # fmt: skip
+    ckpt = Checkpoints(checkpoint_dir, fp)
+    starts = list(range(0, len(prompts), config.batch_size))
+    step = progress("SAE steering", len(starts) * (1 + len(latents))) if progress else (lambda: None)
+    parts: list[dict[str, np.ndarray]] = []
+    for bi, s in enumerate(starts):
+        done = ckpt.load(bi)
+        if done is not None:
+            parts.append(done)
+            for _ in range(1 + len(latents)):
+                step()
+            continue
+        batch = make_batch(toks[s : s + config.batch_size], config.pos_type, pad_id, lm.device)
+        arrays: dict[str, np.ndarray] = {}
+        orig, resid = forward_measures(engine, model, batch, w_o, config.measures, config.ovw_norm,
+                                       resid_layer=resid_layer)  # fmt: skip
+        step()
+        for m, v in orig.items():
+            arrays[f"original/{m}"] = v
+        for lat in latents:
+            adds = steering_adds(sae, layer, steerings[lat], batch.steer_positions, resid)
+            steered = orig if not adds else forward_measures(engine, model, batch, w_o, config.measures,
+                                                             config.ovw_norm, adds)[0]  # fmt: skip
+            for m, v in steered.items():
+                arrays[f"steered/{lat}/{m}"] = v
+            step()
+        ckpt.save(bi, arrays)
+        parts.append(arrays)
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out_arrays = {
+        "original": {m: cat[f"original/{m}"] for m in config.measures},
+        "steered": {lat: {m: cat[f"steered/{lat}/{m}"] for m in config.measures} for lat in latents},
+    }
+    result = summarise(out_arrays, prompts, toks, config, layer, heads, randoms, n_layers, n_heads)
+    result["sae"] = sae.describe()
+    result["provenance"] = provenance.build(model=lm, seed=config.seed, config={
+        **asdict(config), "layer": layer, "random_latents": randoms, "fingerprint": fp,
+        "latent_means": {str(k): v for k, v in config.latent_means.items() if k in latents},
+    })  # fmt: skip
+    return result, out_arrays
+
+
+def difference(arrays: dict[str, Any], latent: int, measure: str) -> np.ndarray:
+    """steered − original, `[N, layers, heads]`."""
+    return arrays["steered"][latent][measure] - arrays["original"][measure]
+
+
+def head_values(values: np.ndarray, heads: Sequence[tuple[int, int]], rows: np.ndarray | None = None) -> np.ndarray:
+    """Values of the chosen heads `[N', len(heads)]` (rows = a prompt mask)."""
+    v = values if rows is None else values[rows]
+    return np.stack([v[:, la, h] for la, h in heads], axis=1)
+
+
+def _direction(label: str | None, expect: str) -> str:
+    if expect != "auto":
+        return expect
+    return EXPECTED.get(str(label).lower(), "two-sided")
+
+
+def significance(top: np.ndarray, rand: np.ndarray, direction: str, alpha: float) -> dict[str, Any]:
+    """One-tailed Welch test of top vs random latent (upstream `compare_means`): increase → H1 mean(top) >
+    mean(random); decrease → H1 mean(random) > mean(top); two-sided otherwise. Effect size: Hedges' g (s1 vs s2)."""
+    from plipy import stats
+
+    s1, s2 = (rand, top) if direction == "decrease" else (top, rand)
+    alt = "two-sided" if direction == "two-sided" else "greater"
+    w = stats.welch(s1, s2, alternative=alt)
+    p = w["p"]
+    return {"t": w["t"], "df": w["df"], "p": p, "significant": bool(p is not None and p < alpha),
+            "hedges_g": stats.hedges_g(s1, s2), "mean_top": float(np.mean(top)), "mean_random": float(np.mean(rand)),
+            "std_top": float(np.std(top, ddof=1)) if top.size > 1 else None,
+            "std_random": float(np.std(rand, ddof=1)) if rand.size > 1 else None}  # fmt: skip
+
+
+def summarise(arrays: dict[str, Any], prompts: Sequence[EntityPrompt], toks: Sequence[Tokenized],
+              config: AttentionConfig, layer: int, heads: list[tuple[int, int]], randoms: list[int],
+              n_layers: int, n_heads: int) -> dict[str, Any]:  # fmt: skip
+    """Per-head summaries for the top latent and the random-latent significance, per measure and label."""
+    labels = [p.label for p in prompts]
+    groups = list(dict.fromkeys(labels))
+    measures: dict[str, Any] = {}
+    for m in config.measures:
+        diff = difference(arrays, config.latent, m)
+        orig, steered = arrays["original"][m], arrays["steered"][config.latent][m]
+        hv = head_values(diff, heads)
+        per_head = [{"head": f"L{la}H{h}", "layer": la, "head_index": h,
+                     "mean_original": float(orig[:, la, h].mean()), "mean_steered": float(steered[:, la, h].mean()),
+                     "mean_difference": float(hv[:, i].mean()), "std_difference": float(hv[:, i].std())}
+                    for i, (la, h) in enumerate(heads)]  # fmt: skip
+        by_label = {}
+        for g in groups:
+            rows = np.array([lab == g for lab in labels])
+            direction = _direction(g, config.expect)
+            top = head_values(diff, heads, rows).ravel()
+            tests = []
+            for r in randoms:
+                rv = head_values(difference(arrays, r, m), heads, rows).ravel()
+                tests.append({"latent": r, **significance(top, rv, direction, config.alpha)})
+            k = sum(t["significant"] for t in tests)
+            by_label[str(g)] = {
+                "n_prompts": int(rows.sum()), "expected": direction, "mean_difference": float(top.mean()),
+                "std_difference": float(top.std(ddof=1)) if top.size > 1 else None,
+                "random": tests, "k_significant": k, "K": len(tests),
+                "summary": f"top vs random latents: {k} of {len(tests)} significant (Welch, H1: {_phrase(direction)}, "
+                           f"p < {config.alpha})" if tests else "no random latents",
+            }  # fmt: skip
+        measures[m] = {
+            "per_head": per_head,
+            "mean_difference_layer_head": diff.mean(0).tolist(),  # [layers, heads] for the heatmap
+            "by_label": by_label,
+        }
+    return {
+        "latent": config.latent, "layer": layer, "hook": f"blocks.{layer}.hook_resid_pre",
+        "random_latents": randoms, "heads": [f"L{la}H{h}" for la, h in heads], "n_layers": n_layers,
+        "n_heads": n_heads, "measures": measures,
+        "prompts": [{**asdict(p), "n_tokens": len(t.input_ids), "entity_tokens": t.entity_tokens}
+                    for p, t in zip(prompts, toks, strict=True)],
+    }  # fmt: skip
+
+
+def _phrase(direction: str) -> str:
+    return {"increase": "top > random", "decrease": "top < random"}.get(direction, "top ≠ random")
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def table_columns(arrays: dict[str, Any], prompts: Sequence[EntityPrompt], top: int) -> dict[str, np.ndarray]:
+    """Long format as columns: one row per (latent, prompt, layer, head), original/steered/difference per measure."""
+    measures = list(arrays["original"])
+    n, n_layers, n_heads = arrays["original"][measures[0]].shape
+    lats = list(arrays["steered"])
+    per = n * n_layers * n_heads
+    idx = np.arange(per)
+    i, la, h = idx // (n_layers * n_heads), (idx // n_heads) % n_layers, idx % n_heads
+    cols: dict[str, np.ndarray] = {
+        "latent": np.repeat(np.array(lats, dtype=np.int64), per),
+        "role": np.repeat(np.array(["top" if lat == top else "random" for lat in lats]), per),
+        "prompt_index": np.tile(i, len(lats)),
+        "entity": np.tile(np.array([p.entity for p in prompts], dtype=object)[i], len(lats)),
+        "entity_type": np.tile(np.array([p.entity_type for p in prompts], dtype=object)[i], len(lats)),
+        "label": np.tile(np.array([p.label for p in prompts], dtype=object)[i], len(lats)),
+        "layer": np.tile(la, len(lats)),
+        "head": np.tile(h, len(lats)),
+    }
+    for m in measures:
+        o = np.tile(arrays["original"][m].reshape(-1), len(lats))
+        s = np.concatenate([arrays["steered"][lat][m].reshape(-1) for lat in lats])
+        cols[f"{m}_original"], cols[f"{m}_steered"], cols[f"{m}_difference"] = o, s, s - o
+    return cols
+
+
+def write_columns(path: str | Path, cols: dict[str, np.ndarray]) -> Path:
+    """Columns as Parquet (`.parquet`) or CSV (`.csv`), atomically."""
+    import pyarrow as pa
+
+    table = pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in cols.items()})
+    sink = pa.BufferOutputStream()
+    if Path(path).suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, sink)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, sink)
+    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def save_npy(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int],
+             stem: Path) -> list[Path]:  # fmt: skip
+    """Upstream-compatible `.npy` dicts `{'L{l}H{h}': differences}` per measure (+ a list of dicts for the random
+    latents), loadable with `np.load(path, allow_pickle=True).item()` (random: `.tolist()`)."""
+    paths = []
+    for m in arrays["original"]:
+
+        def as_dict(lat: int, m: str = m) -> dict[str, np.ndarray]:
+            d = difference(arrays, lat, m)
+            return {f"L{la}H{h}": d[:, la, h] for la, h in heads}
+
+        for name, obj in ((f"{stem}-{m}.npy", as_dict(top)),
+                          (f"{stem}-{m}-random.npy", [as_dict(r) for r in randoms])):  # fmt: skip
+            buf = io.BytesIO()
+            np.save(buf, np.array(obj, dtype=object), allow_pickle=True)
+            paths.append(atomic_write_bytes(name, buf.getvalue()))
+    return paths

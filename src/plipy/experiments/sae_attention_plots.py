@@ -1,0 +1,125 @@
+"""Plots of `plipy sae attention` (upstream style, matplotlib Agg): per-head bars, original-vs-steered scatter,
+layer × head heatmap, known-vs-unknown boxes. All use the first measure of the run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plipy.experiments.sae_attention import difference
+from plipy.experiments.sae_inputs import EntityPrompt
+from plipy.report import _plt, _save
+
+HEAD_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+MARKERS = ["o", "s", "D", "X", "^", "v", "P", "*"]
+LABEL_COLORS = {"known": "#82B366", "unknown": "#990000"}
+
+
+def _heads(result: dict) -> list[tuple[int, int]]:
+    return [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in result["heads"]]
+
+
+def bars(result: dict, arrays: dict, measure: str, path: Path) -> Path:
+    """Mean difference ± std (ddof 0) per saved head, as upstream's `plot_head_differences`."""
+    plt = _plt()
+    heads = _heads(result)
+    d = difference(arrays, result["latent"], measure)
+    vals = np.stack([d[:, la, h] for la, h in heads], axis=1)
+    mean, std = vals.mean(0), vals.std(0)
+    width = 6 if len(heads) <= 12 else min(50, 20 if len(heads) <= 300 else 50)
+    fig, ax = plt.subplots(figsize=(width, 6))
+    x = np.arange(len(heads))
+    ax.bar(x, mean, yerr=std, capsize=5 if len(heads) <= 40 else 1.5, color="#1f77b4", alpha=0.8,
+           error_kw={"lw": 1 if len(heads) <= 40 else 0.6})
+    every = 1 if len(heads) <= 40 else 5
+    ax.set_xticks(x[::every], [f"L{la}H{h}" for la, h in heads][::every], rotation=45, fontsize=12)
+    lim = float(np.max(np.abs(np.concatenate([mean + std, mean - std])))) + 0.02
+    ax.set_ylim(-lim, lim)
+    ax.set_xlim(-0.7, len(heads) - 0.3)
+    ax.axhline(0, color="black", alpha=0.2)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xlabel("Head", fontsize=15)
+    ax.set_ylabel(f"{measure} difference (steered − original)", fontsize=15)
+    ax.set_title(f"latent {result['latent']} at layer {result['layer']}, n={d.shape[0]}", fontsize=13)
+    return _save(fig, path)
+
+
+def scatter_heads(result: dict, measure: str, n: int = 2) -> list[tuple[int, int]]:
+    """The `n` saved heads with the largest |mean difference| (upstream plotted two chosen heads)."""
+    ph = sorted(result["measures"][measure]["per_head"], key=lambda h: -abs(h["mean_difference"]))
+    return [(h["layer"], h["head_index"]) for h in ph[:n]]
+
+
+def scatter(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str, path: Path) -> Path:
+    """Original (x) vs steered (y) per prompt: colour per head, marker per entity type, dashed diagonal."""
+    plt = _plt()
+    orig, steered = arrays["original"][measure], arrays["steered"][result["latent"]][measure]
+    types = list(dict.fromkeys(p.entity_type for p in prompts))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    hi = 0.0
+    for ci, (la, h) in enumerate(scatter_heads(result, measure)):
+        for ti, t in enumerate(types):
+            rows = np.array([p.entity_type == t for p in prompts])
+            xs, ys = orig[rows, la, h], steered[rows, la, h]
+            hi = max(hi, float(xs.max(initial=0)), float(ys.max(initial=0)))
+            ax.scatter(xs, ys, s=30, c=HEAD_COLORS[ci % len(HEAD_COLORS)], marker=MARKERS[ti % len(MARKERS)],
+                       edgecolors="black", linewidths=0.5, label=f"L{la}H{h} · {t or '—'}")  # fmt: skip
+    top = max(hi * 1.05, 1.0 if measure == "attn_weights" else hi * 1.05) or 1.0
+    ax.plot([0, top], [0, top], ls="--", color="lightgrey", zorder=0)
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel=f"Original {measure}", ylabel=f"Steered {measure}")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"latent {result['latent']}: original vs steered", fontsize=10)
+    return _save(fig, path)
+
+
+def heatmap(result: dict, measure: str, path: Path) -> Path:
+    """Layer × head mean difference over all prompts (the steering layer is marked)."""
+    plt = _plt()
+    diff = np.array(result["measures"][measure]["mean_difference_layer_head"])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * diff.shape[1], 1.2 + 0.22 * diff.shape[0]))
+    lim = float(np.abs(diff).max()) or 1.0
+    im = ax.imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.axhline(result["layer"] - 0.5, color="black", lw=1)
+    ax.set(xlabel="head", ylabel="layer", title=f"mean {measure} difference\n(line: steering layer {result['layer']})")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return _save(fig, path)
+
+
+def boxes(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str, path: Path) -> Path | None:
+    """Original values of known vs unknown prompts for the scatter heads (None if there are not two labels)."""
+    labels = [lab for lab in dict.fromkeys(p.label for p in prompts) if lab is not None]
+    if len(labels) < 2:
+        return None
+    plt = _plt()
+    orig = arrays["original"][measure]
+    heads = scatter_heads(result, measure)
+    fig, ax = plt.subplots(figsize=(2 + 2 * len(heads), 4))
+    width = 0.8 / len(labels)
+    for li, lab in enumerate(labels):
+        rows = np.array([p.label == lab for p in prompts])
+        data = [orig[rows, la, h] for la, h in heads]
+        pos = [i + (li - (len(labels) - 1) / 2) * width for i in range(len(heads))]
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True)
+        color = LABEL_COLORS.get(str(lab), HEAD_COLORS[li % len(HEAD_COLORS)])
+        for b in bp["boxes"]:
+            b.set(facecolor=color, alpha=0.6)
+        ax.plot([], [], color=color, lw=8, alpha=0.6, label=str(lab))
+    ax.set_xticks(range(len(heads)), [f"L{la}H{h}" for la, h in heads])
+    ax.set(ylabel=f"original {measure}", title="known vs unknown (original)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def all_plots(result: dict[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], stem: Path) -> list[Path]:
+    """The four plots for the run's first measure, as `{stem}-{kind}.png`."""
+    m = next(iter(result["measures"]))
+    paths = [
+        bars(result, arrays, m, Path(f"{stem}-bars.png")),
+        scatter(result, arrays, prompts, m, Path(f"{stem}-scatter.png")),
+        heatmap(result, m, Path(f"{stem}-heatmap.png")),
+    ]
+    box = boxes(result, arrays, prompts, m, Path(f"{stem}-boxes.png"))
+    return paths + ([box] if box is not None else [])
