@@ -18,11 +18,17 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from plipy.cli import corpus, models, scan
+    # Idempotent: main() may be called many times in one process (tests, notebooks).
+    from plipy.cli import corpus, knockout, models, sae, scan
 
-    app.add_typer(models.app, name="models")
-    app.add_typer(corpus.app, name="corpus")
-    app.command("scan")(scan.scan)
+    groups = {g.name for g in app.registered_groups}
+    commands = {c.name for c in app.registered_commands}
+    for name, sub in (("models", models.app), ("corpus", corpus.app), ("sae", sae.app)):
+        if name not in groups:
+            app.add_typer(sub, name=name)
+    for name, fn in (("scan", scan.scan), ("knockout", knockout.knockout)):
+        if name not in commands:
+            app.command(name)(fn)
 
 
 @app.callback()
