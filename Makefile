@@ -27,6 +27,8 @@ test: setup
 bench: setup
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/engine_overhead.py
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/knockout_speed.py
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/scan_speed.py
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/steer_speed.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

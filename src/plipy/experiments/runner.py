@@ -5,6 +5,9 @@
     outcomes = runner.run(base, [[EdgeEdit(layers=[5], edges=[(m, t)], scale=0.0)], ...])
     outcomes[0].logits                                      # last-position logits under that intervention
 
+Optionally a `Capture` of some query rows (passed to `baseline()` and `run()` alike) records each condition's
+post-edit attention rows (`Outcome.attn`, `Baseline.attn`); steering measures the attention it achieved this way.
+
 An intervention whose earliest edited query is position q0 and whose first edited layer is L0 cannot change any
 position before q0 (causality) nor any layer below L0. The fast path therefore runs only the suffix q0.. with a
 fresh cache built from the baseline's keys/values of positions < q0, and replaces the decoder layers below L0 by
@@ -22,13 +25,13 @@ import bisect
 import inspect
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from plipy.engine import EdgeEdit, Engine
+from plipy.engine import Capture, EdgeEdit, Engine
 from plipy.engine.spec import LayerEdit, compile_edits
 from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
 
@@ -43,6 +46,7 @@ class Baseline:
     logits: torch.Tensor  # [V], model dtype
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, S, d]
     resid: list[torch.Tensor] | None = None  # per layer resid_post [1, S, d]
+    attn: dict[int, torch.Tensor] | None = None  # captured rows per layer [heads, rows, keys] (if asked)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Outcome:
     note: str | None = None
     first_layer: int | None = None
     first_query: int | None = None
+    attn: dict[int, torch.Tensor] | None = None  # captured post-edit rows per layer [heads, rows, keys] (if asked)
 
 
 @dataclass
@@ -121,16 +126,20 @@ class ConditionRunner:
 
     # -- baseline ------------------------------------------------------------------------------------------------
 
-    def baseline(self, input_ids: Sequence[int] | torch.Tensor) -> Baseline:
-        """The unintervened forward of one sequence; on the fast path also its K/V cache and every resid_post."""
+    def baseline(self, input_ids: Sequence[int] | torch.Tensor, capture: Capture | None = None) -> Baseline:
+        """The unintervened forward of one sequence; on the fast path also its K/V cache and every resid_post.
+
+        `capture`: also record these query rows (the layer outputs still come from SDPA: nothing changes)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(1, -1)
         s = ids.shape[1]
         self.stats.baselines += 1
         self.stats.calls += 1
         self.stats.layer_tokens += self.n_layers * s
+        ctx = self.engine.run(capture=capture) if capture is not None else nullcontext(None)
         if self.path == "naive":
-            with torch.inference_mode():
-                return Baseline(ids, self._last(self.model(ids, **self._keep)))
+            with torch.inference_mode(), ctx as rec:
+                logits = self._last(self.model(ids, **self._keep))
+            return Baseline(ids, logits, attn=_item_attn(rec, 0))
         outputs: list[Any] = [None] * self.n_layers
 
         def recorder(i: int):
@@ -141,29 +150,34 @@ class ConditionRunner:
 
         handles = [layer.register_forward_hook(recorder(i)) for i, layer in enumerate(self.layers)]
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), ctx as rec:
                 out = self.model(ids, use_cache=True, **self._keep)
         finally:
             for h in handles:
                 h.remove()
         logits = self._last(out)
+        attn = _item_attn(rec, 0)
         problem = _baseline_problem(outputs, getattr(out, "past_key_values", None), s, self.n_layers)
         if problem:
             # Discovered only now (e.g. an architecture whose layers return tuples): switch for good.
             self.reasons.append(problem)
             self.path = "naive"
-            return Baseline(ids, logits)
+            return Baseline(ids, logits, attn=attn)
         cache = out.past_key_values
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return Baseline(ids, logits, kv=kv, resid=[o.detach() for o in outputs])
+        return Baseline(ids, logits, kv=kv, resid=[o.detach() for o in outputs], attn=attn)
 
     def _last(self, out: Any) -> torch.Tensor:
         return out.logits[0, -1].detach()
 
     # -- conditions ----------------------------------------------------------------------------------------------
 
-    def run(self, base: Baseline, conditions: Sequence[ConditionEdits]) -> list[Outcome]:
-        """One Outcome per condition (a list of EdgeEdits with `(query, key)` edges on this one sequence)."""
+    def run(self, base: Baseline, conditions: Sequence[ConditionEdits], capture: Capture | None = None
+            ) -> list[Outcome]:
+        """One Outcome per condition (a list of EdgeEdits with `(query, key)` edges on this one sequence).
+
+        `capture` (the same one given to `baseline()`): each Outcome's `attn` holds its post-edit rows; rows a
+        condition cannot change (layers below its first edit, identity conditions) are the baseline's."""
         outcomes: list[Outcome | None] = [None] * len(conditions)
         plans: list[_Plan] = []
         seq = base.input_ids.shape[1]
@@ -177,7 +191,8 @@ class ConditionRunner:
                 outcomes[i] = Outcome(None, "edge-masked", str(e))
                 continue
             if not compiled:
-                outcomes[i] = Outcome(base.logits, "identity", "no edit left (no edges, no heads or scale 1)")
+                outcomes[i] = Outcome(base.logits, "identity", "no edit left (no edges, no heads or scale 1)",
+                                      attn=base.attn if capture is not None else None)
                 continue
             first_layer = min(compiled)
             queries = [q for les in compiled.values() for le in les for _b, q, _k in le.edges]
@@ -197,25 +212,31 @@ class ConditionRunner:
             plans.append(_Plan(i, edits, first_layer, first_query))
         self.stats.conditions += len(conditions)
 
+        # captured rows before q0 are outside the suffix call: such conditions run in full
+        min_row = int(capture_rows(capture).min()) if capture is not None else None
         if self.path == "naive" or base.kv is None:
             for p in plans:
-                outcomes[p.index] = self._naive(base, p)
+                outcomes[p.index] = self._naive(base, p, capture)
         else:
             by_query: dict[int, list[_Plan]] = {}
             for p in plans:
                 by_query.setdefault(p.first_query, []).append(p)
             for q0, group in sorted(by_query.items()):
+                if min_row is not None and min_row < q0:
+                    for p in group:
+                        outcomes[p.index] = self._naive(base, p, capture)
+                    continue
                 group.sort(key=lambda p: p.first_layer)
                 for start in range(0, len(group), self.max_batch):
                     chunk = group[start:start + self.max_batch]
-                    for p, o in zip(chunk, self._fast_safe(base, chunk, q0), strict=True):
+                    for p, o in zip(chunk, self._fast_safe(base, chunk, q0, capture), strict=True):
                         outcomes[p.index] = o
         return outcomes  # type: ignore[return-value]
 
-    def _naive(self, base: Baseline, p: _Plan) -> Outcome:
+    def _naive(self, base: Baseline, p: _Plan, capture: Capture | None = None) -> Outcome:
         """A full forward of the whole sequence with the edits (the reference the fast path must equal)."""
         try:
-            with torch.inference_mode(), self.engine.run(edits=p.edits):
+            with torch.inference_mode(), self.engine.run(capture=capture, edits=p.edits) as rec:
                 out = self.model(base.input_ids, **self._keep)
         except MaskedRowError as e:
             return Outcome(None, "row-fully-masked", str(e), p.first_layer, p.first_query)
@@ -223,11 +244,13 @@ class ConditionRunner:
             return Outcome(None, "edge-masked", str(e), p.first_layer, p.first_query)
         self.stats.calls += 1
         self.stats.layer_tokens += self.n_layers * base.input_ids.shape[1]
-        return Outcome(self._last(out), "ok", None, p.first_layer, p.first_query)
+        attn = _item_attn(rec, 0) if capture is not None else None
+        return Outcome(self._last(out), "ok", None, p.first_layer, p.first_query, attn)
 
-    def _fast_safe(self, base: Baseline, chunk: list[_Plan], q0: int) -> list[Outcome]:
+    def _fast_safe(self, base: Baseline, chunk: list[_Plan], q0: int, capture: Capture | None = None
+                   ) -> list[Outcome]:
         try:
-            logits = self._fast(base, chunk, q0)
+            logits, attn = self._fast(base, chunk, q0, capture)
         except (MaskedRowError, CausalEdgeError) as e:
             if len(chunk) == 1:
                 status = "row-fully-masked" if isinstance(e, MaskedRowError) else "edge-masked"
@@ -235,10 +258,12 @@ class ConditionRunner:
                 return [Outcome(None, status, str(e), p.first_layer, p.first_query)]
             # one item's problem must not sink the batch: run each alone
             self.stats.fallbacks += 1
-            return [o for p in chunk for o in self._fast_safe(base, [p], q0)]
-        return [Outcome(lg, "ok", None, p.first_layer, p.first_query) for p, lg in zip(chunk, logits, strict=True)]
+            return [o for p in chunk for o in self._fast_safe(base, [p], q0, capture)]
+        return [Outcome(lg, "ok", None, p.first_layer, p.first_query, at)
+                for p, lg, at in zip(chunk, logits, attn, strict=True)]
 
-    def _fast(self, base: Baseline, chunk: list[_Plan], q0: int) -> list[torch.Tensor]:
+    def _fast(self, base: Baseline, chunk: list[_Plan], q0: int, capture: Capture | None = None
+              ) -> tuple[list[torch.Tensor], list[dict[int, torch.Tensor] | None]]:
         """One batched suffix forward for conditions sharing their earliest query q0 (sorted by first layer)."""
         from transformers import DynamicCache
 
@@ -261,11 +286,23 @@ class ConditionRunner:
                     for (k, v), n in zip(base.kv, active, strict=True)
                 ]
             )
-        with torch.inference_mode(), self._staircase(base, q0, active, n_items), self.engine.run(edits=edits):
+        with (torch.inference_mode(), self._staircase(base, q0, active, n_items),
+              self.engine.run(capture=capture, edits=edits) as rec):
             out = self.model(suffix, past_key_values=cache, use_cache=cache is not None, **self._keep)
         self.stats.calls += 1
         self.stats.layer_tokens += sum(active) * suffix.shape[1]
-        return list(out.logits[:, -1].detach().unbind(0))
+        attn: list[dict[int, torch.Tensor] | None] = [None] * n_items
+        if capture is not None:
+            # Layer l computed only its first active[l] items; the others are unedited there: the baseline's rows.
+            known = base.attn or {}
+            for j in range(n_items):
+                attn[j] = {}
+                for layer in sorted(set(rec.attn) | set(known)):
+                    if layer in rec.attn and j < rec.attn[layer].shape[0]:
+                        attn[j][layer] = rec.attn[layer][j]
+                    elif layer in known:
+                        attn[j][layer] = known[layer]
+        return list(out.logits[:, -1].detach().unbind(0)), attn
 
     @contextmanager
     def _staircase(self, base: Baseline, q0: int, active: list[int], n_items: int) -> Iterator[None]:
@@ -283,6 +320,18 @@ class ConditionRunner:
                     del layer.forward
                 else:
                     layer.forward = own
+
+
+def capture_rows(capture: Capture) -> torch.Tensor:
+    """The capture's rows as a tensor (for checks before running)."""
+    return torch.as_tensor(capture.rows, dtype=torch.long)
+
+
+def _item_attn(rec: Any, j: int) -> dict[int, torch.Tensor] | None:
+    """Batch item j's captured rows per layer `[heads, rows, keys]`, or None without a capture."""
+    if rec is None:
+        return None
+    return {layer: a[j] for layer, a in rec.attn.items()}
 
 
 def _stub(forward: Any, resid: torch.Tensor, n: int, n_items: int):
