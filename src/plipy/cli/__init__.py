@@ -19,11 +19,12 @@ app = typer.Typer(
 
 def _register() -> None:
     # Idempotent: main() may be called many times in one process (tests, notebooks).
-    from plipy.cli import corpus, knockout, models, sae, scan
+    from plipy.cli import corpus, entities, knockout, models, sae, scan, steer
 
     groups = {g.name for g in app.registered_groups}
     commands = {c.name for c in app.registered_commands}
-    for name, sub in (("models", models.app), ("corpus", corpus.app), ("sae", sae.app)):
+    for name, sub in (("models", models.app), ("corpus", corpus.app), ("sae", sae.app), ("steer", steer.app),
+                      ("entities", entities.app)):
         if name not in groups:
             app.add_typer(sub, name=name)
     for name, fn in (("scan", scan.scan), ("knockout", knockout.knockout)):
