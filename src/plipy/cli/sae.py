@@ -1,8 +1,11 @@
-"""`plipy sae …`: SAE commands. `attention` steers with an SAE latent and measures what it does to attention."""
+"""`plipy sae …`: SAE commands. `attention` steers with an SAE latent and measures what it does to attention;
+`train` trains an SAE, `latents` scores its latents on known/unknown entities, `pipeline` runs everything."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -182,3 +185,169 @@ def _print(result: dict) -> None:
             console.print(f"  label {lab} (n={g['n_prompts']}, expected {g['expected']}): mean difference "
                           f"{fmt_num(g['mean_difference'], '+.4f')}; {g['summary']}" + (f"\n    {ps}" if ps else ""),
                           highlight=False, soft_wrap=True)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- train, latents, pipeline
+
+
+@contextmanager
+def _metric_bars() -> Iterator[Callable[[str, int], Callable[..., None]]]:
+    """Progress bars whose `step(n=1, **metrics)` also shows the latest metrics (fvu, L0, dead latents) beside them."""
+    from rich import progress as rp
+
+    columns = (rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+               rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[metrics]}"))  # fmt: skip
+    with rp.Progress(*columns, console=err_console) as prog:
+
+        def start(desc: str, total: int) -> Callable[..., None]:
+            task = prog.add_task(desc, total=total, metrics="")
+
+            def step(n: int = 1, **metrics: float) -> None:
+                text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+                prog.update(task, advance=n, **({"metrics": text} if metrics else {}))
+
+            return step
+
+        yield start
+
+
+@app.command("train")
+def train(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
+    layer: int = typer.Option(9, "--layer", help="Train on resid_post of this decoder layer (blocks.L.hook_resid_post;"
+                              " its latents steer at the input of L+1). Default 9: a third of SmolLM2's 30 layers."),
+    arch: str = typer.Option("topk", "--arch", help="topk or jumprelu."),
+    width: int = typer.Option(4096, "--width", help="Number of latents."),
+    k: int = typer.Option(32, "--k", help="TopK: active latents per token."),
+    l0_coeff: float = typer.Option(2.0, "--l0-coeff", help="JumpReLU: weight of the L0 penalty."),
+    lr: float = typer.Option(2e-3, "--lr", help="Adam learning rate (linear decay over the last 20 %)."),
+    tokens: int = typer.Option(50_000, "--tokens", help="Activation tokens to collect (BOS excluded)."),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the collected activations."),
+    batch: int = typer.Option(512, "--batch", help="Activations per optimiser step."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per text sequence (BOS included)."),
+    model_batch: int = typer.Option(16, "--model-batch", help="Sequences per model forward."),
+    auxk: bool = typer.Option(True, "--auxk/--no-auxk", help="TopK: AuxK loss on dead latents."),
+    entity_text: int = typer.Option(500, "--entity-text", help="Entities per type whose attribute sentences join "
+                                    "the training text (0: standard library text only)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the text order, init and batches."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default saes/<model>-L<layer>-<arch>)."),
+    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Train an SAE on one layer's residual stream (offline text) and save it in SAELens format."""
+    from plipy import sae_train as st
+    from plipy.models import load_model
+
+    cfg = st.TrainConfig(arch=arch, width=width, k=k, lr=lr, n_tokens=tokens, epochs=epochs, batch_size=batch,
+                         seq_len=seq_len, model_batch=model_batch, seed=seed, auxk=auxk, l0_coeff=l0_coeff)  # fmt: skip
+    cfg.check()
+    lm = load_model(model, dtype=dtype, device=device)
+    out = out or Path("saes") / f"{lm.name}-L{layer}-{arch}"
+    docs: list[str] = []
+    if entity_text > 0:
+        from plipy import entities
+
+        docs = st.entity_sentences(entities.load_entities(limit=entity_text), seed=seed)
+    with _metric_bars() as start:
+        _, result = st.train_on_model(lm, layer, cfg, out, extra_documents=docs, progress=start)
+    m, tr = result["metrics"], result["training"]
+    t = Table(title=f"SAE on {result['hook_name']} of {lm.name} (steers at the input of layer {layer + 1})",
+              header_style="bold")  # fmt: skip
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [("explained variance (held out)", f"{m['explained_variance']:.4f}"), ("MSE per element", f"{m['mse']:.4g}"),
+            ("L0", f"{m['l0']:.1f}"), ("dead latents (whole last epoch)", f"{tr['dead_latents']} of {width}"),
+            ("next-token loss clean", f"{m['ce_clean']:.4f}"), ("… with the SAE spliced in", f"{m['ce_spliced']:.4f}"),
+            ("loss increase (nats)", f"{m['ce_increase']:+.4f}"),
+            ("… mean-ablated", f"{m.get('ce_mean_ablated', float('nan')):.4f}"),
+            ("loss recovered", "—" if m.get("ce_loss_recovered") is None else f"{m['ce_loss_recovered']:.3f}"),
+            ("seconds (collect / train / eval)", " / ".join(f"{result['timings_s'][x]:.0f}"
+                                                          for x in ("collect", "train", "eval")))]  # fmt: skip
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    console.print(f"wrote {out} (cfg.json, sae_weights.safetensors, sparsity.safetensors, training.json)",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@app.command("latents")
+def latents(
+    sae: Path = typer.Option(..., "--sae", help="SAELens folder or params.npz (with a residual hook)."),
+    labels: Path = typer.Option(..., "--labels", help="Labels JSON from `plipy entities label`."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
+    hook: str | None = typer.Option(None, "--hook", help="Override the SAE's hook, e.g. blocks.9.hook_resid_post."),
+    split: str = typer.Option("train", "--split", help="Entities to score: train (default) or all (upstream)."),
+    general_filter: bool = typer.Option(True, "--general-text-filter/--no-general-text-filter",
+                                        help="Drop latents active on ≥ --max-general-freq of general offline text."),
+    max_general_freq: float = typer.Option(0.02, "--max-general-freq", help="Threshold of the general-text filter."),
+    general_tokens: int = typer.Option(4096, "--general-tokens", help="General-text tokens for the filter."),
+    top_n: int = typer.Option(20, "--top", help="Top latents kept per label."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Latent file (default results/sae-latents-….json)."),
+    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Score SAE latents on known vs unknown entities (`The {entity_type} '{entity}'`, last entity token)."""
+    from plipy import entities
+    from plipy import sae as saes
+    from plipy.errors import PlipyError
+    from plipy.experiments import sae_latents as sl
+    from plipy.models import load_model
+
+    if split not in ("train", "all"):
+        raise PlipyError(f"--split must be train or all, got {split!r}")
+    doc_labels = entities.read_labels(labels)
+    the_sae = saes.load_sae(sae, hook_name=hook)
+    lm = load_model(model, dtype=dtype, device=device)
+    with _metric_bars() as start:
+        doc = sl.run_latents(lm, the_sae, doc_labels, split=None if split == "all" else split,
+                             general_filter=general_filter, general_tokens=general_tokens,
+                             max_general_freq=max_general_freq, top_n=top_n, batch_size=batch_size,
+                             progress=start)  # fmt: skip
+    out = out or Path("results") / f"sae-latents-{lm.name}-L{doc['layer']}.json"
+    paths = sl.write_latents(doc, out)
+    t = Table(title=f"Top latents at the input of layer {doc['layer']} ({doc['n_entities']} entities, split {split})",
+              header_style="bold")  # fmt: skip
+    for col in ("label", "latent", "min score", "f known", "f unknown", "f general"):
+        t.add_column(col, justify="right")
+    for lab in sl.LABELS:
+        by_idx = {e["latent_idx"]: e for e in doc[lab].values()}
+        for i in doc["top"][lab][:5]:
+            e = by_idx[i]
+            t.add_row(lab, str(i), f"{e['score']:+.3f}", f"{e['freq_acts_known']:.3f}", f"{e['freq_acts_unknown']:.3f}",
+                      "—" if e.get("freq_general") is None else f"{e['freq_general']:.4f}")  # fmt: skip
+    console.print(t)
+    if doc["skipped_types"]:
+        console.print(f"types without both labels (left out): {', '.join(doc['skipped_types'])}", highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+
+
+@app.command("pipeline")
+def pipeline(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny profile for tests (2 entities per type, tiny SAE)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default results/sae-pipeline-<model>)."),
+    limit: int | None = typer.Option(None, "--limit", help="Entities per type to label (default 24; quick 2)."),
+    layer: int | None = typer.Option(None, "--layer", help="SAE layer (resid_post; default 9)."),
+    coeff: str | None = typer.Option(None, "--coeff", help="Steering coefficient: number, norm (default) or mean."),
+    n_random: int | None = typer.Option(None, "--random", help="Random latents for the baseline (default 10)."),
+    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Data → labels → SAE → latents → attention analysis → plots, in one folder (a rerun resumes)."""
+    from dataclasses import replace
+
+    from plipy.experiments import sae_pipeline as sp
+    from plipy.models import load_model
+
+    cfg = sp.profile("quick" if quick else "default")
+    over = {k: v for k, v in {"label_limit": limit, "layer": layer, "coeff": coeff, "n_random": n_random}.items()
+            if v is not None}  # fmt: skip
+    cfg = replace(cfg, **over)
+    lm = load_model(model, dtype=dtype, device=device)
+    out = out or Path("results") / (f"sae-pipeline-{lm.name}" + ("-quick" if quick else ""))
+    with _metric_bars() as start:
+        summary = sp.run_pipeline(lm, out, cfg, progress=start,
+                                  log=lambda s: err_console.print(s, highlight=False))  # fmt: skip
+    console.print(sp._markdown(summary), highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}/summary.md, summary.json", highlight=False)
