@@ -213,3 +213,24 @@ def test_per_head_welch_equals_loop():
     assert stats.per_head_welch(a[:1], b)["p"] == np.ones((3, 4)).tolist()
     with pytest.raises(ValueError):
         stats.per_head_welch(a, b[:, :2])
+
+
+def test_compare_conditions_vectorised_equals_per_condition():
+    """The one-call path (all conditions resampled together) equals each condition's own compare() (to rounding)."""
+    rng = np.random.default_rng(5)
+    rows = [(rng.normal(2 + 0.1 * i, 1, 9), rng.normal(2, 0.5, 7)) for i in range(6)]
+    rows.append((np.full(9, 0.5), np.full(7, 0.5)))  # degenerate: constant groups
+    rows.append((rng.normal(1, 1, 9), rng.normal(-0.2, 0.1, 7)))  # mean(b) <= 0 in resamples: ratio CI None
+    got = stats.compare_conditions(rows, seed=3, n_resamples=500)
+    for r, (a, b) in zip(got, rows, strict=True):
+        want = stats.compare(a, b, seed=3, n_resamples=500)
+        for key in ("ci_diff", "ci_ratio"):  # same resamples; means summed along another axis: ~1 ulp apart
+            assert (r[key] is None) == (want[key] is None)
+            if want[key] is not None:
+                assert r[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15)
+        assert r["p_perm"] == pytest.approx(want["p_perm"], abs=1e-12)
+    assert got[-1]["ci_ratio"] is None and got[0]["ci_ratio"] is not None
+    # exact permutation enumeration (few partitions) takes the same path
+    small = [(rng.normal(0, 1, 3), rng.normal(0.5, 1, 3)) for _ in range(3)]
+    for r, (a, b) in zip(stats.compare_conditions(small, seed=1, n_resamples=1000), small, strict=True):
+        assert r["p_perm"] == pytest.approx(stats.permutation_p(a, b, seed=1, n_resamples=1000), abs=1e-12)
