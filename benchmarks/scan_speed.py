@@ -9,9 +9,9 @@ the printed tables into benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +35,7 @@ def _setup(model: str, device: str):
     return lm, corpus, ids
 
 
-def _runners(lm, corpus, ids, resamples: int):
+def _runners(lm, corpus, ids, resamples: int, with_eager: bool = True):
     def sdpa():
         for x in ids:
             lm.model(x)
@@ -43,25 +43,40 @@ def _runners(lm, corpus, ids, resamples: int):
     def scan():
         run_scan(lm, corpus, ScanConfig(n_resamples=resamples))
 
+    eager_model = copy.deepcopy(lm.model) if with_eager else None
+    if eager_model is not None:
+        eager_model.set_attn_implementation("eager")
+
     def eager():
-        lm.model.set_attn_implementation("eager")
-        try:
-            for x in ids:
-                lm.model(x, output_attentions=True)
-        finally:
-            lm.model.set_attn_implementation("sdpa")
+        for x in ids:
+            eager_model(x, output_attentions=True)
 
     return dict(zip(CONFIGS, (sdpa, scan, eager), strict=True))
 
 
+def _rss(field: str) -> int:
+    """VmRSS / VmHWM of this process in bytes (/proc: unlike ru_maxrss, not inherited from the parent over exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak(args) -> None:
     """Child: set up, run one configuration once, print peak RSS (bytes) as JSON."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _rss("VmRSS")
     lm, corpus, ids = _setup(args.model, args.device)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    runs = _runners(lm, corpus, ids, args.resamples, with_eager=False) if args.child != CONFIGS[2] else None
+    if runs is None:  # eager: no deep copy in the child, the model itself switches
+        lm.model.set_attn_implementation("eager")
+    loaded = _rss("VmRSS")
     with torch.inference_mode():
-        _runners(lm, corpus, ids, args.resamples)[args.child]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if runs is None:
+            for x in ids:
+                lm.model(x, output_attentions=True)
+        else:
+            runs[args.child]()
+    peak = _rss("VmHWM")
     weights = sum(p.numel() * 4 for p in lm.model.parameters())
     print(json.dumps({"before_load": before, "after_load": loaded, "peak": peak, "weights_fp32": weights}))
 
