@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,3 +26,29 @@ def smollm():
 
     torch.manual_seed(0)
     return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+def corpus_subset(directory: Path, pick: dict[str, int]):
+    """The first `pick[group]` samples of each group of the bundled corpus, written as a corpus file and loaded."""
+    from plipy.corpus import load_corpus
+
+    full = load_corpus()
+    data: dict = {"_format_version": "2.0"}
+    for g, n in pick.items():
+        data[g] = [{"id": s.id, "code": s.code, "marker_char_pos": s.marker_char_pos,
+                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
+                   for s in full.groups[g][:n]]  # fmt: skip
+    path = directory / "small.json"
+    path.write_text(json.dumps(data))
+    return load_corpus(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP overhead, which dominates (×20) on busy cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,6 +11,7 @@ import scipy.special
 import scipy.stats
 import torch
 
+from conftest import corpus_subset
 from plipy import cli
 from plipy.cli import knockout as ko_cli
 from plipy.corpus import load_corpus, token_positions
@@ -31,15 +32,7 @@ CONDITIONS = [ko.Condition([29], "29"), ko.Condition(list(range(10, 15)), "10-14
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     """Two samples of each compared group, one of each baseline group (rust_baseline's marker is token 0)."""
-    full = load_corpus()
-    data = {"_format_version": "2.0"}
-    for g, n in PICK.items():
-        data[g] = [{"id": s.id, "code": s.code, "marker_char_pos": s.marker_char_pos,
-                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
-                   for s in full.groups[g][:n]]
-    path = tmp_path_factory.mktemp("corpus") / "small.json"
-    path.write_text(json.dumps(data))
-    return load_corpus(path)
+    return corpus_subset(tmp_path_factory.mktemp("corpus"), PICK)
 
 
 @pytest.fixture(scope="module")

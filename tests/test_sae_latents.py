@@ -18,14 +18,7 @@ from plipy.experiments import sae_latents as sl
 from plipy.models import load_tokenizer
 from test_sae_train import tiny_lm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP overhead, which dominates (×20) on busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 # 6 entities × 4 latents. Types: movie (2 known, 1 unknown), city (1 known, 2 unknown).

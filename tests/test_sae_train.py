@@ -16,14 +16,7 @@ from plipy.errors import PlipyError
 from plipy.experiments.sae_attention import resolve_layer
 from plipy.models import LoadedModel, load_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP overhead, which dominates (×20) on busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 def tiny_lm(vocab: int = 128, seed: int = 0, tokenizer=None) -> LoadedModel:

@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 import torch
 
+from conftest import corpus_subset
 from plipy import cli
 from plipy.corpus import load_corpus, token_positions
 from plipy.engine import Engine
@@ -24,15 +25,7 @@ PICK = {"python_doctest": 2, "rust_test": 2, "rust_baseline": 1}  # rust_baselin
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    full = load_corpus()
-    data = {"_format_version": "2.0"}
-    for g, n in PICK.items():
-        data[g] = [{"id": s.id, "code": s.code, "marker_char_pos": s.marker_char_pos,
-                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
-                   for s in full.groups[g][:n]]
-    path = tmp_path_factory.mktemp("corpus") / "small.json"
-    path.write_text(json.dumps(data))
-    return load_corpus(path)
+    return corpus_subset(tmp_path_factory.mktemp("corpus"), PICK)
 
 
 @pytest.fixture(scope="module")
