@@ -17,8 +17,8 @@ import torch
 
 from plipy.corpus import load_corpus, token_positions
 from plipy.engine import Engine
+from plipy.engine.runner import ConditionRunner, RunnerStats, layer_windows
 from plipy.experiments import knockout as ko
-from plipy.experiments.runner import ConditionRunner, RunnerStats, layer_windows
 from plipy.measures import kl_divergence
 from plipy.models import load_model
 

@@ -17,9 +17,9 @@ import torch
 
 from plipy.corpus import load_corpus, token_positions
 from plipy.engine import Capture, Engine
+from plipy.engine.runner import ConditionRunner, RunnerStats
 from plipy.experiments import steer as st
 from plipy.experiments.knockout import plip_default_layer
-from plipy.experiments.runner import ConditionRunner, RunnerStats
 from plipy.measures import kl_divergence
 from plipy.models import load_model
 

@@ -490,7 +490,7 @@ def run_main(args: list[str]) -> int:
 @needs_cli
 def test_cli_verify_bundled_corpus(tmp_path, capsys):
     out = tmp_path / "verify.json"
-    assert run_main(["corpus", "verify", "--json", str(out)]) == 0
+    assert run_main(["corpus", "verify", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "py_simple_add" in stdout and "causally impossible" in stdout
     report = json.loads(out.read_text())
@@ -545,7 +545,7 @@ def test_cli_app_with_fake_loader(tmp_path, monkeypatch, tok):
     monkeypatch.setitem(sys.modules, "plipy.models", fake)
     runner = CliRunner()
     out = tmp_path / "r.json"
-    res = runner.invoke(cli.app, ["--groups", "rust_baseline,rust_test", "--bos", "--json", str(out)])
+    res = runner.invoke(cli.app, ["--groups", "rust_baseline,rust_test", "--bos", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["provenance"]["model"] == {"spec": "smollm2-135m"} and report["provenance"]["bos"] is True

@@ -16,10 +16,10 @@ from plipy import cli
 from plipy.cli import knockout as ko_cli
 from plipy.corpus import load_corpus, token_positions
 from plipy.engine import EdgeEdit, Engine
+from plipy.engine import runner as runner_mod
+from plipy.engine.runner import ConditionRunner
 from plipy.errors import PlipyError
 from plipy.experiments import knockout as ko
-from plipy.experiments import runner as runner_mod
-from plipy.experiments.runner import ConditionRunner
 from plipy.measures import compare_logits, entropy, kl_divergence, kl_plip, top_changed
 from tiny_models import ARCHS, REF, REF_EDITS, SLIDING, build, register_reference, variant
 
@@ -306,10 +306,11 @@ def test_cli_end_to_end(main, small_corpus, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--layer", "30"], "error: layer 30 does not exist"),
-    (["--heads", "9"], "error: head"),
-    (["--layer", "3", "--scan-layers"], "error: choose one mode"),
-    (["--edges", "all"], "error: --edges must be one of"),
+    (["--layer", "30"], "error: --layer: layer 30 out of range"),
+    (["--heads", "9"], "error: --heads: head 9 out of range"),
+    (["--layer", "3", "--scan-layers"], "error: --layer/--layers/--scan-layers/--scan-windows/--slide-window: "
+                                        "choose one mode"),
+    (["--edges", "all"], "error: --edges: must be one of"),
 ])
 def test_cli_bad_input(main, small_corpus, tmp_path, capsys, args, message):
     out = tmp_path / "x.json"

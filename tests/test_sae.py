@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from plipy import sae as sa
 from plipy import sae as saes
-from plipy.engine import Engine
+from plipy.engine import Engine, ResidualAdd
 from plipy.errors import PlipyError
-from plipy.experiments import sae_attention as sa
-from plipy.experiments import sae_inputs as si
+from plipy.sae import inputs as si
 from tiny_models import build, variant
 
 MEASURES = sa.MEASURES
@@ -193,7 +193,7 @@ def test_coefficient_zero_is_exact_and_padding_is_transparent_tiny():
     batch = sa.make_batch(items, "entity", pad_id=0)
     base = _ours(model, batch)
     # a zero vector really added (not skipped) changes nothing, bit for bit
-    zero = [sa.ResidualAdd(1, torch.zeros(2, 64), positions=[p], where="pre") for p in range(batch.ids.shape[1])]
+    zero = [ResidualAdd(1, torch.zeros(2, 64), positions=[p], where="pre") for p in range(batch.ids.shape[1])]
     for m, v in _ours(model, batch, zero).items():
         assert np.array_equal(v, base[m])
     assert sa.steering_adds(sae, 1, sa.Steering(latent=1, coeff=0.0), batch.steer_positions) == []
@@ -392,7 +392,8 @@ def _same_up_to_fp32(a, b):
 
 def test_smollm_end_to_end_batched_zero_and_resume(smollm, smol_sae, tmp_path):
     items = _items()
-    res, arr = sa.run_attention(smollm, smol_sae, items, _cfg(), checkpoint_dir=tmp_path / "ck")
+    res = sa.run_attention(smollm, smol_sae, items, _cfg(), checkpoint_dir=tmp_path / "ck")
+    arr = res.arrays
     n, L, H = arr["original"]["attn_weights"].shape
     assert (n, L, H) == (8, 30, 9) and res["layer"] == 5 and len(res["random_latents"]) == 2
     assert res["heads"][0] == "L5H0" and len(res["heads"]) == 25 * 9
@@ -406,26 +407,26 @@ def test_smollm_end_to_end_batched_zero_and_resume(smollm, smol_sae, tmp_path):
     assert res["measures"]["attn_weights"]["by_label"]["known"]["expected"] == "decrease"
     assert res["provenance"]["config"]["random_latents"] == res["random_latents"]
     # batched (left-padded, 4 per batch) = one by one
-    _, arr1 = sa.run_attention(smollm, smol_sae, items[:2], _cfg(batch_size=1, n_random=0))
+    arr1 = sa.run_attention(smollm, smol_sae, items[:2], _cfg(batch_size=1, n_random=0)).arrays
     _same_up_to_fp32({m: arr1["original"][m] for m in MEASURES}, {m: arr["original"][m][:2] for m in MEASURES})
     _same_up_to_fp32(arr1["steered"][3], {m: arr["steered"][3][m][:2] for m in MEASURES})
     # an interrupted run resumes from its per-batch checkpoints with the same numbers
     (tmp_path / "ck" / "batch-00001.npz").unlink()
-    _, arr2 = sa.run_attention(smollm, smol_sae, items, _cfg(), checkpoint_dir=tmp_path / "ck")
+    arr2 = sa.run_attention(smollm, smol_sae, items, _cfg(), checkpoint_dir=tmp_path / "ck").arrays
     for m in MEASURES:
         assert np.array_equal(arr2["steered"][3][m], arr["steered"][3][m])
     with pytest.raises(PlipyError, match="different run"):
         sa.run_attention(smollm, smol_sae, items, _cfg(coeff=10.0), checkpoint_dir=tmp_path / "ck")
     # coefficient 0: difference exactly 0 everywhere
-    _, arr0 = sa.run_attention(smollm, smol_sae, items[:3], _cfg(coeff=0.0, n_random=0))
+    arr0 = sa.run_attention(smollm, smol_sae, items[:3], _cfg(coeff=0.0, n_random=0)).arrays
     for m in MEASURES:
         assert np.array_equal(sa.difference(arr0, 3, m), np.zeros_like(arr0["original"][m]))
 
 
 def test_smollm_mean_coefficient_and_encoder_direction(smollm, smol_sae):
     items = _items(2)
-    _, num = sa.run_attention(smollm, smol_sae, items, _cfg(n_random=0))
-    _, mean = sa.run_attention(smollm, smol_sae, items, _cfg(coeff="mean", latent_means={3: 60.0}, n_random=0))
+    num = sa.run_attention(smollm, smol_sae, items, _cfg(n_random=0)).arrays
+    mean = sa.run_attention(smollm, smol_sae, items, _cfg(coeff="mean", latent_means={3: 60.0}, n_random=0)).arrays
     for m in MEASURES:
         assert np.array_equal(num["steered"][3][m], mean["steered"][3][m])
     with pytest.raises(PlipyError, match=r"no mean activation for latent\(s\) \[3\]"):

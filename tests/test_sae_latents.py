@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from plipy import sae as saes
-from plipy import sae_train as st
 from plipy.errors import PlipyError
-from plipy.experiments import sae_inputs as si
-from plipy.experiments import sae_latents as sl
 from plipy.models import load_tokenizer
+from plipy.sae import inputs as si
+from plipy.sae import latents as sl
+from plipy.sae import train as st
 from test_sae_train import tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
@@ -167,7 +167,8 @@ def test_cli_train_latents_attention_chain(tmp_path, capsys):
     (tmp_path / "labels.json").write_text(json.dumps(_labels_doc(rows)))
     sae_dir, lat = tmp_path / "sae", tmp_path / "lat.json"
     main(["sae", "train", "-m", str(mdir), "--layer", "1", "--width", "64", "--k", "4", "--tokens", "400",
-          "--epochs", "1", "--batch", "64", "--seq-len", "16", "--entity-text", "2", "-o", str(sae_dir)])  # fmt: skip
+          "--epochs", "1", "--train-batch", "64", "--seq-len", "16", "--entity-text", "2",
+          "-o", str(sae_dir)])  # fmt: skip
     assert "explained variance" in capsys.readouterr().out
     main(["sae", "latents", "-m", str(mdir), "--sae", str(sae_dir), "--labels", str(tmp_path / "labels.json"),
           "--general-tokens", "64", "-o", str(lat)])  # fmt: skip
@@ -199,7 +200,7 @@ def _saved_tiny(tmp_path):
 
 
 def test_attention_stage_steers_with_the_opposite_top_latent(tmp_path):
-    from plipy.experiments import sae_pipeline as sp
+    from plipy.sae import pipeline as sp
 
     tok, _ = load_tokenizer("smollm2-135m")
     lm = tiny_lm(vocab=len(tok), tokenizer=tok)
@@ -227,8 +228,8 @@ def test_attention_stage_steers_with_the_opposite_top_latent(tmp_path):
 
 def test_quick_pipeline_on_a_tiny_model_resumes(tmp_path):
     """The whole chain on a tiny random model: it knows no entity, so the summary says so instead of testing."""
-    from plipy.experiments import sae_pipeline as sp
     from plipy.models import load_model
+    from plipy.sae import pipeline as sp
 
     lm = load_model(str(_saved_tiny(tmp_path)), dtype="float32", device="cpu")
     out = tmp_path / "run"
@@ -253,7 +254,7 @@ def test_quick_pipeline_on_a_tiny_model_resumes(tmp_path):
 @pytest.mark.slow
 def test_quick_pipeline_on_smollm(smollm, tmp_path):
     """`plipy sae pipeline --quick` on the real default model: every stage's file, honest counts, then a resume."""
-    from plipy.experiments import sae_pipeline as sp
+    from plipy.sae import pipeline as sp
 
     out = tmp_path / "quick"
     summary = sp.run_pipeline(smollm, out, sp.profile("quick"), log=lambda s: None)

@@ -11,10 +11,10 @@ import torch
 import transformers as tf
 
 from plipy import sae as saes
-from plipy import sae_train as st
 from plipy.errors import PlipyError
-from plipy.experiments.sae_attention import resolve_layer
 from plipy.models import LoadedModel, load_tokenizer
+from plipy.sae import train as st
+from plipy.sae.attention import resolve_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 

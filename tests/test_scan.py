@@ -98,14 +98,25 @@ def test_any_groups_unicode_and_causally_impossible_samples(smollm, tmp_path):
     assert by_id["a0"]["marker_text"].strip().startswith(">>>")
 
 
-def test_parse_indices():
-    assert sc.parse_indices("all", 4, "layer") == [0, 1, 2, 3]
-    assert sc.parse_indices("0-2,5", 8, "layer") == [0, 1, 2, 5]
-    assert sc.parse_indices("plip", 30, "layer", plip=range(10, 30)) == list(range(10, 30))
+def test_parse_layers_and_heads():
+    from plipy import options
+
+    assert options.parse_layers("all", 4) == [0, 1, 2, 3]
+    assert options.parse_layers(None, 3) == [0, 1, 2]
+    assert options.parse_layers("0-2,5", 8) == [0, 1, 2, 5]
+    assert options.parse_layers([5, 2, 2], 8) == [2, 5]
+    assert options.parse_layers(3, 8) == [3]
+    assert options.parse_layers("plip", 30) == list(range(10, 30))
+    assert options.parse_heads("none", 9) == [] and options.parse_heads("all", 9, all_as_none=True) is None
+    assert options.parse_heads("all", 3) == [0, 1, 2]
     with pytest.raises(PlipyError, match="out of range"):
-        sc.parse_indices("3,40", 30, "layer")
+        options.parse_layers("3,40", 30)
     with pytest.raises(PlipyError, match="cannot read"):
-        sc.parse_indices("x", 30, "layer")
+        options.parse_layers("x", 30)
+    with pytest.raises(PlipyError, match="empty"):
+        options.parse_layers("", 30)
+    with pytest.raises(PlipyError, match=r"layer 30…999 \(970 values\) out of range"):
+        options.parse_layers("0-999", 30)
 
 
 def test_cli_end_to_end(tmp_path, capsys):

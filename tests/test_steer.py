@@ -14,9 +14,9 @@ from conftest import corpus_subset
 from plipy import cli
 from plipy.corpus import load_corpus, token_positions
 from plipy.engine import Engine
+from plipy.engine.runner import ConditionRunner
 from plipy.errors import PlipyError
 from plipy.experiments import steer as st
-from plipy.experiments.runner import ConditionRunner
 from plipy.measures import kl_divergence
 from tiny_models import REF, REF_EDITS, build, register_reference, variant
 
@@ -286,8 +286,8 @@ def test_cli_dose_plot_and_target(main, small_corpus, tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--groups", "rust_test,rust_baseline"], "error: sample 'rust_derive_debug': edge from query token 0"),
-    (["--layer", "30"], "error: layer 30 does not exist"),
-    (["--doses", "1,x"], "error: cannot read --doses"),
+    (["--layer", "30"], "error: --layer: layer 30 out of range"),
+    (["--doses", "1,x"], "error: --doses: cannot read"),
     (["--layers", "3,4", "--target-attention", "0.1"], "error: --target-attention needs a single layer"),
 ])
 def test_cli_dose_errors_write_nothing(main, small_corpus, tmp_path, capsys, args, message):
@@ -301,11 +301,11 @@ def test_cli_dose_errors_write_nothing(main, small_corpus, tmp_path, capsys, arg
 
 def test_cli_calibrate_and_generate(main, small_corpus, tmp_path, capsys):
     cal = tmp_path / "cal.json"
-    _run(main, ["steer", "calibrate", "--corpus", str(small_corpus.path), "--layer", "29", "--json", str(cal)])
+    _run(main, ["steer", "calibrate", "--corpus", str(small_corpus.path), "--layer", "29", "--out", str(cal)])
     data = json.loads(cal.read_text())
     assert data["layer"] == 29 and data["groups"]["rust_test"]["n"] == 2 and math.isfinite(data["scale_to_a"])
     gen = tmp_path / "gen.json"
-    _run(main, ["steer", "generate", "--limit", "1", "--max-tokens", "3", "--chat", "--layer", "16", "--json",
+    _run(main, ["steer", "generate", "--limit", "1", "--max-tokens", "3", "--chat", "--layer", "16", "--out",
                 str(gen)])
     data = json.loads(gen.read_text())
     assert data["summary"]["total"] == 1 and data["provenance"]["config"]["chat"] is True

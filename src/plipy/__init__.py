@@ -3,46 +3,49 @@
 Notebook use::
 
     import plipy
-    lm = plipy.load_model("smollm2-135m")
-    corpus = plipy.load_corpus()          # the bundled PLIP universal corpus
+    r = plipy.scan("smollm2-135m", layers="0-2")     # ScanResult: .to_pandas(), .summary(), .plot(), .save()
+    k = plipy.knockout("smollm2-135m", scan_layers=True)
+    d = plipy.steer.dose("smollm2-135m", layer=16)
+    plipy.load_result("results/scan-smollm2-135m.json")
+
+Everything is imported on first use: `import plipy` stays cheap (no torch), so `plipy --help` is instant.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError  # noqa: E402
+from plipy.errors import CausalEdgeError, MaskedRowError, ParameterError, PlipyError  # noqa: E402
+
+_LAZY = {
+    "plipy.api": ("scan", "knockout", "sae_attention", "label_entities", "train_sae", "score_latents",
+                  "sae_pipeline"),
+    "plipy.results": ("load_result", "Result", "ScanResult", "KnockoutResult", "CalibrateResult", "DoseResult",
+                      "GenerateResult", "SaeAttentionResult"),
+    "plipy.models": ("load_model", "LoadedModel"),
+    "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
+    "plipy.engine": ("Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture"),
+    "plipy.sae": ("load_sae", "SAE"),
+}
+_SUBMODULES = ("steer", "corpus", "engine", "sae", "entities", "report", "stats", "options", "experiments", "models")
 
 
 def __getattr__(name: str):
-    # Lazy: `import plipy` must stay cheap (no torch import) so `plipy --help` is instant.
-    if name in ("load_model", "LoadedModel"):
-        from plipy import models
+    import importlib
 
-        return getattr(models, name)
-    if name in ("load_corpus", "Corpus", "Sample"):
-        from plipy import corpus
-
-        return getattr(corpus, name)
-    if name in ("Engine", "Capture", "EdgeEdit", "ResidualAdd"):
-        from plipy import engine
-
-        return getattr(engine, name)
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"plipy.{name}")
     raise AttributeError(f"module 'plipy' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 __all__ = [
-    "__version__",
-    "PlipyError",
-    "CausalEdgeError",
-    "MaskedRowError",
-    "load_model",
-    "LoadedModel",
-    "load_corpus",
-    "Corpus",
-    "Sample",
-    "Engine",
-    "Capture",
-    "EdgeEdit",
-    "ResidualAdd",
-]
+    "__version__", "PlipyError", "ParameterError", "CausalEdgeError", "MaskedRowError",
+    *(n for names in _LAZY.values() for n in names), *_SUBMODULES,
+]  # fmt: skip

@@ -114,19 +114,40 @@ def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpu
     """
     if offsets not in OFFSET_KINDS:
         raise CorpusError([f"offsets must be 'chars' or 'bytes', not {offsets!r}"])
+    path, raw = _read_corpus_bytes(path)
+    sha = hashlib.sha256(raw).hexdigest()
+    data = _decode_corpus(raw, path)
+    groups, problems = _parse_groups(data, offsets)
+    if problems:
+        raise CorpusError(problems, path)
+
+    version = data.get("_format_version")
+    description = data.get("_description")
+    return Corpus(
+        path=path,
+        sha256=sha,
+        format_version=None if version is None else str(version),
+        description=None if description is None else str(description),
+        groups=groups,
+        offsets=offsets,
+    )
+
+
+def _read_corpus_bytes(path: str | Path | None) -> tuple[Path, bytes]:
+    """The corpus file's path and raw bytes (`None`: the bundled corpus); CorpusError if it cannot be read."""
     if path is None:
         resource = resources.files("plipy").joinpath("data", DEFAULT_CORPUS)
-        path = Path(str(resource))
-        raw = resource.read_bytes()
-    else:
-        path = Path(path)
-        if not path.exists():
-            raise CorpusError(["corpus file not found"], path)
-        if not path.is_file():
-            raise CorpusError(["not a file"], path)
-        raw = path.read_bytes()
-    sha = hashlib.sha256(raw).hexdigest()
+        return Path(str(resource)), resource.read_bytes()
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(["corpus file not found"], path)
+    if not path.is_file():
+        raise CorpusError(["not a file"], path)
+    return path, path.read_bytes()
 
+
+def _decode_corpus(raw: bytes, path: Path) -> dict[str, Any]:
+    """The corpus's top-level JSON object; CorpusError for non-UTF-8 text, invalid JSON or a non-object."""
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -135,7 +156,11 @@ def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpu
         raise CorpusError([f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"], path) from None
     if not isinstance(data, dict):
         raise CorpusError([f"the top level is a JSON {_json_type(data)}, not an object"], path)
+    return data
 
+
+def _parse_groups(data: dict[str, Any], offsets: str) -> tuple[dict[str, list[Sample]], list[str]]:
+    """Every group's usable samples in file order, and every problem found (collected, not raised)."""
     problems: list[str] = []
     groups: dict[str, list[Sample]] = {}
     seen: dict[str, str] = {}  # id -> group, for duplicate detection across groups
@@ -161,19 +186,7 @@ def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpu
         problems.append("no groups: no top-level key holds a list of samples")
     elif not problems and not any(groups.values()):
         problems.append("no samples: every group is empty")
-    if problems:
-        raise CorpusError(problems, path)
-
-    version = data.get("_format_version")
-    description = data.get("_description")
-    return Corpus(
-        path=path,
-        sha256=sha,
-        format_version=None if version is None else str(version),
-        description=None if description is None else str(description),
-        groups=groups,
-        offsets=offsets,
-    )
+    return groups, problems
 
 
 def _json_type(v: Any) -> str:

@@ -11,3 +11,16 @@ class CausalEdgeError(PlipyError):
 
 class MaskedRowError(PlipyError):
     """An intervention would leave a query row with no key to attend to (softmax of all -inf is NaN)."""
+
+
+class ParameterError(PlipyError, ValueError):
+    """A bad value for one parameter. `param` names it as the Python API spells it; the CLI names the flag."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        self.message = message
+        super().__init__(f"{param}: {message}")
+
+    def with_name(self, name: str) -> str:
+        """The message with the parameter shown as `name` (e.g. its CLI flag)."""
+        return f"{name}: {self.message}"

@@ -19,25 +19,69 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temp file beside `path`, then rename: readers never see a partial file."""
-    path = Path(path)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _target(path: str | os.PathLike) -> Path:
+    """Where writing `path` lands: through a symlink to its target, as a plain `open(path, "w")` would."""
+    p = Path(path)
+    return Path(os.path.realpath(p)) if p.is_symlink() else p
+
+
+def _temp_beside(path: Path, data: bytes) -> str:
+    """A complete temporary copy of `data` in `path`'s folder, with the mode a normal write would give it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file should honour the umask
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temp file beside `path`, then rename: readers never see a partial file. A symlink is written
+    through (its target is replaced), and the file gets the umask's mode, as a plain write would."""
+    return write_outputs({Path(path): data})[0]
+
+
+def write_outputs(outputs: dict[Path, bytes]) -> list[Path]:
+    """Write a whole output set: every file goes to a temporary beside its destination first, and only when all
+    are complete are they renamed into place (in the order given: put the JSON last). On any failure nothing of
+    the set is left behind."""
+    targets = [_target(p) for p in outputs]
+    temps: list[str] = []
+    try:
+        for t, data in zip(targets, outputs.values(), strict=True):
+            temps.append(_temp_beside(t, data))
+        for tmp, t in zip(temps, targets, strict=True):
+            os.replace(tmp, t)
+    except BaseException:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return [Path(p) for p in outputs]
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Indented UTF-8 JSON (NaN and ±inf written as null, so any JSON reader accepts the file)."""
+    return (json.dumps(jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomic, indented JSON (NaN is written as null so any JSON reader accepts the file)."""
-    text = json.dumps(_clean(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    return atomic_write_bytes(path, (text + "\n").encode())
+    """Atomic, indented JSON."""
+    return atomic_write_bytes(path, json_bytes(obj))
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON values: NaN/inf → None, tuples → lists, numpy scalars → Python, paths → str."""
+    return _clean(obj)
 
 
 def _clean(obj: Any) -> Any:
@@ -58,8 +102,12 @@ def _clean(obj: Any) -> Any:
 
 def write_table(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     """Per-sample rows as Parquet (`.parquet`) or CSV (`.csv`), atomically; nested lists stay lists in Parquet."""
-    path = Path(path)
-    if path.suffix == ".csv":
+    return atomic_write_bytes(path, table_bytes(rows, Path(path).suffix.lstrip(".")))
+
+
+def table_bytes(rows: list[dict[str, Any]], fmt: str = "parquet") -> bytes:
+    """Rows as Parquet or CSV bytes (CSV cells holding lists or dicts are JSON)."""
+    if fmt == "csv":
         import csv
         import io as _io
 
@@ -69,11 +117,12 @@ def write_table(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
         w.writeheader()
         for r in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-        return atomic_write_bytes(path, buf.getvalue().encode())
+        return buf.getvalue().encode()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist([_clean(r) for r in rows])
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
+

@@ -473,28 +473,33 @@ class LoadedModel:
         """The text config (multimodal configs nest it)."""
         return self.model.config.get_text_config()
 
-    def _cfg(self, *names: str) -> Any:
-        for n in names:
-            v = getattr(self.config, n, None)
-            if v is not None:
-                return v
-        return None
+    @property
+    def arch(self) -> Any:
+        """The architecture adapter (`plipy.engine.arch.Arch`): layers, attention, W_O per head, final norm, …"""
+        from plipy.engine.arch import adapter
+
+        return adapter(self.model)
+
+    def _cfg(self, key: str) -> Any:
+        from plipy.engine.arch import config_value
+
+        return config_value(self.config, key)
 
     @property
     def n_layers(self) -> int:
-        return int(self._cfg("num_hidden_layers", "n_layer", "num_layers"))
+        return int(self._cfg("n_layers"))
 
     @property
     def n_heads(self) -> int:
-        return int(self._cfg("num_attention_heads", "n_head", "num_heads"))
+        return int(self._cfg("n_heads"))
 
     @property
     def n_kv_heads(self) -> int:
-        return int(self._cfg("num_key_value_heads", "n_kv_heads") or self.n_heads)
+        return int(self._cfg("n_kv_heads") or self.n_heads)
 
     @property
     def hidden_size(self) -> int:
-        return int(self._cfg("hidden_size", "n_embd", "d_model"))
+        return int(self._cfg("hidden_size"))
 
     @property
     def head_dim(self) -> int:
@@ -506,7 +511,7 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int | None:
-        v = self._cfg("max_position_embeddings", "n_positions", "n_ctx")
+        v = self._cfg("max_positions")
         return None if v is None else int(v)
 
     @property
@@ -598,6 +603,27 @@ def load_model(
         model_class=type(model).__name__,
     )
     return LoadedModel(model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov)
+
+
+def wrap_model(model: Any, tokenizer: Any, spec: str | None = None) -> LoadedModel:
+    """A model loaded elsewhere (e.g. `AutoModelForCausalLM.from_pretrained(...)`) as a LoadedModel: eval mode,
+    gradients off, provenance from its config (no file hashes: plipy did not load it)."""
+    import transformers
+
+    check_fast_tokenizer(tokenizer, spec or type(model).__name__)
+    check_decoder(model.config, spec or type(model).__name__)
+    model.eval()
+    model.requires_grad_(False)
+    name = spec or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    prov = {
+        "spec": name, "alias": None, "source": "in-memory", "name": _safe_name(name.rsplit("/", 1)[-1]),
+        "resolved_files": [], "weights_sha256": None, "tokenizer_class": type(tokenizer).__name__,
+        "transformers_version": transformers.__version__, "torch_version": torch.__version__,
+        "loaded_from": "in-memory", "config": json.loads(model.config.to_json_string(use_diff=False)),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device), "model_class": type(model).__name__,
+    }  # fmt: skip
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=name, name=prov["name"], provenance=prov)
 
 
 def dequantized_status(alias: str) -> tuple[bool, int]:

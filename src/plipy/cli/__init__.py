@@ -32,29 +32,37 @@ def _register() -> None:
             app.command(name)(fn)
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the plipy version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from plipy import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
 
 
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the plipy version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """Attention interpretability for HF language models."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; a PlipyError becomes `error: <message>` on stderr and exit code 2."""
+    """Entry point: run the app; a PlipyError becomes `error: <message>` on stderr and exit code 2, Ctrl-C prints
+    `interrupted` and exits 130, and a command's own exit code reaches the shell."""
+    from plipy.cli.common import error_line
+
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except PlipyError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         # Usage errors arrive here in non-standalone mode; typer may vendor its own click, so duck-type them.
@@ -62,3 +70,5 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if isinstance(rv, int) and rv:  # non-standalone mode returns `ctx.exit(n)` codes instead of exiting
+        sys.exit(rv)

@@ -1,30 +1,150 @@
-"""Bits every command shares: the console, progress bars, and option parsing helpers."""
+"""What every command shares: the consoles, progress bars, the shared options (one spelling, one grammar each),
+writing a result and printing its report.
+
+Defaults are the same everywhere, with two deliberate exceptions (docs/cli.md): `--bos` is off for the PLIP
+experiments (PLIP-rs' corpus positions assume no BOS) and on for the SAE commands (TransformerLens, which the SAE
+pipeline reproduces, prepends it); `--layers` defaults to what each experiment means by "all".
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
-console = Console()
+from plipy.errors import ParameterError, PlipyError
+from plipy.options import HEADS_GRAMMAR, LAYERS_GRAMMAR
+
+# Piped or redirected, rich would cut tables to 80 columns ("6.…"): draw them at their natural width instead.
+console = Console() if sys.stdout.isatty() else Console(width=4096)
 err_console = Console(stderr=True)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# -- shared options ------------------------------------------------------------------------------------------------
+
+MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, local dir, .gguf file or HF id.")
+CORPUS = typer.Option(None, "--corpus", help="PLIP universal corpus JSON (default: bundled).")
+OFFSETS = typer.Option("chars", "--offsets", help="Corpus positions are 'chars' or UTF-8 'bytes' (PLIP-rs files).")
+HEADS = typer.Option("all", "--heads", help=f"Query heads: {HEADS_GRAMMAR}.")
+OUT = typer.Option(None, "--out", "-o", help="JSON result (default: results/<kind>-<model>….json).")
+PLOT = typer.Option(False, "--plot", help="Write PNG plots beside the JSON.")
+BOS = typer.Option(False, "--bos/--no-bos", help="Prepend the BOS token (PLIP never did).")
+SEED = typer.Option(0, "--seed", help="Seed of the bootstrap and permutation tests.")
+RESAMPLES = typer.Option(10000, "--resamples", help="Bootstrap / permutation resamples (≥ 1).")
+TABLE_FORMAT = typer.Option("parquet", "--table-format", help="Per-sample rows: parquet or csv.")
+RUNNER = typer.Option("auto", "--runner", help="auto | fast | naive (naive: one full forward per condition).")
+CONDITION_BATCH = typer.Option(32, "--condition-batch", help="Conditions per batched forward on the fast path.")
+SKIP_INVALID = typer.Option(False, "--skip-invalid", help="Leave out (and list) samples whose targets come after "
+                            "the marker.")  # fmt: skip
+DTYPE = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
+
+
+# name → (type, option): what `@shared(...)` adds to a command
+SHARED: dict[str, tuple[Any, Any]] = {
+    "model": (str, MODEL), "corpus": (Path | None, CORPUS), "offsets": (str, OFFSETS), "out": (Path | None, OUT),
+    "plot": (bool, PLOT), "table_format": (str, TABLE_FORMAT), "bos": (bool, BOS), "seed": (int, SEED),
+    "resamples": (int, RESAMPLES), "runner": (str, RUNNER), "condition_batch": (int, CONDITION_BATCH),
+    "skip_invalid": (bool, SKIP_INVALID), "dtype": (str, DTYPE), "device": (str, DEVICE),
+}  # fmt: skip
+
+
+def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the named shared options (after its own, in this order); it receives them as `o.<name>`.
+
+    One definition per option means one spelling, one default and one help text on every command."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "o"]
+        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=SHARED[n][1],
+                                   annotation=SHARED[n][0]) for n in names]  # fmt: skip
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            o = SimpleNamespace(**{n: kwargs.pop(n) for n in names})
+            if "table_format" in names:
+                from plipy.options import check_choice
+
+                check_choice(o.table_format, ("parquet", "csv"), param="table_format")
+            if "out" in names:
+                check_out(o.out)  # a bad path fails now, not after minutes of work
+            return fn(o=o, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+def groups_option(meaning: str) -> Any:
+    """`--groups A,B` (comma-separated or repeated); `meaning` says what the command does with them."""
+    return typer.Option(None, "--groups", help=f"Groups, comma-separated: {meaning}")
+
+
+def layers_option(default: str | None, meaning: str) -> Any:
+    """`--layers` with the one grammar; `meaning` says what the command does with them."""
+    return typer.Option(default, "--layers", help=f"{meaning}: {LAYERS_GRAMMAR}.")
+
+
+def batch_size_option(default: int, what: str = "samples") -> Any:
+    """`--batch-size`: always the number of inputs (samples, prompts, sequences) per model forward."""
+    return typer.Option(default, "--batch-size", "-b", help=f"Inputs ({what}) per model forward.")
+
+
+# -- parameters → flags --------------------------------------------------------------------------------------------
+
+FLAGS = {"n_resamples": "--resamples", "mode": "--layer/--layers/--scan-layers/--scan-windows/--slide-window",
+         "random": "--random", "train_options": "options", "latent_means": "--latent-file"}  # fmt: skip
+
+
+def flag_for(param: str) -> str:
+    """The CLI flag of a Python API parameter."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def error_line(e: PlipyError) -> str:
+    """The one line the CLI prints for a library error (parameters named as flags)."""
+    if isinstance(e, ParameterError):
+        return e.with_name(flag_for(e.param))
+    return str(e)
+
+
+# -- progress, outputs, reports ------------------------------------------------------------------------------------
 
 
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int], Callable[[], None]]]:
-    """Yields `start(description, total) -> step()`; bars draw on stderr so stdout stays a clean table."""
-    with Progress(
+    """Yields `start(description, total) -> step()`; bars draw on stderr so stdout stays a clean table. The display
+    starts with the first bar, so an error raised before any work prints its one line and nothing else."""
+    prog = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=err_console, transient=False,
-    ) as prog:
+    )
 
-        def start(desc: str, total: int) -> Callable[[], None]:
-            task = prog.add_task(desc, total=total)
-            return lambda: prog.advance(task)
+    def start(desc: str, total: int) -> Callable[[], None]:
+        if not prog.live.is_started:
+            prog.start()
+        task = prog.add_task(desc, total=total)
+        return lambda: prog.advance(task)
 
+    try:
         yield start
+    finally:
+        if prog.live.is_started:
+            prog.stop()
 
 
 def split_list(values: list[str] | None) -> list[str] | None:
@@ -32,3 +152,33 @@ def split_list(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def check_out(path: Path | None, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any model loads (None: the default `results/`)."""
+    p = Path(path) if path is not None else Path("results") / "result.json"
+    shown = f"{flag} {p}" if path is not None else "the default output folder results/"
+    if p.is_dir():
+        raise PlipyError(f"{shown} is a directory: give a file name, e.g. {p / 'result.json'}")
+    parent = next((a for a in p.parents if a.exists()), Path("."))
+    if not parent.is_dir():
+        raise PlipyError(f"{shown}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PlipyError(f"{shown}: {parent} is not writable")
+
+
+def print_report(renderables: list[Any]) -> None:
+    """A report on stdout: tables as tables, plain strings as text (never rich markup)."""
+    from plipy.report.base import print_all
+
+    print_all(console, renderables, notes=err_console)
+
+
+def save_and_report(result: Any, out: Path | None, *, plot: bool = False, table_format: str = "parquet",
+                    **save_options: Any) -> dict[str, Any]:
+    """Write the result's files, print its console report and the list of files written."""
+    files = result.save(out, plots=plot, table_format=table_format, **save_options)
+    print_report(result.summary_renderables())
+    written = [files["json"], files["table"], *files.get("npy", []), *files.get("plots", [])]
+    console.print(Text("\nwrote " + ", ".join(written)), soft_wrap=True)
+    return files

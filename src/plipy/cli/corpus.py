@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from plipy.corpus import STATUSES, SamplePositions, corpus_positions, load_corpus
+from plipy.corpus import SamplePositions, corpus_positions, load_corpus
 from plipy.errors import PlipyError
 
 app = typer.Typer(
@@ -18,31 +15,24 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-STATUS_STYLE = {
-    "perfect": "green",
-    "ok": "cyan",
-    "fallback": "yellow",
-    "causal-violation": "magenta",
-    "failed": "bold red",
-}
-
 
 @app.command()
 def verify(
     model: str = typer.Option(
         "smollm2-135m",
         "--model",
+        "-m",
         help="Model alias, local dir, .gguf file or HF id; only its tokenizer loads.",
     ),
     corpus: Path | None = typer.Option(
         None, "--corpus", help="Corpus JSON file (default: the bundled PLIP universal corpus)."
     ),
     groups: str | None = typer.Option(None, "--groups", help="Comma-separated groups to check (default: all)."),
-    bos: bool = typer.Option(False, "--bos", help="Prepend the BOS token (PLIP adds none)."),
+    bos: bool = typer.Option(False, "--bos/--no-bos", help="Prepend the BOS token (PLIP adds none)."),
     offsets: str = typer.Option(
         "chars", "--offsets", help="How the file counts positions: chars, or bytes (UTF-8, PLIP-rs files)."
     ),
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+    json_out: Path | None = typer.Option(None, "--out", "-o", help="Also write the report as JSON to this file."),
 ) -> None:
     """Convert every sample's marker and targets to token positions and report how each converted.
 
@@ -60,25 +50,12 @@ def verify(
     tokenizer, tok_provenance = load_tokenizer(model)
     positions = corpus_positions(corp, tokenizer, groups=group_list, bos=bos)
 
+    from plipy.report.base import print_all
+    from plipy.report.corpus import verify_summary
+
+    summary, renderables = verify_summary(positions, model)
     console = Console()
-    console.print(_table(positions, model))
-    counts = Counter(sp.status for sp in positions)
-    summary = {s: counts.get(s, 0) for s in STATUSES}
-    parts = [f"{n} {s}" for s, n in summary.items() if n]
-    console.print(f"{len(positions)} samples: " + ", ".join(parts))
-    if summary["causal-violation"]:
-        console.print(
-            f"[magenta]{summary['causal-violation']} samples have targets after the marker (marked !): "
-            "attention to those is causally impossible; scans report them, knockout/steering refuse those "
-            "edges[/magenta]"
-        )
-    if summary["fallback"]:
-        console.print(
-            f"[yellow]{summary['fallback']} samples have positions no token covers (marked ~): "
-            "mapped to the token with the nearest midpoint[/yellow]"
-        )
-    if summary["failed"]:
-        console.print(f"[bold red]{summary['failed']} samples failed: a position has no token[/bold red]")
+    print_all(console, renderables)
 
     if json_out is not None:
         from plipy import provenance
@@ -96,33 +73,6 @@ def verify(
 
     if summary["failed"]:
         raise typer.Exit(1)
-
-
-def _table(positions: list[SamplePositions], model: str) -> Table:
-    table = Table(title=f"token positions ({model})", title_justify="left")
-    for col in ("id", "group", "marker", "targets", "status"):
-        table.add_column(col, overflow="fold")
-    for sp in positions:
-        # Text objects, not markup strings: token texts such as "#[" would be read as rich markup.
-        marker = Text(_mark(sp.marker_token, sp.marker_text, sp.marker_match, False))
-        targets = Text(
-            " ".join(
-                _mark(t, text, how, after)
-                for t, text, how, after in zip(
-                    sp.target_tokens, sp.target_texts, sp.target_matches, sp.after_marker, strict=True
-                )
-            )
-        )
-        status = Text(sp.status, style=STATUS_STYLE.get(sp.status, ""))
-        table.add_row(Text(sp.sample.id), Text(sp.sample.group), marker, targets, status)
-    return table
-
-
-def _mark(token: int | None, text: str | None, how: str, after: bool) -> str:
-    """`12:' add'`, prefixed by `~` for a fallback match and `!` for a target after the marker."""
-    if token is None:
-        return "?"
-    return ("!" if after else "") + ("~" if how == "fallback" else "") + f"{token}:{text!r}"
 
 
 def _sample_json(sp: SamplePositions) -> dict:

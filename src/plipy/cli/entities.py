@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
-from rich.table import Table
 
-from plipy.cli.common import console, err_console, progress_bars
+from plipy.cli import common as c
+from plipy.cli.common import console, progress_bars
 
 app = typer.Typer(help="Entity lists (players, movies, cities, songs) and known/unknown labels.", no_args_is_help=True)
 
@@ -22,32 +23,27 @@ def build(
 
     lists = build_entities(raw)
     paths = write_entities(lists, out or shipped_dir())
-    t = Table(title="Entity lists", header_style="bold")
-    for col in ("type", "entities", "upstream", "file"):
-        t.add_column(col, justify="right")
-    for (name, ents), p in zip(lists.items(), paths, strict=True):
-        ok = "" if len(ents) == UPSTREAM_COUNTS[name] else " [yellow](differs)[/]"
-        t.add_row(name, f"{len(ents):,}", f"{UPSTREAM_COUNTS[name]:,}{ok}", str(p))
-    console.print(t)
+    from plipy.report.entities import build_summary
+
+    c.print_report(build_summary(lists, paths, UPSTREAM_COUNTS))
 
 
 @app.command("label")
+@c.shared("model", "dtype", "device")
 def label(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
     types: str | None = typer.Option(None, "--types", help="Entity types, e.g. player,movie (default: all four)."),
     limit: int | None = typer.Option(None, "--limit", help="First N entities per type (default: the pipeline "
                                      "profile's; 0 = all, days on a CPU)."),
     k: int | None = typer.Option(None, "--k", help="Samples at T=1 per query (default 10)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per completion (default 32)."),
     seed: int = typer.Option(42, "--seed", help="Sampling seed (the split always uses 42, as upstream)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Queries per generate call (× (1+K) rows)."),
+    batch_size: int = c.batch_size_option(32, "attribute queries, each × (1+K) rows"),
     quick: bool = typer.Option(False, "--quick", help="Test profile: 2 entities per type, K=2, 8 new tokens."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Labels JSON (default results/entities-labels-"
                                     "<model>.json)."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache folder (default $PLIPY_CACHE/entities)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    o: SimpleNamespace = None,
 ) -> None:
     """Ask the model each entity's attribute queries (greedy + K samples), grade them, label known/unknown/dropped."""
     from plipy.entities.build import check_types
@@ -60,28 +56,15 @@ def label(
     limit = prof["limit"] if limit is None else (limit or None)
     k = prof["k"] if k is None else k
     max_new_tokens = prof["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(o.model, dtype=o.dtype, device=o.device)
     out = out or Path("results") / f"entities-labels-{lm.name}.json"
     with progress_bars() as start:
         doc = label_entities(lm, types=chosen, limit=limit, k=k, seed=seed, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, cache_dir=cache_dir, progress=start, use_cache=not no_cache)
     write_json(out, doc)
-    _print(doc)
+    from plipy.report.entities import labels_summary
+
+    c.print_report(labels_summary(doc))
     cache = doc.get("cache", {})
     where = "from cache" if cache.get("hit") else f"{cache.get('generated_queries', 0)} queries generated"
     console.print(f"\nwrote {out} ({where})")
-
-
-def _print(doc: dict) -> None:
-    cfg = doc["config"]
-    t = Table(title=f"Known / unknown entities (K={cfg['k']}, attribute known at ≥{cfg['known_threshold']} correct)",
-              header_style="bold")  # fmt: skip
-    for col in ("type", "entities", "known", "unknown", "dropped", "test known", "test unknown", "balanced/label"):
-        t.add_column(col, justify="right")
-    for name, s in doc["summary"].items():
-        t.add_row(name, str(s["n"]), str(s["known"]), str(s["unknown"]), str(s["dropped"]), str(s["test"]["known"]),
-                  str(s["test"]["unknown"]), str(s["test_balanced_per_label"]))  # fmt: skip
-    console.print(t)
-    for note in doc.get("notes", [])[1:]:
-        if "too small" in note:
-            err_console.print(f"[yellow]{note}[/]")

@@ -7,16 +7,18 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
-from rich.table import Table
 
+from plipy.cli import common as c
 from plipy.cli.common import console, err_console, progress_bars, split_list
 
 app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no_args_is_help=True)
 
 
 @app.command("attention")
+@c.shared("model", "out", "plot", "table_format", "dtype", "device")
 def attention(
     latent: int = typer.Option(..., "--latent", "-l", help="Index of the SAE latent to steer with."),
     sae: Path | None = typer.Option(None, "--sae", help="SAELens folder (cfg.json + sae_weights.safetensors) "
@@ -26,7 +28,6 @@ def attention(
     hook: str | None = typer.Option(None, "--hook", help="Override the SAE's hook, e.g. blocks.4.hook_resid_post."),
     layer: int | None = typer.Option(None, "--layer", help="Steer at the input of this decoder layer "
                                      "(default: from the SAE's hook; resid_post of L-1 = input of L)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
     prompts: Path | None = typer.Option(None, "--prompts", help="JSONL/JSON rows {prompt, entity, entity_type, "
                                         "label}; rows without prompt use the template × base relations."),
     entities: Path | None = typer.Option(None, "--entities", help="Entity list (one per line or JSON list), "
@@ -46,8 +47,8 @@ def attention(
     measures: list[str] | None = typer.Option(None, "--measures", help="attn_weights, value_weighted, "
                                               "output_value_weighted, distance_based (default: all)."),
     ovw_norm: str = typer.Option("l1", "--ovw-norm", help="Norm of output_value_weighted: l1 (upstream) or l2."),
-    heads: str | None = typer.Option(None, "--heads", help="Saved/tested heads: L12H3,L14H0 or all "
-                                     "(default: every head of layers ≥ the steering layer)."),
+    heads: str | None = typer.Option(None, "--heads", help="Saved/tested heads: L12H3,L14H0, or all | A-B | a,b,c "
+                                     "(those heads of every layer from the steering layer on; default: all of them)."),
     expect: str = typer.Option("auto", "--expect", help="auto (known ↓, unknown ↑ as upstream) | increase | "
                                "decrease | two-sided"),
     n_random: int = typer.Option(10, "--random", help="Random latents for the baseline (0: none)."),
@@ -55,32 +56,22 @@ def attention(
                                                   "upstream {L..F..: score} dict (score 0 kept) or text."),
     seed: int = typer.Option(42, "--seed", help="Seed of the random-latent draw."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the Welch tests."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Prompts per forward (left-padded)."),
-    bos: bool = typer.Option(True, "--bos/--no-bos", help="Prepend BOS (TransformerLens does)."),
+    batch_size: int = c.batch_size_option(16, "prompts, left-padded"),
+    bos: bool = typer.Option(True, "--bos/--no-bos", help="Prepend BOS (TransformerLens does; on by default here)."),
     attn: str = typer.Option("eager", "--attn", help="eager (HF eager numerics) or sdpa (faster idle layers)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="JSON result (default results/sae-attention-…json)."),
-    table_format: str = typer.Option("parquet", "--table-format", help="Per-prompt/head rows: parquet or csv."),
-    npy: bool = typer.Option(False, "--npy", help="Also write upstream-style .npy dicts {'L{l}H{h}': values}."),
-    plot: bool = typer.Option(False, "--plot", help="Write PNG plots beside the JSON."),
+    npy: bool = typer.Option(False, "--npy", help="Also write upstream-style .npy dicts {'L{l}H{h}': values} "
+                             "(pickled object arrays: load only files you trust)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard partial results of an earlier interrupted run."),
     keep_partial: bool = typer.Option(False, "--keep-partial", help="Keep the per-batch checkpoint folder."),
-    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    o: SimpleNamespace = None,
 ) -> None:
     """Steer with an SAE latent and measure attention from the last position to the steered positions."""
+    from plipy import api
     from plipy import sae as saes
     from plipy.errors import PlipyError
-    from plipy.experiments import sae_attention as sa
-    from plipy.experiments import sae_inputs as si
-    from plipy.io import write_json
-    from plipy.models import load_model
+    from plipy.sae import inputs as si
 
-    if table_format not in ("parquet", "csv"):
-        raise PlipyError(f"--table-format must be parquet or csv, got {table_format!r}")
-    items = _prompts(si, prompts, entities, entity_type, label, template, split_list(labels), limit)
-    for i, p in enumerate(items):  # fail before loading the model
-        if not p.entity or p.entity not in p.prompt:
-            raise PlipyError(f"prompt {i}: entity {p.entity!r} not found in its prompt {p.prompt!r}")
+    items = api.as_prompts(_prompts(si, prompts, entities, entity_type, label, template, split_list(labels), limit))
     if sae is not None:
         the_sae = saes.load_sae(sae, hook_name=hook)
     elif sae_release and sae_id:
@@ -90,6 +81,32 @@ def attention(
     else:
         raise PlipyError("give --sae PATH, or --sae-release and --sae-id")
     the_sae.check_latent(latent)
+    _describe_sae(the_sae)
+    coefficient = saes.parse_coeff(coeff)
+    if coefficient == "mean" and latent_file is None:
+        raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
+    lm = api.as_model(o.model, dtype=o.dtype, device=o.device)
+    saes.check_model(the_sae, lm.hidden_size, lm.n_layers)
+    steer_at = saes.resolve_layer(the_sae, layer, lm.n_layers)
+    means = si.read_latent_means(latent_file, layer=steer_at) if latent_file else {}
+    cands = si.read_candidates(random_candidates, layer=steer_at) if random_candidates else None
+    out = o.out or Path("results") / f"sae-attention-{lm.name}-L{steer_at}F{latent}.json"
+    partial = out.with_name(out.stem + ".partial")
+    if fresh and partial.exists():
+        shutil.rmtree(partial)
+    with progress_bars() as start:
+        result = api.sae_attention(
+            lm, the_sae, latent, items, layer=steer_at, coeff=coefficient, latent_means=means, direction=direction,
+            ablate=[int(a) for a in split_list(ablate) or []], pos=pos, measures=split_list(measures),
+            ovw_norm=ovw_norm, heads=heads, expect=expect, random=n_random, random_candidates=cands, seed=seed,
+            alpha=alpha, batch_size=batch_size, bos=bos, attn=attn, checkpoint_dir=partial, progress=start,
+        )  # fmt: skip
+    c.save_and_report(result, out, plot=o.plot, table_format=o.table_format, npy=npy)
+    if not keep_partial:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _describe_sae(the_sae) -> None:
     norms = the_sae.norm_summary()
     err_console.print(
         f"SAE {the_sae.source}: {the_sae.architecture}, d_in {the_sae.d_in}, d_sae {the_sae.d_sae}, hook "
@@ -97,46 +114,6 @@ def attention(
         f"{norms['max']:.4g}" + ("" if norms["unit_norm"] else " (not unit norm: steering scales with them)"),
         highlight=False,
     )
-    c = sa.parse_coeff(coeff)
-    lm = load_model(model, dtype=dtype, device=device)
-    saes.check_model(the_sae, lm.hidden_size, lm.n_layers)
-    steer_at = sa.resolve_layer(the_sae, layer, lm.n_layers)
-    means = si.read_latent_means(latent_file, layer=steer_at) if latent_file else {}
-    if c == "mean" and latent_file is None:
-        raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
-    cands = si.read_candidates(random_candidates, layer=steer_at) if random_candidates else None
-    cfg = sa.AttentionConfig(
-        latent=latent, layer=steer_at, coeff=c, direction=direction,
-        ablate=tuple(int(a) for a in split_list(ablate) or []), pos_type=pos,
-        measures=tuple(split_list(measures) or sa.MEASURES), ovw_norm=ovw_norm,
-        heads=sa.parse_heads(heads, lm.n_layers, lm.n_heads), expect=expect, n_random=n_random,
-        random_candidates=cands, seed=seed, alpha=alpha, batch_size=batch_size, bos=bos, attn_impl=attn,
-        latent_means=means,
-    )  # fmt: skip
-    out = out or Path("results") / f"sae-attention-{lm.name}-L{steer_at}F{latent}.json"
-    partial = out.with_name(out.stem + ".partial")
-    if fresh and partial.exists():
-        shutil.rmtree(partial)
-    with progress_bars() as start:
-        result, arrays = sa.run_attention(lm, the_sae, items, cfg, checkpoint_dir=partial, progress=start)
-    stem = out.with_suffix("")
-    table_path = out.with_suffix(f".{table_format}")
-    sa.write_columns(table_path, sa.table_columns(arrays, items, latent))
-    files: dict = {"json": str(out), "table": str(table_path)}
-    heads_used = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in result["heads"]]
-    if npy:
-        files["npy"] = [str(p) for p in sa.save_npy(arrays, heads_used, latent, result["random_latents"], stem)]
-    if plot:
-        from plipy.experiments import sae_attention_plots as plots
-
-        files["plots"] = [str(p) for p in plots.all_plots(result, arrays, items, stem)]
-    result["files"] = files
-    write_json(out, result)
-    if not keep_partial:
-        shutil.rmtree(partial, ignore_errors=True)
-    _print(result)
-    console.print("\nwrote " + ", ".join([files["json"], files["table"], *files.get("npy", []),
-                                         *files.get("plots", [])]), highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _prompts(si, prompts, entities, entity_type, label, template, labels, limit):
@@ -167,26 +144,6 @@ def _prompts(si, prompts, entities, entity_type, label, template, labels, limit)
     return items
 
 
-def _print(result: dict) -> None:
-    from plipy.report import fmt_num, fmt_p
-
-    for m, r in result["measures"].items():
-        top = sorted(r["per_head"], key=lambda h: -abs(h["mean_difference"]))[:8]
-        t = Table(title=f"{m}: latent {result['latent']} at the input of layer {result['layer']} "
-                  "(largest mean differences, steered − original)", header_style="bold")  # fmt: skip
-        for col in ("head", "original", "steered", "difference", "std"):
-            t.add_column(col, justify="right")
-        for h in top:
-            t.add_row(h["head"], fmt_num(h["mean_original"], ".4f"), fmt_num(h["mean_steered"], ".4f"),
-                      fmt_num(h["mean_difference"], "+.4f"), fmt_num(h["std_difference"], ".4f"))  # fmt: skip
-        console.print(t)
-        for lab, g in r["by_label"].items():
-            ps = ", ".join(f"{x['latent']}: p={fmt_p(x['p'])}, g={fmt_num(x['hedges_g'])}" for x in g["random"])
-            console.print(f"  label {lab} (n={g['n_prompts']}, expected {g['expected']}): mean difference "
-                          f"{fmt_num(g['mean_difference'], '+.4f')}; {g['summary']}" + (f"\n    {ps}" if ps else ""),
-                          highlight=False, soft_wrap=True)  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------- train, latents, pipeline
 
 
@@ -212,8 +169,8 @@ def _metric_bars() -> Iterator[Callable[[str, int], Callable[..., None]]]:
 
 
 @app.command("train")
+@c.shared("model", "dtype", "device")
 def train(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
     layer: int = typer.Option(9, "--layer", help="Train on resid_post of this decoder layer (blocks.L.hook_resid_post;"
                               " its latents steer at the input of L+1). Default 9: a third of SmolLM2's 30 layers."),
     arch: str = typer.Option("topk", "--arch", help="topk or jumprelu."),
@@ -223,25 +180,24 @@ def train(
     lr: float = typer.Option(2e-3, "--lr", help="Adam learning rate (linear decay over the last 20 %)."),
     tokens: int = typer.Option(50_000, "--tokens", help="Activation tokens to collect (BOS excluded)."),
     epochs: int = typer.Option(3, "--epochs", help="Passes over the collected activations."),
-    batch: int = typer.Option(512, "--batch", help="Activations per optimiser step."),
+    train_batch: int = typer.Option(512, "--train-batch", help="Activations per optimiser step."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per text sequence (BOS included)."),
-    model_batch: int = typer.Option(16, "--model-batch", help="Sequences per model forward."),
+    model_batch: int = c.batch_size_option(16, "text sequences"),
     auxk: bool = typer.Option(True, "--auxk/--no-auxk", help="TopK: AuxK loss on dead latents."),
     entity_text: int = typer.Option(500, "--entity-text", help="Entities per type whose attribute sentences join "
                                     "the training text (0: standard library text only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the text order, init and batches."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default saes/<model>-L<layer>-<arch>)."),
-    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    o: SimpleNamespace = None,
 ) -> None:
     """Train an SAE on one layer's residual stream (offline text) and save it in SAELens format."""
-    from plipy import sae_train as st
     from plipy.models import load_model
+    from plipy.sae import train as st
 
-    cfg = st.TrainConfig(arch=arch, width=width, k=k, lr=lr, n_tokens=tokens, epochs=epochs, batch_size=batch,
+    cfg = st.TrainConfig(arch=arch, width=width, k=k, lr=lr, n_tokens=tokens, epochs=epochs, batch_size=train_batch,
                          seq_len=seq_len, model_batch=model_batch, seed=seed, auxk=auxk, l0_coeff=l0_coeff)  # fmt: skip
     cfg.check()
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(o.model, dtype=o.dtype, device=o.device)
     out = out or Path("saes") / f"{lm.name}-L{layer}-{arch}"
     docs: list[str] = []
     if entity_text > 0:
@@ -250,31 +206,18 @@ def train(
         docs = st.entity_sentences(entities.load_entities(limit=entity_text), seed=seed)
     with _metric_bars() as start:
         _, result = st.train_on_model(lm, layer, cfg, out, extra_documents=docs, progress=start)
-    m, tr = result["metrics"], result["training"]
-    t = Table(title=f"SAE on {result['hook_name']} of {lm.name} (steers at the input of layer {layer + 1})",
-              header_style="bold")  # fmt: skip
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    rows = [("explained variance (held out)", f"{m['explained_variance']:.4f}"), ("MSE per element", f"{m['mse']:.4g}"),
-            ("L0", f"{m['l0']:.1f}"), ("dead latents (whole last epoch)", f"{tr['dead_latents']} of {width}"),
-            ("next-token loss clean", f"{m['ce_clean']:.4f}"), ("… with the SAE spliced in", f"{m['ce_spliced']:.4f}"),
-            ("loss increase (nats)", f"{m['ce_increase']:+.4f}"),
-            ("… mean-ablated", f"{m.get('ce_mean_ablated', float('nan')):.4f}"),
-            ("loss recovered", "—" if m.get("ce_loss_recovered") is None else f"{m['ce_loss_recovered']:.3f}"),
-            ("seconds (collect / train / eval)", " / ".join(f"{result['timings_s'][x]:.0f}"
-                                                          for x in ("collect", "train", "eval")))]  # fmt: skip
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+    from plipy.report import sae as report_sae
+
+    c.print_report(report_sae.training_summary(result, lm.name, layer, width))
     console.print(f"wrote {out} (cfg.json, sae_weights.safetensors, sparsity.safetensors, training.json)",
                   highlight=False, soft_wrap=True)  # fmt: skip
 
 
 @app.command("latents")
+@c.shared("model", "dtype", "device")
 def latents(
     sae: Path = typer.Option(..., "--sae", help="SAELens folder or params.npz (with a residual hook)."),
     labels: Path = typer.Option(..., "--labels", help="Labels JSON from `plipy entities label`."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
     hook: str | None = typer.Option(None, "--hook", help="Override the SAE's hook, e.g. blocks.9.hook_resid_post."),
     split: str = typer.Option("train", "--split", help="Entities to score: train (default) or all (upstream)."),
     general_filter: bool = typer.Option(True, "--general-text-filter/--no-general-text-filter",
@@ -282,23 +225,22 @@ def latents(
     max_general_freq: float = typer.Option(0.02, "--max-general-freq", help="Threshold of the general-text filter."),
     general_tokens: int = typer.Option(4096, "--general-tokens", help="General-text tokens for the filter."),
     top_n: int = typer.Option(20, "--top", help="Top latents kept per label."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward."),
+    batch_size: int = c.batch_size_option(32, "prompts"),
     out: Path | None = typer.Option(None, "--out", "-o", help="Latent file (default results/sae-latents-….json)."),
-    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    o: SimpleNamespace = None,
 ) -> None:
     """Score SAE latents on known vs unknown entities (`The {entity_type} '{entity}'`, last entity token)."""
     from plipy import entities
     from plipy import sae as saes
     from plipy.errors import PlipyError
-    from plipy.experiments import sae_latents as sl
     from plipy.models import load_model
+    from plipy.sae import latents as sl
 
     if split not in ("train", "all"):
         raise PlipyError(f"--split must be train or all, got {split!r}")
     doc_labels = entities.read_labels(labels)
     the_sae = saes.load_sae(sae, hook_name=hook)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(o.model, dtype=o.dtype, device=o.device)
     with _metric_bars() as start:
         doc = sl.run_latents(lm, the_sae, doc_labels, split=None if split == "all" else split,
                              general_filter=general_filter, general_tokens=general_tokens,
@@ -306,45 +248,34 @@ def latents(
                              progress=start)  # fmt: skip
     out = out or Path("results") / f"sae-latents-{lm.name}-L{doc['layer']}.json"
     paths = sl.write_latents(doc, out)
-    t = Table(title=f"Top latents at the input of layer {doc['layer']} ({doc['n_entities']} entities, split {split})",
-              header_style="bold")  # fmt: skip
-    for col in ("label", "latent", "min score", "f known", "f unknown", "f general"):
-        t.add_column(col, justify="right")
-    for lab in sl.LABELS:
-        by_idx = {e["latent_idx"]: e for e in doc[lab].values()}
-        for i in doc["top"][lab][:5]:
-            e = by_idx[i]
-            t.add_row(lab, str(i), f"{e['score']:+.3f}", f"{e['freq_acts_known']:.3f}", f"{e['freq_acts_unknown']:.3f}",
-                      "—" if e.get("freq_general") is None else f"{e['freq_general']:.4f}")  # fmt: skip
-    console.print(t)
-    if doc["skipped_types"]:
-        console.print(f"types without both labels (left out): {', '.join(doc['skipped_types'])}", highlight=False)
+    from plipy.report import sae as report_sae
+
+    c.print_report(report_sae.latents_summary(doc, split))
     console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
 
 
 @app.command("pipeline")
+@c.shared("model", "dtype", "device")
 def pipeline(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, local dir, .gguf file or HF id."),
     quick: bool = typer.Option(False, "--quick", help="Tiny profile for tests (2 entities per type, tiny SAE)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default results/sae-pipeline-<model>)."),
     limit: int | None = typer.Option(None, "--limit", help="Entities per type to label (default 24; quick 2)."),
     layer: int | None = typer.Option(None, "--layer", help="SAE layer (resid_post; default 9)."),
     coeff: str | None = typer.Option(None, "--coeff", help="Steering coefficient: number, norm (default) or mean."),
     n_random: int | None = typer.Option(None, "--random", help="Random latents for the baseline (default 10)."),
-    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    o: SimpleNamespace = None,
 ) -> None:
     """Data → labels → SAE → latents → attention analysis → plots, in one folder (a rerun resumes)."""
     from dataclasses import replace
 
-    from plipy.experiments import sae_pipeline as sp
     from plipy.models import load_model
+    from plipy.sae import pipeline as sp
 
     cfg = sp.profile("quick" if quick else "default")
     over = {k: v for k, v in {"label_limit": limit, "layer": layer, "coeff": coeff, "n_random": n_random}.items()
             if v is not None}  # fmt: skip
     cfg = replace(cfg, **over)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(o.model, dtype=o.dtype, device=o.device)
     out = out or Path("results") / (f"sae-pipeline-{lm.name}" + ("-quick" if quick else ""))
     with _metric_bars() as start:
         summary = sp.run_pipeline(lm, out, cfg, progress=start,

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 
 from plipy.engine import attention, residual
+from plipy.engine.arch import adapter, decoder_layers
 from plipy.engine.attention import NAME, ActivePlan
-from plipy.engine.residual import decoder_layers
 from plipy.engine.spec import Capture, EdgeEdit, Record, ResidualAdd, ResidualCapture, compile_edits, rows_tensor
 from plipy.errors import PlipyError
 
@@ -35,15 +35,15 @@ class Engine:
         attention.register()
         self.idle = idle
         self.model = model
-        self.layers = decoder_layers(model)
+        arch = adapter(model)
+        self.layers = arch.layers()
         self.n_layers = len(self.layers)
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
-        attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and _is_attention(m)]
-        if len(attn_modules) != self.n_layers:
-            raise PlipyError(
-                f"{type(model).__name__}: found {len(attn_modules)} attention modules for {self.n_layers} layers"
-            )
+        self.n_heads = arch.n_heads
+        attn_modules = [arch.attention(i) for i in range(self.n_layers)]
+        missing = [i for i, m in enumerate(attn_modules) if getattr(m, "layer_idx", None) != i]
+        if missing:
+            raise PlipyError(f"{type(model).__name__}: the attention modules of layers {missing} do not carry "
+                             "their layer index")
         for m in [*attn_modules, *self.layers]:
             m._plipy_owner = id(model)  # a plan only applies to the model it was made for
         for m in attn_modules:
@@ -90,11 +90,6 @@ class Engine:
             yield record
         finally:
             attention.ACTIVE.reset(token)
-
-
-def _is_attention(m: torch.nn.Module) -> bool:
-    name = type(m).__name__
-    return name.endswith("Attention") or name.endswith("SdpaAttention")
 
 
 def _wants_residual(plan: ActivePlan | None, module: torch.nn.Module) -> bool:

@@ -18,6 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from plipy.engine.arch import softmax_upcast
 from plipy.engine.spec import LayerEdit, Record
 from plipy.errors import CausalEdgeError, MaskedRowError
 
@@ -52,11 +53,6 @@ def register() -> None:
         AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def _upcasts_softmax(module: torch.nn.Module) -> bool:
-    # GPT-2's eager attention takes the softmax in the model dtype; every other family upcasts to fp32.
-    return "gpt2" not in type(module).__module__
-
-
 def plipy_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -82,29 +78,13 @@ def plipy_attention(
 
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    q_len, k_len = query.shape[2], key.shape[2]
-    if attention_mask is None and q_len > 1 and k_len > q_len:
-        # Mirrors HF's SDPA path: a skipped mask with extra keys (static-cache prefill) means upper-left causal.
-        key, value, k_len, offset = key[:, :, :q_len], value[:, :, :q_len], q_len, 0
-    else:
-        offset = k_len - q_len  # absolute position of query row 0 (dynamic cache)
-
-    local_rows: list[torch.Tensor] = []
-    cap_rows = None
-    if capture:
-        cap_rows = plan.rows.to(query.device) - offset
-        if ((cap_rows < 0) | (cap_rows >= q_len)).any():
-            capture = False  # rows not in this call (e.g. a later generation step)
-        else:
-            local_rows.append(cap_rows.flatten())
+    key, value, offset = _causal_keys(query, key, value, attention_mask)
+    q_len = query.shape[2]
+    cap_rows = _capture_rows_in_chunk(plan, offset, q_len, query.device) if capture else None
+    capture = cap_rows is not None
     chunk_edits = _edits_in_chunk(edits, offset, q_len, query.shape[0])
-    for _b, q, _k, _h, _v in chunk_edits:
-        local_rows.append(torch.tensor([q - offset], device=query.device))
-    if full:
-        rows = torch.arange(q_len, device=query.device)
-    elif local_rows:
-        rows = torch.unique(torch.cat(local_rows))  # sorted
-    else:
+    rows = _rows_to_compute(cap_rows, chunk_edits, offset, q_len, full, query.device)
+    if rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     probs, scores, bias_rows = _explicit_rows(
@@ -116,27 +96,90 @@ def plipy_attention(
         out = torch.matmul(probs, value_full).transpose(1, 2).contiguous()
     else:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)[0]
-        if bias_rows.any():
-            # Replace only rows an edit changed, so untouched rows stay bit-identical to the baseline.
-            b_idx, r_idx = bias_rows.nonzero(as_tuple=True)
-            new = torch.matmul(probs[b_idx, :, r_idx].unsqueeze(2), value_full[b_idx]).squeeze(2)
-            out = out.clone()
-            out[b_idx, rows[r_idx]] = new.to(out.dtype)
+        out = _patch_edited_rows(out, probs, value_full, rows, bias_rows)
 
     if capture:
-        slot = torch.searchsorted(rows, cap_rows)  # [batch or 1, r] → index into computed rows
-        b = probs.shape[0]
-        slot = slot.expand(b, -1) if slot.shape[0] == 1 else slot
-        gather = slot[:, None, :, None].expand(b, probs.shape[1], slot.shape[1], probs.shape[-1])
-        rec = plan.record
-        rec.attn[layer] = probs.gather(2, gather).detach().float()
-        if plan.want_scores:
-            rec.scores[layer] = scores.gather(2, gather).detach().float()
-        if plan.want_value_norms:
-            rec.value_norms[layer] = value_full.detach().float().norm(dim=-1)
-        if plan.want_values:
-            rec.values[layer] = value.detach().clone()
+        _record_capture(plan, layer, probs, scores, rows, cap_rows, value, value_full)
     return out, None
+
+
+def _causal_keys(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The keys/values this call attends over and the absolute position of query row 0 → (key, value, offset)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len > 1 and k_len > q_len:
+        # Mirrors HF's SDPA path: a skipped mask with extra keys (static-cache prefill) means upper-left causal.
+        return key[:, :, :q_len], value[:, :, :q_len], 0
+    return key, value, k_len - q_len  # offset: absolute position of query row 0 (dynamic cache)
+
+
+def _capture_rows_in_chunk(
+    plan: ActivePlan, offset: int, q_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The plan's capture rows local to this call's query chunk, or None when they are not all in it."""
+    cap_rows = plan.rows.to(device) - offset
+    if ((cap_rows < 0) | (cap_rows >= q_len)).any():
+        return None  # rows not in this call (e.g. a later generation step)
+    return cap_rows
+
+
+def _rows_to_compute(
+    cap_rows: torch.Tensor | None,
+    chunk_edits: list[tuple[int | None, int, int, list[int] | None, float]],
+    offset: int,
+    q_len: int,
+    full: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Sorted local query rows to compute explicitly (all of them when `full`); None: nothing to do here."""
+    local_rows: list[torch.Tensor] = []
+    if cap_rows is not None:
+        local_rows.append(cap_rows.flatten())
+    for _b, q, _k, _h, _v in chunk_edits:
+        local_rows.append(torch.tensor([q - offset], device=device))
+    if full:
+        return torch.arange(q_len, device=device)
+    if local_rows:
+        return torch.unique(torch.cat(local_rows))  # sorted
+    return None
+
+
+def _patch_edited_rows(
+    out: torch.Tensor, probs: torch.Tensor, value_full: torch.Tensor, rows: torch.Tensor, bias_rows: torch.Tensor
+) -> torch.Tensor:
+    """The SDPA output with only the rows an edit changed recomputed, so untouched rows stay bit-identical."""
+    if bias_rows.any():
+        b_idx, r_idx = bias_rows.nonzero(as_tuple=True)
+        new = torch.matmul(probs[b_idx, :, r_idx].unsqueeze(2), value_full[b_idx]).squeeze(2)
+        out = out.clone()
+        out[b_idx, rows[r_idx]] = new.to(out.dtype)
+    return out
+
+
+def _record_capture(
+    plan: ActivePlan,
+    layer: int | None,
+    probs: torch.Tensor,
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    cap_rows: torch.Tensor,
+    value: torch.Tensor,
+    value_full: torch.Tensor,
+) -> None:
+    """Store the captured rows' probabilities (and, if asked, scores and values) in the plan's record."""
+    slot = torch.searchsorted(rows, cap_rows)  # [batch or 1, r] → index into computed rows
+    b = probs.shape[0]
+    slot = slot.expand(b, -1) if slot.shape[0] == 1 else slot
+    gather = slot[:, None, :, None].expand(b, probs.shape[1], slot.shape[1], probs.shape[-1])
+    rec = plan.record
+    rec.attn[layer] = probs.gather(2, gather).detach().float()
+    if plan.want_scores:
+        rec.scores[layer] = scores.gather(2, gather).detach().float()
+    if plan.want_value_norms:
+        rec.value_norms[layer] = value_full.detach().float().norm(dim=-1)
+    if plan.want_values:
+        rec.values[layer] = value.detach().clone()
 
 
 def _edits_in_chunk(
@@ -182,7 +225,7 @@ def _explicit_rows(
         m = mask.index_select(2, rows)
         scores = scores + m.to(scores.dtype)
         allowed = (m > torch.finfo(m.dtype).min / 2).expand(b, -1, -1, -1)
-    upcast = _upcasts_softmax(module)
+    upcast = softmax_upcast(module)
     scores = scores.float() if upcast else scores
     scores = scores.masked_fill(~allowed, -math.inf)
 

@@ -7,35 +7,11 @@ resid_pre of layer L is the hidden state entering decoder layer L; resid_post is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from plipy.engine.spec import Record, ResidualAdd, ResidualCapture
 from plipy.errors import PlipyError
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The ModuleList of decoder blocks (`model.layers`, GPT-2's `h`, NeoX's `layers`, …)."""
-    n = _n_layers(model.config)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for obj in (base, getattr(model, "model", None), getattr(model, "transformer", None), model):
-        for attr in ("layers", "h", "blocks"):
-            layers = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(layers, torch.nn.ModuleList) and len(layers) == n:
-                return layers
-    for _, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
-            return mod
-    raise PlipyError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
-def _n_layers(config: Any) -> int:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(cfg, name, None) is not None:
-            return int(getattr(cfg, name))
-    raise PlipyError(f"config {type(config).__name__} names no layer count")
 
 
 @dataclass

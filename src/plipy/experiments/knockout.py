@@ -1,7 +1,7 @@
 """Attention knockout: remove marker ↔ target attention edges in some layers and measure the next-token change.
 
 Every condition (a set of layers) runs on every sample of the chosen groups. Per sample the baseline forward runs
-once; conditions reuse it (`plipy.experiments.runner`). The measure is KL(P_base ‖ P_knockout) in nats at the last
+once; conditions reuse it (`plipy.engine.runner`). The measure is KL(P_base ‖ P_knockout) in nats at the last
 input position, over the full vocabulary in float64 (plus PLIP's truncated `kl_plip`, entropy change, top-1 flip and
 the top-5 changed tokens). Samples where a knockout is empty or impossible carry a status and are left out of the
 statistics, never counted as 0.
@@ -22,10 +22,11 @@ from typing import Any
 from plipy import measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
 from plipy.engine import EdgeEdit, Engine
+from plipy.engine.runner import ConditionRunner, dead_row, layer_windows
 from plipy.engine.spec import compile_edits
 from plipy.errors import PlipyError
-from plipy.experiments.runner import ConditionRunner, dead_row, layer_windows
-from plipy.experiments.scan import choose_groups
+from plipy.experiments.scan import after_marker, choose_groups, identity
+from plipy.results import KnockoutResult
 
 EDGE_KINDS = ("marker-to-targets", "to-marker", "from-marker")
 MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-window")
@@ -181,16 +182,10 @@ def condition_edits(
 
 def sample_record(sp: SamplePositions, kind: str) -> dict[str, Any]:
     """Identity, positions and edge set of one sample."""
-    s = sp.sample
     edges, status, note = knockout_edges(sp, kind)
     rec = {
-        "id": s.id,
-        "group": s.group,
-        "n_tokens": sp.seq_len,
-        "marker_token": sp.marker_token,
-        "marker_text": sp.marker_text,
-        "target_tokens": sp.target_tokens,
-        "targets_after_marker": [t for t, a in zip(sp.target_tokens, sp.after_marker, strict=True) if a],
+        **identity(sp),
+        "targets_after_marker": after_marker(sp),
         "n_edges": len(edges),
         "edges": [list(e) for e in edges],
         "status": status,
@@ -203,15 +198,8 @@ def sample_record(sp: SamplePositions, kind: str) -> dict[str, Any]:
 # -- the experiment ------------------------------------------------------------------------------------------------
 
 
-def run_knockout(
-    lm: Any,
-    corpus: Corpus,
-    config: KnockoutConfig,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    runner: ConditionRunner | None = None,
-) -> dict[str, Any]:
-    """Every condition on every sample of the chosen groups; returns samples, per-condition runs and statistics."""
-    n_layers, n_heads = lm.n_layers, lm.n_heads
+def _check_config(config: KnockoutConfig, n_layers: int, n_heads: int) -> list[int] | None:
+    """Validate the config against the model; returns the sorted heads (None = every head)."""
     if config.edges not in EDGE_KINDS:
         raise PlipyError(f"unknown edge set {config.edges!r}; one of {', '.join(EDGE_KINDS)}")
     if not config.conditions:
@@ -223,10 +211,12 @@ def run_knockout(
     for h in heads or []:
         if not 0 <= h < n_heads:
             raise PlipyError(f"head {h} does not exist: the model has {n_heads} query heads (0-{n_heads - 1})")
-    groups, pair = choose_groups(corpus, config.groups)
-    if config.include_baselines:
-        groups = groups + [g for g in corpus.group_names if g.endswith("_baseline") and g not in groups]
+    return heads
 
+
+def prepare_samples(lm: Any, corpus: Corpus, config: KnockoutConfig, groups: list[str], pair: tuple[str, str],
+                    heads: list[int] | None) -> tuple[list[dict[str, Any]], list[SamplePositions]]:
+    """Sample records with their edge sets and statuses; refuses a run that could give no statistics."""
     samples: list[dict[str, Any]] = []
     positions: list[SamplePositions] = []
     for s in corpus.samples(groups):
@@ -234,7 +224,7 @@ def run_knockout(
         rec = sample_record(sp, config.edges)
         if rec["status"] == "ok":
             # a knockout that empties a row is impossible whatever the layer: say so before running anything
-            dead = dead_row(compile_edits([EdgeEdit([0], rec["edges"], 0.0, heads)], n_layers, n_heads))
+            dead = dead_row(compile_edits([EdgeEdit([0], rec["edges"], 0.0, heads)], lm.n_layers, lm.n_heads))
             if dead:
                 rec["status"], rec["note"] = "row-fully-masked", dead.split(": ", 1)[1]
         samples.append(rec)
@@ -247,83 +237,85 @@ def run_knockout(
         if sum(1 for s in usable if s["group"] == g) < 2:
             raise PlipyError(f"group {g!r} has fewer than 2 usable samples for {config.edges} knockout: "
                              "no statistics possible")
+    return samples, positions
 
-    runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
-    windows = layer_windows(lm.model, n_layers)
-    runs = [
-        {"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges,
-         "heads": heads if heads is not None else list(range(n_heads)), "samples": []}
-        for c in config.conditions
-    ]
-    step = progress("knockout", len(samples)) if progress else (lambda: None)
-    t0 = time.perf_counter()
-    for rec, sp in zip(samples, positions, strict=True):
-        if rec["status"] != "ok":
-            for run in runs:
-                run["samples"].append({"id": rec["id"], "group": rec["group"], "kl": None, "status": rec["status"],
-                                       "note": rec.get("note")})
-            step()
-            continue
-        base = runner.baseline(sp.input_ids)
-        edges = [tuple(e) for e in rec["edges"]]
-        conds = [condition_edits(edges, c.layers, heads, windows) for c in config.conditions]
-        for run, out in zip(runs, runner.run(base, conds), strict=True):
-            row: dict[str, Any] = {"id": rec["id"], "group": rec["group"]}
-            if out.logits is None:
-                row.update(kl=None, status=out.status, note=out.note)
-            else:
-                row.update(status="ok", **measures.compare_logits(base.logits, out.logits, lm.tokenizer,
-                                                                  config.top_k))
-                if out.status == "identity":
-                    row["note"] = "identity: nothing left to knock out (no heads, or edges outside a window)"
-            run["samples"].append(row)
-        step()
-    elapsed = time.perf_counter() - t0
 
+def run_sample(lm: Any, runner: ConditionRunner, rec: dict[str, Any], sp: SamplePositions,
+               config: KnockoutConfig, heads: list[int] | None, windows: list[int | None]) -> list[dict[str, Any]]:
+    """One sample under every condition: one measure row per condition (a status row if it cannot run)."""
+    if rec["status"] != "ok":
+        return [{"id": rec["id"], "group": rec["group"], "kl": None, "status": rec["status"], "note": rec.get("note")}
+                for _ in config.conditions]
+    base = runner.baseline(sp.input_ids)
+    edges = [tuple(e) for e in rec["edges"]]
+    conds = [condition_edits(edges, c.layers, heads, windows) for c in config.conditions]
+    rows = []
+    for out in runner.run(base, conds):
+        row: dict[str, Any] = {"id": rec["id"], "group": rec["group"]}
+        if out.logits is None:
+            row.update(kl=None, status=out.status, note=out.note)
+        else:
+            row.update(status="ok", **measures.compare_logits(base.logits, out.logits, lm.tokenizer, config.top_k))
+            if out.status == "identity":
+                row["note"] = "identity: nothing left to knock out (no heads, or edges outside a window)"
+        rows.append(row)
+    return rows
+
+
+def _excluded(samples: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Samples left out of the statistics, before running (statuses) or while running (a condition failed)."""
+    excluded = [{"id": s["id"], "group": s["group"], "status": s["status"], "note": s.get("note")}
+                for s in samples if s["status"] != "ok"]  # fmt: skip
     for run in runs:
-        run["groups"] = {g: stats.describe(_kls(run, g)) for g in groups}
-    _compare(runs, pair, config.seed, config.n_resamples)
-    excluded = [
-        {"id": s["id"], "group": s["group"], "status": s["status"], "note": s.get("note")}
-        for s in samples if s["status"] != "ok"
-    ]
-    for run in runs:  # statuses that appeared only while running (e.g. an error inside one layer)
         for r in run["samples"]:
             if r["status"] != "ok" and not any(e["id"] == r["id"] for e in excluded):
                 excluded.append({"id": r["id"], "group": r["group"], "status": r["status"], "note": r.get("note"),
                                  "condition": run["label"]})
-    return {
-        "provenance": provenance.build(
-            model=lm,
-            corpus=corpus,
-            seed=config.seed,
-            config={
-                "mode": config.mode,
-                "conditions": [c.layers for c in config.conditions],
-                "edges": config.edges,
-                "heads": runs[0]["heads"],
-                "groups": groups,
-                "compared": list(pair),
-                "include_baselines": config.include_baselines,
-                "bos": config.bos,
-                "n_resamples": config.n_resamples,
-                "top_k": config.top_k,
-                "kl": "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms",
-                "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64",
-                "runner": runner.describe(),
-                **config.extra,
-            },
-        ),
+    return excluded
+
+
+def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
+                 progress: Callable[[str, int], Callable[[], None]] | None = None,
+                 runner: ConditionRunner | None = None) -> KnockoutResult:
+    """Every condition on every sample of the chosen groups; returns samples, per-condition runs and statistics."""
+    heads = _check_config(config, lm.n_layers, lm.n_heads)
+    groups, pair = choose_groups(corpus, config.groups)
+    if config.include_baselines:
+        groups = groups + [g for g in corpus.group_names if g.endswith("_baseline") and g not in groups]
+    samples, positions = prepare_samples(lm, corpus, config, groups, pair, heads)
+    runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
+    windows = layer_windows(lm.model, lm.n_layers)
+    all_heads = heads if heads is not None else list(range(lm.n_heads))
+    runs = [{"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges, "heads": all_heads,
+             "samples": []} for c in config.conditions]  # fmt: skip
+    step = progress("knockout", len(samples)) if progress else (lambda: None)
+    t0 = time.perf_counter()
+    for rec, sp in zip(samples, positions, strict=True):
+        for run, row in zip(runs, run_sample(lm, runner, rec, sp, config, heads, windows), strict=True):
+            run["samples"].append(row)
+        step()
+    elapsed = time.perf_counter() - t0
+    for run in runs:
+        run["groups"] = {g: stats.describe(_kls(run, g)) for g in groups}
+    _compare(runs, pair, config.seed, config.n_resamples)
+    return KnockoutResult({
+        "provenance": provenance.build(model=lm, corpus=corpus, seed=config.seed, config={
+            "mode": config.mode, "conditions": [c.layers for c in config.conditions], "edges": config.edges,
+            "heads": all_heads, "groups": groups, "compared": list(pair), "include_baselines": config.include_baselines,
+            "bos": config.bos, "n_resamples": config.n_resamples, "top_k": config.top_k,
+            "kl": "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms",
+            "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64",
+            "runner": runner.describe(), **config.extra}),
         "mode": config.mode,
         "edges": config.edges,
-        "heads": runs[0]["heads"],
+        "heads": all_heads,
         "groups_compared": list(pair),
         "samples": samples,
-        "excluded": excluded,
+        "excluded": _excluded(samples, runs),
         "runs": runs,
-        "timing": {"seconds": elapsed, "path": runner.path, "samples": len(usable),
+        "timing": {"seconds": elapsed, "path": runner.path, "samples": sum(s["status"] == "ok" for s in samples),
                    "conditions": len(config.conditions)},
-    }
+    })
 
 
 def _kls(run: dict, group: str) -> list[float]:

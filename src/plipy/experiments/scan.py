@@ -20,6 +20,7 @@ from plipy import provenance, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions
 from plipy.engine import Capture, Engine
 from plipy.errors import PlipyError
+from plipy.results import ScanResult
 
 DEFAULT_GROUPS = ("python_doctest", "rust_test")
 
@@ -54,29 +55,6 @@ def choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[st
     return names, (names[0], names[1])
 
 
-def parse_indices(text: str | None, n: int, what: str, plip: Sequence[int] | None = None) -> list[int]:
-    """`all`, `plip` (PLIP's default n/3…n−1, layers only), `0-12`, `3,5,7` or mixes → sorted unique indices."""
-    if text is None or text.strip() in ("", "all"):
-        return list(range(n))
-    if text.strip() == "plip" and plip is not None:
-        return list(plip)
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise PlipyError(f"cannot read {what} {text!r}: use all, 0-12, or 3,5,7") from None
-    bad = sorted(i for i in out if not 0 <= i < n)
-    if bad:
-        raise PlipyError(f"{what} {bad} out of range: the model has {n} {what}s (0-{n - 1})")
-    return sorted(out)
-
-
 def measure_sample(sp: SamplePositions, rows: torch.Tensor, heads: Sequence[int]) -> dict[str, Any]:
     """The per-sample measures from the captured marker rows `[layers, heads, keys]` (float32)."""
     targets = [t for t, after in zip(sp.target_tokens, sp.after_marker, strict=True) if t is not None and not after]
@@ -97,18 +75,23 @@ def measure_sample(sp: SamplePositions, rows: torch.Tensor, heads: Sequence[int]
     }
 
 
+def identity(sp: SamplePositions) -> dict[str, Any]:
+    """The fields that name a sample and its token positions in every result."""
+    return {"id": sp.sample.id, "group": sp.sample.group, "n_tokens": sp.seq_len, "marker_token": sp.marker_token,
+            "marker_text": sp.marker_text, "target_tokens": sp.target_tokens}  # fmt: skip
+
+
+def after_marker(sp: SamplePositions) -> list[int | None]:
+    """The target tokens that come after the marker (causally unreachable from it)."""
+    return [t for t, a in zip(sp.target_tokens, sp.after_marker, strict=True) if a]
+
+
 def sample_record(sp: SamplePositions) -> dict[str, Any]:
     """Identity and token positions of one sample, and whether it can be measured."""
-    s = sp.sample
     rec = {
-        "id": s.id,
-        "group": s.group,
-        "n_tokens": sp.seq_len,
-        "marker_token": sp.marker_token,
-        "marker_text": sp.marker_text,
-        "target_tokens": sp.target_tokens,
+        **identity(sp),
         "target_texts": sp.target_texts,
-        "targets_after_marker": [t for t, a in zip(sp.target_tokens, sp.after_marker, strict=True) if a],
+        "targets_after_marker": after_marker(sp),
         "conversion": sp.conversion,
     }
     if sp.status == "failed":
@@ -122,19 +105,17 @@ def sample_record(sp: SamplePositions) -> dict[str, Any]:
     return rec
 
 
-def run_scan(
-    lm: Any,
-    corpus: Corpus,
-    config: ScanConfig,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-) -> dict[str, Any]:
-    """Scan every sample of the chosen groups; returns the full result (samples, per-layer statistics, provenance)."""
+def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
+             progress: Callable[[str, int], Callable[[], None]] | None = None) -> ScanResult:
+    """Scan every sample of the chosen groups: per-sample measures, per-layer statistics, provenance."""
     n_layers, n_heads = lm.n_layers, lm.n_heads
     layers = list(config.layers) if config.layers is not None else list(range(n_layers))
     heads = list(config.heads) if config.heads is not None else list(range(n_heads))
     groups, (ga, gb) = choose_groups(corpus, config.groups)
     engine = Engine(lm.model)
     samples: list[dict[str, Any]] = []
+    rows_by_id: dict[str, np.ndarray] = {}
+    tokens_by_id: dict[str, list[str]] = {}
     todo = corpus.samples(groups)
     step = progress("scanning", len(todo)) if progress else (lambda: None)
     with torch.inference_mode():
@@ -147,6 +128,8 @@ def run_scan(
                     lm.model(ids)
                 rows = torch.stack([cap.attn[layer][0, :, 0] for layer in layers]).cpu()
                 rec.update(measure_sample(sp, rows, heads))
+                rows_by_id[s.id] = rows.numpy()
+                tokens_by_id[s.id] = [lm.tokenizer.decode([t]) for t in sp.input_ids]
             samples.append(rec)
             step()
     result = {
@@ -171,7 +154,7 @@ def run_scan(
     }
     result.update(layer_statistics(samples, groups, (ga, gb), layers, heads, config.seed, config.n_resamples))
     result["plip_compat"] = plip_compat(result, lm, corpus)
-    return result
+    return ScanResult(result, extras={"rows": rows_by_id, "tokens": tokens_by_id})
 
 
 def _values(samples: list[dict], group: str, key: str, i: int) -> list[float]:

@@ -32,9 +32,10 @@ import torch
 from plipy import measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, _char_to_token, token_positions
 from plipy.engine import Capture, EdgeEdit, Engine
+from plipy.engine.runner import ConditionRunner
 from plipy.errors import CausalEdgeError, PlipyError
 from plipy.experiments.knockout import plip_default_layer
-from plipy.experiments.runner import ConditionRunner
+from plipy.results import CalibrateResult, DoseResult, GenerateResult
 
 DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # PLIP-rs' DOSE_LEVELS
 DEFAULT_DETECT = (r"#\[test\]", r"assert_eq!", r"assert!", r"fn test_", r">>>")  # literal markers, as regexes
@@ -234,8 +235,8 @@ class CalibrateConfig:
     extra: dict = field(default_factory=dict)
 
 
-def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig,
-                  progress: Callable[[str, int], Callable[[], None]] | None = None) -> dict[str, Any]:
+def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
+                  progress: Callable[[str, int], Callable[[], None]] | None = None) -> CalibrateResult:
     """Baseline attention at one layer per sample and group, the ratio, and the scale that brings B to A."""
     layer = _layer(config.layer, lm.n_layers)
     if len(config.groups) != 2:
@@ -277,7 +278,7 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig,
         r["scale_to_a"] = alpha
         if why:
             r["scale_note"] = why
-    return {
+    return CalibrateResult({
         "provenance": provenance.build(model=lm, corpus=corpus, config={
             "command": "steer calibrate", "layer": layer, "groups": [ga, gb], "bos": config.bos,
             "skip_invalid": config.skip_invalid,
@@ -297,7 +298,7 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig,
                         "attention": float(np.mean([_achieved_fn(rows[r["id"]], by_id[r["id"]].targets,
                                                                  [k for _, k in by_id[r["id"]].edges], None)[0](d)
                                                     for r in ok[gb]]))} for d in DOSES],
-    }
+    })
 
 
 # -- dose-response -------------------------------------------------------------------------------------------------
@@ -331,10 +332,8 @@ def _edits(s: SteerSample, layers: Sequence[int], alpha: float, heads: Sequence[
     return [EdgeEdit(layers=list(layers), edges=list(s.edges), scale=float(alpha), heads=heads)]
 
 
-def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, runner: ConditionRunner | None = None,
-             progress: Callable[[str, int], Callable[[], None]] | None = None) -> dict[str, Any]:
-    """Every dose (and the target attention, if asked) on every steerable sample: KL and attention achieved."""
-    n_layers, n_heads = lm.n_layers, lm.n_heads
+def _dose_checks(config: DoseConfig, n_layers: int, n_heads: int) -> tuple[list[int], list[int] | None, list[float]]:
+    """Validated (layers, heads, doses) of a dose run."""
     layers = sorted({_layer(x, n_layers) for x in (config.layers or [None])})
     heads = None if config.heads is None else sorted({int(h) for h in config.heads})
     for h in heads or []:
@@ -353,6 +352,47 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, runner: ConditionRunne
                              "depends on α")
         if not 0 < v < 1:
             raise PlipyError(f"--target-attention must be in (0, 1), got {v}")
+    return layers, heads, doses
+
+
+def _dose_sample(lm: Any, runner: ConditionRunner, s: SteerSample, config: DoseConfig, layers: list[int],
+                 heads: list[int] | None, doses: list[float]) -> tuple[dict[str, Any], list[dict], dict | None]:
+    """One steerable sample: its record, one measure row per dose, and the target-attention row (or None)."""
+    m = s.positions.marker_token
+    cap = Capture(rows=[m], layers=layers)
+    base = runner.baseline(s.positions.input_ids, capture=cap)
+    base_rows = {layer: base.attn[layer][:, 0].cpu() for layer in layers}
+    base_att = [attention_metric(base_rows[layer], s.targets) for layer in layers]
+    rec = {"id": s.id, "group": s.group, "n_tokens": s.positions.seq_len, "marker_token": m, "targets": s.targets,
+           "edges": [list(e) for e in s.edges], "attention_baseline": float(np.mean(base_att)),
+           "attention_baseline_per_layer": base_att}  # fmt: skip
+    conds = [_edits(s, layers, d, heads) for d in doses]
+    v = config.target_attention
+    t_alpha, t_note = None, None
+    if v is not None:
+        t_alpha, t_note = scale_for_attention(base_rows[layers[0]], s.targets, [k for _, k in s.edges], v, heads)
+        if t_alpha is not None:
+            conds.append(_edits(s, layers, t_alpha, heads))
+    outs = runner.run(base, conds, capture=cap)
+    rows = [_measure(s, out, base, layers, lm.tokenizer, config.top_k) for out in outs[: len(doses)]]
+    if v is None:
+        return rec, rows, None
+    if t_alpha is None:
+        return rec, rows, {"id": s.id, "group": s.group, "scale": None, "kl": None, "attention_achieved": None,
+                           "status": "unreachable", "note": t_note}
+    trow = {"scale": t_alpha, **_measure(s, outs[-1], base, layers, lm.tokenizer, config.top_k)}
+    if trow["status"] == "ok" and abs(trow["attention_achieved"] - v) > TARGET_TOLERANCE:
+        trow["status"], trow["note"] = "missed", f"achieved {trow['attention_achieved']:.6g}, asked {v:g}"
+    return rec, rows, trow
+
+
+def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
+             progress: Callable[[str, int], Callable[[], None]] | None = None,
+             runner: ConditionRunner | None = None) -> DoseResult:
+    """Every dose (and the target attention, if asked) on every steerable sample: KL and attention achieved."""
+    n_heads = lm.n_heads
+    layers, heads, doses = _dose_checks(config, lm.n_layers, n_heads)
+    v = config.target_attention
     samples = prepare(lm, corpus, list(config.groups), config.bos, config.skip_invalid)
     runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
     dose_runs = [{"scale": d, "samples": []} for d in doses]
@@ -361,36 +401,13 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, runner: ConditionRunne
     step = progress("steering", len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
     for s in samples:
-        if s.status != "ok":
-            step()
-            continue
-        m = s.positions.marker_token
-        cap = Capture(rows=[m], layers=layers)
-        base = runner.baseline(s.positions.input_ids, capture=cap)
-        base_rows = {layer: base.attn[layer][:, 0].cpu() for layer in layers}
-        base_att = [attention_metric(base_rows[layer], s.targets) for layer in layers]
-        sample_recs.append({"id": s.id, "group": s.group, "n_tokens": s.positions.seq_len, "marker_token": m,
-                            "targets": s.targets, "edges": [list(e) for e in s.edges],
-                            "attention_baseline": float(np.mean(base_att)),
-                            "attention_baseline_per_layer": base_att})
-        conds = [_edits(s, layers, d, heads) for d in doses]
-        t_alpha, t_note = None, None
-        if v is not None:
-            t_alpha, t_note = scale_for_attention(base_rows[layers[0]], s.targets, [k for _, k in s.edges], v, heads)
-            if t_alpha is not None:
-                conds.append(_edits(s, layers, t_alpha, heads))
-        outs = runner.run(base, conds, capture=cap)
-        for run, out in zip(dose_runs, outs, strict=False):
-            run["samples"].append(_measure(s, out, base, layers, lm.tokenizer, config.top_k))
-        if target_run is not None:
-            if t_alpha is None:
-                row = {"id": s.id, "group": s.group, "scale": None, "kl": None, "attention_achieved": None,
-                       "status": "unreachable", "note": t_note}
-            else:
-                row = {"scale": t_alpha, **_measure(s, outs[-1], base, layers, lm.tokenizer, config.top_k)}
-                if row["status"] == "ok" and abs(row["attention_achieved"] - v) > TARGET_TOLERANCE:
-                    row["status"], row["note"] = "missed", f"achieved {row['attention_achieved']:.6g}, asked {v:g}"
-            target_run["samples"].append(row)
+        if s.status == "ok":
+            rec, rows, trow = _dose_sample(lm, runner, s, config, layers, heads, doses)
+            sample_recs.append(rec)
+            for run, row in zip(dose_runs, rows, strict=True):
+                run["samples"].append(row)
+            if target_run is not None:
+                target_run["samples"].append(trow)
         step()
     elapsed = time.perf_counter() - t0
     for run in dose_runs:
@@ -399,10 +416,11 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, runner: ConditionRunne
         target_run.update(_summary(target_run["samples"]))
         scales = [r["scale"] for r in target_run["samples"] if r["status"] == "ok"]
         target_run["mean_scale"] = float(np.mean(scales)) if scales else None
+    all_heads = heads if heads is not None else list(range(n_heads))
     result = {
         "provenance": provenance.build(model=lm, corpus=corpus, config={
             "command": "steer dose", "groups": list(config.groups), "layers": layers, "doses": doses,
-            "heads": heads if heads is not None else list(range(n_heads)), "target_attention": v,
+            "heads": all_heads, "target_attention": v,
             "bos": config.bos, "skip_invalid": config.skip_invalid, "top_k": config.top_k,
             "mechanism": "post-softmax ×α on marker→target edges of the chosen heads and layers, row renormalised "
                          "(≡ +log α pre-softmax); a duplicated target is one edge",
@@ -411,7 +429,7 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, runner: ConditionRunne
                                   "weight of the steered marker row; several layers: the mean over the layers",
             "runner": runner.describe(), **config.extra}),
         "layers": layers,
-        "heads": heads if heads is not None else list(range(n_heads)),
+        "heads": all_heads,
         "groups": list(config.groups),
         "samples": sample_recs,
         "excluded": excluded(samples),
@@ -421,7 +439,7 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, runner: ConditionRunne
     }
     if target_run is not None:
         result["target"] = target_run
-    return result
+    return DoseResult(result)
 
 
 def _measure(s: SteerSample, out: Any, base: Any, layers: Sequence[int], tokenizer: Any, top_k: int
@@ -589,8 +607,8 @@ def fisher_one_sided(baseline_yes: int, steered_yes: int, n: int) -> float:
                               alternative="greater")[1])
 
 
-def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig, source: str = "",
-                 progress: Callable[[str, int], Callable[[], None]] | None = None) -> dict[str, Any]:
+def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig, *, source: str = "",
+                 progress: Callable[[str, int], Callable[[], None]] | None = None) -> GenerateResult:
     """Baseline vs steered generation per prompt; detection of test markers; Fisher's exact test across prompts."""
     layers = sorted({_layer(x, lm.n_layers) for x in (config.layers or [None])})
     if config.max_tokens < 1:
@@ -646,7 +664,7 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
         c["total"] += 1
         c["baseline_preserved"] += r["baseline_has_test"]
         c["steered_preserved"] += r["steered_has_test"]
-    return {
+    return GenerateResult({
         "provenance": provenance.build(model=lm, seed=config.seed, config={
             "command": "steer generate", "prompts": source, "layers": layers, "scale": config.scale,
             "heads": config.heads, "max_tokens": config.max_tokens, "temperature": config.temperature,
@@ -664,4 +682,17 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
                     "identical": sum(r["identical"] for r in rows), "fisher_exact_p": p_fisher},
         "by_category": cats,
         "timing": {"seconds": time.perf_counter() - t0},
-    }
+    })
+
+
+def calibrate_rows(result: dict) -> list[dict[str, Any]]:
+    """One flat row per sample of a calibration."""
+    keys = ("id", "group", "status", "marker_token", "attention", "uniform_null", "scale_to_a", "note")
+    return [{k: s.get(k) for k in keys} for s in result["samples"]]
+
+
+def generate_rows(result: dict) -> list[dict[str, Any]]:
+    """One flat row per prompt of a steered generation."""
+    keys = ("id", "category", "baseline", "steered", "baseline_tokens", "steered_tokens", "identical",
+            "baseline_has_test", "steered_has_test", "change")
+    return [{k: s.get(k) for k in keys} for s in result["samples"]]

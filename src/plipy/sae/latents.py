@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from plipy.errors import PlipyError
-from plipy.sae import SAE, steer_layer
+from plipy.sae.model import SAE, steer_layer
 
 LATENT_TEMPLATE = "The {entity_type} '{entity}'"  # upstream latent-discovery prompt (load_data.py:341-345)
 ACTIVE = 1e-6  # upstream: a latent is active when its activation exceeds 1e-6
@@ -75,7 +75,7 @@ def latent_activations(lm: Any, sae: SAE, layer: int, items: Sequence[tuple[list
                        desc: str = "entity latents") -> torch.Tensor:  # fmt: skip
     """SAE latents `[n, d_sae]` of resid_post of `layer` at one position per sequence (right-padded batches:
     causal attention never looks at the padding after a position, so each row computes what it would alone)."""
-    from plipy.sae_train import resid_post
+    from plipy.sae.train import resid_post
 
     tok = lm.tokenizer
     ids_ok = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
@@ -102,7 +102,7 @@ def general_frequency(lm: Any, sae: SAE, layer: int, n_tokens: int = 4096, seq_l
                       progress: Callable[[str, int], Callable[..., None]] | None = None) -> np.ndarray:  # fmt: skip
     """Per-latent activation frequency on offline general text (standard library sources and prose docs, BOS
     excluded) — plipy's stand-in for upstream's Pile filter."""
-    from plipy.sae_train import collect_activations, text_chunks
+    from plipy.sae.train import collect_activations, text_chunks
 
     acts = collect_activations(lm, layer, text_chunks(lm.tokenizer, seq_len, seed=seed), n_tokens, batch=16,
                                progress=progress)  # fmt: skip
@@ -183,7 +183,7 @@ def run_latents(lm: Any, sae: SAE, labels: dict[str, Any], split: str | None = "
                 progress: Callable[[str, int], Callable[..., None]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Score every latent of `sae` on the labelled entities and return the latent document (JSON-ready)."""
     from plipy import provenance
-    from plipy.sae import check_model
+    from plipy.sae.model import check_model
 
     check_model(sae, lm.hidden_size, lm.n_layers)
     layer = capture_layer(sae)

@@ -23,7 +23,7 @@ from typing import Any
 
 from plipy.errors import PlipyError
 from plipy.io import write_json
-from plipy.sae_train import DEFAULT_LAYER, TrainConfig
+from plipy.sae.train import DEFAULT_LAYER, TrainConfig
 
 Progress = Callable[[str, int], Callable[..., None]]
 Log = Callable[[str], None]
@@ -84,8 +84,8 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
     """Run (or resume) every stage into `out`; returns the summary document (also written as JSON + markdown)."""
     from plipy import entities
     from plipy import sae as saes
-    from plipy.experiments import sae_latents as sl
-    from plipy.sae_train import entity_sentences, train_on_model
+    from plipy.sae import latents as sl
+    from plipy.sae.train import entity_sentences, train_on_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
 
 def _test_prompts(labels: dict[str, Any], label: str, limit: int | None) -> tuple[list[Any], dict[str, int]]:
     """Template prompts of the balanced test entities with `label`, and the entity count per type."""
-    from plipy.experiments.sae_inputs import template_prompts
+    from plipy.sae.inputs import template_prompts
 
     lab = {(e["entity_type"], e["entity"]): e["label"] for e in labels["entities"]}
     rows = [{"entity": n, "entity_type": t, "label": label} for t, names in labels["test_balanced"].items()
@@ -199,9 +199,9 @@ def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[st
                      label: str, cfg: PipelineConfig, out: Path, fp_lat: str, progress: Progress | None,
                      log: Log) -> dict[str, Any]:  # fmt: skip
     """Steer `label` prompts with the opposite label's top latent (upstream); the test only with enough entities."""
-    from plipy.experiments import sae_attention as sa
-    from plipy.experiments import sae_inputs as si
-    from plipy.experiments.sae_latents import candidate_paths
+    from plipy import sae as sa
+    from plipy.sae import inputs as si
+    from plipy.sae.latents import candidate_paths
 
     other = "unknown" if label == "known" else "known"
     tops = latents.get("top", {}).get(other) or []
@@ -232,13 +232,10 @@ def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[st
         result = json.loads(json_path.read_text())
     else:
         partial = out / f"attention-{label}.partial"
-        result, arrays = sa.run_attention(lm, sae, prompts, acfg, checkpoint_dir=partial, progress=progress)
-        sa.write_columns(stem.with_suffix(".parquet"), sa.table_columns(arrays, prompts, latent))
-        from plipy.experiments import sae_attention_plots as plots
-
-        result["files"] = {"plots": [str(p) for p in plots.all_plots(result, arrays, prompts, stem)]}
-        result["pipeline_fingerprint"] = fp
-        write_json(json_path, result)
+        r = sa.run_attention(lm, sae, prompts, acfg, checkpoint_dir=partial, progress=progress)
+        r.annotate(pipeline_fingerprint=fp)
+        r.save(json_path, plots=True)
+        result = r.to_dict()
         shutil.rmtree(partial, ignore_errors=True)
     m0 = cfg.measures[0]
     g = result["measures"][m0]["by_label"].get(label, {})

@@ -28,170 +28,17 @@ import numpy as np
 import torch
 
 from plipy import provenance
-from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture, decoder_layers
+from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture
+from plipy.engine.arch import head_output_weights
 from plipy.errors import PlipyError
-from plipy.experiments.sae_inputs import EntityPrompt, Tokenized, positions_for, tokenize_prompt
 from plipy.io import atomic_write_bytes, write_json
-from plipy.sae import SAE, check_model, steer_layer
+from plipy.results import SaeAttentionResult
+from plipy.sae.inputs import EntityPrompt, Tokenized, positions_for, tokenize_prompt
+from plipy.sae.measures import MEASURES, key_index, layer_measures
+from plipy.sae.model import SAE, check_model, steer_layer
+from plipy.sae.steering import Steering, needs_residual, steering_adds
 
-MEASURES = ("attn_weights", "value_weighted", "output_value_weighted", "distance_based")
 EXPECTED = {"known": "decrease", "unknown": "increase"}  # upstream: known prompts get the unknown latent, and v.v.
-
-
-# ---------------------------------------------------------------------------------------------- steering
-
-
-@dataclass
-class Steering:
-    """How a latent is added: `coeff` a number, "norm" (× the residual's norm at that position) or "mean"
-    (× `mean_act`); `direction` the decoder row (upstream) or the encoder column; `ablate` latents whose
-    (normalised) decoder direction is projected out first."""
-
-    latent: int
-    coeff: float | str = 100.0
-    direction: str = "decoder"
-    ablate: tuple[int, ...] = ()
-    mean_act: float | None = None
-
-
-def parse_coeff(text: str | float) -> float | str:
-    """`100`, `-20.5`, `norm` or `mean`."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    t = str(text).strip().lower()
-    if t in ("norm", "mean"):
-        return t
-    try:
-        return float(t)
-    except ValueError:
-        raise PlipyError(f"coefficient must be a number, 'norm' or 'mean', got {text!r}") from None
-
-
-def needs_residual(s: Steering) -> bool:
-    """`norm` and ablation depend on the residual itself (read from the original forward at the same point)."""
-    return s.coeff == "norm" or bool(s.ablate)
-
-
-def steering_adds(sae: SAE, layer: int, steering: Steering, positions: Sequence[Sequence[int]],
-                  resid: torch.Tensor | None = None) -> list[ResidualAdd]:  # fmt: skip
-    """ResidualAdds at the input of `layer` for one batch; `positions[b]` are absolute (padded) positions of item b.
-
-    One add per absolute position with a `[batch, d]` vector (zero rows for items not steered there: x + 0 is x),
-    since a ResidualAdd's positions are shared by the batch. `resid` (`[batch, seq, d]`, the un-steered residual at
-    that point) is needed for `norm` and ablation. Skipped on single-token generation steps, as upstream.
-    """
-    d = sae.direction(steering.latent, steering.direction).float()
-    coeff = steering.coeff
-    if coeff == "mean":
-        if steering.mean_act is None:
-            raise PlipyError(f"coefficient 'mean' needs the mean activation of latent {steering.latent}")
-        coeff = float(steering.mean_act)
-    if coeff == 0 and not steering.ablate:
-        return []  # nothing added: the steered forward is the original one, bit for bit
-    if needs_residual(steering) and resid is None:
-        raise PlipyError("'norm' coefficients and ablation need the residual at the steering point")
-    units = [sae.direction(a, "decoder").double() for a in steering.ablate]
-    units = [u / u.norm() for u in units]
-    batch = len(positions)
-    per_pos: dict[int, torch.Tensor] = {}
-    for b, ps in enumerate(positions):
-        for p in ps:
-            vec = torch.zeros(sae.d_in, dtype=torch.float32)
-            if units:
-                x = resid[b, p].double().cpu()
-                y = x.clone()
-                for u in units:  # one after the other, as stacked upstream hooks do
-                    y = y - (y @ u) * u
-                vec += (y - x).float()
-            if coeff == "norm":
-                vec += d.cpu() * resid[b, p].float().norm().cpu()
-            else:
-                vec += float(coeff) * d.cpu()
-            per_pos.setdefault(int(p), torch.zeros(batch, sae.d_in))[b] = vec
-    return [ResidualAdd(layer, v, positions=[p], where="pre", skip_single_token=True)
-            for p, v in sorted(per_pos.items())]  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- measures
-
-
-def _attention_module(layer_module: torch.nn.Module) -> torch.nn.Module:
-    for name in ("self_attn", "attn", "attention", "self_attention"):
-        m = getattr(layer_module, name, None)
-        if isinstance(m, torch.nn.Module):
-            return m
-    for m in layer_module.modules():
-        if type(m).__name__.endswith("Attention"):
-            return m
-    raise PlipyError(f"no attention module in {type(layer_module).__name__}")
-
-
-def head_output_weights(model: torch.nn.Module, layer: int, n_heads: int) -> torch.Tensor:
-    """W_O per head, `[heads, head_dim, d_model]` (float64): Linear `o_proj`/`dense`/`out_proj` weight
-    `[d_model, H·d]` sliced by columns, or GPT-2's Conv1D `c_proj` weight `[H·d, d_model]` sliced by rows."""
-    attn = _attention_module(decoder_layers(model)[layer])
-    for name in ("o_proj", "c_proj", "dense", "out_proj"):
-        proj = getattr(attn, name, None)
-        if proj is not None and hasattr(proj, "weight"):
-            break
-    else:
-        raise PlipyError(f"layer {layer}: cannot find the attention output projection of {type(attn).__name__}")
-    w = proj.weight.detach().double()
-    if type(proj).__name__ == "Conv1D":  # GPT-2: y = x @ W, W [in, out]
-        hd = w.shape[0] // n_heads
-        return w.reshape(n_heads, hd, w.shape[1])
-    hd = w.shape[1] // n_heads  # Linear: y = x @ W.T, W [out, in]
-    return w.T.reshape(n_heads, hd, w.shape[0])
-
-
-def layer_measures(attn: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, kmask: torch.Tensor,
-                   w_o: torch.Tensor | None, measures: Sequence[str], ovw_norm: str = "l1") -> dict[str, torch.Tensor]:
-    """The measures of one layer, `{measure: [batch, heads]}` (float64).
-
-    `attn` `[batch, heads, keys]` is the last position's post-softmax row, `values` `[batch, kv_heads, keys, d]`
-    the raw value states (GQA: head h reads kv head h // (heads/kv_heads)), `keys` `[batch, P]` the steered
-    positions of each item (padded; `kmask` `[batch, P]` marks the real ones), `w_o` `[heads, d, d_model]` (needed
-    for the two output-space measures). Only the steered keys are projected: `[batch, heads, P, d_model]` at most.
-    """
-    a = attn.double()
-    b, n_heads, _ = a.shape
-    n_rep = n_heads // values.shape[1]
-    v = values.double().repeat_interleave(n_rep, dim=1)  # [b, H, K, d]
-    keys = keys.to(a.device)
-    m = kmask.to(a.device, torch.float64)[:, None, :]  # [b, 1, P]
-    a_k = a.gather(2, keys[:, None, :].expand(b, n_heads, -1))  # [b, H, P]
-    v_k = v.gather(2, keys[:, None, :, None].expand(b, n_heads, -1, v.shape[-1]))  # [b, H, P, d]
-    out: dict[str, torch.Tensor] = {}
-    if "attn_weights" in measures:
-        out["attn_weights"] = (a_k * m).sum(-1)
-    if "value_weighted" in measures:
-        out["value_weighted"] = (a_k * v_k.norm(dim=-1) * m).sum(-1)
-    if "output_value_weighted" in measures or "distance_based" in measures:
-        if w_o is None:
-            raise PlipyError("output-space measures need the per-head W_O")
-        w_o = w_o.to(a.device)
-        g = torch.einsum("bhpd,hdD->bhpD", v_k, w_o)  # v_k W_O^h
-        if "output_value_weighted" in measures:
-            p = 1 if ovw_norm == "l1" else 2
-            out["output_value_weighted"] = (a_k * g.norm(p=p, dim=-1) * m).sum(-1)
-        if "distance_based" in measures:
-            o = torch.einsum("bhd,hdD->bhD", torch.einsum("bhk,bhkd->bhd", a, v), w_o)  # Σ_k f_qk (no b_O)
-            f = a_k[..., None] * g
-            dist = (f - o[:, :, None, :] + 1e-6).norm(dim=-1)  # F.pairwise_distance semantics (eps=1e-6)
-            score = torch.clamp(o.norm(dim=-1)[..., None] - dist, min=1e-5)
-            out["distance_based"] = (score * m).sum(-1)
-    return out
-
-
-def key_index(steer_positions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-item steered positions as a padded `[batch, P]` index and its mask (items steer different counts)."""
-    width = max(len(ps) for ps in steer_positions)
-    keys = torch.zeros(len(steer_positions), width, dtype=torch.long)
-    kmask = torch.zeros(len(steer_positions), width, dtype=torch.bool)
-    for b, ps in enumerate(steer_positions):
-        keys[b, : len(ps)] = torch.tensor(list(ps), dtype=torch.long)
-        kmask[b, : len(ps)] = True
-    return keys, kmask
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -306,12 +153,21 @@ def default_heads(layer: int, n_layers: int, n_heads: int) -> list[tuple[int, in
     return [(la, h) for la in range(layer, n_layers) for h in range(n_heads)]
 
 
-def parse_heads(text: str | None, n_layers: int, n_heads: int) -> list[tuple[int, int]] | None:
-    """`L12H3,L14H0` → [(12, 3), (14, 0)]; `all` → every head; None/'' → default (layers ≥ the latent's)."""
-    if text is None or not text.strip():
+def parse_heads(value: Any, n_layers: int, n_heads: int, layer: int | None = None) -> list[tuple[int, int]] | None:
+    """Saved/tested heads. `L12H3,L14H0` names heads of layers; the common head grammar (`all`, `0,3`, `0-4`)
+    names those heads in every layer from the steering `layer` on (`all` without a layer: every layer).
+    None/'' → the default (every head of layers ≥ the steering layer)."""
+    from plipy import options
+
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
     if text.strip() == "all":
         return default_heads(0, n_layers, n_heads)
+    if "H" not in text.upper():
+        hs = options.parse_heads(text, n_heads)
+        first = 0 if layer is None else layer
+        return [(la, h) for la in range(first, n_layers) for h in hs or []]
     out = []
     for part in text.split(","):
         t = part.strip().upper()
@@ -358,25 +214,8 @@ class Checkpoints:
         atomic_write_bytes(self.folder / f"batch-{i:05d}.npz", buf.getvalue())
 
 
-def run_attention(
-    lm: Any,
-    sae: SAE,
-    prompts: Sequence[EntityPrompt],
-    config: AttentionConfig,
-    checkpoint_dir: Path | None = None,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Original vs steered attention measures for every prompt, plus the random-latent baseline.
-
-    Returns `(result, arrays)`: `result` is JSON-ready (provenance, per-head summaries, significance);
-    `arrays` = `{"original": {measure: [N, L, H]}, "steered": {latent: {measure: [N, L, H]}}}`.
-    """
-    model, tok = lm.model, lm.tokenizer
-    n_layers, n_heads = lm.n_layers, lm.n_heads
-    check_model(sae, lm.hidden_size, n_layers)
-    sae.check_latent(config.latent)
-    for a in config.ablate:
-        sae.check_latent(a)
+def check_config(config: AttentionConfig) -> None:
+    """Refuse settings that cannot run, before any model work."""
     bad = [m for m in config.measures if m not in MEASURES]
     if bad or not config.measures:
         raise PlipyError(f"unknown measure(s) {bad}: choose from {', '.join(MEASURES)}")
@@ -386,9 +225,63 @@ def run_attention(
         raise PlipyError(f"direction must be decoder or encoder, got {config.direction!r}")
     if config.expect not in ("auto", "increase", "decrease", "two-sided"):
         raise PlipyError(f"expect must be auto, increase, decrease or two-sided, got {config.expect!r}")
+    positions_for([0], 1, config.pos_type)  # validates the position type
+
+
+@dataclass
+class _Run:
+    """Everything the batches of one analysis share."""
+
+    engine: Engine
+    layer: int
+    latents: list[int]
+    steerings: dict[int, Steering]
+    w_o: dict[int, torch.Tensor]
+    resid_layer: int | None
+    pad_id: int
+
+
+def _batch_arrays(lm: Any, sae: SAE, run: _Run, config: AttentionConfig, toks: Sequence[Tokenized],
+                  step: Callable[[], None]) -> dict[str, np.ndarray]:
+    """The original and every latent's steered measures of one batch: `{"original/m" | "steered/lat/m": [b, L, H]}`."""
+    batch = make_batch(toks, config.pos_type, run.pad_id, lm.device)
+    arrays: dict[str, np.ndarray] = {}
+    orig, resid = forward_measures(run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm,
+                                   resid_layer=run.resid_layer)  # fmt: skip
+    step()
+    for m, v in orig.items():
+        arrays[f"original/{m}"] = v
+    for lat in run.latents:
+        adds = steering_adds(sae, run.layer, run.steerings[lat], batch.steer_positions, resid)
+        steered = orig if not adds else forward_measures(run.engine, lm.model, batch, run.w_o, config.measures,
+                                                         config.ovw_norm, adds)[0]  # fmt: skip
+        for m, v in steered.items():
+            arrays[f"steered/{lat}/{m}"] = v
+        step()
+    return arrays
+
+
+def run_attention(
+    lm: Any,
+    sae: SAE,
+    prompts: Sequence[EntityPrompt],
+    config: AttentionConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> SaeAttentionResult:
+    """Original vs steered attention measures for every prompt, plus the random-latent baseline.
+
+    The result's `arrays` = `{"original": {measure: [N, L, H]}, "steered": {latent: {measure: [N, L, H]}}}`."""
+    model, tok = lm.model, lm.tokenizer
+    n_layers, n_heads = lm.n_layers, lm.n_heads
+    check_model(sae, lm.hidden_size, n_layers)
+    sae.check_latent(config.latent)
+    for a in config.ablate:
+        sae.check_latent(a)
+    check_config(config)
     if not prompts:
         raise PlipyError("no prompts to analyse")
-    positions_for([0], 1, config.pos_type)  # validates the position type
     layer = resolve_layer(sae, config.layer, n_layers)
     heads = config.heads if config.heads is not None else default_heads(layer, n_layers, n_heads)
     randoms = pick_random_latents(sae, config)
@@ -398,15 +291,14 @@ def run_attention(
         if missing:
             raise PlipyError(f"coefficient 'mean': no mean activation for latent(s) {missing} in the latent file")
     toks = [tokenize_prompt(p, tok, bos=config.bos, index=i) for i, p in enumerate(prompts)]
-
-    engine = Engine(model, idle=config.attn_impl)
     w_o = {}
     if {"output_value_weighted", "distance_based"} & set(config.measures):
         w_o = {la: head_output_weights(model, la, n_heads) for la in range(n_layers)}
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     steerings = {lat: Steering(lat, config.coeff, config.direction, tuple(config.ablate),
                                config.latent_means.get(lat)) for lat in latents}  # fmt: skip
-    resid_layer = layer if any(needs_residual(s) for s in steerings.values()) else None
+    run = _Run(Engine(model, idle=config.attn_impl), layer, latents, steerings, w_o,
+               layer if any(needs_residual(s) for s in steerings.values()) else None,
+               tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
     fp = _fingerprint({
         "config": asdict(config), "randoms": randoms, "layer": layer, "sae": sae.describe(), "model": lm.spec,
         "dtype": str(next(model.parameters()).dtype), "prompts": [asdict(p) for p in prompts],
@@ -417,27 +309,13 @@ def run_attention(
     parts: list[dict[str, np.ndarray]] = []
     for bi, s in enumerate(starts):
         done = ckpt.load(bi)
-        if done is not None:
-            parts.append(done)
+        if done is None:
+            done = _batch_arrays(lm, sae, run, config, toks[s : s + config.batch_size], step)
+            ckpt.save(bi, done)
+        else:
             for _ in range(1 + len(latents)):
                 step()
-            continue
-        batch = make_batch(toks[s : s + config.batch_size], config.pos_type, pad_id, lm.device)
-        arrays: dict[str, np.ndarray] = {}
-        orig, resid = forward_measures(engine, model, batch, w_o, config.measures, config.ovw_norm,
-                                       resid_layer=resid_layer)  # fmt: skip
-        step()
-        for m, v in orig.items():
-            arrays[f"original/{m}"] = v
-        for lat in latents:
-            adds = steering_adds(sae, layer, steerings[lat], batch.steer_positions, resid)
-            steered = orig if not adds else forward_measures(engine, model, batch, w_o, config.measures,
-                                                             config.ovw_norm, adds)[0]  # fmt: skip
-            for m, v in steered.items():
-                arrays[f"steered/{lat}/{m}"] = v
-            step()
-        ckpt.save(bi, arrays)
-        parts.append(arrays)
+        parts.append(done)
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     out_arrays = {
         "original": {m: cat[f"original/{m}"] for m in config.measures},
@@ -449,7 +327,7 @@ def run_attention(
         **asdict(config), "layer": layer, "random_latents": randoms, "fingerprint": fp,
         "latent_means": {str(k): v for k, v in config.latent_means.items() if k in latents},
     })  # fmt: skip
-    return result, out_arrays
+    return SaeAttentionResult(result, arrays=out_arrays)
 
 
 def difference(arrays: dict[str, Any], latent: int, measure: str) -> np.ndarray:
@@ -562,13 +440,13 @@ def table_columns(arrays: dict[str, Any], prompts: Sequence[EntityPrompt], top: 
     return cols
 
 
-def write_columns(path: str | Path, cols: dict[str, np.ndarray]) -> Path:
-    """Columns as Parquet (`.parquet`) or CSV (`.csv`), atomically."""
+def columns_bytes(cols: dict[str, np.ndarray], fmt: str = "parquet") -> bytes:
+    """Columns as Parquet or CSV bytes."""
     import pyarrow as pa
 
     table = pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in cols.items()})
     sink = pa.BufferOutputStream()
-    if Path(path).suffix == ".csv":
+    if fmt == "csv":
         import pyarrow.csv as pcsv
 
         pcsv.write_csv(table, sink)
@@ -576,14 +454,43 @@ def write_columns(path: str | Path, cols: dict[str, np.ndarray]) -> Path:
         import pyarrow.parquet as pq
 
         pq.write_table(table, sink)
-    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
 
 
-def save_npy(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int],
-             stem: Path) -> list[Path]:  # fmt: skip
+def write_columns(path: str | Path, cols: dict[str, np.ndarray]) -> Path:
+    """Columns as Parquet (`.parquet`) or CSV (`.csv`), atomically."""
+    return atomic_write_bytes(path, columns_bytes(cols, "csv" if Path(path).suffix == ".csv" else "parquet"))
+
+
+def arrays_from_table(path: str | Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The `{original, steered}` arrays back from a saved long table (rows: latent, prompt, layer, head)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    table = pcsv.read_csv(p) if p.suffix == ".csv" else pq.read_table(p)
+    n, n_layers, n_heads = len(result["prompts"]), result["n_layers"], result["n_heads"]
+    measures = list(result["measures"])
+    lat = table.column("latent").to_numpy()
+    latents = list(dict.fromkeys(int(x) for x in lat))
+    per = n * n_layers * n_heads
+    if len(lat) != per * len(latents):
+        raise PlipyError(f"{p}: {len(lat)} rows, expected {per * len(latents)} for this result")
+    cols = {m: (table.column(f"{m}_original").to_numpy(), table.column(f"{m}_steered").to_numpy()) for m in measures}
+    shape = (n, n_layers, n_heads)
+    return {
+        "original": {m: cols[m][0][:per].astype(np.float64).reshape(shape) for m in measures},
+        "steered": {lt: {m: cols[m][1][i * per:(i + 1) * per].astype(np.float64).reshape(shape) for m in measures}
+                    for i, lt in enumerate(latents)},
+    }
+
+
+def npy_bytes(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int],
+              stem: Path) -> dict[Path, bytes]:  # fmt: skip
     """Upstream-compatible `.npy` dicts `{'L{l}H{h}': differences}` per measure (+ a list of dicts for the random
-    latents), loadable with `np.load(path, allow_pickle=True).item()` (random: `.tolist()`)."""
-    paths = []
+    latents), loadable with `np.load(path, allow_pickle=True).item()` (random: `.tolist()`). These are pickled
+    object arrays: load them only from a source you trust."""
+    out = {}
     for m in arrays["original"]:
 
         def as_dict(lat: int, m: str = m) -> dict[str, np.ndarray]:
@@ -594,5 +501,11 @@ def save_npy(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int,
                           (f"{stem}-{m}-random.npy", [as_dict(r) for r in randoms])):  # fmt: skip
             buf = io.BytesIO()
             np.save(buf, np.array(obj, dtype=object), allow_pickle=True)
-            paths.append(atomic_write_bytes(name, buf.getvalue()))
-    return paths
+            out[Path(name)] = buf.getvalue()
+    return out
+
+
+def save_npy(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int],
+             stem: Path) -> list[Path]:  # fmt: skip
+    """Write the `.npy` dicts of `npy_bytes`, atomically."""
+    return [atomic_write_bytes(p, b) for p, b in npy_bytes(arrays, heads, top, randoms, stem).items()]

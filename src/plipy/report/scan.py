@@ -1,50 +1,19 @@
-"""Plots and console tables for results. Matplotlib with the Agg backend: PNGs, no display needed."""
+"""Scan reports: group means per layer with CIs beside the nulls, the layer × head difference heatmap, one
+sample's marker row as shaded text, and the console table."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
-from plipy.io import atomic_write_bytes
-
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from plipy.report.base import COLORS, Note, fmt_num, fmt_p, fmt_pct, mean_ci, pyplot
 
 
-def _save(fig, path: Path) -> Path:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    _plt().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and t-based 95% CI of the mean."""
-    from scipy import stats as st
-
-    a = np.asarray(values, float)
-    m = float(a.mean())
-    if len(a) < 2:
-        return m, m, m
-    h = float(st.sem(a) * st.t.ppf(0.975, len(a) - 1))
-    return m, m - h, m + h
-
-
-def scan_layers_plot(result: dict, path: Path) -> Path:
+def layers_figure(result: dict) -> Any:
     """Group means per layer with 95% CI bands; dashed lines: uniform null 1/(m+1); dotted: share on token 0."""
-    plt = _plt()
+    plt = pyplot()
     layers = result["layers_scanned"]
     groups = result["provenance"]["config"]["groups"]
     samples = [s for s in result["samples"] if "attention" in s]
@@ -55,7 +24,7 @@ def scan_layers_plot(result: dict, path: Path) -> Path:
         if not rows:
             continue
         for key, axis in (("attention", ax), ("excess", ax2)):
-            mci = np.array([_mean_ci([s[key][i] for s in rows]) for i in range(len(layers))])
+            mci = np.array([mean_ci([s[key][i] for s in rows]) for i in range(len(layers))])
             axis.plot(layers, mci[:, 0], "-o", ms=3, color=col, label=f"{g} (n={len(rows)})")
             axis.fill_between(layers, mci[:, 1], mci[:, 2], color=col, alpha=0.18)
         null = float(np.mean([s["uniform_null"] for s in rows]))
@@ -70,12 +39,12 @@ def scan_layers_plot(result: dict, path: Path) -> Path:
     ax2.legend(fontsize=7)
     model = result["provenance"].get("model", {}).get("spec", "")
     fig.suptitle(f"plipy scan — {model}", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
-def scan_heads_plot(result: dict, path: Path) -> Path:
+def heads_figure(result: dict) -> Any:
     """Layer × head heatmap of the group difference in attention; BH-significant cells are outlined."""
-    plt = _plt()
+    plt = pyplot()
     ph = result["per_head"]
     diff = np.array(ph["mean_diff"])
     sig = np.array(ph["p_bh"], dtype=float) < 0.05
@@ -89,13 +58,12 @@ def scan_heads_plot(result: dict, path: Path) -> Path:
     ax.set_xticks(range(len(ph["heads"])), ph["heads"], fontsize=7)
     ax.set(xlabel="head", ylabel="layer", title=f"mean attention {ga} − {gb}\n(outlined: BH p < 0.05)")
     fig.colorbar(im, ax=ax, fraction=0.05)
-    return _save(fig, path)
+    return fig
 
 
-def token_row_plot(tokens: list[str], weights: list[float], marker: int, targets: list[int], title: str,
-                   path: Path) -> Path:
+def token_row_figure(tokens: list[str], weights: list[float], marker: int, targets: list[int], title: str) -> Any:
     """One sample's marker row as text: each token's background shows its attention weight."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib import colormaps
 
     cmap = colormaps["Oranges"]
@@ -122,18 +90,42 @@ def token_row_plot(tokens: list[str], weights: list[float], marker: int, targets
     ax.set_ylim(y - line_h, 1.02)
     ax.set_xlim(0, 1)
     ax.set_title(title + "  (blue box: marker; green: targets; grey: after the marker)", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def fmt_pct(x: Any) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
 
-
-def fmt_num(x: Any, spec: str = ".2f") -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def fmt_p(p: Any) -> str:
-    if p is None:
-        return "—"
-    return f"{p:.1e}" if p < 1e-4 else f"{p:.4f}"
+def summary(result: dict) -> list[Any]:
+    """The console report of a scan: the per-layer table, the null line, best layers, samples not measured."""
+    ga, gb = result["groups_compared"]
+    t = Table(title=f"Layer scan: {ga} vs {gb} (attention marker → targets, head mean)", header_style="bold")
+    for col in ("layer", f"{ga}", f"{gb}", "ratio", "t", "df", "p", "", "p Holm", "null ratio", "excess ratio",
+                "p excess Holm", f"tok0 {ga}", f"tok0 {gb}"):
+        t.add_column(col, justify="right")
+    for r in result["layers"]:
+        e = r["excess"]
+        t.add_row(
+            str(r["layer"]), fmt_pct(r["groups"][ga]["mean"]), fmt_pct(r["groups"][gb]["mean"]),
+            fmt_num(r["ratio"]) + "×", fmt_num(r["t"]), fmt_num(r["df"], ".1f"), fmt_p(r["p"]), r["stars"],
+            fmt_p(r["p_holm"]), fmt_num(r["null_ratio"]) + "×", fmt_num(e["ratio"]) + "×", fmt_p(e["p_holm"]),
+            fmt_pct(r["first_token_share"][ga]), fmt_pct(r["first_token_share"][gb]),
+        )
+    out: list[Any] = [t]
+    nr = result["null_ratio"]
+    out.append(
+        f"uniform null 1/(m+1): {ga} {fmt_pct(result['uniform_null'][ga]['mean'])}, "
+        f"{gb} {fmt_pct(result['uniform_null'][gb]['mean'])} → null ratio {fmt_num(nr)}× "
+        "(a ratio near this is explained by marker position alone)"
+    )
+    b = result["best"]
+    out.append(
+        f"best layer, PLIP rule ({ga} > {gb}, min p): {b['plip_rule']['layer']} (p={fmt_p(b['plip_rule']['p'])}); "
+        f"by Holm-corrected p: {b['holm']['layer']} (p_holm={fmt_p(b['holm']['p_holm'])}); "
+        f"position-controlled (excess): {b['excess_holm']['layer']} (p_holm={fmt_p(b['excess_holm']['p_holm'])})"
+    )
+    skipped = [s for s in result["samples"] if "attention" not in s]
+    for s in skipped:
+        out.append(Note(f"not measured {s['id']} ({s['group']}): {s['status']} — {s.get('note', '')}"))
+    partial = [s["id"] for s in result["samples"] if s["status"] == "partial-targets"]
+    if partial:
+        out.append(Note(f"targets after the marker left out of the mean for: {', '.join(partial)}"))
+    return out

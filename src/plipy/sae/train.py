@@ -28,7 +28,7 @@ import torch
 
 from plipy.engine import decoder_layers
 from plipy.errors import PlipyError
-from plipy.sae import SAE
+from plipy.sae.model import SAE
 
 ARCHS = ("topk", "jumprelu")
 # `progress(description, total)` returns `step(advance=1, **metrics)` (the CLI shows the metrics beside the bar).
@@ -472,7 +472,7 @@ def train_on_model(lm: Any, layer: int, cfg: TrainConfig, out: str | Path | None
     """Collect activations of `layer`'s resid_post, train, evaluate on held-out text, and (if `out`) save the SAE
     in SAELens format with `training.json` (config, metrics, provenance) and `sparsity.safetensors` beside it."""
     from plipy import provenance
-    from plipy.sae import save_saelens
+    from plipy.sae.io import save_saelens
 
     cfg.check()
     if not 0 <= layer < lm.n_layers - 1:

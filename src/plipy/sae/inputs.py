@@ -68,10 +68,17 @@ def load_prompts(path: str | Path, template: str = TEMPLATE) -> list[EntityPromp
             json.loads(line) for line in text.splitlines() if line.strip()]  # fmt: skip
     except ValueError as e:
         raise PlipyError(f"{p}: not JSON or JSONL: {e}") from e
+    if not isinstance(rows, list):
+        raise PlipyError(f"{p}: expected a JSON list or JSONL rows")
+    return prompts_from_rows(rows, template, where=str(p))
+
+
+def prompts_from_rows(rows: list[Any], template: str = TEMPLATE, where: str = "prompts") -> list[EntityPrompt]:
+    """Rows `{prompt, entity, entity_type, label}` as prompts; rows without `prompt` use the template."""
     out: list[EntityPrompt] = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "entity" not in r:
-            raise PlipyError(f"{p} row {i}: needs at least an 'entity' field")
+            raise PlipyError(f"{where} row {i}: needs at least an 'entity' field")
         if "prompt" in r:
             out.append(EntityPrompt(str(r["prompt"]), str(r["entity"]), str(r.get("entity_type") or ""),
                                     r.get("label"), r.get("relation")))  # fmt: skip

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from plipy.engine import Capture, EdgeEdit, Engine
+from plipy.engine.arch import adapter
 from plipy.engine.spec import LayerEdit, compile_edits
 from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
 
@@ -180,58 +181,60 @@ class ConditionRunner:
         condition cannot change (layers below its first edit, identity conditions) are the baseline's."""
         outcomes: list[Outcome | None] = [None] * len(conditions)
         plans: list[_Plan] = []
-        seq = base.input_ids.shape[1]
         for i, edits in enumerate(conditions):
-            # materialise iterables: the edits are read again when batched
-            edits = [EdgeEdit(list(e.layers), list(e.edges), e.scale, None if e.heads is None else list(e.heads))
-                     for e in edits]
-            try:
-                compiled = compile_edits(edits, self.n_layers, self.n_heads)
-            except CausalEdgeError as e:
-                outcomes[i] = Outcome(None, "edge-masked", str(e))
-                continue
-            if not compiled:
-                outcomes[i] = Outcome(base.logits, "identity", "no edit left (no edges, no heads or scale 1)",
-                                      attn=base.attn if capture is not None else None)
-                continue
-            first_layer = min(compiled)
-            queries = [q for les in compiled.values() for le in les for _b, q, _k in le.edges]
-            first_query = min(queries)
-            for les in compiled.values():
-                for le in les:
-                    for b, q, k in le.edges:
-                        if b not in (None, 0):
-                            raise PlipyError(f"condition {i}: edge ({b}, {q}, {k}) names batch item {b}; "
-                                             "the runner runs one sequence, give (query, key) edges")
-                        if q >= seq:
-                            raise PlipyError(f"condition {i}: edge query {q} is past the sequence ({seq} tokens)")
-            dead = dead_row(compiled)
-            if dead is not None:
-                outcomes[i] = Outcome(None, "row-fully-masked", dead, first_layer, first_query)
-                continue
-            plans.append(_Plan(i, edits, first_layer, first_query))
+            planned = self._plan_condition(base, i, edits, capture)
+            if isinstance(planned, _Plan):
+                plans.append(planned)
+            else:
+                outcomes[i] = planned
         self.stats.conditions += len(conditions)
+        self._run_plans(base, plans, capture, outcomes)
+        return outcomes  # type: ignore[return-value]
 
+    def _plan_condition(self, base: Baseline, i: int, edits: ConditionEdits, capture: Capture | None
+                        ) -> _Plan | Outcome:
+        """Condition i as a plan to run, or its Outcome already when it needs no forward (identity, masked)."""
+        # materialise iterables: the edits are read again when batched
+        edits = [EdgeEdit(list(e.layers), list(e.edges), e.scale, None if e.heads is None else list(e.heads))
+                 for e in edits]
+        try:
+            compiled = compile_edits(edits, self.n_layers, self.n_heads)
+        except CausalEdgeError as e:
+            return Outcome(None, "edge-masked", str(e))
+        if not compiled:
+            return Outcome(base.logits, "identity", "no edit left (no edges, no heads or scale 1)",
+                           attn=base.attn if capture is not None else None)
+        first_layer = min(compiled)
+        queries = [q for les in compiled.values() for le in les for _b, q, _k in le.edges]
+        first_query = min(queries)
+        _check_single_sequence(i, compiled, base.input_ids.shape[1])
+        dead = dead_row(compiled)
+        if dead is not None:
+            return Outcome(None, "row-fully-masked", dead, first_layer, first_query)
+        return _Plan(i, edits, first_layer, first_query)
+
+    def _run_plans(self, base: Baseline, plans: list[_Plan], capture: Capture | None,
+                   outcomes: list[Outcome | None]) -> None:
+        """Run the plans, fast (batched by earliest query) where possible, filling in their outcomes."""
         # captured rows before q0 are outside the suffix call: such conditions run in full
         min_row = int(capture_rows(capture).min()) if capture is not None else None
         if self.path == "naive" or base.kv is None:
             for p in plans:
                 outcomes[p.index] = self._naive(base, p, capture)
-        else:
-            by_query: dict[int, list[_Plan]] = {}
-            for p in plans:
-                by_query.setdefault(p.first_query, []).append(p)
-            for q0, group in sorted(by_query.items()):
-                if min_row is not None and min_row < q0:
-                    for p in group:
-                        outcomes[p.index] = self._naive(base, p, capture)
-                    continue
-                group.sort(key=lambda p: p.first_layer)
-                for start in range(0, len(group), self.max_batch):
-                    chunk = group[start:start + self.max_batch]
-                    for p, o in zip(chunk, self._fast_safe(base, chunk, q0, capture), strict=True):
-                        outcomes[p.index] = o
-        return outcomes  # type: ignore[return-value]
+            return
+        by_query: dict[int, list[_Plan]] = {}
+        for p in plans:
+            by_query.setdefault(p.first_query, []).append(p)
+        for q0, group in sorted(by_query.items()):
+            if min_row is not None and min_row < q0:
+                for p in group:
+                    outcomes[p.index] = self._naive(base, p, capture)
+                continue
+            group.sort(key=lambda p: p.first_layer)
+            for start in range(0, len(group), self.max_batch):
+                chunk = group[start:start + self.max_batch]
+                for p, o in zip(chunk, self._fast_safe(base, chunk, q0, capture), strict=True):
+                    outcomes[p.index] = o
 
     def _naive(self, base: Baseline, p: _Plan, capture: Capture | None = None) -> Outcome:
         """A full forward of the whole sequence with the edits (the reference the fast path must equal)."""
@@ -325,6 +328,18 @@ class ConditionRunner:
 def capture_rows(capture: Capture) -> torch.Tensor:
     """The capture's rows as a tensor (for checks before running)."""
     return torch.as_tensor(capture.rows, dtype=torch.long)
+
+
+def _check_single_sequence(i: int, compiled: dict[int, list[LayerEdit]], seq: int) -> None:
+    """PlipyError unless condition i's edges all lie on the runner's one sequence (batch item 0, query < seq)."""
+    for les in compiled.values():
+        for le in les:
+            for b, q, k in le.edges:
+                if b not in (None, 0):
+                    raise PlipyError(f"condition {i}: edge ({b}, {q}, {k}) names batch item {b}; "
+                                     "the runner runs one sequence, give (query, key) edges")
+                if q >= seq:
+                    raise PlipyError(f"condition {i}: edge query {q} is past the sequence ({seq} tokens)")
 
 
 def _item_attn(rec: Any, j: int) -> dict[int, torch.Tensor] | None:
@@ -421,15 +436,6 @@ def _baseline_problem(outputs: list[Any], cache: Any, seq: int, n_layers: int) -
     return None
 
 
-def layer_windows(model: torch.nn.Module, n_layers: int) -> list[int | None]:
+def layer_windows(model: torch.nn.Module, n_layers: int | None = None) -> list[int | None]:
     """Per decoder layer, the sliding-window size (a key k is visible from query q when q − k < window), or None."""
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        cfg = model.config.get_text_config(decoder=True)
-        types, kwargs = get_layer_types_and_kwargs(cfg)
-        out = [kw.get("sliding_window") if t == "sliding_attention" else None for t, kw in zip(types, kwargs,
-                                                                                           strict=False)]
-    except Exception:  # noqa: BLE001 — configs without per-layer information: assume full attention
-        out = []
-    return (out + [None] * n_layers)[:n_layers]
+    return adapter(model).windows()

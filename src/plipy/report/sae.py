@@ -4,14 +4,13 @@ layer × head heatmap, known-vs-unknown boxes. All use the first measure of the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from plipy.experiments.sae_attention import difference
-from plipy.experiments.sae_inputs import EntityPrompt
-from plipy.report import _plt, _save
+from plipy.report.base import fmt_num, fmt_p, pyplot
+from plipy.sae.attention import difference
+from plipy.sae.inputs import EntityPrompt
 
 HEAD_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 MARKERS = ["o", "s", "D", "X", "^", "v", "P", "*"]
@@ -22,9 +21,9 @@ def _heads(result: dict) -> list[tuple[int, int]]:
     return [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in result["heads"]]
 
 
-def bars(result: dict, arrays: dict, measure: str, path: Path) -> Path:
+def bars(result: dict, arrays: dict, measure: str) -> Any:
     """Mean difference ± std (ddof 0) per saved head, as upstream's `plot_head_differences`."""
-    plt = _plt()
+    plt = pyplot()
     heads = _heads(result)
     d = difference(arrays, result["latent"], measure)
     vals = np.stack([d[:, la, h] for la, h in heads], axis=1)
@@ -44,7 +43,7 @@ def bars(result: dict, arrays: dict, measure: str, path: Path) -> Path:
     ax.set_xlabel("Head", fontsize=15)
     ax.set_ylabel(f"{measure} difference (steered − original)", fontsize=15)
     ax.set_title(f"latent {result['latent']} at layer {result['layer']}, n={d.shape[0]}", fontsize=13)
-    return _save(fig, path)
+    return fig
 
 
 def scatter_heads(result: dict, measure: str, n: int = 2) -> list[tuple[int, int]]:
@@ -53,9 +52,9 @@ def scatter_heads(result: dict, measure: str, n: int = 2) -> list[tuple[int, int
     return [(h["layer"], h["head_index"]) for h in ph[:n]]
 
 
-def scatter(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str, path: Path) -> Path:
+def scatter(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str) -> Any:
     """Original (x) vs steered (y) per prompt: colour per head, marker per entity type, dashed diagonal."""
-    plt = _plt()
+    plt = pyplot()
     orig, steered = arrays["original"][measure], arrays["steered"][result["latent"]][measure]
     types = list(dict.fromkeys(p.entity_type for p in prompts))
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -72,12 +71,12 @@ def scatter(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure
     ax.set(xlim=(0, top), ylim=(0, top), xlabel=f"Original {measure}", ylabel=f"Steered {measure}")
     ax.legend(fontsize=7, loc="best")
     ax.set_title(f"latent {result['latent']}: original vs steered", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
-def heatmap(result: dict, measure: str, path: Path) -> Path:
+def heatmap(result: dict, measure: str) -> Any:
     """Layer × head mean difference over all prompts (the steering layer is marked)."""
-    plt = _plt()
+    plt = pyplot()
     diff = np.array(result["measures"][measure]["mean_difference_layer_head"])
     fig, ax = plt.subplots(figsize=(1.5 + 0.45 * diff.shape[1], 1.2 + 0.22 * diff.shape[0]))
     lim = float(np.abs(diff).max()) or 1.0
@@ -85,15 +84,15 @@ def heatmap(result: dict, measure: str, path: Path) -> Path:
     ax.axhline(result["layer"] - 0.5, color="black", lw=1)
     ax.set(xlabel="head", ylabel="layer", title=f"mean {measure} difference\n(line: steering layer {result['layer']})")
     fig.colorbar(im, ax=ax, fraction=0.05)
-    return _save(fig, path)
+    return fig
 
 
-def boxes(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str, path: Path) -> Path | None:
+def boxes(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str) -> Any | None:
     """Original values of known vs unknown prompts for the scatter heads (None if there are not two labels)."""
     labels = [lab for lab in dict.fromkeys(p.label for p in prompts) if lab is not None]
     if len(labels) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     orig = arrays["original"][measure]
     heads = scatter_heads(result, measure)
     fig, ax = plt.subplots(figsize=(2 + 2 * len(heads), 4))
@@ -110,16 +109,80 @@ def boxes(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: 
     ax.set_xticks(range(len(heads)), [f"L{la}H{h}" for la, h in heads])
     ax.set(ylabel=f"original {measure}", title="known vs unknown (original)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def all_plots(result: dict[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], stem: Path) -> list[Path]:
-    """The four plots for the run's first measure, as `{stem}-{kind}.png`."""
-    m = next(iter(result["measures"]))
-    paths = [
-        bars(result, arrays, m, Path(f"{stem}-bars.png")),
-        scatter(result, arrays, prompts, m, Path(f"{stem}-scatter.png")),
-        heatmap(result, m, Path(f"{stem}-heatmap.png")),
-    ]
-    box = boxes(result, arrays, prompts, m, Path(f"{stem}-boxes.png"))
-    return paths + ([box] if box is not None else [])
+def figures(result: dict[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], measure: str | None = None
+            ) -> dict[str, Any]:
+    """The plots of one measure (default: the run's first) by kind: bars, scatter, heatmap, boxes (two labels)."""
+    m = measure or next(iter(result["measures"]))
+    figs = {"bars": bars(result, arrays, m), "scatter": scatter(result, arrays, prompts, m),
+            "heatmap": heatmap(result, m)}  # fmt: skip
+    box = boxes(result, arrays, prompts, m)
+    if box is not None:
+        figs["boxes"] = box
+    return figs
+
+
+def summary(result: dict) -> list[Any]:
+    """The console report: per measure the heads that moved most and the random-latent test per label."""
+    from rich.table import Table
+
+    out: list[Any] = []
+    for m, r in result["measures"].items():
+        top = sorted(r["per_head"], key=lambda h: -abs(h["mean_difference"]))[:8]
+        t = Table(title=f"{m}: latent {result['latent']} at the input of layer {result['layer']} "
+                  "(largest mean differences, steered − original)", header_style="bold")  # fmt: skip
+        for col in ("head", "original", "steered", "difference", "std"):
+            t.add_column(col, justify="right")
+        for h in top:
+            t.add_row(h["head"], fmt_num(h["mean_original"], ".4f"), fmt_num(h["mean_steered"], ".4f"),
+                      fmt_num(h["mean_difference"], "+.4f"), fmt_num(h["std_difference"], ".4f"))  # fmt: skip
+        out.append(t)
+        for lab, g in r["by_label"].items():
+            ps = ", ".join(f"{x['latent']}: p={fmt_p(x['p'])}, g={fmt_num(x['hedges_g'])}" for x in g["random"])
+            out.append(f"  label {lab} (n={g['n_prompts']}, expected {g['expected']}): mean difference "
+                       f"{fmt_num(g['mean_difference'], '+.4f')}; {g['summary']}" + (f"\n    {ps}" if ps else ""))
+    return out
+
+
+def training_summary(result: dict, model_name: str, layer: int, width: int) -> list[Any]:
+    """The console report of `plipy sae train`: reconstruction and next-token-loss metrics."""
+    from rich.table import Table
+
+    m, tr = result["metrics"], result["training"]
+    t = Table(title=f"SAE on {result['hook_name']} of {model_name} (steers at the input of layer {layer + 1})",
+              header_style="bold")  # fmt: skip
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [("explained variance (held out)", f"{m['explained_variance']:.4f}"), ("MSE per element", f"{m['mse']:.4g}"),
+            ("L0", f"{m['l0']:.1f}"), ("dead latents (whole last epoch)", f"{tr['dead_latents']} of {width}"),
+            ("next-token loss clean", f"{m['ce_clean']:.4f}"), ("… with the SAE spliced in", f"{m['ce_spliced']:.4f}"),
+            ("loss increase (nats)", f"{m['ce_increase']:+.4f}"),
+            ("… mean-ablated", f"{m.get('ce_mean_ablated', float('nan')):.4f}"),
+            ("loss recovered", "—" if m.get("ce_loss_recovered") is None else f"{m['ce_loss_recovered']:.3f}"),
+            ("seconds (collect / train / eval)", " / ".join(f"{result['timings_s'][x]:.0f}"
+                                                          for x in ("collect", "train", "eval")))]  # fmt: skip
+    for r in rows:
+        t.add_row(*r)
+    return [t]
+
+
+def latents_summary(doc: dict, split: str) -> list[Any]:
+    """The console report of `plipy sae latents`: the top latents per label with their activation frequencies."""
+    from rich.table import Table
+
+    t = Table(title=f"Top latents at the input of layer {doc['layer']} ({doc['n_entities']} entities, split {split})",
+              header_style="bold")  # fmt: skip
+    for col in ("label", "latent", "min score", "f known", "f unknown", "f general"):
+        t.add_column(col, justify="right")
+    for lab in ("known", "unknown"):
+        by_idx = {e["latent_idx"]: e for e in doc[lab].values()}
+        for i in doc["top"][lab][:5]:
+            e = by_idx[i]
+            t.add_row(lab, str(i), f"{e['score']:+.3f}", f"{e['freq_acts_known']:.3f}", f"{e['freq_acts_unknown']:.3f}",
+                      "—" if e.get("freq_general") is None else f"{e['freq_general']:.4f}")  # fmt: skip
+    out: list[Any] = [t]
+    if doc["skipped_types"]:
+        out.append(f"types without both labels (left out): {', '.join(doc['skipped_types'])}")
+    return out

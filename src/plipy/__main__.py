@@ -1,0 +1,5 @@
+"""`python -m plipy`: the same as the `plipy` command."""
+
+from plipy.cli import main
+
+main()

@@ -1,0 +1,306 @@
+"""The Python API: one function per experiment, the same options as the CLI flags, typed results.
+
+    import plipy
+    r = plipy.scan("smollm2-135m", layers="0-2")        # ScanResult
+    k = plipy.knockout("smollm2-135m", layer=14)         # KnockoutResult
+    d = plipy.steer.dose("smollm2-135m", layer=16)       # DoseResult
+    s = plipy.sae_attention("smollm2-135m", "saes/L9", latent=12, prompts="prompts.jsonl")
+
+`model` is a spec (alias, local dir, .gguf file, hub id), a `LoadedModel` from `plipy.load_model`, or a loaded HF
+causal LM with `tokenizer=`. `corpus` is a path, a `Corpus` or None (the bundled PLIP corpus). `layers`/`heads`
+take ints, lists or the CLI grammar (`all | plip | A-B | a,b,c`). `progress` is `start(description, total) ->
+step()`; `runner` is "auto" | "fast" | "naive" or a `ConditionRunner` to reuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from plipy import options as opt
+from plipy.errors import ParameterError, PlipyError
+from plipy.results import KnockoutResult, SaeAttentionResult, ScanResult
+
+Progress = Callable[[str, int], Callable[..., None]]
+DEFAULT_MODEL = "smollm2-135m"
+KNOCKOUT_MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-window")
+
+
+def as_model(model: Any = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", tokenizer: Any = None) -> Any:
+    """A `LoadedModel` from a spec, a `LoadedModel`, or a loaded HF causal LM (with its `tokenizer`)."""
+    from plipy.models import LoadedModel, load_model, wrap_model
+
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), dtype=dtype, device=device)
+    if hasattr(model, "config") and hasattr(model, "forward"):
+        if tokenizer is None:
+            raise ParameterError("tokenizer", "a loaded HF model needs its tokenizer: pass tokenizer=")
+        return wrap_model(model, tokenizer)
+    raise ParameterError("model", f"expected a model spec, a LoadedModel or an HF model, got {type(model).__name__}")
+
+
+def as_corpus(corpus: Any = None, *, offsets: str = "chars") -> Any:
+    """A `Corpus` from None (bundled), a path or a `Corpus`."""
+    from plipy.corpus import Corpus, load_corpus
+
+    if isinstance(corpus, Corpus):
+        return corpus
+    if corpus is None or isinstance(corpus, (str, Path)):
+        return load_corpus(corpus, offsets=opt.check_choice(offsets, ("chars", "bytes"), param="offsets"))
+    raise ParameterError("corpus", f"expected a path, a Corpus or None, got {type(corpus).__name__}")
+
+
+def _runner(runner: Any, lm: Any, condition_batch: int) -> tuple[Any, str]:
+    """(a ConditionRunner or None, the path name) from `runner=`."""
+    from plipy.engine.runner import ConditionRunner
+
+    if isinstance(runner, ConditionRunner):
+        return runner, runner.path
+    opt.check_choice(runner, ("auto", "fast", "naive"), param="runner")
+    opt.check_positive(condition_batch, param="condition_batch")
+    return None, runner
+
+
+# ---------------------------------------------------------------------------------------------- scan
+
+
+def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, layers: Any = "all",
+         heads: Any = "all", bos: bool = False, offsets: str = "chars", seed: int = 0, resamples: int = 10000,
+         dtype: str = "auto", device: str = "auto", tokenizer: Any = None, progress: Progress | None = None
+         ) -> ScanResult:
+    """Marker → target attention of every sample at every layer and head, beside the uniform and token-0 nulls,
+    with full statistics (`plipy scan`)."""
+    from plipy.experiments import scan as sc
+
+    opt.check_positive(resamples, param="resamples")
+    corp = as_corpus(corpus, offsets=offsets)
+    group_list = opt.parse_groups(groups)
+    sc.choose_groups(corp, group_list)  # bad groups fail before the model loads
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    cfg = sc.ScanConfig(groups=group_list, layers=opt.parse_layers(layers, lm.n_layers),
+                        heads=opt.parse_heads(heads, lm.n_heads), bos=bos, seed=seed, n_resamples=resamples,
+                        extra={"offsets": offsets})  # fmt: skip
+    return sc.run_scan(lm, corp, cfg, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------- knockout
+
+
+def knockout_mode(*, layer: Any = None, layers: Any = None, scan_layers: bool = False, scan_windows: bool = False,
+                  slide_window: int | None = None, center: int | None = None, max_radius: int | None = None) -> str:
+    """Which knockout mode the options ask for (one at most; default: PLIP's single layer)."""
+    chosen = [name for name, on in (("layer", layer is not None), ("layers", layers is not None),
+                                    ("scan-layers", scan_layers), ("scan-windows", scan_windows),
+                                    ("slide-window", slide_window is not None)) if on]  # fmt: skip
+    if len(chosen) > 1:
+        raise ParameterError("mode", f"choose one mode, got {', '.join(c.replace('-', '_') for c in chosen)}")
+    mode = chosen[0] if chosen else "layer"
+    if (center is not None or max_radius is not None) and mode != "scan-windows":
+        raise ParameterError("center", "center and max_radius only apply to scan_windows")
+    return mode
+
+
+def knockout_conditions(mode: str, n_layers: int, *, layer: Any = None, layers: Any = None,
+                        center: int | None = None, max_radius: int | None = None,
+                        slide_window: int | None = None) -> list[Any]:
+    """The conditions of a knockout mode on a model with `n_layers` layers."""
+    from plipy.experiments import knockout as ko
+
+    if mode == "layers":
+        rng = opt.parse_layers(layers, n_layers)
+        return [ko.Condition(rng, ko.layer_label(rng))]
+    if layer is not None:
+        opt.parse_layers(int(layer), n_layers, param="layer")
+    return ko.build_conditions(mode, n_layers, layer=layer, center=center,
+                               max_radius=5 if max_radius is None else max_radius, window=slide_window)
+
+
+def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | None = None, layers: Any = None,
+             scan_layers: bool = False, scan_windows: bool = False, center: int | None = None,
+             max_radius: int | None = None, slide_window: int | None = None, edges: str = "marker-to-targets",
+             heads: Any = "all", groups: Any = None, include_baselines: bool = False, bos: bool = False,
+             offsets: str = "chars", seed: int = 0, resamples: int = 10000, condition_batch: int = 32,
+             dtype: str = "auto", device: str = "auto", tokenizer: Any = None, runner: Any = "auto",
+             progress: Progress | None = None) -> KnockoutResult:
+    """Remove attention edges (marker → targets by default) in one layer, a set, each layer alone, or windows,
+    and measure the next-token KL on every sample (`plipy knockout`)."""
+    from plipy.experiments import knockout as ko
+    from plipy.experiments import scan as sc
+
+    opt.check_choice(edges, ko.EDGE_KINDS, param="edges")
+    opt.check_positive(resamples, param="resamples")
+    mode = knockout_mode(layer=layer, layers=layers, scan_layers=scan_layers, scan_windows=scan_windows,
+                         slide_window=slide_window, center=center, max_radius=max_radius)  # fmt: skip
+    corp = as_corpus(corpus, offsets=offsets)
+    group_list = opt.parse_groups(groups)
+    sc.choose_groups(corp, group_list)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    the_runner, path = _runner(runner, lm, condition_batch)
+    conditions = knockout_conditions(mode, lm.n_layers, layer=layer, layers=layers, center=center,
+                                     max_radius=max_radius, slide_window=slide_window)  # fmt: skip
+    cfg = ko.KnockoutConfig(conditions=conditions, mode=mode, edges=edges,
+                            heads=opt.parse_heads(heads, lm.n_heads), groups=group_list,
+                            include_baselines=include_baselines, bos=bos, seed=seed, n_resamples=resamples,
+                            path=path, max_batch=condition_batch, extra={"offsets": offsets})  # fmt: skip
+    return ko.run_knockout(lm, corp, cfg, progress=progress, runner=the_runner)
+
+
+# ---------------------------------------------------------------------------------------------- SAE attention
+
+
+def as_sae(sae: Any, *, hook: str | None = None) -> Any:
+    """An `SAE` from a path (SAELens folder, params.npz) or an `SAE`."""
+    from plipy.sae import SAE, load_sae
+
+    if isinstance(sae, SAE):
+        if hook is not None:
+            sae.hook_name = hook
+        return sae
+    if isinstance(sae, (str, Path)):
+        return load_sae(sae, hook_name=hook)
+    raise ParameterError("sae", f"expected an SAE or a path, got {type(sae).__name__}")
+
+
+def as_prompts(prompts: Any, *, template: str | None = None) -> list[Any]:
+    """Entity prompts from a JSONL/JSON path, a list of `EntityPrompt`s or a list of dicts
+    (`{prompt, entity, entity_type, label}`; rows without `prompt` use the template × base relations)."""
+    from plipy.sae import inputs as si
+
+    tmpl = template or si.TEMPLATE
+    if isinstance(prompts, (str, Path)):
+        items = si.load_prompts(prompts, template=tmpl)
+    elif isinstance(prompts, Sequence) and all(isinstance(p, si.EntityPrompt) for p in prompts):
+        items = list(prompts)
+    elif isinstance(prompts, Sequence) and all(isinstance(p, dict) for p in prompts):
+        items = si.prompts_from_rows(list(prompts), template=tmpl, where="prompts")
+    else:
+        raise ParameterError("prompts", "expected a path, EntityPrompts or dicts {prompt, entity, entity_type, label}")
+    for i, p in enumerate(items):
+        if not p.entity or p.entity not in p.prompt:
+            raise ParameterError("prompts", f"prompt {i}: entity {p.entity!r} not found in {p.prompt!r}")
+    if not items:
+        raise ParameterError("prompts", "no prompts to analyse")
+    return items
+
+
+def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int | None = None,
+                  hook: str | None = None, coeff: Any = 100.0, latent_means: dict[int, float] | None = None,
+                  direction: str = "decoder", ablate: Sequence[int] = (), pos: str = "entity_last",
+                  measures: Any = None, ovw_norm: str = "l1", heads: Any = None, expect: str = "auto",
+                  random: int = 10, random_candidates: Sequence[int] | None = None, seed: int = 42,
+                  alpha: float = 0.05, batch_size: int = 16, bos: bool = True, attn: str = "eager",
+                  dtype: str = "auto", device: str = "auto", tokenizer: Any = None,
+                  checkpoint_dir: str | Path | None = None, progress: Progress | None = None) -> SaeAttentionResult:
+    """Steer with an SAE latent at the entity and measure, per layer and head, how attention from the last position
+    to the steered tokens changes, against `random` random latents (`plipy sae attention`)."""
+    from plipy import sae as sa
+
+    items = as_prompts(prompts)
+    the_sae = as_sae(sae, hook=hook)
+    the_sae.check_latent(latent)
+    c = sa.parse_coeff(coeff)
+    if c == "mean" and not latent_means:
+        raise ParameterError("coeff", "'mean' needs the latents' mean activations (latent_means=, --latent-file)")
+    opt.check_positive(batch_size, param="batch_size")
+    opt.check_positive(random, param="random", minimum=0)
+    measure_list = tuple(opt.parse_groups(measures, param="measures") or sa.MEASURES)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    sa.check_model(the_sae, lm.hidden_size, lm.n_layers)
+    steer_at = sa.resolve_layer(the_sae, layer, lm.n_layers)
+    cfg = sa.AttentionConfig(
+        latent=latent, layer=steer_at, coeff=c, direction=direction, ablate=tuple(int(a) for a in ablate),
+        pos_type=pos, measures=measure_list, ovw_norm=ovw_norm,
+        heads=sa.parse_heads(heads, lm.n_layers, lm.n_heads, steer_at), expect=expect, n_random=random,
+        random_candidates=None if random_candidates is None else [int(x) for x in random_candidates], seed=seed,
+        alpha=alpha, batch_size=batch_size, bos=bos, attn_impl=attn, latent_means=dict(latent_means or {}),
+    )  # fmt: skip
+    ck = None if checkpoint_dir is None else Path(checkpoint_dir)
+    return sa.run_attention(lm, the_sae, items, cfg, checkpoint_dir=ck, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------- entities and SAEs
+
+
+def label_entities(model: Any = DEFAULT_MODEL, *, types: Any = None, limit: int | None = None, k: int | None = None,
+                   max_new_tokens: int | None = None, seed: int = 42, batch_size: int = 32, quick: bool = False,
+                   cache_dir: str | Path | None = None, cache: bool = True, dtype: str = "auto",
+                   device: str = "auto", tokenizer: Any = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Ask the model each entity's attribute queries, grade the answers, label entities known/unknown
+    (`plipy entities label`); returns the labels document."""
+    from plipy.entities.build import check_types
+    from plipy.entities.label import PROFILES
+    from plipy.entities.label import label_entities as run
+
+    chosen = check_types(opt.parse_groups(types, param="types"))
+    prof = PROFILES["quick" if quick else "pipeline"]
+    lim = prof["limit"] if limit is None else (limit or None)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    return run(lm, types=chosen, limit=lim, k=prof["k"] if k is None else k, seed=seed,
+               max_new_tokens=prof["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
+               batch_size=opt.check_positive(batch_size, param="batch_size"), cache_dir=cache_dir, progress=progress,
+               use_cache=cache)  # fmt: skip
+
+
+def train_sae(model: Any = DEFAULT_MODEL, *, layer: int = 9, out: str | Path | None = None,
+              entity_text: int = 500, dtype: str = "auto", device: str = "auto", tokenizer: Any = None,
+              progress: Progress | None = None, **train_options: Any) -> tuple[Any, dict[str, Any]]:
+    """Train an SAE on resid_post of `layer` on offline text (`plipy sae train`); returns (SAE, training report).
+    `train_options` are `plipy.sae.train.TrainConfig` fields (arch, width, k, lr, n_tokens, epochs, …)."""
+    from plipy.sae import train as st
+
+    try:
+        cfg = st.TrainConfig(**train_options)
+    except TypeError as e:
+        raise ParameterError("train_options", str(e)) from None
+    cfg.check()
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    docs: list[str] = []
+    if entity_text > 0:
+        from plipy import entities
+
+        docs = st.entity_sentences(entities.load_entities(limit=entity_text), seed=cfg.seed)
+    return st.train_on_model(lm, layer, cfg, out, extra_documents=docs, progress=progress)
+
+
+def score_latents(model: Any, sae: Any, labels: Any, *, split: str = "train", general_filter: bool = True,
+                  general_tokens: int = 4096, max_general_freq: float = 0.02, top: int = 20, batch_size: int = 32,
+                  hook: str | None = None, dtype: str = "auto", device: str = "auto", tokenizer: Any = None,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Score every SAE latent on known vs unknown entities (`plipy sae latents`); returns the latent document."""
+    from plipy import entities
+    from plipy.sae import latents as sl
+
+    opt.check_choice(split, ("train", "all"), param="split")
+    doc = entities.read_labels(labels) if isinstance(labels, (str, Path)) else labels
+    the_sae = as_sae(sae, hook=hook)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    return sl.run_latents(lm, the_sae, doc, split=None if split == "all" else split, general_filter=general_filter,
+                          general_tokens=general_tokens, max_general_freq=max_general_freq, top_n=top,
+                          batch_size=opt.check_positive(batch_size, param="batch_size"), progress=progress)
+
+
+def sae_pipeline(model: Any = DEFAULT_MODEL, out: str | Path | None = None, *, quick: bool = False,
+                 dtype: str = "auto", device: str = "auto", tokenizer: Any = None, progress: Progress | None = None,
+                 log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
+    """Data → labels → SAE → latents → attention analysis in one resumable folder (`plipy sae pipeline`);
+    `overrides` are `PipelineConfig` fields (label_limit, layer, coeff, n_random, …)."""
+    from dataclasses import fields, replace
+
+    from plipy.sae import pipeline as sp
+
+    cfg = sp.profile("quick" if quick else "default")
+    unknown = sorted(set(overrides) - {f.name for f in fields(cfg)})
+    if unknown:
+        raise ParameterError(unknown[0], "is not a pipeline setting")
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    name = f"sae-pipeline-{lm.name}" + ("-quick" if quick else "")
+    folder = Path(out) if out is not None else Path("results") / name
+    return sp.run_pipeline(lm, folder, cfg, progress=progress, log=log)
+
+
+__all__ = ["as_model", "as_corpus", "as_sae", "as_prompts", "scan", "knockout", "sae_attention", "label_entities",
+           "train_sae", "score_latents", "sae_pipeline", "PlipyError"]

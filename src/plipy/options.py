@@ -1,0 +1,133 @@
+"""The option grammars shared by the Python API and the CLI: layers, heads, groups, numbers.
+
+One grammar each, so `plipy.scan(..., layers="0-2")`, `layers=[0, 1, 2]` and `plipy scan --layers 0-2` mean the
+same. Errors are `ParameterError`s naming the parameter; the CLI shows the matching flag instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from plipy.errors import ParameterError
+
+LAYERS_GRAMMAR = "all | plip (n/3…n−1) | A-B | a,b,c"
+HEADS_GRAMMAR = "all | none | A-B | a,b,c"
+
+
+def _ints(value: Any, param: str, what: str) -> list[int]:
+    """Parse `3`, `[3, 5]`, `"3,5"`, `"0-4"` and mixes like `"0-2,7"` into a list of ints (unchecked)."""
+    if isinstance(value, bool):
+        raise ParameterError(param, f"expected {what} indices, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if not isinstance(value, str):
+        try:
+            return [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise ParameterError(param, f"expected {what} indices, got {value!r}") from None
+    out: list[int] = []
+    for part in value.split(","):
+        part = part.strip()
+        try:
+            if "-" in part.lstrip("-"):
+                a, b = (int(x) for x in part.split("-", 1))
+                if a > b:
+                    raise ParameterError(param, f"range {part!r} is empty: the start must not exceed the end")
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            grammar = LAYERS_GRAMMAR if what == "layer" else HEADS_GRAMMAR
+            raise ParameterError(param, f"cannot read {value!r}: use {grammar}") from None
+    return out
+
+
+def _checked(values: Iterable[int], n: int, param: str, what: str) -> list[int]:
+    vals = sorted(set(values))
+    bad = [v for v in vals if not 0 <= v < n]
+    if bad:
+        shown = f"{bad[0]}" if len(bad) == 1 else f"{bad[0]}…{bad[-1]} ({len(bad)} values)"
+        raise ParameterError(param, f"{what} {shown} out of range: the model has {n} {what}s (0-{n - 1})")
+    return vals
+
+
+def plip_layers(n_layers: int) -> list[int]:
+    """PLIP-rs' default scan range: n/3 … n−1."""
+    return list(range(n_layers // 3, n_layers))
+
+
+def parse_layers(value: Any, n_layers: int, *, param: str = "layers") -> list[int]:
+    """Layers from None/"all" (every layer), "plip", an int, a list, "A-B" or "a,b,c" → sorted unique indices."""
+    if value is None:
+        return list(range(n_layers))
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ParameterError(param, f"is empty: use {LAYERS_GRAMMAR}")
+        if text == "all":
+            return list(range(n_layers))
+        if text == "plip":
+            return plip_layers(n_layers)
+    vals = _checked(_ints(value, param, "layer"), n_layers, param, "layer")
+    if not vals:
+        raise ParameterError(param, f"names no layer: use {LAYERS_GRAMMAR}")
+    return vals
+
+
+def parse_heads(value: Any, n_heads: int, *, param: str = "heads", all_as_none: bool = False) -> list[int] | None:
+    """Query heads from None/"all", "none" (an identity run), an int, a list, "A-B" or "a,b,c".
+
+    With `all_as_none`, every head is None (the engine's "every head", the same numbers as listing them)."""
+    if value is None or (isinstance(value, str) and value.strip() == "all"):
+        return None if all_as_none else list(range(n_heads))
+    if isinstance(value, str):
+        if not value.strip():
+            raise ParameterError(param, f"is empty: use {HEADS_GRAMMAR}")
+        if value.strip() == "none":
+            return []
+    return _checked(_ints(value, param, "head"), n_heads, param, "head")
+
+
+def parse_groups(value: Any, *, param: str = "groups") -> list[str] | None:
+    """Groups from None (the default), "a,b", ["a", "b"] or ["a,b"] → a list of names."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    out = [g.strip() for item in items for g in str(item).split(",") if g.strip()]
+    if not out:
+        raise ParameterError(param, "names no group")
+    return out
+
+
+def parse_floats(value: Any, *, param: str) -> list[float]:
+    """Finite numbers from "0.5,1,2", a number or a list."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        items: Sequence[Any] = [value]
+    elif isinstance(value, str):
+        items = [x for x in value.split(",") if x.strip()]
+    else:
+        items = list(value)
+    try:
+        out = [float(x) for x in items]
+    except (TypeError, ValueError):
+        raise ParameterError(param, f"cannot read {value!r}: use comma-separated numbers, e.g. 0.5,1,2") from None
+    bad = [x for x in out if not math.isfinite(x)]
+    if bad:
+        raise ParameterError(param, f"must be finite numbers, got {bad}")
+    return out
+
+
+def check_positive(value: int, *, param: str, minimum: int = 1) -> int:
+    """An integer option that must be ≥ `minimum` (resamples, batch sizes, limits)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ParameterError(param, f"must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(value: str, choices: Sequence[str], *, param: str) -> str:
+    """A value from a fixed set."""
+    if value not in choices:
+        raise ParameterError(param, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,37 @@
+"""Entity-labelling reports: the known / unknown table of `plipy entities label`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from plipy.report.base import Note
+
+
+def labels_summary(doc: dict) -> list[Any]:
+    """The console report of `plipy entities label`: known / unknown / dropped per type and the test split."""
+    cfg = doc["config"]
+    t = Table(title=f"Known / unknown entities (K={cfg['k']}, attribute known at ≥{cfg['known_threshold']} correct)",
+              header_style="bold")  # fmt: skip
+    for col in ("type", "entities", "known", "unknown", "dropped", "test known", "test unknown", "balanced/label"):
+        t.add_column(col, justify="right")
+    for name, s in doc["summary"].items():
+        t.add_row(name, str(s["n"]), str(s["known"]), str(s["unknown"]), str(s["dropped"]), str(s["test"]["known"]),
+                  str(s["test"]["unknown"]), str(s["test_balanced_per_label"]))  # fmt: skip
+    out: list[Any] = [t]
+    for note in doc.get("notes", [])[1:]:
+        if "too small" in note:
+            out.append(Note(note))
+    return out
+
+
+def build_summary(lists: dict[str, list], paths: list[Any], upstream: dict[str, int]) -> list[Any]:
+    """The console report of `plipy entities build`: entities per type beside upstream's counts."""
+    t = Table(title="Entity lists", header_style="bold")
+    for col in ("type", "entities", "upstream", "file"):
+        t.add_column(col, justify="right")
+    for (name, ents), p in zip(lists.items(), paths, strict=True):
+        differs = "" if len(ents) == upstream[name] else " (differs)"
+        t.add_row(name, f"{len(ents):,}", f"{upstream[name]:,}{differs}", str(p))
+    return [t]

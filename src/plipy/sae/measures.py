@@ -1,0 +1,68 @@
+"""Attention from the last position to the steered positions, per layer and head, in float64 from per-key
+quantities (never a [batch, heads, q, k, d] tensor):
+
+- `attn_weights`           Σ a_qk
+- `value_weighted`         Σ ‖a_qk v_k‖ = Σ a_qk ‖v_k‖
+- `output_value_weighted`  Σ ‖a_qk v_k W_O^h‖ (L1 over d_model as upstream, L2 as an option)
+- `distance_based`         Σ clip(‖o_q^h‖ − ‖f_qk^h − o_q^h‖, 1e-5), f_qk^h = a_qk v_k W_O^h, o_q^h = Σ_k f_qk^h
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from plipy.errors import PlipyError
+
+MEASURES = ("attn_weights", "value_weighted", "output_value_weighted", "distance_based")
+
+
+def layer_measures(attn: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, kmask: torch.Tensor,
+                   w_o: torch.Tensor | None, measures: Sequence[str], ovw_norm: str = "l1") -> dict[str, torch.Tensor]:
+    """The measures of one layer, `{measure: [batch, heads]}` (float64).
+
+    `attn` `[batch, heads, keys]` is the last position's post-softmax row, `values` `[batch, kv_heads, keys, d]`
+    the raw value states (GQA: head h reads kv head h // (heads/kv_heads)), `keys` `[batch, P]` the steered
+    positions of each item (padded; `kmask` `[batch, P]` marks the real ones), `w_o` `[heads, d, d_model]` (needed
+    for the two output-space measures). Only the steered keys are projected: `[batch, heads, P, d_model]` at most.
+    """
+    a = attn.double()
+    b, n_heads, _ = a.shape
+    n_rep = n_heads // values.shape[1]
+    v = values.double().repeat_interleave(n_rep, dim=1)  # [b, H, K, d]
+    keys = keys.to(a.device)
+    m = kmask.to(a.device, torch.float64)[:, None, :]  # [b, 1, P]
+    a_k = a.gather(2, keys[:, None, :].expand(b, n_heads, -1))  # [b, H, P]
+    v_k = v.gather(2, keys[:, None, :, None].expand(b, n_heads, -1, v.shape[-1]))  # [b, H, P, d]
+    out: dict[str, torch.Tensor] = {}
+    if "attn_weights" in measures:
+        out["attn_weights"] = (a_k * m).sum(-1)
+    if "value_weighted" in measures:
+        out["value_weighted"] = (a_k * v_k.norm(dim=-1) * m).sum(-1)
+    if "output_value_weighted" in measures or "distance_based" in measures:
+        if w_o is None:
+            raise PlipyError("output-space measures need the per-head W_O")
+        w_o = w_o.to(a.device)
+        g = torch.einsum("bhpd,hdD->bhpD", v_k, w_o)  # v_k W_O^h
+        if "output_value_weighted" in measures:
+            p = 1 if ovw_norm == "l1" else 2
+            out["output_value_weighted"] = (a_k * g.norm(p=p, dim=-1) * m).sum(-1)
+        if "distance_based" in measures:
+            o = torch.einsum("bhd,hdD->bhD", torch.einsum("bhk,bhkd->bhd", a, v), w_o)  # Σ_k f_qk (no b_O)
+            f = a_k[..., None] * g
+            dist = (f - o[:, :, None, :] + 1e-6).norm(dim=-1)  # F.pairwise_distance semantics (eps=1e-6)
+            score = torch.clamp(o.norm(dim=-1)[..., None] - dist, min=1e-5)
+            out["distance_based"] = (score * m).sum(-1)
+    return out
+
+
+def key_index(steer_positions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item steered positions as a padded `[batch, P]` index and its mask (items steer different counts)."""
+    width = max(len(ps) for ps in steer_positions)
+    keys = torch.zeros(len(steer_positions), width, dtype=torch.long)
+    kmask = torch.zeros(len(steer_positions), width, dtype=torch.bool)
+    for b, ps in enumerate(steer_positions):
+        keys[b, : len(ps)] = torch.tensor(list(ps), dtype=torch.long)
+        kmask[b, : len(ps)] = True
+    return keys, kmask
