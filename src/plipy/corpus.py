@@ -154,6 +154,8 @@ def _decode_corpus(raw: bytes, path: Path) -> dict[str, Any]:
         raise CorpusError([f"not UTF-8 text ({e.reason} at byte {e.start})"], path) from None
     except json.JSONDecodeError as e:
         raise CorpusError([f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"], path) from None
+    except RecursionError:
+        raise CorpusError(["JSON nested too deeply to be a corpus"], path) from None
     if not isinstance(data, dict):
         raise CorpusError([f"the top level is a JSON {_json_type(data)}, not an object"], path)
     return data

@@ -333,9 +333,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise PlipyError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PlipyError(f"--device {device}: no CUDA GPU is available here (use cpu or auto)")
+    return dev
 
 
 _DTYPES = {

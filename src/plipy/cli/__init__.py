@@ -71,4 +71,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         raise
     if isinstance(rv, int) and rv:  # non-standalone mode returns `ctx.exit(n)` codes instead of exiting
+        if rv == 130:  # typer turns Ctrl-C into exit code 130, silently
+            print("interrupted", file=sys.stderr)
         sys.exit(rv)

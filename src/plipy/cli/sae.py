@@ -81,8 +81,8 @@ def attention(
     else:
         raise PlipyError("give --sae PATH, or --sae-release and --sae-id")
     the_sae.check_latent(latent)
+    coefficient = saes.parse_coeff(coeff)  # a bad coefficient fails before anything is printed
     _describe_sae(the_sae)
-    coefficient = saes.parse_coeff(coeff)
     if coefficient == "mean" and latent_file is None:
         raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
     lm = api.as_model(o.model, dtype=o.dtype, device=o.device)

@@ -467,6 +467,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def monotonicity(dose_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Does the group mean move the right way with the dose? Attention achieved must rise with α; KL is 0 at
     α = 1 and should rise with |log α| on each side (it need not be monotone in α itself)."""
+    if sum(1 for r in dose_runs if r["n"]) < 2:  # one dose shows no trend: say so rather than "True"
+        return {"scales": [r["scale"] for r in dose_runs if r["n"]], "attention_increasing": None,
+                "kl_increasing_above_1": None, "kl_increasing_below_1": None, "samples_attention_increasing": None,
+                "note": "fewer than two doses: no monotonicity to judge"}
     runs = sorted((r for r in dose_runs if r["n"]), key=lambda r: r["scale"])
     att = [r["mean_attention_achieved"] for r in runs]
     above = [r["mean_kl"] for r in runs if r["scale"] >= 1]

@@ -194,7 +194,10 @@ class Checkpoints:
             return
         meta = folder / "meta.json"
         if meta.is_file():
-            old = json.loads(meta.read_text()).get("fingerprint")
+            try:
+                old = json.loads(meta.read_text()).get("fingerprint")
+            except (OSError, ValueError, AttributeError):
+                raise PlipyError(f"{meta} is corrupt: delete {folder} or pass --fresh") from None
             if old != fingerprint:
                 raise PlipyError(f"{folder} holds partial results of a different run: delete it or pass --fresh")
         else:
@@ -203,7 +206,7 @@ class Checkpoints:
     def load(self, i: int) -> dict[str, np.ndarray] | None:
         if self.folder is None or not (f := self.folder / f"batch-{i:05d}.npz").is_file():
             return None
-        with np.load(f) as z:
+        with np.load(f, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
     def save(self, i: int, arrays: dict[str, np.ndarray]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,10 @@ def _threshold(get) -> torch.Tensor | None:
 def _load_npz(p: Path) -> SAE:
     """Gemma Scope: W_enc, W_dec, b_enc, b_dec, threshold; JumpReLU, no b_dec subtraction on the input."""
     try:
-        with np.load(p) as z:
+        with np.load(p, allow_pickle=False) as z:
             state = {k: np.array(z[k]) for k in z.files}
-    except (OSError, ValueError) as e:
-        raise PlipyError(f"SAE {p}: cannot read npz: {e}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated file is a BadZipFile
+        raise PlipyError(f"SAE {p}: cannot read npz ({type(e).__name__}: {e}); is the file complete?") from None
     arch = "jumprelu" if ("threshold" in state or "THRESHOLD" in state) else "standard"
     m = re.search(r"layer_(\d+)", str(p))
     hook = f"blocks.{m.group(1)}.hook_resid_post" if m else None

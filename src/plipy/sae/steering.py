@@ -3,6 +3,7 @@ optional ablation of other latents at the same positions."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,14 +30,18 @@ class Steering:
 def parse_coeff(text: str | float) -> float | str:
     """`100`, `-20.5`, `norm` or `mean`."""
     if isinstance(text, (int, float)):
-        return float(text)
-    t = str(text).strip().lower()
-    if t in ("norm", "mean"):
-        return t
-    try:
-        return float(t)
-    except ValueError:
-        raise PlipyError(f"coefficient must be a number, 'norm' or 'mean', got {text!r}") from None
+        value = float(text)
+    else:
+        t = str(text).strip().lower()
+        if t in ("norm", "mean"):
+            return t
+        try:
+            value = float(t)
+        except ValueError:
+            raise PlipyError(f"coefficient must be a number, 'norm' or 'mean', got {text!r}") from None
+    if not math.isfinite(value):  # nan/inf would make every steered measure meaningless
+        raise PlipyError(f"coefficient must be a finite number, got {text!r}")
+    return value
 
 
 def needs_residual(s: Steering) -> bool:

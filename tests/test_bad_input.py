@@ -1,0 +1,125 @@
+"""Bad input through the real CLI: one `error:` line on stderr, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plipy.cli import main
+
+
+def _nested(tmp_path):
+    p = tmp_path / "deep.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    return p
+
+
+def _truncated_npz(tmp_path):
+    import numpy as np
+
+    p = tmp_path / "params.npz"
+    np.savez(p, W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 4), np.float32))
+    p.write_bytes(p.read_bytes()[:200])
+    return p
+
+
+CASES = [
+    (["scan", "--layers", ""], "--layers: is empty"),
+    (["scan", "--resamples", "0"], "--resamples: must be an integer ≥ 1"),
+    (["scan", "--groups", "nope,rust_test"], "unknown group"),
+    (["scan", "--device", "cuda"], "no CUDA GPU"),
+    (["scan", "--table-format", "xlsx"], "--table-format: must be one of parquet, csv"),
+    (["knockout", "--layer", "3", "--scan-layers"], "choose one mode"),
+    (["steer", "dose", "--doses", "1,x"], "--doses: cannot read"),
+    (["steer", "generate", "--limit", "0"], "--limit: must be an integer ≥ 1"),
+    (["sae", "attention", "--latent", "0", "--sae", "{npz}", "--prompts", "{prompts}"], "cannot read npz"),
+    (["sae", "attention", "--latent", "0", "--sae", "{sae}", "--prompts", "{prompts}", "--coeff", "nan"],
+     "coefficient must be a finite number"),
+    (["scan", "--corpus", "{deep}"], "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CASES, ids=[" ".join(c[0][:3]) + f" {i}" for i, c in enumerate(CASES)])
+def test_one_error_line_exit_2_nothing_written(argv, message, tmp_path, capsys, monkeypatch):
+    if "--device" in argv:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    from plipy import sae as saes
+
+    sae_dir = tmp_path / "sae"
+    saes.save_saelens(saes.random_sae(576, 8, hook_name="blocks.4.hook_resid_post"), sae_dir)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The city Paris is", "entity": "Paris", "entity_type": "city"}))
+    paths = {"npz": _truncated_npz(tmp_path), "deep": _nested(tmp_path), "sae": sae_dir, "prompts": prompts}
+    argv = [a.format(**paths) for a in argv]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.chdir(out_dir)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(out_dir / "r.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_out_is_checked_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path, "is a directory"), (tmp_path / "file" / "r.json", "is a file")):
+        with pytest.raises(SystemExit) as e:
+            main(["scan", "--model", "no-such-model-anywhere", "--out", str(out)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_umask_and_symlinks(tmp_path):
+    import os
+
+    from plipy.io import write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "a.json").st_mode & 0o777) == oct(0o640)
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    (tmp_path / "link.json").symlink_to(real)
+    write_json(tmp_path / "link.json", {"y": 2})
+    assert (tmp_path / "link.json").is_symlink() and json.loads(real.read_text()) == {"y": 2}
+
+
+def test_single_dose_has_no_monotonicity():
+    from plipy.experiments.steer import monotonicity
+
+    m = monotonicity([{"scale": 2.0, "n": 3, "mean_kl": 0.1, "mean_attention_achieved": 0.2, "samples": []}])
+    assert m["attention_increasing"] is None and "fewer than two doses" in m["note"]
+
+
+def test_ctrl_c_through_the_entry_point(tmp_path):
+    """SIGINT mid-scan: one `interrupted` line, exit 130, no result file (through `python -m plipy`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "scan.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "plipy", "scan", "--resamples", "100000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "scanning" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+    assert "scanning" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (seen + err)
+    assert "interrupted" in (seen + err) and "Traceback" not in (seen + err)
+    assert not out.exists() and not any(p.suffix == ".tmp" for p in tmp_path.rglob("*"))
