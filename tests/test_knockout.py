@@ -186,6 +186,7 @@ def test_runner_fast_equals_naive_tiny_models(arch):
         [EdgeEdit([1], [])],
     ]
     bf, bn = fast.baseline(ids), naive.baseline(ids)
+    assert fast.path == "fast" and bf.kv is not None, fast.reasons  # the baseline did not switch it off
     assert torch.equal(bf.logits, bn.logits)
     of, on = fast.run(bf, conds), naive.run(bn, conds)
     assert [o.status for o in of] == [o.status for o in on] == ["ok"] * 5 + ["row-fully-masked", "identity"]

@@ -105,6 +105,7 @@ class ConditionRunner:
         self.path = "naive" if self.reasons else "fast"
         params = inspect.signature(model.forward).parameters
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._cache_arg = cache_argument(model) or "past_key_values"
         self.stats = RunnerStats()
 
     @property
@@ -158,13 +159,13 @@ class ConditionRunner:
                 h.remove()
         logits = self._last(out)
         attn = _item_attn(rec, 0)
-        problem = _baseline_problem(outputs, getattr(out, "past_key_values", None), s, self.n_layers)
+        cache = output_cache(out)
+        problem = _baseline_problem(outputs, cache, s, self.n_layers)
         if problem:
             # Discovered only now (e.g. an architecture whose layers return tuples): switch for good.
             self.reasons.append(problem)
             self.path = "naive"
             return Baseline(ids, logits, attn=attn)
-        cache = out.past_key_values
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         return Baseline(ids, logits, kv=kv, resid=[o.detach() for o in outputs], attn=attn)
 
@@ -291,7 +292,7 @@ class ConditionRunner:
             )
         with (torch.inference_mode(), self._staircase(base, q0, active, n_items),
               self.engine.run(capture=capture, edits=edits) as rec):
-            out = self.model(suffix, past_key_values=cache, use_cache=cache is not None, **self._keep)
+            out = self.model(suffix, **{self._cache_arg: cache}, use_cache=cache is not None, **self._keep)
         self.stats.calls += 1
         self.stats.layer_tokens += sum(active) * suffix.shape[1]
         attn: list[dict[int, torch.Tensor] | None] = [None] * n_items
@@ -400,15 +401,32 @@ def dead_row(compiled: dict[int, list[LayerEdit]]) -> str | None:
     return None
 
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers ≥ 5.24 names it `cache`; earlier 5.x `past_key_values`
+
+
+def cache_argument(model: torch.nn.Module) -> str | None:
+    """The name under which this model's forward takes a KV cache, or None (the fast path needs one)."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in params), None)
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name (`cache` from transformers 5.24, else `past_key_values`)."""
+    for name in CACHE_ARGUMENTS:
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 def fast_path_blockers(model: torch.nn.Module) -> list[str]:
     """Why reusing the baseline's cache and residuals could be wrong for this model (empty list: safe)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     reasons = []
-    params = inspect.signature(model.forward).parameters
-    if "past_key_values" not in params:
-        reasons.append(f"{type(model).__name__}.forward takes no past_key_values")
+    if cache_argument(model) is None:
+        reasons.append(f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)")
         return reasons
     try:
         cache = DynamicCache(config=model.config)

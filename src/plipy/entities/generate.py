@@ -76,7 +76,7 @@ def generate(
             if share_prefill and ids.shape[1] > 1:  # a 1-token batch has nothing to prefill
                 ids, mask, cache = _shared_prefill(lm, chunk, k + 1)
             with torch.inference_mode():
-                out = lm.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                out = lm.model.generate(input_ids=ids, attention_mask=mask, **_cache_kw(lm.model, cache),
                                         generation_config=cfg, logits_processor=LogitsProcessorList([sampler]))
             texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             for i in range(len(chunk)):
@@ -103,7 +103,14 @@ def _shared_prefill(lm: Any, prompts: list[str], copies: int) -> tuple[torch.Ten
     pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     cache = DynamicCache(config=lm.model.config)
     with torch.inference_mode():
-        lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
-                 use_cache=True, logits_to_keep=1)  # fmt: skip
+        lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                 **_cache_kw(lm.model, cache), use_cache=True, logits_to_keep=1)  # fmt: skip
     cache.batch_repeat_interleave(copies)
     return ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0), cache
+
+
+def _cache_kw(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV cache as the keyword this transformers version expects (`cache` from 5.24, `past_key_values` before)."""
+    from plipy.engine.runner import cache_argument
+
+    return {cache_argument(model) or "past_key_values": cache}
