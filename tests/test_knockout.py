@@ -307,8 +307,8 @@ def test_cli_end_to_end(main, small_corpus, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--layer", "30"], "error: --layer: layer 30 out of range"),
-    (["--heads", "9"], "error: --heads: head 9 out of range"),
+    (["--layer", "30"], "error: --layer: layer 30 does not exist"),
+    (["--heads", "9"], "error: --heads: head 9 does not exist"),
     (["--layer", "3", "--scan-layers"], "error: --layer/--layers/--scan-layers/--scan-windows/--slide-window: "
                                         "choose one mode"),
     (["--edges", "all"], "error: --edges: must be one of"),

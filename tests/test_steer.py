@@ -286,7 +286,7 @@ def test_cli_dose_plot_and_target(main, small_corpus, tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--groups", "rust_test,rust_baseline"], "error: sample 'rust_derive_debug': edge from query token 0"),
-    (["--layer", "30"], "error: --layer: layer 30 out of range"),
+    (["--layer", "30"], "error: --layer: layer 30 does not exist"),
     (["--doses", "1,x"], "error: --doses: cannot read"),
     (["--layers", "3,4", "--target-attention", "0.1"], "error: --target-attention needs a single layer"),
 ])

@@ -53,7 +53,7 @@ def as_corpus(corpus: Any = None, *, offsets: str = "chars") -> Any:
     raise ParameterError("corpus", f"expected a path, a Corpus or None, got {type(corpus).__name__}")
 
 
-def _runner(runner: Any, lm: Any, condition_batch: int) -> tuple[Any, str]:
+def _runner(runner: Any, condition_batch: int) -> tuple[Any, str]:
     """(a ConditionRunner or None, the path name) from `runner=`."""
     from plipy.engine.runner import ConditionRunner
 
@@ -103,21 +103,6 @@ def knockout_mode(*, layer: Any = None, layers: Any = None, scan_layers: bool = 
     return mode
 
 
-def knockout_conditions(mode: str, n_layers: int, *, layer: Any = None, layers: Any = None,
-                        center: int | None = None, max_radius: int | None = None,
-                        slide_window: int | None = None) -> list[Any]:
-    """The conditions of a knockout mode on a model with `n_layers` layers."""
-    from plipy.experiments import knockout as ko
-
-    if mode == "layers":
-        rng = opt.parse_layers(layers, n_layers)
-        return [ko.Condition(rng, ko.layer_label(rng))]
-    if layer is not None:
-        opt.parse_layers(int(layer), n_layers, param="layer")
-    return ko.build_conditions(mode, n_layers, layer=layer, center=center,
-                               max_radius=5 if max_radius is None else max_radius, window=slide_window)
-
-
 def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | None = None, layers: Any = None,
              scan_layers: bool = False, scan_windows: bool = False, center: int | None = None,
              max_radius: int | None = None, slide_window: int | None = None, edges: str = "marker-to-targets",
@@ -138,9 +123,9 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
     group_list = opt.parse_groups(groups)
     sc.choose_groups(corp, group_list)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
-    the_runner, path = _runner(runner, lm, condition_batch)
-    conditions = knockout_conditions(mode, lm.n_layers, layer=layer, layers=layers, center=center,
-                                     max_radius=max_radius, slide_window=slide_window)  # fmt: skip
+    the_runner, path = _runner(runner, condition_batch)
+    conditions = ko.build_conditions(mode, lm.n_layers, layer=layer, layers=layers, center=center,
+                                     max_radius=max_radius, window=slide_window)  # fmt: skip
     cfg = ko.KnockoutConfig(conditions=conditions, mode=mode, edges=edges,
                             heads=opt.parse_heads(heads, lm.n_heads), groups=group_list,
                             include_baselines=include_baselines, bos=bos, seed=seed, n_resamples=resamples,

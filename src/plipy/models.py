@@ -488,25 +488,26 @@ class LoadedModel:
 
         return config_value(self.config, key)
 
+    # sizes come from the architecture adapter: one place knows every family's config keys
     @property
     def n_layers(self) -> int:
-        return int(self._cfg("n_layers"))
+        return self.arch.n_layers
 
     @property
     def n_heads(self) -> int:
-        return int(self._cfg("n_heads"))
+        return self.arch.n_heads
 
     @property
     def n_kv_heads(self) -> int:
-        return int(self._cfg("n_kv_heads") or self.n_heads)
+        return self.arch.n_kv_heads
 
     @property
     def hidden_size(self) -> int:
-        return int(self._cfg("hidden_size"))
+        return self.arch.hidden_size
 
     @property
     def head_dim(self) -> int:
-        return int(self._cfg("head_dim") or self.hidden_size // self.n_heads)
+        return self.arch.head_dim
 
     @property
     def vocab_size(self) -> int:

@@ -29,27 +29,31 @@ def _ints(value: Any, param: str, what: str) -> list[int]:
             raise ParameterError(param, f"expected {what} indices, got {value!r}") from None
     out: list[int] = []
     for part in value.split(","):
-        part = part.strip()
-        try:
-            if "-" in part.lstrip("-"):
-                a, b = (int(x) for x in part.split("-", 1))
-                if a > b:
-                    raise ParameterError(param, f"range {part!r} is empty: the start must not exceed the end")
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            grammar = LAYERS_GRAMMAR if what == "layer" else HEADS_GRAMMAR
-            raise ParameterError(param, f"cannot read {value!r}: use {grammar}") from None
+        a, b = _bounds(part.strip(), value, param, what)
+        if a > b:  # outside _bounds' try: a ParameterError is a ValueError too
+            raise ParameterError(param, f"range {part.strip()!r} is empty: the start must not exceed the end")
+        out.extend(range(a, b + 1))
     return out
+
+
+def _bounds(part: str, value: str, param: str, what: str) -> tuple[int, int]:
+    """`A-B` → (A, B); `A` → (A, A)."""
+    try:
+        if "-" in part.lstrip("-"):
+            a, b = (int(x) for x in part.split("-", 1))
+            return a, b
+        return int(part), int(part)
+    except ValueError:
+        grammar = LAYERS_GRAMMAR if what == "layer" else HEADS_GRAMMAR
+        raise ParameterError(param, f"cannot read {value!r}: use {grammar}") from None
 
 
 def _checked(values: Iterable[int], n: int, param: str, what: str) -> list[int]:
     vals = sorted(set(values))
     bad = [v for v in vals if not 0 <= v < n]
-    if bad:
-        shown = f"{bad[0]}" if len(bad) == 1 else f"{bad[0]}…{bad[-1]} ({len(bad)} values)"
-        raise ParameterError(param, f"{what} {shown} out of range: the model has {n} {what}s (0-{n - 1})")
+    if bad:  # name the worst value; a long range is summarised, never listed
+        more = "" if len(bad) == 1 else f" ({len(bad)} values out of range: {bad[0]}…{bad[-1]})"
+        raise ParameterError(param, f"{what} {bad[-1]} does not exist: the model has {n} {what}s (0-{n - 1}){more}")
     return vals
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from plipy.errors import PlipyError
+from plipy.errors import ParameterError, PlipyError
 from plipy.io import json_bytes, jsonable, table_bytes, write_outputs
 
 TABLE_FORMATS = ("parquet", "csv")
@@ -226,7 +226,9 @@ class ScanResult(Result):
         chosen = layer if layer is not None else self._data["best"]["holm"]["layer"]
         chosen = layers[-1] if chosen is None else chosen
         if chosen not in layers:
-            raise PlipyError(f"token_layer {chosen} was not scanned")
+            from plipy.experiments.knockout import layer_label
+
+            raise ParameterError("token_layer", f"layer {chosen} was not scanned (scanned: {layer_label(layers)})")
         return chosen
 
     def _tokens_figure(self, sample: str | None, layer: int | None) -> Any:
@@ -238,12 +240,13 @@ class ScanResult(Result):
         measured = [s for s in self._data["samples"] if "attention" in s]
         rec = next((s for s in measured if s["id"] == sample), None) if sample else (measured or [None])[0]
         if rec is None:
-            raise PlipyError(f"token_sample {sample!r} is not a measured sample of this scan")
+            shown = ", ".join(s["id"] for s in measured[:5]) + (" …" if len(measured) > 5 else "")
+            raise ParameterError("token_sample", f"{sample!r} is not a measured sample of this scan ({shown})")
         lay = self.token_layer(layer)
         row = self.extras["rows"][rec["id"]][self._data["layers_scanned"].index(lay)].mean(0)
         title = f"{rec['id']} — layer {lay}, head-mean attention of the marker row"
-        return scan.token_row_figure(self.extras["tokens"][rec["id"]], row.tolist(), rec["marker_token"],
-                                     rec["measured_targets"], title)
+        tokens = [self.extras["tokenizer"].decode([t]) for t in self.extras["input_ids"][rec["id"]]]
+        return scan.token_row_figure(tokens, row.tolist(), rec["marker_token"], rec["measured_targets"], title)
 
 
 class KnockoutResult(Result):

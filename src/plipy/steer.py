@@ -63,7 +63,7 @@ def dose(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, 
     corp = as_corpus(corpus, offsets=offsets)
     st.prepare_check_groups(corp, group_list)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
-    the_runner, path = _runner(runner, lm, condition_batch)
+    the_runner, path = _runner(runner, condition_batch)
     cfg = st.DoseConfig(groups=group_list, layers=_layer_list(lm.n_layers, layer, layers), doses=dose_list,
                         heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
                         target_attention=target_attention, bos=bos, skip_invalid=skip_invalid, path=path,

@@ -26,6 +26,7 @@ from plipy.engine.runner import ConditionRunner, dead_row, layer_windows
 from plipy.engine.spec import compile_edits
 from plipy.errors import PlipyError
 from plipy.experiments.scan import after_marker, choose_groups, identity
+from plipy.options import parse_layers
 from plipy.results import KnockoutResult
 
 EDGE_KINDS = ("marker-to-targets", "to-marker", "from-marker")
@@ -80,46 +81,32 @@ def layer_label(layers: Sequence[int]) -> str:
 
 
 def _check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
-    if not 0 <= layer < n_layers:
-        raise PlipyError(f"{what} {layer} does not exist: the model has {n_layers} layers (0-{n_layers - 1})")
-    return layer
-
-
-def parse_range(text: str, n_layers: int) -> list[int]:
-    """`A-B` (inclusive) or a single `A` → the layer list, checked against the model."""
-    try:
-        a, b = (int(x) for x in text.split("-", 1)) if "-" in text else (int(text), int(text))
-    except ValueError:
-        raise PlipyError(f"cannot read layer range {text!r}: use A-B, e.g. 10-14") from None
-    _check_layer(a, n_layers)
-    _check_layer(b, n_layers)
-    if a > b:
-        raise PlipyError(f"layer range {text!r} is empty: the start must not exceed the end")
-    return list(range(a, b + 1))
+    """`layer` if the model has it (a ParameterError naming `what` otherwise)."""
+    return parse_layers(int(layer), n_layers, param=what)[0]
 
 
 def build_conditions(
     mode: str,
     n_layers: int,
     layer: int | None = None,
-    layers: str | None = None,
+    layers: Any = None,
     center: int | None = None,
-    max_radius: int = 5,
+    max_radius: int | None = 5,
     window: int | None = None,
 ) -> list[Condition]:
-    """The conditions of a mode: one layer, one range, each layer, expanding windows c±r, or sliding windows."""
+    """The conditions of a mode: one layer, a set of layers together (the `plipy.options` grammar: `10-14`,
+    `3,5,7`, a list…), each layer, expanding windows c±r, or sliding windows."""
     if mode == "layer":
         lay = plip_default_layer(n_layers) if layer is None else _check_layer(layer, n_layers)
         return [Condition([lay], str(lay))]
     if mode == "layers":
-        if not layers:
-            raise PlipyError("--layers needs a range A-B")
-        rng = parse_range(layers, n_layers)
+        rng = parse_layers(layers, n_layers)
         return [Condition(rng, layer_label(rng))]
     if mode == "scan-layers":
         return [Condition([i], str(i)) for i in range(n_layers)]
     if mode == "scan-windows":
-        c = plip_default_layer(n_layers) if center is None else _check_layer(center, n_layers, "--center")
+        c = plip_default_layer(n_layers) if center is None else _check_layer(center, n_layers, "center")
+        max_radius = 5 if max_radius is None else max_radius
         if max_radius < 0:
             raise PlipyError(f"--max-radius must be ≥ 0, got {max_radius}")
         out: list[Condition] = []

@@ -115,7 +115,7 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     engine = Engine(lm.model)
     samples: list[dict[str, Any]] = []
     rows_by_id: dict[str, np.ndarray] = {}
-    tokens_by_id: dict[str, list[str]] = {}
+    ids_by_id: dict[str, list[int]] = {}
     todo = corpus.samples(groups)
     step = progress("scanning", len(todo)) if progress else (lambda: None)
     with torch.inference_mode():
@@ -129,7 +129,7 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
                 rows = torch.stack([cap.attn[layer][0, :, 0] for layer in layers]).cpu()
                 rec.update(measure_sample(sp, rows, heads))
                 rows_by_id[s.id] = rows.numpy()
-                tokens_by_id[s.id] = [lm.tokenizer.decode([t]) for t in sp.input_ids]
+                ids_by_id[s.id] = list(sp.input_ids)  # decoded only if the token plot is drawn
             samples.append(rec)
             step()
     result = {
@@ -154,7 +154,7 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     }
     result.update(layer_statistics(samples, groups, (ga, gb), layers, heads, config.seed, config.n_resamples))
     result["plip_compat"] = plip_compat(result, lm, corpus)
-    return ScanResult(result, extras={"rows": rows_by_id, "tokens": tokens_by_id})
+    return ScanResult(result, extras={"rows": rows_by_id, "input_ids": ids_by_id, "tokenizer": lm.tokenizer})
 
 
 def _values(samples: list[dict], group: str, key: str, i: int) -> list[float]:
