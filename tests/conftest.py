@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ SHARED_MODELS = ROOT.parent / "shared" / "models"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# interrupted runs keep their finished samples under PLIPY_RUNS: never in the user's cache during tests
+os.environ.setdefault("PLIPY_RUNS", tempfile.mkdtemp(prefix="plipy-test-runs-"))
 if SHARED_MODELS.is_dir():
     os.environ.setdefault("PLIPY_MODELS", str(SHARED_MODELS))
 

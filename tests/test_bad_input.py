@@ -24,6 +24,50 @@ def _truncated_npz(tmp_path):
     return p
 
 
+def _truncated_gguf(tmp_path, n_bytes):
+    from plipy.models import resolve_alias
+
+    p = tmp_path / f"cut-{n_bytes}.gguf"
+    with open(resolve_alias("smollm2-135m"), "rb") as f:
+        p.write_bytes(f.read(n_bytes))
+    return p
+
+
+def _pickle_only_dir(tmp_path):
+    """A model folder whose weights exist only as a pickle (`pytorch_model.bin`)."""
+    import torch
+    from transformers import LlamaConfig
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(d)  # fmt: skip
+    torch.save({"lm_head.weight": torch.zeros(64, 16)}, d / "pytorch_model.bin")
+    return d
+
+
+def _one_sample_group(tmp_path):
+    from conftest import corpus_subset
+
+    d = tmp_path / "one"
+    d.mkdir()
+    return corpus_subset(d, {"python_doctest": 1, "rust_test": 3}).path
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    from plipy import sae as saes
+
+    tmp_path = tmp_path_factory.mktemp("bad")
+    sae_dir = tmp_path / "sae"
+    saes.save_saelens(saes.random_sae(576, 8, hook_name="blocks.4.hook_resid_post"), sae_dir)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The city Paris is", "entity": "Paris", "entity_type": "city"}))
+    return {"npz": _truncated_npz(tmp_path), "deep": _nested(tmp_path), "sae": sae_dir, "prompts": prompts,
+            "gguf1": _truncated_gguf(tmp_path, 1_000_000), "gguf98": _truncated_gguf(tmp_path, 98_000_000),
+            "pickled": _pickle_only_dir(tmp_path), "one": _one_sample_group(tmp_path)}  # fmt: skip
+
+
 CASES = [
     (["scan", "--layers", ""], "--layers: is empty"),
     (["scan", "--resamples", "0"], "--resamples: must be an integer ≥ 1"),
@@ -37,23 +81,22 @@ CASES = [
     (["sae", "attention", "--latent", "0", "--sae", "{sae}", "--prompts", "{prompts}", "--coeff", "nan"],
      "coefficient must be a finite number"),
     (["scan", "--corpus", "{deep}"], "nested too deeply"),
+    (["scan", "--model", "{gguf1}"], "is not a readable GGUF file"),
+    (["knockout", "--model", "{gguf98}"], "truncated or corrupt"),
+    (["scan", "--model", "{pickled}"], "only pickle-based weights"),
+    # the group is too small to compare: said before any model loads (this model does not exist)
+    (["scan", "--corpus", "{one}", "--model", "no-such-model"], "'python_doctest' has 1 sample(s)"),
+    (["knockout", "--corpus", "{one}", "--model", "no-such-model"], "comparing groups needs at least 2"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "message"), CASES, ids=[" ".join(c[0][:3]) + f" {i}" for i, c in enumerate(CASES)])
-def test_one_error_line_exit_2_nothing_written(argv, message, tmp_path, capsys, monkeypatch):
+def test_one_error_line_exit_2_nothing_written(argv, message, paths, tmp_path, capsys, monkeypatch):
     if "--device" in argv:
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
-    from plipy import sae as saes
-
-    sae_dir = tmp_path / "sae"
-    saes.save_saelens(saes.random_sae(576, 8, hook_name="blocks.4.hook_resid_post"), sae_dir)
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "The city Paris is", "entity": "Paris", "entity_type": "city"}))
-    paths = {"npz": _truncated_npz(tmp_path), "deep": _nested(tmp_path), "sae": sae_dir, "prompts": prompts}
     argv = [a.format(**paths) for a in argv]
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -498,7 +498,9 @@ def test_cli_verify_bundled_corpus(tmp_path, capsys):
     assert prov["corpus"]["sha256"] == load_corpus().sha256 and prov["corpus"]["format_version"] == "2.0"
     assert prov["bos"] is False and prov["offsets"] == "chars" and prov["plipy_version"] and prov["timestamp"]
     assert prov["command"] and prov["model"]["weights_sha256"]
-    assert report["summary"] == {"perfect": 25, "ok": 0, "fallback": 0, "causal-violation": 5, "failed": 0}
+    assert report["summary"] == {"perfect": 25, "ok": 0, "fallback": 0, "causal-violation": 5, "failed": 0,
+                                 "too_long": 0}
+    assert report["context_length"] == 8192
     assert len(report["samples"]) == 30
     keys = {
         "id",
@@ -513,6 +515,7 @@ def test_cli_verify_bundled_corpus(tmp_path, capsys):
         "status",
         "conversion",
         "n_tokens",
+        "too_long",
     }
     assert all(set(s) == keys for s in report["samples"])
     first = report["samples"][0]
@@ -522,6 +525,20 @@ def test_cli_verify_bundled_corpus(tmp_path, capsys):
         [0, 1, 3, 5],
         28,
     )
+
+
+@needs_cli
+def test_cli_verify_flags_a_sample_longer_than_the_context(tmp_path, capsys):
+    """scan refuses a sample longer than the model's context; verify says so first (exit 1), not later."""
+    base = good_sample()
+    long = good_sample(id="long", code=base["code"] + "\n" + "x = 1\n" * 4000)
+    path = write(tmp_path / "long.json", {"g": [base, long]})
+    out = tmp_path / "v.json"
+    assert run_main(["corpus", "verify", "--corpus", str(path), "--out", str(out)]) == 1
+    assert "longer than the model's context (8192 tokens): long (" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["summary"]["too_long"] == 1 and [s["too_long"] for s in report["samples"]] == [False, True]
+    assert report["samples"][1]["n_tokens"] > 8192
 
 
 @needs_cli
@@ -542,6 +559,7 @@ def test_cli_app_with_fake_loader(tmp_path, monkeypatch, tok):
 
     fake = types.ModuleType("plipy.models")
     fake.load_tokenizer = lambda spec="smollm2-135m": (tok, {"spec": spec})
+    fake.context_length = lambda spec: None
     monkeypatch.setitem(sys.modules, "plipy.models", fake)
     runner = CliRunner()
     out = tmp_path / "r.json"

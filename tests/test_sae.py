@@ -125,10 +125,15 @@ def _ours(model, batch, adds=(), ovw="l1", idle="eager"):
     return sa.forward_measures(eng, model, batch, w_o, MEASURES, ovw, adds)[0]
 
 
-def _close(ours, ref, tol=1e-5):
+def _close(ours, ref, ulps=16):
+    """Within `ulps` fp32 ulps of each measure's largest value. Both sides combine fp32 attention weights and
+    fp32 value/output projections computed by different kernels (ours vs HF's): their rounding differs by a few
+    ulps of the values involved (≈3 measured on GPT-2's Conv1D, 0 elsewhere), whatever SIMD kernels torch picks."""
+    eps = np.finfo(np.float32).eps
     for m in MEASURES:
         err = np.abs(ours[m] - ref[m]).max()
-        assert err <= tol, f"{m}: max error {err}"
+        tol = ulps * eps * max(np.abs(ref[m]).max(), 1e-3)
+        assert err <= tol, f"{m}: max error {err} > {tol}"
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -411,7 +416,7 @@ def test_smollm_end_to_end_batched_zero_and_resume(smollm, smol_sae, tmp_path):
     _same_up_to_fp32({m: arr1["original"][m] for m in MEASURES}, {m: arr["original"][m][:2] for m in MEASURES})
     _same_up_to_fp32(arr1["steered"][3], {m: arr["steered"][3][m][:2] for m in MEASURES})
     # an interrupted run resumes from its per-batch checkpoints with the same numbers
-    (tmp_path / "ck" / "batch-00001.npz").unlink()
+    (tmp_path / "ck" / "unit-000001.json").unlink()
     arr2 = sa.run_attention(smollm, smol_sae, items, _cfg(), checkpoint_dir=tmp_path / "ck").arrays
     for m in MEASURES:
         assert np.array_equal(arr2["steered"][3][m], arr["steered"][3][m])
@@ -475,7 +480,8 @@ def test_cli_end_to_end_npz_plots_npy(tmp_path, capsys):
     assert res["layer"] == 4 and res["heads"] == ["L10H0", "L12H3", "L20H1"]
     assert res["provenance"]["config"]["coeff"] == "norm" and res["sae"]["decoder_norms"]["unit_norm"]
     assert set(res["measures"]) == {"attn_weights", "value_weighted"}
-    assert len(res["files"]["plots"]) == 4 and all(Path(f).stat().st_size > 1000 for f in res["files"]["plots"])
+    plots = res["provenance"]["files"]["plots"]
+    assert len(plots) == 4 and all(Path(f).stat().st_size > 1000 for f in plots)
     d = np.load(tmp_path / "run-attn_weights.npy", allow_pickle=True).item()
     assert set(d) == {"L10H0", "L12H3", "L20H1"} and d["L10H0"].shape == (8,)
     rnd = np.load(tmp_path / "run-attn_weights-random.npy", allow_pickle=True).tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import torch
 import transformers as tf
@@ -84,16 +85,63 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
         w = torch.tanh(w / kwargs["softcap"]) * kwargs["softcap"]
     if attention_mask is not None:
         w = w + attention_mask
-    # fp32 softmax as eager does (unedited layers then match eager exactly); the edit itself in fp64
-    p = torch.softmax(w, dim=-1, dtype=torch.float32).double()
+    # fp32 softmax as eager does (unedited layers then match eager exactly); the edit itself in fp64. A float64
+    # model runs in float64 throughout: it is the exact answer the fp32 runs are measured against.
+    out_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    p = torch.softmax(w, dim=-1, dtype=out_dtype).double()
+    off = REF_EDITS.get("offset", 0)  # an item run alone without its left padding: positions shift
     for layer, q, kk, heads, alpha in REF_EDITS.get("edits", []):
+        q, kk = q - off, kk - off
         if layer == module.layer_idx:
             hs = list(range(p.shape[1])) if heads is None else heads
             p[:, hs, q, kk] *= alpha
             p[:, hs, q, :] /= p[:, hs, q, :].sum(-1, keepdim=True)
-    REF_EDITS.setdefault("probs", {})[module.layer_idx] = p.float()
+    REF_EDITS.setdefault("probs", {})[module.layer_idx] = p.to(out_dtype)
     out = torch.matmul(p.to(v.dtype), v).transpose(1, 2).contiguous()
-    return out, p.float()
+    return out, p.to(out_dtype)
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def fp32_bound(ref32: torch.Tensor, ref64: torch.Tensor, ulps: int = 16) -> float:
+    """How far an fp32 computation may fall from the float64 answer: 4× the error HF's own fp32 run makes on the
+    same inputs, plus `ulps` ulps of the largest value. Both fp32 errors come from the same rounding, so the bound
+    moves with the kernels torch picks (AVX-512, AVX2, scalar) instead of holding for one of them only."""
+    err = (ref32.double() - ref64).abs().max().item()
+    return 4 * err + ulps * EPS32 * ref64.abs().max().item()
+
+
+def float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of `model` (same weights): the exact answer of the same computation."""
+    return copy.deepcopy(model).double()
+
+
+def batch_reference(model64: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, **kw) -> SimpleNamespace:
+    """HF's float64 run of a left-padded batch, item by item: each item's real tokens alone, at the positions they
+    have in the batch, put back in the batch layout (zeros where padding was). Real rows never see padding (its
+    weights are exactly 0), so this is the batch's exact answer; running the padded batch itself in float64 does not
+    work: HF's eager float64 mask turns fully padded rows into NaN, which leaks into real rows through 0 · NaN."""
+    B, T = ids.shape
+    logits, atts, hids, probs = None, {}, {}, {}
+    for b in range(B):
+        pad = int((mask[b] == 0).sum())
+        REF_EDITS["offset"] = pad
+        try:
+            o = model64(ids[b : b + 1, pad:], position_ids=torch.arange(pad, T)[None], **kw)
+        finally:
+            REF_EDITS.pop("offset", None)
+        if logits is None:
+            logits = torch.zeros(B, T, o.logits.shape[-1], dtype=torch.float64)
+        logits[b, pad:] = o.logits[0]
+        for i, a in enumerate(o.attentions or ()):
+            atts.setdefault(i, torch.zeros(B, a.shape[1], T, T, dtype=torch.float64))[b, :, pad:, pad:] = a[0]
+        for i, h in enumerate(o.hidden_states or ()):
+            hids.setdefault(i, torch.zeros(B, T, h.shape[-1], dtype=torch.float64))[b, pad:] = h[0]
+        for i, p in REF_EDITS.get("probs", {}).items():
+            probs.setdefault(i, torch.zeros(B, p.shape[1], T, T, dtype=torch.float64))[b, :, pad:, pad:] = p[0]
+    return SimpleNamespace(logits=logits, attentions=[atts[i] for i in sorted(atts)],
+                           hidden_states=[hids[i] for i in sorted(hids)], probs=probs)  # fmt: skip
 
 
 def register_reference() -> None:

@@ -69,10 +69,11 @@ def _runner(runner: Any, condition_batch: int) -> tuple[Any, str]:
 
 def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, layers: Any = "all",
          heads: Any = "all", bos: bool = False, offsets: str = "chars", seed: int = 0, resamples: int = 10000,
-         dtype: str = "auto", device: str = "auto", tokenizer: Any = None, progress: Progress | None = None
-         ) -> ScanResult:
+         dtype: str = "auto", device: str = "auto", tokenizer: Any = None, resume: bool = True, fresh: bool = False,
+         progress: Progress | None = None) -> ScanResult:
     """Marker → target attention of every sample at every layer and head, beside the uniform and token-0 nulls,
-    with full statistics (`plipy scan`)."""
+    with full statistics (`plipy scan`). `resume`: finished samples are kept until the result is complete, so
+    the same call after an interruption goes on where it stopped (`fresh=True` starts over)."""
     from plipy.experiments import scan as sc
 
     opt.check_positive(resamples, param="resamples")
@@ -82,7 +83,7 @@ def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, 
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
     cfg = sc.ScanConfig(groups=group_list, layers=opt.parse_layers(layers, lm.n_layers),
                         heads=opt.parse_heads(heads, lm.n_heads), bos=bos, seed=seed, n_resamples=resamples,
-                        extra={"offsets": offsets})  # fmt: skip
+                        extra={"offsets": offsets}, resume=resume, fresh=fresh)  # fmt: skip
     return sc.run_scan(lm, corp, cfg, progress=progress)
 
 
@@ -109,9 +110,9 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
              heads: Any = "all", groups: Any = None, include_baselines: bool = False, bos: bool = False,
              offsets: str = "chars", seed: int = 0, resamples: int = 10000, condition_batch: int = 32,
              dtype: str = "auto", device: str = "auto", tokenizer: Any = None, runner: Any = "auto",
-             progress: Progress | None = None) -> KnockoutResult:
+             resume: bool = True, fresh: bool = False, progress: Progress | None = None) -> KnockoutResult:
     """Remove attention edges (marker → targets by default) in one layer, a set, each layer alone, or windows,
-    and measure the next-token KL on every sample (`plipy knockout`)."""
+    and measure the next-token KL on every sample (`plipy knockout`). `resume`/`fresh` as in `scan`."""
     from plipy.experiments import knockout as ko
     from plipy.experiments import scan as sc
 
@@ -129,7 +130,8 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
     cfg = ko.KnockoutConfig(conditions=conditions, mode=mode, edges=edges,
                             heads=opt.parse_heads(heads, lm.n_heads), groups=group_list,
                             include_baselines=include_baselines, bos=bos, seed=seed, n_resamples=resamples,
-                            path=path, max_batch=condition_batch, extra={"offsets": offsets})  # fmt: skip
+                            path=path, max_batch=condition_batch, extra={"offsets": offsets}, resume=resume,
+                            fresh=fresh)  # fmt: skip
     return ko.run_knockout(lm, corp, cfg, progress=progress, runner=the_runner)
 
 

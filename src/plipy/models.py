@@ -243,6 +243,24 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a .gguf that is not whole before anything parses it for real: a truncated download otherwise fails
+    deep in transformers (`struct.error`, or an error that blames the tokenizer)."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (struct.error, ValueError, IndexError, KeyError, OSError, EOFError) as e:
+        raise PlipyError(f"{path} is not a readable GGUF file ({size:,} bytes; truncated or corrupt): "
+                         f"{type(e).__name__}: {e}") from None
+    if end > size:
+        raise PlipyError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
+
+
 def _resolve(spec: str, fetch: bool = True) -> _Source:
     if spec in ALIASES:
         p = resolve_alias(spec, fetch=fetch)
@@ -251,7 +269,10 @@ def _resolve(spec: str, fetch: bool = True) -> _Source:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise PlipyError(f"{spec} is a file but not a .gguf; pass a .gguf file or a model directory")
-        return _Source(spec, "gguf", _safe_name(p.stem), p.resolve(), gguf_sha256=sha256_stamped(p))
+        sha = sha256_stamped(p)
+        if not dequantized_dir(sha).is_dir():  # a cached copy proves these very bytes were whole (2-3 s saved)
+            check_gguf(p)
+        return _Source(spec, "gguf", _safe_name(p.stem), p.resolve(), gguf_sha256=sha)
     if p.is_dir():
         if not (p / "config.json").is_file():
             ggufs = sorted(p.glob("*.gguf"))
@@ -425,6 +446,28 @@ def _config_from(src: _Source) -> Any:
         raise PlipyError(f"could not read the model config of {src.spec}: {e}") from e
 
 
+def context_length(spec: str) -> int | None:
+    """The model's context in tokens, without loading weights: its config (local dir, hub, dequantized copy) or
+    the GGUF's `<arch>.context_length` field. None when the model does not say."""
+    from plipy.engine.arch import config_value
+
+    src = _resolve(spec)
+    if src.is_gguf and src.dequant is None:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(src.path).fields
+        key = next((k for k in fields if k.endswith(".context_length")), None)
+        return None if key is None else int(fields[key].contents())
+    if src.is_gguf:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(src.dequant)
+    else:
+        cfg = _config_from(src)
+    v = config_value(cfg, "max_positions")
+    return None if v is None else int(v)
+
+
 def _strip_gguf_quantizer(model: Any) -> None:
     # The weights are already dequantized; the leftover GGUF quantizer blocks save_pretrained and dtype casts.
     model.hf_quantizer = None
@@ -552,25 +595,48 @@ def _load_gguf(src: _Source, tok: Any, dt: torch.dtype, kw: dict[str, Any]) -> t
     return model, "gguf", []
 
 
+def pickle_allowed() -> bool:
+    """Whether pickle-based weights (`.bin`, `.pt`) may be loaded: only when asked (`plipy --allow-pickle`,
+    PLIPY_ALLOW_PICKLE=1 or `load_model(..., allow_pickle=True)`), since unpickling runs code from the file."""
+    return os.environ.get("PLIPY_ALLOW_PICKLE", "").strip().lower() in ("1", "true", "yes")
+
+
+def _check_safetensors(src: _Source, allow_pickle: bool) -> None:
+    """Refuse a local directory whose weights exist only as pickles, unless asked (before anything loads)."""
+    if allow_pickle or src.source != "local-dir":
+        return
+    weights = _weight_files(src.path)
+    if weights and weights[0].suffix != ".safetensors":
+        raise PlipyError(f"{src.spec} holds only pickle-based weights ({weights[0].name}): loading them runs "
+                         "Python's unpickler on the file; convert them to safetensors, or pass --allow-pickle "
+                         "(Python: allow_pickle=True) if you trust where they came from")
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     device_map: Any = None,
+    allow_pickle: bool | None = None,
 ) -> LoadedModel:
     """Load `spec` (alias, local HF dir, .gguf file or hub id) in eval mode with gradients off.
 
     With `device_map` (big models) it is passed to from_pretrained and the model is not moved afterwards.
-    The attention implementation is left as transformers chose it.
+    The attention implementation is left as transformers chose it. Weights load from safetensors only unless
+    `allow_pickle` (default: `pickle_allowed()`).
     """
     from transformers import AutoModelForCausalLM
 
     dev = _resolve_device(device)
     dt = resolve_dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else dev)
     src = _resolve(spec)
+    allow = pickle_allowed() if allow_pickle is None else allow_pickle
+    _check_safetensors(src, allow)
     if device_map is not None and src.is_gguf and not _dequant_cache_enabled():
         raise PlipyError("device_map with a GGUF model needs the dequantized cache (unset PLIPY_NO_DEQUANT_CACHE)")
     kw: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    if not allow:
+        kw["use_safetensors"] = True  # a hub repo with only .bin files then fails instead of unpickling
     with _quiet():
         config = None
         if not src.is_gguf:  # cheap checks first: the config, then the tokenizer, then the weights

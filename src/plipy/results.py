@@ -153,7 +153,8 @@ class Result:
              **options: Any) -> dict[str, Any]:
         """Write the JSON, the per-sample table beside it (`.parquet` or `.csv`) and, with `plots`, PNGs named
         `<stem>-<kind>.png`. Everything is rendered first and each file written atomically, JSON last.
-        Returns the `files` block (also stored in the JSON)."""
+        Returns the `files` block (also stored in the JSON's provenance: where a result was written is not part of
+        what it says, so two runs that agree give identical documents outside provenance)."""
         from plipy.report.base import png_bytes
 
         if table_format not in TABLE_FORMATS:
@@ -167,7 +168,8 @@ class Result:
             pngs = self._plot_files(path.with_suffix(""), **options)
             outputs.update({p: png_bytes(f) for p, f in pngs.items()})
             files["plots"] = [str(p) for p in pngs]
-        data = {**self._data, "files": files}
+        data = {**self._data, "provenance": {**self._data.get("provenance", {}), "files": files}}
+        data.pop("files", None)  # older documents kept it at the top level
         outputs[path] = json_bytes(data)
         write_outputs(outputs)
         self._data = jsonable(data)
@@ -370,7 +372,8 @@ class SaeAttentionResult(Result):
     def _from_file(cls, path: Path, data: dict[str, Any]) -> Result:
         from plipy.sae.attention import arrays_from_table
 
-        table = _sibling(path, data.get("files", {}).get("table"))
+        files = data.get("provenance", {}).get("files") or data.get("files", {})  # older files: top level
+        table = _sibling(path, files.get("table"))
         return cls(data, arrays=arrays_from_table(table, data))
 
 

@@ -44,8 +44,14 @@ def _print_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the plipy version and exit.", is_eager=True,
                                  callback=_print_version),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle-based weights (.bin/.pt): "
+                                      "unpickling runs code from the file. Default: safetensors and GGUF only."),
 ) -> None:
     """Attention interpretability for HF language models."""
+    if allow_pickle:
+        import os
+
+        os.environ["PLIPY_ALLOW_PICKLE"] = "1"  # read by plipy.models.load_model wherever a command loads one
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,8 @@ SKIP_INVALID = typer.Option(False, "--skip-invalid", help="Leave out (and list) 
                             "the marker.")  # fmt: skip
 DTYPE = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
+FRESH = typer.Option(False, "--fresh", help="Start over: discard the finished samples an interrupted run with the "
+                     "same settings left (a rerun resumes from them by default).")  # fmt: skip
 
 
 # name → (type, option): what `@shared(...)` adds to a command
@@ -57,7 +59,7 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "model": (str, MODEL), "corpus": (Path | None, CORPUS), "offsets": (str, OFFSETS), "out": (Path | None, OUT),
     "plot": (bool, PLOT), "table_format": (str, TABLE_FORMAT), "bos": (bool, BOS), "seed": (int, SEED),
     "resamples": (int, RESAMPLES), "runner": (str, RUNNER), "condition_batch": (int, CONDITION_BATCH),
-    "skip_invalid": (bool, SKIP_INVALID), "dtype": (str, DTYPE), "device": (str, DEVICE),
+    "skip_invalid": (bool, SKIP_INVALID), "dtype": (str, DTYPE), "device": (str, DEVICE), "fresh": (bool, FRESH),
 }  # fmt: skip
 
 

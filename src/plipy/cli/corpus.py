@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from plipy.corpus import SamplePositions, corpus_positions, load_corpus
 from plipy.errors import PlipyError
@@ -36,7 +38,8 @@ def verify(
 ) -> None:
     """Convert every sample's marker and targets to token positions and report how each converted.
 
-    Exit code 1 if a sample failed to convert; targets after the marker are reported, not failures.
+    Exit code 1 if a sample failed to convert or is longer than the model's context; targets after the marker are
+    reported, not failures.
     """
     if offsets not in ("chars", "bytes"):
         raise PlipyError(f"--offsets must be 'chars' or 'bytes', not {offsets!r}")
@@ -54,7 +57,17 @@ def verify(
     from plipy.report.corpus import verify_summary
 
     summary, renderables = verify_summary(positions, model)
-    console = Console()
+    from plipy.models import context_length
+
+    context = context_length(model)
+    too_long = [sp for sp in positions if context is not None and sp.seq_len > context]
+    summary["too_long"] = len(too_long)
+    if too_long:  # scan, knockout and steer refuse these: say so here, not after a model load there
+        shown = ", ".join(f"{sp.sample.id} ({sp.seq_len})" for sp in too_long[:10])
+        more = f" and {len(too_long) - 10} more" if len(too_long) > 10 else ""
+        renderables.append(Text(f"{len(too_long)} samples are longer than the model's context ({context} tokens): "
+                                f"{shown}{more}", style="bold red"))
+    console = Console() if sys.stdout.isatty() else Console(width=4096)
     print_all(console, renderables)
 
     if json_out is not None:
@@ -66,12 +79,13 @@ def verify(
         report = {
             "provenance": prov,
             "summary": summary,
-            "samples": [_sample_json(sp) for sp in positions],
+            "context_length": context,
+            "samples": [{**_sample_json(sp), "too_long": any(sp is t for t in too_long)} for sp in positions],
         }
         write_json(json_out, report)
         console.print(f"wrote {json_out}")
 
-    if summary["failed"]:
+    if summary["failed"] or too_long:
         raise typer.Exit(1)
 
 

@@ -9,7 +9,8 @@ import typer
 from plipy.cli import common as c
 
 
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "seed", "resamples", "dtype", "device")
+@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "seed", "resamples", "dtype", "device",
+          "fresh")
 def scan(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layers: str = c.layers_option("all", "Layers to scan"),
@@ -24,7 +25,7 @@ def scan(
     with c.progress_bars() as start:
         result = api.scan(o.model, o.corpus, groups=c.split_list(groups), layers=layers, heads=heads, bos=o.bos,
                           offsets=o.offsets, seed=o.seed, resamples=o.resamples, dtype=o.dtype, device=o.device,
-                          progress=start)  # fmt: skip
+                          fresh=o.fresh, progress=start)  # fmt: skip
     if o.plot:
         result.token_layer(token_layer)  # a bad --token-layer fails before anything is written
     c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format, sample=token_sample,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from plipy import measures, provenance, stats
+from plipy import checkpoint, measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine.runner import ConditionRunner, dead_row, layer_windows
@@ -59,6 +59,8 @@ class KnockoutConfig:
     max_batch: int = 32
     top_k: int = 5
     extra: dict = field(default_factory=dict)
+    resume: bool = True  # keep finished samples on disk until the result is complete (plipy.checkpoint)
+    fresh: bool = False  # discard what an interrupted run with the same settings left
 
 
 # -- conditions ----------------------------------------------------------------------------------------------------
@@ -275,24 +277,35 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
     all_heads = heads if heads is not None else list(range(lm.n_heads))
     runs = [{"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges, "heads": all_heads,
              "samples": []} for c in config.conditions]  # fmt: skip
-    step = progress("knockout", len(samples)) if progress else (lambda: None)
+    settings = {
+        "mode": config.mode, "conditions": [c.layers for c in config.conditions], "edges": config.edges,
+        "heads": all_heads, "groups": groups, "compared": list(pair), "include_baselines": config.include_baselines,
+        "bos": config.bos, "n_resamples": config.n_resamples, "top_k": config.top_k,
+        "kl": "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms",
+        "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64", **config.extra}
+    units = checkpoint.open_run("knockout", lm, corpus, settings, resume=config.resume, fresh=config.fresh,
+                                runner=config.path)  # fast and naive agree to rounding, not bit for bit
+    step = progress(units.label("knockout"), len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
-    for rec, sp in zip(samples, positions, strict=True):
-        for run, row in zip(runs, run_sample(lm, runner, rec, sp, config, heads, windows), strict=True):
+    for i, (rec, sp) in enumerate(zip(samples, positions, strict=True)):
+        got = units.get(i)
+        if got is None:
+            got = run_sample(lm, runner, rec, sp, config, heads, windows), {}
+            units.put(i, got[0])
+        for run, row in zip(runs, got[0], strict=True):
             run["samples"].append(row)
         step()
     elapsed = time.perf_counter() - t0
     for run in runs:
         run["groups"] = {g: stats.describe(_kls(run, g)) for g in groups}
     _compare(runs, pair, config.seed, config.n_resamples)
-    return KnockoutResult({
-        "provenance": provenance.build(model=lm, corpus=corpus, seed=config.seed, config={
-            "mode": config.mode, "conditions": [c.layers for c in config.conditions], "edges": config.edges,
-            "heads": all_heads, "groups": groups, "compared": list(pair), "include_baselines": config.include_baselines,
-            "bos": config.bos, "n_resamples": config.n_resamples, "top_k": config.top_k,
-            "kl": "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms",
-            "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64",
-            "runner": runner.describe(), **config.extra}),
+    prov = provenance.build(model=lm, corpus=corpus, seed=config.seed,
+                            config={**settings, "runner": runner.describe()})
+    # wall-clock time is provenance: it differs between two runs that give the same numbers
+    prov["timing"] = {"seconds": elapsed, "path": runner.path, "samples": sum(s["status"] == "ok" for s in samples),
+                      "conditions": len(config.conditions), "resumed_samples": units.resumed}
+    result = KnockoutResult({
+        "provenance": prov,
         "mode": config.mode,
         "edges": config.edges,
         "heads": all_heads,
@@ -300,9 +313,9 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
         "samples": samples,
         "excluded": _excluded(samples, runs),
         "runs": runs,
-        "timing": {"seconds": elapsed, "path": runner.path, "samples": sum(s["status"] == "ok" for s in samples),
-                   "conditions": len(config.conditions)},
     })
+    units.finish()
+    return result
 
 
 def _kls(run: dict, group: str) -> list[float]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from plipy import provenance, stats
+from plipy import checkpoint, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions
 from plipy.engine import Capture, Engine
 from plipy.errors import PlipyError
@@ -36,10 +36,21 @@ class ScanConfig:
     seed: int = 0
     n_resamples: int = 10000
     extra: dict = field(default_factory=dict)
+    resume: bool = True  # keep finished samples on disk until the result is complete (plipy.checkpoint)
+    fresh: bool = False  # discard what an interrupted run with the same settings left
 
 
 def choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[str], tuple[str, str]]:
-    """All groups to measure, and the two the test compares."""
+    """All groups to measure, and the two the test compares (each needs ≥ 2 samples: checked here, before any
+    model loads)."""
+    chosen, pair = _choose_groups(corpus, groups)
+    for g in pair:
+        if len(corpus.groups[g]) < 2:
+            raise PlipyError(f"group {g!r} has {len(corpus.groups[g])} sample(s): comparing groups needs at least 2")
+    return chosen, pair
+
+
+def _choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[str], tuple[str, str]]:
     names = corpus.group_names
     if groups:
         unknown = [g for g in groups if g not in names]
@@ -105,48 +116,50 @@ def sample_record(sp: SamplePositions) -> dict[str, Any]:
     return rec
 
 
+def check_measurable(records: list[dict[str, Any]], pair: tuple[str, str]) -> None:
+    """Refuse, before any forward, a scan whose compared groups cannot give statistics."""
+    for g in pair:
+        if sum(1 for r in records if r["group"] == g and r["status"] in ("ok", "partial-targets")) < 2:
+            raise PlipyError(f"group {g!r} has fewer than 2 measurable samples: no statistics possible")
+
+
 def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
              progress: Callable[[str, int], Callable[[], None]] | None = None) -> ScanResult:
-    """Scan every sample of the chosen groups: per-sample measures, per-layer statistics, provenance."""
+    """Scan every sample of the chosen groups: per-sample measures, per-layer statistics, provenance.
+
+    Finished samples are kept (`plipy.checkpoint`) until the result is complete: a killed run resumes."""
     n_layers, n_heads = lm.n_layers, lm.n_heads
     layers = list(config.layers) if config.layers is not None else list(range(n_layers))
     heads = list(config.heads) if config.heads is not None else list(range(n_heads))
     groups, (ga, gb) = choose_groups(corpus, config.groups)
+    settings = {"groups": groups, "compared": [ga, gb], "layers": layers, "heads": heads, "bos": config.bos,
+                "n_resamples": config.n_resamples, **config.extra}  # fmt: skip
+    todo = corpus.samples(groups)
+    positions = [token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions) for s in todo]
+    samples = [sample_record(sp) for sp in positions]
+    check_measurable(samples, (ga, gb))
+    units = checkpoint.open_run("scan", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
     engine = Engine(lm.model)
-    samples: list[dict[str, Any]] = []
     rows_by_id: dict[str, np.ndarray] = {}
     ids_by_id: dict[str, list[int]] = {}
-    todo = corpus.samples(groups)
-    step = progress("scanning", len(todo)) if progress else (lambda: None)
+    step = progress(units.label("scanning"), len(todo)) if progress else (lambda: None)
     with torch.inference_mode():
-        for s in todo:
-            sp = token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions)
-            rec = sample_record(sp)
+        for i, (sp, rec) in enumerate(zip(positions, samples, strict=True)):
             if rec["status"] in ("ok", "partial-targets"):
-                ids = torch.tensor([sp.input_ids], device=lm.device)
-                with engine.run(capture=Capture(rows=[sp.marker_token], layers=layers)) as cap:
-                    lm.model(ids)
-                rows = torch.stack([cap.attn[layer][0, :, 0] for layer in layers]).cpu()
-                rec.update(measure_sample(sp, rows, heads))
-                rows_by_id[s.id] = rows.numpy()
-                ids_by_id[s.id] = list(sp.input_ids)  # decoded only if the token plot is drawn
-            samples.append(rec)
+                got = units.get(i)
+                if got is None:
+                    ids = torch.tensor([sp.input_ids], device=lm.device)
+                    with engine.run(capture=Capture(rows=[sp.marker_token], layers=layers)) as cap:
+                        lm.model(ids)
+                    rows = torch.stack([cap.attn[layer][0, :, 0] for layer in layers]).cpu()
+                    got = measure_sample(sp, rows, heads), {"rows": rows.numpy()}
+                    units.put(i, *got)
+                rec.update(got[0])
+                rows_by_id[sp.sample.id] = got[1]["rows"]
+                ids_by_id[sp.sample.id] = list(sp.input_ids)  # decoded only if the token plot is drawn
             step()
     result = {
-        "provenance": provenance.build(
-            model=lm,
-            corpus=corpus,
-            seed=config.seed,
-            config={
-                "groups": groups,
-                "compared": [ga, gb],
-                "layers": layers,
-                "heads": heads,
-                "bos": config.bos,
-                "n_resamples": config.n_resamples,
-                **config.extra,
-            },
-        ),
+        "provenance": provenance.build(model=lm, corpus=corpus, seed=config.seed, config=settings),
         "groups_compared": [ga, gb],
         "layers_scanned": layers,
         "heads": heads,
@@ -154,6 +167,7 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     }
     result.update(layer_statistics(samples, groups, (ga, gb), layers, heads, config.seed, config.n_resamples))
     result["plip_compat"] = plip_compat(result, lm, corpus)
+    units.finish()
     return ScanResult(result, extras={"rows": rows_by_id, "input_ids": ids_by_id, "tokenizer": lm.tokenizer})
 
 

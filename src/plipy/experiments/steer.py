@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from plipy import measures, provenance, stats
+from plipy import checkpoint, measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, _char_to_token, token_positions
 from plipy.engine import Capture, EdgeEdit, Engine
 from plipy.engine.runner import ConditionRunner
@@ -233,6 +233,8 @@ class CalibrateConfig:
     bos: bool = False
     skip_invalid: bool = False
     extra: dict = field(default_factory=dict)
+    resume: bool = True  # keep finished units on disk until the result is complete (plipy.checkpoint)
+    fresh: bool = False  # discard what an interrupted run with the same settings left
 
 
 def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
@@ -243,18 +245,29 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
         raise PlipyError(f"calibration needs two groups (A B), got {len(config.groups)}")
     ga, gb = config.groups
     samples = prepare(lm, corpus, [ga, gb], config.bos, config.skip_invalid)
+    settings = {
+        "command": "steer calibrate", "layer": layer, "groups": [ga, gb], "bos": config.bos,
+        "skip_invalid": config.skip_invalid,
+        "metric": "mean over targets (duplicates kept) of the head-mean post-softmax weight of the marker row",
+        "scale_rule": "the α whose steered mean of group B equals group A's mean (exact on B's baseline rows)",
+        **config.extra}
+    units = checkpoint.open_run("calibrate", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
     engine = Engine(lm.model)
-    step = progress("calibrating", len(samples)) if progress else (lambda: None)
+    step = progress(units.label("calibrating"), len(samples)) if progress else (lambda: None)
     recs: list[dict[str, Any]] = []
     rows: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        for s in samples:
+        for i, s in enumerate(samples):
             rec: dict[str, Any] = {"id": s.id, "group": s.group, "status": s.status}
             if s.status == "ok":
                 m = s.positions.marker_token
-                with engine.run(capture=Capture(rows=[m], layers=[layer])) as cap:
-                    lm.model(torch.tensor([s.positions.input_ids], device=lm.device))
-                row = cap.attn[layer][0, :, 0].cpu()
+                got = units.get(i)
+                if got is None:
+                    with engine.run(capture=Capture(rows=[m], layers=[layer])) as cap:
+                        lm.model(torch.tensor([s.positions.input_ids], device=lm.device))
+                    got = None, {"row": cap.attn[layer][0, :, 0].cpu().numpy()}
+                    units.put(i, None, got[1])
+                row = torch.from_numpy(got[1]["row"])
                 rows[s.id] = row
                 rec.update(marker_token=m, targets=s.targets, attention=attention_metric(row, s.targets),
                            uniform_null=1.0 / (m + 1))
@@ -278,13 +291,9 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
         r["scale_to_a"] = alpha
         if why:
             r["scale_note"] = why
+    units.finish()
     return CalibrateResult({
-        "provenance": provenance.build(model=lm, corpus=corpus, config={
-            "command": "steer calibrate", "layer": layer, "groups": [ga, gb], "bos": config.bos,
-            "skip_invalid": config.skip_invalid,
-            "metric": "mean over targets (duplicates kept) of the head-mean post-softmax weight of the marker row",
-            "scale_rule": "the α whose steered mean of group B equals group A's mean (exact on B's baseline rows)",
-            **config.extra}),
+        "provenance": provenance.build(model=lm, corpus=corpus, config=settings),
         "layer": layer,
         "groups_compared": [ga, gb],
         "samples": recs,
@@ -319,6 +328,8 @@ class DoseConfig:
     max_batch: int = 32
     top_k: int = 5
     extra: dict = field(default_factory=dict)
+    resume: bool = True  # keep finished units on disk until the result is complete (plipy.checkpoint)
+    fresh: bool = False  # discard what an interrupted run with the same settings left
 
 
 def _layer(layer: int | None, n_layers: int) -> int:
@@ -398,11 +409,28 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
     dose_runs = [{"scale": d, "samples": []} for d in doses]
     target_run: dict[str, Any] | None = {"target_attention": v, "samples": []} if v is not None else None
     sample_recs: list[dict[str, Any]] = []
-    step = progress("steering", len(samples)) if progress else (lambda: None)
+    all_heads = heads if heads is not None else list(range(n_heads))
+    settings = {
+        "command": "steer dose", "groups": list(config.groups), "layers": layers, "doses": doses,
+        "heads": all_heads, "target_attention": v,
+        "bos": config.bos, "skip_invalid": config.skip_invalid, "top_k": config.top_k,
+        "mechanism": "post-softmax ×α on marker→target edges of the chosen heads and layers, row renormalised "
+                     "(≡ +log α pre-softmax); a duplicated target is one edge",
+        "kl": "KL(P_base || P_steered), nats, last input position, full vocabulary, float64, all terms",
+        "attention_achieved": "mean over targets (duplicates kept) of the head-mean (all heads) post-softmax "
+                              "weight of the steered marker row; several layers: the mean over the layers",
+        **config.extra}
+    units = checkpoint.open_run("dose", lm, corpus, settings, resume=config.resume, fresh=config.fresh,
+                                runner=config.path)  # fast and naive agree to rounding, not bit for bit
+    step = progress(units.label("steering"), len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
-    for s in samples:
+    for i, s in enumerate(samples):
         if s.status == "ok":
-            rec, rows, trow = _dose_sample(lm, runner, s, config, layers, heads, doses)
+            got = units.get(i)
+            if got is None:
+                got = list(_dose_sample(lm, runner, s, config, layers, heads, doses)), {}
+                units.put(i, got[0])
+            rec, rows, trow = got[0]
             sample_recs.append(rec)
             for run, row in zip(dose_runs, rows, strict=True):
                 run["samples"].append(row)
@@ -416,18 +444,12 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
         target_run.update(_summary(target_run["samples"]))
         scales = [r["scale"] for r in target_run["samples"] if r["status"] == "ok"]
         target_run["mean_scale"] = float(np.mean(scales)) if scales else None
-    all_heads = heads if heads is not None else list(range(n_heads))
+    prov = provenance.build(model=lm, corpus=corpus, config={**settings, "runner": runner.describe()})
+    # wall-clock time is provenance: it differs between two runs that give the same numbers
+    prov["timing"] = {"seconds": elapsed, "path": runner.path, "samples": len(sample_recs), "doses": len(doses),
+                      "resumed_samples": units.resumed}
     result = {
-        "provenance": provenance.build(model=lm, corpus=corpus, config={
-            "command": "steer dose", "groups": list(config.groups), "layers": layers, "doses": doses,
-            "heads": all_heads, "target_attention": v,
-            "bos": config.bos, "skip_invalid": config.skip_invalid, "top_k": config.top_k,
-            "mechanism": "post-softmax ×α on marker→target edges of the chosen heads and layers, row renormalised "
-                         "(≡ +log α pre-softmax); a duplicated target is one edge",
-            "kl": "KL(P_base || P_steered), nats, last input position, full vocabulary, float64, all terms",
-            "attention_achieved": "mean over targets (duplicates kept) of the head-mean (all heads) post-softmax "
-                                  "weight of the steered marker row; several layers: the mean over the layers",
-            "runner": runner.describe(), **config.extra}),
+        "provenance": prov,
         "layers": layers,
         "heads": all_heads,
         "groups": list(config.groups),
@@ -435,10 +457,10 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
         "excluded": excluded(samples),
         "doses": dose_runs,
         "monotonicity": monotonicity(dose_runs),
-        "timing": {"seconds": elapsed, "path": runner.path, "samples": len(sample_recs), "doses": len(doses)},
     }
     if target_run is not None:
         result["target"] = target_run
+    units.finish()
     return DoseResult(result)
 
 
@@ -523,6 +545,8 @@ class GenerateConfig:
     skip_invalid: bool = False
     limit: int | None = None
     extra: dict = field(default_factory=dict)
+    resume: bool = True  # keep finished units on disk until the result is complete (plipy.checkpoint)
+    fresh: bool = False  # discard what an interrupted run with the same settings left
 
 
 def load_prompts(path: Any = None) -> tuple[list[dict[str, Any]], str]:
@@ -611,6 +635,23 @@ def fisher_one_sided(baseline_yes: int, steered_yes: int, n: int) -> float:
                               alternative="greater")[1])
 
 
+def _generate_row(lm: Any, engine: Engine, p: dict[str, Any], ids: list[int], edge: tuple[int, int],
+                  layers: list[int], patterns: list[re.Pattern], config: GenerateConfig) -> dict[str, Any]:
+    """Baseline and steered continuation of one prompt, and which test markers each contains."""
+    edits = [EdgeEdit(layers=layers, edges=[edge], scale=config.scale, heads=config.heads)]
+    b_ids, s_ids = generate_pair(lm, engine, ids, edits, config)
+    b_txt = lm.tokenizer.decode(b_ids, skip_special_tokens=True)
+    s_txt = lm.tokenizer.decode(s_ids, skip_special_tokens=True)
+    b_has, s_has = (any(pt.search(t) for pt in patterns) for t in (b_txt, s_txt))
+    change = {(False, True): "gained", (True, False): "lost", (True, True): "kept", (False, False): "none"}
+    return {"id": p["id"], "category": p["category"], "edge": list(edge), "baseline": b_txt,
+            "steered": s_txt, "baseline_tokens": len(b_ids), "steered_tokens": len(s_ids),
+            "identical": b_ids == s_ids, "baseline_has_test": b_has, "steered_has_test": s_has,
+            "baseline_matches": [pt.pattern for pt in patterns if pt.search(b_txt)],
+            "steered_matches": [pt.pattern for pt in patterns if pt.search(s_txt)],
+            "change": change[(b_has, s_has)]}
+
+
 def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig, *, source: str = "",
                  progress: Callable[[str, int], Callable[[], None]] | None = None) -> GenerateResult:
     """Baseline vs steered generation per prompt; detection of test markers; Fisher's exact test across prompts."""
@@ -641,22 +682,25 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
         prepared.append((p, ids, edge))
     if not prepared:
         raise PlipyError("no prompt to steer: " + "; ".join(s["note"] for s in skipped[:3]))
-    step = progress("generating", len(prepared)) if progress else (lambda: None)
+    settings = {
+        "command": "steer generate", "prompts": source, "layers": layers, "scale": config.scale,
+        "heads": config.heads, "max_tokens": config.max_tokens, "temperature": config.temperature,
+        "chat": config.chat, "detect": list(config.detect), "query_text": config.query_text,
+        "key_text": config.key_text,
+        "decoding": "both by model.generate() with KV cache, same GenerationConfig and seed; "
+                    + ("sampling" if config.temperature > 0 else "greedy"),
+        **config.extra}
+    units = checkpoint.open_run("generate", lm, None, settings, resume=config.resume, fresh=config.fresh,
+                                seed=config.seed, prompt_texts=[(p["id"], p["prompt"]) for p, _, _ in prepared])
+    step = progress(units.label("generating"), len(prepared)) if progress else (lambda: None)
     rows = []
     t0 = time.perf_counter()
-    for p, ids, edge in prepared:
-        edits = [EdgeEdit(layers=layers, edges=[edge], scale=config.scale, heads=config.heads)]
-        b_ids, s_ids = generate_pair(lm, engine, ids, edits, config)
-        b_txt = lm.tokenizer.decode(b_ids, skip_special_tokens=True)
-        s_txt = lm.tokenizer.decode(s_ids, skip_special_tokens=True)
-        b_has, s_has = (any(pt.search(t) for pt in patterns) for t in (b_txt, s_txt))
-        change = {(False, True): "gained", (True, False): "lost", (True, True): "kept", (False, False): "none"}
-        rows.append({"id": p["id"], "category": p["category"], "edge": list(edge), "baseline": b_txt,
-                     "steered": s_txt, "baseline_tokens": len(b_ids), "steered_tokens": len(s_ids),
-                     "identical": b_ids == s_ids, "baseline_has_test": b_has, "steered_has_test": s_has,
-                     "baseline_matches": [pt.pattern for pt in patterns if pt.search(b_txt)],
-                     "steered_matches": [pt.pattern for pt in patterns if pt.search(s_txt)],
-                     "change": change[(b_has, s_has)]})
+    for i, (p, ids, edge) in enumerate(prepared):
+        got = units.get(i)
+        if got is None:
+            got = _generate_row(lm, engine, p, ids, edge, layers, patterns, config), {}
+            units.put(i, got[0])
+        rows.append(got[0])
         step()
     n = len(rows)
     by = sum(r["baseline_has_test"] for r in rows)
@@ -668,15 +712,11 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
         c["total"] += 1
         c["baseline_preserved"] += r["baseline_has_test"]
         c["steered_preserved"] += r["steered_has_test"]
+    prov = provenance.build(model=lm, seed=config.seed, config=settings)
+    prov["timing"] = {"seconds": time.perf_counter() - t0, "resumed_prompts": units.resumed}
+    units.finish()
     return GenerateResult({
-        "provenance": provenance.build(model=lm, seed=config.seed, config={
-            "command": "steer generate", "prompts": source, "layers": layers, "scale": config.scale,
-            "heads": config.heads, "max_tokens": config.max_tokens, "temperature": config.temperature,
-            "chat": config.chat, "detect": list(config.detect), "query_text": config.query_text,
-            "key_text": config.key_text,
-            "decoding": "both by model.generate() with KV cache, same GenerationConfig and seed; "
-                        + ("sampling" if config.temperature > 0 else "greedy"),
-            **config.extra}),
+        "provenance": prov,
         "samples": rows,
         "skipped": skipped,
         "summary": {"total": n, "baseline_preserved": by, "steered_preserved": sy, "improvement": sy - by,
@@ -685,7 +725,6 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
                     "lost": sum(r["change"] == "lost" for r in rows),
                     "identical": sum(r["identical"] for r in rows), "fisher_exact_p": p_fisher},
         "by_category": cats,
-        "timing": {"seconds": time.perf_counter() - t0},
     })
 
 

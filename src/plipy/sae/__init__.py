@@ -13,7 +13,6 @@ from plipy.engine.arch import head_output_weights
 from plipy.sae.attention import (
     AttentionConfig,
     Batch,
-    Checkpoints,
     difference,
     forward_measures,
     make_batch,
@@ -37,7 +36,7 @@ __all__ = [
     "load_sae", "load_saelens_release", "random_sae", "save_npz", "save_saelens",
     "Steering", "needs_residual", "parse_coeff", "steering_adds",
     "MEASURES", "key_index", "layer_measures", "head_output_weights",
-    "AttentionConfig", "Batch", "Checkpoints", "difference", "forward_measures", "make_batch", "parse_heads",
+    "AttentionConfig", "Batch", "difference", "forward_measures", "make_batch", "parse_heads",
     "pick_random_latents", "resolve_layer", "run_attention", "save_npy", "significance", "summarise",
     "table_columns", "write_columns",
 ]  # fmt: skip

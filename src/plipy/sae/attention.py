@@ -15,9 +15,7 @@ computed in float64 from per-key quantities (never a [batch, heads, q, k, d] ten
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,10 +26,11 @@ import numpy as np
 import torch
 
 from plipy import provenance
+from plipy.checkpoint import Units, fingerprint
 from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture
 from plipy.engine.arch import head_output_weights
 from plipy.errors import PlipyError
-from plipy.io import atomic_write_bytes, write_json
+from plipy.io import atomic_write_bytes
 from plipy.results import SaeAttentionResult
 from plipy.sae.inputs import EntityPrompt, Tokenized, positions_for, tokenize_prompt
 from plipy.sae.measures import MEASURES, key_index, layer_measures
@@ -181,42 +180,6 @@ def parse_heads(value: Any, n_layers: int, n_heads: int, layer: int | None = Non
     return out
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class Checkpoints:
-    """Per-batch results in a folder beside the output, so an interrupted run resumes where it stopped."""
-
-    def __init__(self, folder: Path | None, fingerprint: str):
-        self.folder = folder
-        if folder is None:
-            return
-        meta = folder / "meta.json"
-        if meta.is_file():
-            try:
-                old = json.loads(meta.read_text()).get("fingerprint")
-            except (OSError, ValueError, AttributeError):
-                raise PlipyError(f"{meta} is corrupt: delete {folder} or pass --fresh") from None
-            if old != fingerprint:
-                raise PlipyError(f"{folder} holds partial results of a different run: delete it or pass --fresh")
-        else:
-            write_json(meta, {"fingerprint": fingerprint})
-
-    def load(self, i: int) -> dict[str, np.ndarray] | None:
-        if self.folder is None or not (f := self.folder / f"batch-{i:05d}.npz").is_file():
-            return None
-        with np.load(f, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-
-    def save(self, i: int, arrays: dict[str, np.ndarray]) -> None:
-        if self.folder is None:
-            return
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(self.folder / f"batch-{i:05d}.npz", buf.getvalue())
-
-
 def check_config(config: AttentionConfig) -> None:
     """Refuse settings that cannot run, before any model work."""
     bad = [m for m in config.measures if m not in MEASURES]
@@ -302,20 +265,21 @@ def run_attention(
     run = _Run(Engine(model, idle=config.attn_impl), layer, latents, steerings, w_o,
                layer if any(needs_residual(s) for s in steerings.values()) else None,
                tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
-    fp = _fingerprint({
+    fp = fingerprint({
         "config": asdict(config), "randoms": randoms, "layer": layer, "sae": sae.describe(), "model": lm.spec,
         "dtype": str(next(model.parameters()).dtype), "prompts": [asdict(p) for p in prompts],
     })  # fmt: skip
-    ckpt = Checkpoints(checkpoint_dir, fp)
+    ckpt = Units(checkpoint_dir, fp)  # per-batch units beside the output: an interrupted run resumes
     starts = list(range(0, len(prompts), config.batch_size))
     step = progress("SAE steering", len(starts) * (1 + len(latents))) if progress else (lambda: None)
     parts: list[dict[str, np.ndarray]] = []
     for bi, s in enumerate(starts):
-        done = ckpt.load(bi)
-        if done is None:
+        got = ckpt.get(bi)
+        if got is None:
             done = _batch_arrays(lm, sae, run, config, toks[s : s + config.batch_size], step)
-            ckpt.save(bi, done)
+            ckpt.put(bi, None, done)
         else:
+            done = got[1]
             for _ in range(1 + len(latents)):
                 step()
         parts.append(done)

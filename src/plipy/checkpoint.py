@@ -1,0 +1,139 @@
+"""Resumable runs: every finished unit of a long run (a sample, a batch, a prompt) is kept on disk until the result
+is complete, so a run killed at any moment restarts where it stopped and gives the same bytes.
+
+A run's folder is named by a fingerprint of everything that shapes its numbers (kind, plipy and library versions,
+model identity and weights hash, corpus hash, config), so only the very same run resumes from it; a different run
+gets its own folder. Units are plain JSON (NaN kept, so values round-trip exactly) plus an optional `.npz` of
+arrays; each file is written atomically and the JSON last, so a unit either exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plipy.errors import PlipyError
+from plipy.io import atomic_write_bytes, write_json
+
+
+def runs_dir() -> Path:
+    """Where interrupted runs keep their units: $PLIPY_RUNS, else $PLIPY_CACHE/runs (~/.cache/plipy/runs)."""
+    env = os.environ.get("PLIPY_RUNS")
+    if env:
+        return Path(env).expanduser()
+    from plipy.models import cache_dir
+
+    return cache_dir() / "runs"
+
+
+def fingerprint(obj: Any) -> str:
+    """A short, stable hash of a JSON-able description (keys sorted; unknown types by `str`)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(kind: str, *, model: Any = None, corpus: Any = None, config: dict | None = None,
+                 **more: Any) -> dict[str, Any]:
+    """What a run's numbers depend on; equal identities may share finished units."""
+    from plipy import __version__, provenance
+
+    ident: dict[str, Any] = {"kind": kind, "plipy": __version__, "libraries": provenance.library_versions(),
+                             "config": config or {}, **more}  # fmt: skip
+    if model is not None:
+        ident["model"] = {k: v for k, v in model.provenance.items() if k != "resolved_files"}
+    if corpus is not None:
+        ident["corpus"] = {"sha256": corpus.sha256, "format_version": corpus.format_version}
+    return ident
+
+
+class Units:
+    """The finished units of one run. `folder=None` (resume off) keeps nothing and finds nothing."""
+
+    def __init__(self, folder: Path | None, fp: str, *, fresh: bool = False):
+        self.folder = folder
+        self.fingerprint = fp
+        self.resumed = 0  # units found on disk so far
+        if folder is None:
+            return
+        if fresh and folder.exists():
+            shutil.rmtree(folder)
+        meta = folder / "meta.json"
+        if meta.is_file():
+            try:
+                old = json.loads(meta.read_text()).get("fingerprint")
+            except (OSError, ValueError, AttributeError):
+                raise PlipyError(f"{meta} is corrupt: delete {folder} or pass --fresh") from None
+            if old != fp:
+                raise PlipyError(f"{folder} holds partial results of a different run: delete it or pass --fresh")
+        else:
+            write_json(meta, {"fingerprint": fp})
+
+    @classmethod
+    def for_run(cls, kind: str, identity: dict[str, Any], *, resume: bool = True, fresh: bool = False) -> Units:
+        """The units of the run `identity` under `runs_dir()` (nothing kept when `resume` is False)."""
+        fp = fingerprint(identity)
+        return cls(runs_dir() / f"{kind}-{fp}" if resume else None, fp, fresh=fresh)
+
+    def count(self) -> int:
+        """How many units are on disk."""
+        return 0 if self.folder is None or not self.folder.is_dir() else len(list(self.folder.glob("unit-*.json")))
+
+    def get(self, i: int) -> tuple[Any, dict[str, np.ndarray]] | None:
+        """Unit `i` (its JSON value and arrays) if it finished earlier."""
+        if self.folder is None or not (f := self.folder / f"unit-{i:06d}.json").is_file():
+            return None
+        try:
+            value = json.loads(f.read_text())
+            arrays: dict[str, np.ndarray] = {}
+            if (z := self.folder / f"unit-{i:06d}.npz").is_file():
+                with np.load(z, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a unit written by a broken disk
+            raise PlipyError(f"checkpoint {f} is unreadable ({e}): delete {self.folder} or pass --fresh") from None
+        self.resumed += 1
+        return value, arrays
+
+    def put(self, i: int, value: Any, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Keep unit `i`: arrays first, the JSON last (its presence means the unit is whole)."""
+        if self.folder is None:
+            return
+        if arrays:
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            atomic_write_bytes(self.folder / f"unit-{i:06d}.npz", buf.getvalue())
+        data = json.dumps(value, allow_nan=True, default=_plain).encode()
+        atomic_write_bytes(self.folder / f"unit-{i:06d}.json", data)
+
+    def finish(self) -> None:
+        """The result is complete: drop the units."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def label(self, desc: str) -> str:
+        """A progress description that says how much of it was done earlier."""
+        n = self.count()
+        return f"{desc} ({n} resumed)" if n else desc
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-able")
+
+
+def open_run(kind: str, lm: Any, corpus: Any, settings: dict[str, Any], *, resume: bool = True,
+             fresh: bool = False, **more: Any) -> Units:
+    """The units of an experiment run. Resume needs the weights' identity: a model plipy did not load itself
+    (`wrap_model`) has no weights hash, so nothing is kept for it (two such models may share a config)."""
+    known = getattr(lm, "provenance", {}).get("weights_sha256") is not None
+    ident = run_identity(kind, model=lm, corpus=corpus, config=settings, **more)
+    return Units.for_run(kind, ident, resume=resume and known, fresh=fresh)

@@ -1,0 +1,143 @@
+"""Resume after kill -9: a long command killed mid-run and run again gives the same bytes as an uninterrupted run.
+
+Each case kills the real CLI (`python -m plipy`) once some samples are checkpointed, reruns the same command to the
+end, and compares its JSON (provenance aside) and table bytes with an uninterrupted run through the Python API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import corpus_subset
+from plipy.checkpoint import Units, fingerprint
+
+
+def _units(runs: Path) -> int:
+    return sum(1 for _ in runs.glob("*/unit-*.json"))
+
+
+def _kill_after_units(cmd: list[str], env: dict[str, str], runs: Path, cwd: Path, n: int = 1) -> None:
+    """Start `cmd`, SIGKILL it as soon as `n` units are on disk; the kill must land before it finished."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    deadline = time.monotonic() + 300
+    while _units(runs) < n and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+
+
+def _doc(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    data.pop("provenance")
+    return data
+
+
+def _long_corpus(directory: Path, copies: int):
+    """The bundled PLIP groups repeated `copies` times (distinct ids): enough samples that a scan can be caught
+    mid-run."""
+    from plipy.corpus import load_corpus
+
+    full = load_corpus()
+    data: dict = {"_format_version": "2.0"}
+    for g in ("python_doctest", "rust_test"):
+        data[g] = [{"id": f"{s.id}#{c}", "code": s.code, "marker_char_pos": s.marker_char_pos,
+                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
+                   for c in range(copies) for s in full.groups[g]]  # fmt: skip
+    path = directory / "long.json"
+    path.write_text(json.dumps(data))
+    return load_corpus(path)
+
+
+CASES = {
+    "scan": (["scan"], {}),
+    "knockout": (["knockout", "--scan-layers"], {"scan_layers": True}),
+    "dose": (["steer", "dose", "--groups", "rust_test,python_doctest"], {"groups": "rust_test,python_doctest"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_killed_run_resumes_to_identical_bytes(kind, smollm, tmp_path, monkeypatch):
+    import plipy
+
+    corpus = (_long_corpus(tmp_path, 4) if kind == "scan"
+              else corpus_subset(tmp_path, {"python_doctest": 2, "rust_test": 3}))  # fmt: skip
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PLIPY_RUNS": str(runs)}
+    args, api_kw = CASES[kind]
+    common = ["--corpus", str(corpus.path), "--table-format", "csv"]
+    if kind != "dose":
+        common += ["--resamples", "300"]
+    out = tmp_path / "resumed.json"
+    cmd = [sys.executable, "-m", "plipy", *args, *common, "--out", str(out)]
+
+    _kill_after_units(cmd, env, runs, tmp_path, n=2)
+    assert not out.exists() and _units(runs) >= 2
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed)" in done.stderr  # the progress bar says how much an earlier run did
+    assert _units(runs) == 0 and not any(runs.iterdir())  # the units go once the result is complete
+
+    # the reference: one uninterrupted run, nothing kept or resumed
+    fn = {"scan": plipy.scan, "knockout": plipy.knockout, "dose": plipy.steer.dose}[kind]
+    kw = {} if kind == "dose" else {"resamples": 300}
+    ref = fn(smollm, corpus.path, resume=False, **api_kw, **kw)
+    ref_files = ref.save(tmp_path / "reference.json", table_format="csv")
+    assert _doc(out) == _doc(Path(ref_files["json"]))
+    assert out.with_suffix(".csv").read_bytes() == Path(ref_files["table"]).read_bytes()
+    # and byte for byte once provenance is set aside: the same numbers written the same way
+    strip = {k: v for k, v in json.loads(out.read_text()).items() if k != "provenance"}
+    strip_ref = {k: v for k, v in json.loads(Path(ref_files["json"]).read_text()).items() if k != "provenance"}
+    assert json.dumps(strip) == json.dumps(strip_ref)
+
+
+def test_units_refuse_another_runs_folder_and_fresh_starts_over(tmp_path):
+    folder = tmp_path / "run"
+    u = Units(folder, fingerprint({"a": 1}))
+    u.put(0, {"x": float("nan"), "y": [0.1, 1e-300]})
+    got = Units(folder, fingerprint({"a": 1})).get(0)
+    assert got is not None and got[0]["y"] == [0.1, 1e-300] and got[0]["x"] != got[0]["x"]  # NaN kept
+    with pytest.raises(plipy_error(), match="different run"):
+        Units(folder, fingerprint({"a": 2}))
+    assert Units(folder, fingerprint({"a": 2}), fresh=True).get(0) is None
+    (folder / "meta.json").write_text("{not json")
+    with pytest.raises(plipy_error(), match="corrupt"):
+        Units(folder, fingerprint({"a": 2}))
+
+
+def test_a_wrapped_model_keeps_no_units(tmp_path, monkeypatch):
+    """A model plipy did not load has no weights hash: two such models may share a config, so nothing resumes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import plipy
+    from plipy.models import load_tokenizer
+
+    monkeypatch.setenv("PLIPY_RUNS", str(tmp_path / "runs"))
+    tok, _ = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    corpus = corpus_subset(tmp_path, {"python_doctest": 2, "rust_test": 2})
+    from plipy.checkpoint import open_run
+    from plipy.models import wrap_model
+
+    units = open_run("scan", wrap_model(model, tok), corpus, {})
+    assert units.folder is None
+    plipy.scan(model, corpus, tokenizer=tok, resamples=10)
+    assert not (tmp_path / "runs").exists()
+
+
+def plipy_error():
+    from plipy.errors import PlipyError
+
+    return PlipyError
