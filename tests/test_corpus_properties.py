@@ -94,8 +94,8 @@ def tok():
 @SETTINGS
 @given(CODE.filter(lambda s: s.strip()), st.data())
 def test_real_tokenizer_exact_tokens_cover_their_characters(tok, code, data):
-    """With the real byte-level BPE: a character any token covers maps to a token that covers it, and that token's
-    text is part of the code at that place."""
+    """With the real byte-level BPE: the ids are the tokenizer's own, and a character any token covers maps to the
+    first token that covers it (by the tokenizer's own offsets)."""
     enc = tok(code, add_special_tokens=False, return_offsets_mapping=True)
     spans = [tuple(x) for x in enc["offset_mapping"]]
     marker = data.draw(st.integers(0, len(code) - 1))

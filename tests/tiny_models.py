@@ -127,6 +127,7 @@ def batch_reference(model64: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
     for b in range(B):
         pad = int((mask[b] == 0).sum())
         REF_EDITS["offset"] = pad
+        REF_EDITS.pop("probs", None)  # only what this item's run records (none for a non-reference model)
         try:
             o = model64(ids[b : b + 1, pad:], position_ids=torch.arange(pad, T)[None], **kw)
         finally:

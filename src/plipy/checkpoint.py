@@ -47,6 +47,7 @@ def run_identity(kind: str, *, model: Any = None, corpus: Any = None, config: di
     ident: dict[str, Any] = {"kind": kind, "plipy": __version__, "libraries": provenance.library_versions(),
                              "config": config or {}, **more}  # fmt: skip
     if model is not None:
+        # not the file paths: the same weights found via PLIPY_MODELS or the cache are the same model
         ident["model"] = {k: v for k, v in model.provenance.items() if k != "resolved_files"}
     if corpus is not None:
         ident["corpus"] = {"sha256": corpus.sha256, "format_version": corpus.format_version}

@@ -8,6 +8,7 @@ dequantized safetensors copy that later loads read in ~1 s (bit-identical logits
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -246,19 +247,30 @@ def _offline() -> bool:
 def check_gguf(path: Path) -> None:
     """Refuse a .gguf that is not whole before anything parses it for real: a truncated download otherwise fails
     deep in transformers (`struct.error`, or an error that blames the tokenizer)."""
+    st = path.stat()
+    _gguf_header(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_header(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    """What plipy needs from a GGUF header, read once per file version (the reader takes ~3 s on 100 MB):
+    checks that every tensor lies inside the file; returns `context_length` (None if absent)."""
     import struct
 
-    size = path.stat().st_size
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(path)
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        key = next((k for k in reader.fields if k.endswith(".context_length")), None)
+        context = None if key is None else int(reader.fields[key].contents())
     except (struct.error, ValueError, IndexError, KeyError, OSError, EOFError) as e:
         raise PlipyError(f"{path} is not a readable GGUF file ({size:,} bytes; truncated or corrupt): "
-                         f"{type(e).__name__}: {e}") from None
+                         f"{type(e).__name__}: {e}; fetch it again (aliases: plipy models pull NAME)") from None
     if end > size:
-        raise PlipyError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
+        raise PlipyError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}; "
+                         "fetch it again (aliases: plipy models pull NAME)")
+    return {"context_length": context}
 
 
 def _resolve(spec: str, fetch: bool = True) -> _Source:
@@ -453,11 +465,8 @@ def context_length(spec: str) -> int | None:
 
     src = _resolve(spec)
     if src.is_gguf and src.dequant is None:
-        from gguf import GGUFReader
-
-        fields = GGUFReader(src.path).fields
-        key = next((k for k in fields if k.endswith(".context_length")), None)
-        return None if key is None else int(fields[key].contents())
+        st = src.path.stat()
+        return _gguf_header(str(src.path), st.st_size, st.st_mtime_ns)["context_length"]
     if src.is_gguf:
         from transformers import AutoConfig
 

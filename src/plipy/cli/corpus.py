@@ -80,7 +80,8 @@ def verify(
             "provenance": prov,
             "summary": summary,
             "context_length": context,
-            "samples": [{**_sample_json(sp), "too_long": any(sp is t for t in too_long)} for sp in positions],
+            "samples": [{**_sample_json(sp), "too_long": context is not None and sp.seq_len > context}
+                        for sp in positions],
         }
         write_json(json_out, report)
         console.print(f"wrote {json_out}")

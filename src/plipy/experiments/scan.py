@@ -46,7 +46,8 @@ def choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[st
     chosen, pair = _choose_groups(corpus, groups)
     for g in pair:
         if len(corpus.groups[g]) < 2:
-            raise PlipyError(f"group {g!r} has {len(corpus.groups[g])} sample(s): comparing groups needs at least 2")
+            raise PlipyError(f"group {g!r} has {len(corpus.groups[g])} sample(s): comparing groups needs at least 2 "
+                             "each; add samples or name other --groups")
     return chosen, pair
 
 

@@ -76,6 +76,12 @@ def fmt_kl(x: Any) -> str:
     return "—" if x is None else f"{x:.2e}"
 
 
+def run_seconds(result: dict) -> float:
+    """Wall-clock seconds of a run: `provenance.timing` (files written before it moved there: top-level `timing`)."""
+    timing = result["provenance"].get("timing") or result.get("timing") or {}
+    return float(timing.get("seconds") or 0.0)
+
+
 def render_text(renderables: list[Any], width: int = 160) -> str:
     """Rich tables and lines as plain text (what `result.summary()` returns)."""
     import io

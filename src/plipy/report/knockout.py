@@ -8,7 +8,7 @@ import numpy as np
 from rich import box
 from rich.table import Table
 
-from plipy.report.base import COLORS, Note, fmt_kl, fmt_num, fmt_p, mean_ci, pyplot
+from plipy.report.base import COLORS, Note, fmt_kl, fmt_num, fmt_p, mean_ci, pyplot, run_seconds
 
 
 def summary(result: dict) -> list[Any]:
@@ -38,7 +38,7 @@ def summary(result: dict) -> list[Any]:
     how = ("fast path: baseline once per sample, suffix-only reruns from its cache, layers below the first "
            "knocked-out layer not recomputed") if rn["path"] == "fast" else "naive path: " + "; ".join(
         rn["fallback_reasons"])
-    out.append(f"{how} — {_seconds(result):.1f} s")
+    out.append(f"{how} — {run_seconds(result):.1f} s")
     for e in result["excluded"]:
         where = f" (condition {e['condition']})" if e.get("condition") else ""
         out.append(Note(f"excluded {e['id']} ({e['group']}){where}: {e['status']} — {e.get('note') or ''}"))
@@ -101,9 +101,3 @@ def means_figure(result: dict) -> Any:
            title=f"Mean KL per condition with 95% CI ({result['edges']})")
     ax.legend(fontsize=7)
     return fig
-
-
-def _seconds(result: dict) -> float:
-    """Wall-clock seconds of the run (in provenance since 0.4; top-level `timing` in older files)."""
-    timing = result["provenance"].get("timing") or result.get("timing") or {}
-    return float(timing.get("seconds") or 0.0)

@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from plipy.report.base import COLORS, Note, fmt_num, fmt_p, mean_ci, pyplot
+from plipy.report.base import COLORS, Note, fmt_num, fmt_p, mean_ci, pyplot, run_seconds
 
 
 def excluded_lines(result: dict) -> list[str]:
@@ -74,7 +74,7 @@ def dose_summary(result: dict) -> list[Any]:
                   f"{mono['kl_increasing_above_1']}, as α falls below 1: {mono['kl_increasing_below_1']}")
     rn = result["provenance"]["config"]["runner"]
     out.append(f"runner: {rn['path']} path ({rn['forward_calls']} forward calls) — "
-                  f"{_seconds(result):.1f} s")
+                  f"{run_seconds(result):.1f} s")
     return out + excluded_lines(result)
 
 
@@ -147,9 +147,3 @@ def generate_figure(result: dict) -> Any:
     ax.set(ylabel="generations with a test marker", title=f"one-sided Fisher p = {fmt_p(s['fisher_exact_p'])}")
     ax.legend(fontsize=7)
     return fig
-
-
-def _seconds(result: dict) -> float:
-    """Wall-clock seconds of the run (in provenance since 0.4; top-level `timing` in older files)."""
-    timing = result["provenance"].get("timing") or result.get("timing") or {}
-    return float(timing.get("seconds") or 0.0)

@@ -12,7 +12,6 @@ configuration, so an interrupted run resumes (the attention stage also resumes i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from plipy.checkpoint import fingerprint
 from plipy.errors import PlipyError
 from plipy.io import write_json
 from plipy.sae.train import DEFAULT_LAYER, TrainConfig
@@ -66,10 +66,6 @@ def profile(name: str) -> PipelineConfig:
     raise PlipyError(f"unknown profile {name!r} (default, quick)")
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _stage_done(path: Path, fp: str) -> bool:
     if not path.is_file():
         return False
@@ -96,7 +92,7 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
     t0 = time.perf_counter()
     label_cfg = {"limit": cfg.label_limit, "k": cfg.label_k, "max_new_tokens": cfg.label_max_new_tokens,
                  "seed": cfg.seed, "model": model_key}  # fmt: skip
-    fp_labels = _fingerprint(label_cfg)
+    fp_labels = fingerprint(label_cfg)
     labels_path = out / "labels.json"
     if _stage_done(labels_path, fp_labels):
         labels = entities.read_labels(labels_path)
@@ -113,7 +109,7 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
     t0 = time.perf_counter()
     sae_dir = out / "sae"
     sae_cfg = {"layer": cfg.layer, "train": asdict(cfg.sae), "model": model_key, "text": cfg.entity_text_limit}
-    fp_sae = _fingerprint(sae_cfg)
+    fp_sae = fingerprint(sae_cfg)
     if _stage_done(sae_dir / "training.json", fp_sae) and (sae_dir / "cfg.json").is_file():
         training = json.loads((sae_dir / "training.json").read_text())
         log(f"SAE: reusing {sae_dir}")
@@ -131,7 +127,7 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
     latents_path = out / "latents.json"
     lat_cfg = {"split": cfg.latent_split, "general_filter": cfg.general_filter, "general_tokens": cfg.general_tokens,
                "sae": fp_sae, "labels": fp_labels}  # fmt: skip
-    fp_lat = _fingerprint(lat_cfg)
+    fp_lat = fingerprint(lat_cfg)
     latents_error = None
     if _stage_done(latents_path, fp_lat):
         latents = json.loads(latents_path.read_text())
@@ -226,7 +222,7 @@ def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[st
     )  # fmt: skip
     stem = out / f"attention-{label}"
     json_path = stem.with_suffix(".json")
-    fp = _fingerprint({"attention": asdict(acfg), "latents": fp_lat, "n": len(prompts)})
+    fp = fingerprint({"attention": asdict(acfg), "latents": fp_lat, "n": len(prompts)})
     if _stage_done(json_path, fp):
         log(f"attention ({label}): reusing {json_path}")
         result = json.loads(json_path.read_text())
