@@ -14,9 +14,10 @@ fresh cache built from the baseline's keys/values of positions < q0, and replace
 a stub returning the baseline's resid_post. Conditions are batched: batch item j carries its own edits as
 `(j, query, key)` edges, items are sorted by first edited layer, and at layer l only the items already edited
 (a prefix of the batch) are computed — the others keep the baseline's residual ("staircase"), so no layer is
-ever recomputed for an item that cannot have changed yet. Models whose cache is not a plain dynamic cache
-(sliding windows, chunked attention, shared KV) or whose decoder layers do not return a tensor use the naive
-path (one full forward per condition); `runner.reasons` says why.
+ever recomputed for an item that cannot have changed yet. Sliding-window layers keep every position in the
+baseline's cache (the mask, built from the config, applies the window), so the suffix finds the prefix keys it
+needs. Models whose cache holds other state (chunked attention, shared KV, linear attention) or whose decoder
+layers do not return a tensor use the naive path (one full forward per condition); `runner.reasons` says why.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class ConditionRunner:
         handles = [layer.register_forward_hook(recorder(i)) for i, layer in enumerate(self.layers)]
         try:
             with torch.inference_mode(), ctx as rec:
-                out = self.model(ids, use_cache=True, **self._keep)
+                out = self.model(ids, use_cache=True, **{self._cache_arg: full_cache()}, **self._keep)
         finally:
             for h in handles:
                 h.remove()
@@ -422,7 +423,7 @@ def output_cache(out: Any) -> Any:
 def fast_path_blockers(model: torch.nn.Module) -> list[str]:
     """Why reusing the baseline's cache and residuals could be wrong for this model (empty list: safe)."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     reasons = []
     if cache_argument(model) is None:
@@ -432,11 +433,25 @@ def fast_path_blockers(model: torch.nn.Module) -> list[str]:
         cache = DynamicCache(config=model.config)
     except Exception as e:  # noqa: BLE001 — any failure here just means "do not take the shortcut"
         return [f"cannot build a DynamicCache for this config ({type(e).__name__}: {e})"]
-    odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    # A sliding-window layer is run with a full cache instead (`full_cache`): the window is the mask's job (built
+    # from the config), so keeping every position changes nothing but memory. Chunked, shared-KV, linear-attention
+    # or quantized layers keep state a full cache cannot stand in for.
+    odd = sorted({type(layer).__name__ for layer in cache.layers
+                  if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})  # fmt: skip
     if odd:
-        reasons.append(f"cache layers of type {', '.join(odd)} (sliding window / chunked / shared KV) cannot be "
+        reasons.append(f"cache layers of type {', '.join(odd)} (chunked / shared KV / linear attention) cannot be "
                        "sliced to a prefix safely")
     return reasons
+
+
+def full_cache() -> Any:
+    """A DynamicCache whose every layer keeps all positions, sliding-window layers included.
+
+    Given to the baseline forward so its keys/values cover the whole input: a suffix rerun from position q0 needs
+    the last W keys before q0 of a W-window layer, which a sliding cache has already dropped."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def _baseline_problem(outputs: list[Any], cache: Any, seq: int, n_layers: int) -> str | None:
