@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from plipy.engine import Capture, EdgeEdit, Engine, ResidualAdd, ResidualCapture
+from plipy.engine.runner import layer_windows as runner_windows
 from plipy.errors import CausalEdgeError, MaskedRowError
 from tiny_models import (
     ARCHS,
@@ -232,3 +233,41 @@ def test_residual_capture_and_add(trio, eager64):
     assert torch.equal(rec2.resid[(1, "pre")][:, 5], rec.resid[(1, "pre")][:, 5])
     assert torch.equal(steered[:, :4], base[:, :4])  # positions before the add cannot see it
     assert (steered[:, 4:] - base[:, 4:]).abs().max() > 1e-4
+
+
+def test_many_row_knockouts_equal_explicit_reference(trio):
+    """Knockouts of many rows (every query → one key, as `to-marker` does) go through SDPA with an edited mask; the
+    result equals the float64 reference with explicitly zeroed and renormalised weights, for every head and for a
+    subset, with the rows no edit touches unchanged."""
+    arch, eager, ours, engine = trio
+    layers = [i for i, w in enumerate(runner_windows(ours)) if w is None]
+    if not layers:
+        pytest.skip(f"{arch}: every layer slides (window 4), so no key is seen by 16 or more queries")
+    layer = layers[-1]
+    ids, mask = batch_inputs(length=40, pad=5)
+    column = [(layer, q, 12, None, 0.0) for q in range(12, 40)]  # 28 rows: the whole-layer masked SDPA
+    subset = [(layer, q, 20, [1, 2], 0.0) for q in range(20, 38)]  # 18 rows, 2 heads: idle SDPA + edited rows
+    register_reference()
+    ref_model = float64(variant(eager, REF))
+    for edits in (column, subset):
+        REF_EDITS.clear()
+        REF_EDITS["edits"] = edits
+        try:
+            ref64 = batch_reference(ref_model, ids, mask)
+        finally:
+            REF_EDITS.clear()
+        ref32 = ours(ids, attention_mask=mask).logits  # the unedited fp32 run: its error sets the scale
+        base64 = batch_reference(float64(eager), ids, mask).logits
+        real = _real(mask)
+        spec = [EdgeEdit(layers=[lay], edges=[(q, k) for _, q, k, _, _ in edits], heads=edits[0][3], scale=0.0)
+                for lay in {e[0] for e in edits}]
+        with engine.run(edits=spec) as rec:
+            got = ours(ids, attention_mask=mask).logits
+        if arch in NO_SDPA:  # softcapping: every layer is explicit anyway
+            assert rec.paths[layer] == "full"
+        else:
+            assert rec.paths == {layer: "masked-sdpa"}
+        tol = fp32_bound(ref32.masked_select(real), base64.masked_select(real))
+        assert _err(got, ref64.logits, real) <= tol, arch
+        assert (got - ref32)[:, 12:].abs().max() > 10 * tol  # the knockout does change the output
+        assert torch.equal(got[:, :12], ref32[:, :12])  # queries before the first edited row: untouched

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +38,6 @@ class ActivePlan:
     edits: dict[int, list[LayerEdit]]
     record: Record
     residual: Any = None  # plipy.engine.residual.ResidualPlan
-    calls: dict[int, int] = field(default_factory=dict)
 
 
 ACTIVE: ContextVar[ActivePlan | None] = ContextVar("plipy_active_plan", default=None)
@@ -82,19 +81,31 @@ def plipy_attention(
     q_len = query.shape[2]
     cap_rows = _capture_rows_in_chunk(plan, offset, q_len, query.device) if capture else None
     capture = cap_rows is not None
-    chunk_edits = _edits_in_chunk(edits, offset, q_len, query.shape[0])
-    rows = _rows_to_compute(cap_rows, chunk_edits, offset, q_len, full, query.device)
+    chunk_edits = _edits_in_chunk(edits, offset, q_len, query.shape[0], query.device)
+    masked = not full and _use_masked_sdpa(chunk_edits)
+    rows = _rows_to_compute(cap_rows, [] if masked else chunk_edits, q_len, full, query.device)
+    if plan is not None:
+        plan.record.paths[layer] = "masked-sdpa" if masked else "full" if full else "explicit"
+    out = None
+    if masked:
+        # Many knocked-out rows: SDPA itself with the edges removed from its mask (no T×T fp32 matrices).
+        idle = lambda: sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,  # noqa: E731
+                                              **kwargs)[0]
+        out = _masked_sdpa(query, key, value, attention_mask, chunk_edits, offset, scaling, layer, idle)
+        if rows is None:
+            return out, None
     if rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
+    row_edits = _edits_for_rows(chunk_edits, rows) if masked else chunk_edits
     probs, scores, bias_rows = _explicit_rows(
-        module, query, key, value, attention_mask, rows, offset, scaling, softcap, chunk_edits, layer
+        module, query, key, value, attention_mask, rows, offset, scaling, softcap, row_edits, layer
     )
     n_rep = query.shape[1] // key.shape[1]
     value_full = _repeat_kv(value, n_rep)
     if full:
         out = torch.matmul(probs, value_full).transpose(1, 2).contiguous()
-    else:
+    elif out is None:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)[0]
         out = _patch_edited_rows(out, probs, value_full, rows, bias_rows)
 
@@ -125,21 +136,14 @@ def _capture_rows_in_chunk(
 
 
 def _rows_to_compute(
-    cap_rows: torch.Tensor | None,
-    chunk_edits: list[tuple[int | None, int, int, list[int] | None, float]],
-    offset: int,
-    q_len: int,
-    full: bool,
-    device: torch.device,
+    cap_rows: torch.Tensor | None, chunk_edits: list[ChunkEdit], q_len: int, full: bool, device: torch.device
 ) -> torch.Tensor | None:
     """Sorted local query rows to compute explicitly (all of them when `full`); None: nothing to do here."""
-    local_rows: list[torch.Tensor] = []
-    if cap_rows is not None:
-        local_rows.append(cap_rows.flatten())
-    for _b, q, _k, _h, _v in chunk_edits:
-        local_rows.append(torch.tensor([q - offset], device=device))
     if full:
         return torch.arange(q_len, device=device)
+    local_rows = [e.q for e in chunk_edits]
+    if cap_rows is not None:
+        local_rows.append(cap_rows.flatten())
     if local_rows:
         return torch.unique(torch.cat(local_rows))  # sorted
     return None
@@ -182,18 +186,132 @@ def _record_capture(
         rec.values[layer] = value.detach().clone()
 
 
-def _edits_in_chunk(
-    edits: list[LayerEdit], offset: int, q_len: int, batch: int
-) -> list[tuple[int | None, int, int, list[int] | None, float]]:
-    """The edits whose query lies in this call's query chunk, flattened to (batch, q, k, heads, bias)."""
+@dataclass
+class ChunkEdit:
+    """One LayerEdit's edges that fall in this call's query chunk, on the call's device: `b` per edge (-1: every
+    batch item), `q` local row, `k` key."""
+
+    b: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    heads: list[int] | None
+    bias: float
+
+    def per_item(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch item, local row, key) of every edited entry, edges for every item repeated per item."""
+        every = self.b < 0
+        b, q, k = self.b[~every], self.q[~every], self.k[~every]
+        if every.any():
+            n = int(every.sum())
+            items = torch.arange(batch, device=self.b.device).repeat_interleave(n)
+            b = torch.cat([b, items])
+            q = torch.cat([q, self.q[every].repeat(batch)])
+            k = torch.cat([k, self.k[every].repeat(batch)])
+        return b, q, k
+
+
+def _edits_in_chunk(edits: list[LayerEdit], offset: int, q_len: int, batch: int, device: torch.device
+                    ) -> list[ChunkEdit]:
+    """The edits whose query lies in this call's query chunk, as local-row tensors on the call's device."""
     out = []
     for e in edits:
-        for b, q, k in e.edges:
-            if offset <= q < offset + q_len:
-                if b is not None and not 0 <= b < batch:
-                    raise MaskedRowError(f"edge for batch item {b}, but the batch has {batch} items")
-                out.append((b, q, k, e.heads, e.bias))
+        inside = (e.q >= offset) & (e.q < offset + q_len)
+        if not inside.any():
+            continue
+        b = e.b[inside]
+        if (b >= batch).any():
+            raise MaskedRowError(f"edge for batch item {int(b.max())}, but the batch has {batch} items")
+        out.append(ChunkEdit(b.to(device), (e.q[inside] - offset).to(device), e.k[inside].to(device), e.heads,
+                             e.bias))
     return out
+
+
+def _edits_for_rows(chunk_edits: list[ChunkEdit], rows: torch.Tensor) -> list[ChunkEdit]:
+    """The part of each chunk edit whose query row is one of `rows` (the rows computed explicitly)."""
+    out = []
+    for e in chunk_edits:
+        keep = torch.isin(e.q, rows)
+        if keep.any():
+            out.append(ChunkEdit(e.b[keep], e.q[keep], e.k[keep], e.heads, e.bias))
+    return out
+
+
+# Knockouts editing at least this many query rows of a call go through SDPA with an edited mask rather than the
+# explicit rows: explicit rows hold [batch, heads, rows, keys] fp32 matrices, a masked SDPA only a boolean mask.
+MASKED_SDPA_MIN_ROWS = 16
+
+
+def _use_masked_sdpa(chunk_edits: list[ChunkEdit]) -> bool:
+    """Whether this call's edits are knockouts of many rows sharing one head set (the masked-SDPA case)."""
+    if not chunk_edits or any(e.bias != -math.inf for e in chunk_edits):
+        return False
+    if len({None if e.heads is None else tuple(e.heads) for e in chunk_edits}) != 1:
+        return False
+    return int(torch.unique(torch.cat([e.q for e in chunk_edits])).numel()) >= MASKED_SDPA_MIN_ROWS
+
+
+def _allowed(mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, offset: int, device: torch.device
+             ) -> torch.Tensor:
+    """The keys each query may see under the model's own mask: `[batch, 1, q_len, k_len]` bool."""
+    if mask is None:
+        causal = torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
+        return causal[None, None].expand(batch, 1, -1, -1)
+    if mask.dtype == torch.bool:
+        return mask[..., :k_len].expand(batch, 1, -1, -1)
+    return (mask[..., :k_len] > torch.finfo(mask.dtype).min / 2).expand(batch, 1, -1, -1)
+
+
+def _masked_sdpa(query, key, value, mask, chunk_edits, offset, scaling, layer, idle) -> torch.Tensor:
+    """Attention output `[batch, q, heads, d]` with the chunk's knocked-out edges removed from SDPA's mask.
+
+    Rows no edit touches keep `idle()`'s output bit for bit, unless most rows are edited: then one masked SDPA
+    over every row is cheaper than the idle SDPA plus the edited rows."""
+    b, n_heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    base = _allowed(mask, b, q_len, k_len, offset, query.device)
+    edited = base.clone()
+    rows_all = []
+    for e in chunk_edits:
+        bi, qi, ki = e.per_item(b)
+        _check_allowed(base, bi, qi, ki, qi + offset, layer)
+        edited[bi, 0, qi, ki] = False
+        rows_all.append(qi)
+        dead = ~edited[bi, 0, qi].any(-1)
+        if dead.any():
+            j = int(dead.nonzero()[0, 0])
+            raise MaskedRowError(f"layer {layer}: the intervention removes every key of query row "
+                                 f"{int(qi[j]) + offset} (batch item {int(bi[j])}): softmax over no keys is undefined")
+    rows = torch.unique(torch.cat(rows_all))
+    heads = chunk_edits[0].heads
+    hs = torch.arange(n_heads, device=query.device) if heads is None else torch.tensor(heads, device=query.device)
+    n_rep = n_heads // key.shape[1]
+    kv = torch.div(hs, n_rep, rounding_mode="floor")
+    if heads is None and rows.numel() * 2 >= q_len:
+        return _sdpa(query, _repeat_kv(key, n_rep), _repeat_kv(value, n_rep), edited, scaling)
+    sub = _sdpa(query[:, hs][:, :, rows], key[:, kv], value[:, kv], edited[:, :, rows], scaling)  # [b, r, h, d]
+    out = idle().clone()
+    out[:, rows[:, None], hs[None, :]] = sub.to(out.dtype)
+    return out
+
+
+def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
+    """Plain SDPA with an explicit boolean mask, output `[batch, q, heads, d]` as HF's attention functions give."""
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _check_allowed(allowed: torch.Tensor, bi: torch.Tensor, ri: torch.Tensor, ki: torch.Tensor,
+                   queries: torch.Tensor, layer: int | None) -> None:
+    """CausalEdgeError unless every edge is a key its query can see under the model's own mask (`allowed`
+    `[batch or 1, 1, rows, keys]`, indexed by row `ri`; `queries` are the absolute positions, for the message)."""
+    ok = ki < allowed.shape[-1]
+    ok[ok.clone()] = allowed[bi[ok] if allowed.shape[0] > 1 else 0, 0, ri[ok], ki[ok]]
+    if not ok.all():
+        j = int((~ok).nonzero()[0, 0])
+        raise CausalEdgeError(
+            f"layer {layer}: edge query {int(queries[j])} → key {int(ki[j])} is masked for this query (causality, "
+            "padding or a sliding window): there is no attention to remove or steer"
+        )
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -237,17 +355,15 @@ def _explicit_rows(
         # exp(bias) = α applied after the softmax and renormalised: the same function as adding log α to the
         # score, without rounding log α into a score of magnitude ~10–30 in fp32.
         factor = torch.ones_like(probs)
-        for eb, q, k, heads, val in chunk_edits:
-            r = int(torch.searchsorted(rows, torch.tensor(q - offset, device=rows.device)))
-            bs = slice(None) if eb is None else slice(eb, eb + 1)
-            if k >= k_len or not allowed[bs, 0, r, k].all():
-                raise CausalEdgeError(
-                    f"layer {layer}: edge query {q} → key {k} is masked for this query (causality, padding or "
-                    "a sliding window): there is no attention to remove or steer"
-                )
-            hs = slice(None) if heads is None else heads
-            factor[bs, hs, r, k] *= math.exp(val)
-            bias_rows[bs, r] = True
+        all_heads = torch.arange(n_heads, device=query.device)
+        for e in chunk_edits:  # one scatter per LayerEdit, whatever its number of edges
+            bi, qi, ki = e.per_item(b)
+            r = torch.searchsorted(rows, qi)
+            _check_allowed(allowed, bi, r, ki, qi + offset, layer)
+            hs = all_heads if e.heads is None else torch.tensor(e.heads, device=query.device)
+            idx = (bi[:, None], hs[None, :], r[:, None], ki[:, None])
+            factor[idx] = factor[idx] * math.exp(e.bias)
+            bias_rows[bi, r] = True
         edited = (factor != 1).any(-1, keepdim=True)
         probs = probs * factor
         total = probs.sum(-1, keepdim=True)

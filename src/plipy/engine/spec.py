@@ -39,11 +39,12 @@ class EdgeEdit:
 
     Implemented as adding `log(scale)` to the pre-softmax score, which is exactly the renormalised post-softmax
     scaling; `scale=0` adds -inf (knockout). Edges are `(query, key)` for every batch element or
-    `(batch, query, key)` for one. `heads=None` means every query head.
+    `(batch, query, key)` for one, as tuples or one `[E, 2 | 3]` integer tensor (cheaper for thousands of edges).
+    `heads=None` means every query head.
     """
 
     layers: Iterable[int]
-    edges: Sequence[Edge]
+    edges: Sequence[Edge] | torch.Tensor
     scale: float = 0.0
     heads: Sequence[int] | None = None
 
@@ -88,6 +89,8 @@ class Record:
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     resid: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # how each layer that did more than idle SDPA computed its edited rows: "explicit", "masked-sdpa" or "full"
+    paths: dict[int, str] = field(default_factory=dict)
 
     def stack(self, what: str = "attn") -> torch.Tensor:
         """Captured tensors of all layers stacked in layer order: `[layers, ...]`."""
@@ -97,16 +100,45 @@ class Record:
 
 @dataclass
 class LayerEdit:
-    """One compiled edit for one layer: absolute (batch or None, query, key) edges, head mask, additive bias."""
+    """One compiled edit for one layer: absolute edges as tensors (`b` is -1 where the edge applies to every batch
+    item), a head list (None: every head) and the additive bias. Tensors, so a layer applies thousands of edges
+    (every query → the marker on a long input) with one scatter instead of a Python loop."""
 
-    edges: list[tuple[int | None, int, int]]
+    b: torch.Tensor  # [E] long, -1 = every batch item
+    q: torch.Tensor  # [E] long, absolute query positions
+    k: torch.Tensor  # [E] long, absolute key positions
     heads: list[int] | None
     bias: float
+
+    @property
+    def edges(self) -> list[tuple[int | None, int, int]]:
+        """The edges as (batch or None, query, key) tuples."""
+        return [(None if b < 0 else b, q, k) for b, q, k in zip(self.b.tolist(), self.q.tolist(), self.k.tolist(),
+                                                                 strict=True)]
+
+
+def edge_tensor(edges: Sequence[Edge] | torch.Tensor) -> torch.Tensor:
+    """Edges as a `[E, 3]` long tensor of (batch, query, key), batch -1 for `(query, key)` edges."""
+    if isinstance(edges, torch.Tensor):
+        t = edges.to(dtype=torch.long, device="cpu")
+    else:
+        try:
+            t = torch.as_tensor(edges, dtype=torch.long)
+        except (TypeError, ValueError):  # a mix of 2- and 3-tuples: one at a time
+            t = torch.as_tensor([(-1, *e) if len(e) == 2 else tuple(e) for e in edges], dtype=torch.long)
+    if t.numel() == 0:
+        return torch.empty(0, 3, dtype=torch.long)
+    if t.ndim != 2 or t.shape[1] not in (2, 3):
+        raise PlipyError("edges must be (query, key) or (batch, query, key) pairs")
+    if t.shape[1] == 2:
+        t = torch.cat([torch.full((t.shape[0], 1), -1, dtype=torch.long), t], 1)
+    return t
 
 
 def compile_edits(edits: Iterable[EdgeEdit], n_layers: int, n_heads: int) -> dict[int, list[LayerEdit]]:
     """Validate edits once and group them per layer; identity edits (scale 1, no edges, no heads) vanish,
-    so an identity intervention runs exactly the baseline computation (KL exactly 0)."""
+    so an identity intervention runs exactly the baseline computation (KL exactly 0). An edge listed twice in one
+    edit is edited once."""
     out: dict[int, list[LayerEdit]] = {}
     for e in edits:
         bias = e.bias()
@@ -114,23 +146,25 @@ def compile_edits(edits: Iterable[EdgeEdit], n_layers: int, n_heads: int) -> dic
         for h in heads or []:
             if not 0 <= h < n_heads:
                 raise PlipyError(f"head {h} does not exist (the model has {n_heads} query heads: 0-{n_heads - 1})")
-        edges: list[tuple[int | None, int, int]] = []
-        for edge in e.edges:
-            b, q, k = (None, *edge) if len(edge) == 2 else edge
-            if k > q:
-                raise CausalEdgeError(
-                    f"edge query {q} → key {k} is causally masked (the key comes after the query): "
-                    "there is no attention to remove or steer"
-                )
-            if q < 0 or k < 0:
-                raise PlipyError(f"edge query {q} → key {k}: positions must be ≥ 0")
-            edges.append((b, int(q), int(k)))
-        if bias == 0.0 or not edges or heads == []:
+        t = edge_tensor(e.edges)
+        later = t[:, 2] > t[:, 1]
+        if later.any():
+            q, k = t[later][0, 1:].tolist()
+            raise CausalEdgeError(
+                f"edge query {q} → key {k} is causally masked (the key comes after the query): "
+                "there is no attention to remove or steer"
+            )
+        if (t[:, 1:] < 0).any():
+            q, k = t[(t[:, 1:] < 0).any(1)][0, 1:].tolist()
+            raise PlipyError(f"edge query {q} → key {k}: positions must be ≥ 0")
+        if bias == 0.0 or not len(t) or heads == []:
             continue
+        t = torch.unique(t, dim=0)
+        layer_edit = LayerEdit(t[:, 0].contiguous(), t[:, 1].contiguous(), t[:, 2].contiguous(), heads, bias)
         for layer in e.layers:
             if not 0 <= layer < n_layers:
                 raise PlipyError(f"layer {layer} does not exist (the model has {n_layers} layers: 0-{n_layers - 1})")
-            out.setdefault(int(layer), []).append(LayerEdit(edges, heads, bias))
+            out.setdefault(int(layer), []).append(layer_edit)
     return out
 
 
