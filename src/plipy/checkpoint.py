@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,22 @@ class Units:
             atomic_write_bytes(self.folder / f"unit-{i:06d}.npz", buf.getvalue())
         data = json.dumps(value, allow_nan=True, default=_plain).encode()
         atomic_write_bytes(self.folder / f"unit-{i:06d}.json", data)
+
+    def batched(self, batches: Sequence[Sequence[int]],
+                compute: Callable[[list[int]], list[tuple[Any, dict[str, np.ndarray] | None]]]
+                ) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
+        """`(i, unit)` for every unit, batch by batch. A batch missing any unit is computed whole by `compute`
+        (the same inputs in the same batch give the same bits, so a resumed run matches an uninterrupted one) and
+        only its missing units are stored."""
+        for batch in batches:
+            got = {i: self.get(i) for i in batch}
+            if any(v is None for v in got.values()):
+                for i, (value, arrays) in zip(batch, compute(list(batch)), strict=True):
+                    if got[i] is None:
+                        self.put(i, value, arrays)
+                        got[i] = (value, arrays or {})
+            for i in batch:
+                yield i, got[i]  # type: ignore[misc]
 
     def finish(self) -> None:
         """The result is complete: drop the units."""

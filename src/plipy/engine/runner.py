@@ -34,7 +34,8 @@ import torch
 
 from plipy.engine import Capture, EdgeEdit, Engine
 from plipy.engine.arch import adapter
-from plipy.engine.spec import LayerEdit, compile_edits
+from plipy.engine.batch import pad_left
+from plipy.engine.spec import LayerEdit, compile_edits, edge_tensor
 from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
 
 ConditionEdits = Sequence[EdgeEdit]  # one condition: the edits applied together
@@ -104,8 +105,7 @@ class ConditionRunner:
         if path == "fast" and self.reasons:
             raise PlipyError("the fast path is unsafe for this model: " + "; ".join(self.reasons))
         self.path = "naive" if self.reasons else "fast"
-        params = inspect.signature(model.forward).parameters
-        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._keep = last_logits_only(model)
         self._cache_arg = cache_argument(model) or "past_key_values"
         self.stats = RunnerStats()
 
@@ -133,16 +133,32 @@ class ConditionRunner:
         """The unintervened forward of one sequence; on the fast path also its K/V cache and every resid_post.
 
         `capture`: also record these query rows (the layer outputs still come from SDPA: nothing changes)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        s = ids.shape[1]
-        self.stats.baselines += 1
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
+        rows = None if capture is None else [torch.as_tensor(capture.rows).reshape(-1).tolist()]
+        return self.baselines([ids], rows=rows, layers=None if capture is None else capture.layers)[0]
+
+    def baselines(self, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]] | None = None,
+                  layers: Any = None, pad_token: int = 0) -> list[Baseline]:
+        """Baselines of several sequences from one left-padded forward (`plipy.engine.batch`): each equals its own
+        `baseline()` within fp32 rounding (matmuls of another shape may round differently) and is what conditions
+        on that sequence reuse. `rows`: per sequence, query rows to capture (at `layers`; None = all)."""
+        if not seqs:
+            return []
+        padded = pad_left(seqs, pad_token, self.device)
+        width = padded.ids.shape[1]
+        self.stats.baselines += len(seqs)
         self.stats.calls += 1
-        self.stats.layer_tokens += self.n_layers * s
+        self.stats.layer_tokens += self.n_layers * width * len(seqs)
+        capture = None
+        if rows is not None:
+            n = max(len(r) for r in rows)  # equal row counts per item: repeat an item's last row, dropped later
+            capture = Capture(rows=padded.shift([list(r) + [r[-1]] * (n - len(r)) for r in rows]), layers=layers)
         ctx = self.engine.run(capture=capture) if capture is not None else nullcontext(None)
+        kwargs = {**padded.forward_kwargs(), **self._keep}
         if self.path == "naive":
             with torch.inference_mode(), ctx as rec:
-                logits = self._last(self.model(ids, **self._keep))
-            return Baseline(ids, logits, attn=_item_attn(rec, 0))
+                out = self.model(padded.ids, **kwargs)
+            return [self._item(padded, i, out, rec, rows) for i in range(len(seqs))]
         outputs: list[Any] = [None] * self.n_layers
 
         def recorder(i: int):
@@ -154,21 +170,34 @@ class ConditionRunner:
         handles = [layer.register_forward_hook(recorder(i)) for i, layer in enumerate(self.layers)]
         try:
             with torch.inference_mode(), ctx as rec:
-                out = self.model(ids, use_cache=True, **{self._cache_arg: full_cache()}, **self._keep)
+                out = self.model(padded.ids, use_cache=True, **{self._cache_arg: full_cache()}, **kwargs)
         finally:
             for h in handles:
                 h.remove()
-        logits = self._last(out)
-        attn = _item_attn(rec, 0)
         cache = output_cache(out)
-        problem = _baseline_problem(outputs, cache, s, self.n_layers)
+        problem = _baseline_problem(outputs, cache, tuple(padded.ids.shape), self.n_layers)
         if problem:
             # Discovered only now (e.g. an architecture whose layers return tuples): switch for good.
             self.reasons.append(problem)
             self.path = "naive"
-            return Baseline(ids, logits, attn=attn)
+            return [self._item(padded, i, out, rec, rows) for i in range(len(seqs))]
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return Baseline(ids, logits, kv=kv, resid=[o.detach() for o in outputs], attn=attn)
+        resid = [o.detach() for o in outputs]
+        return [self._item(padded, i, out, rec, rows, kv, resid) for i in range(len(seqs))]
+
+    def _item(self, padded: Any, i: int, out: Any, rec: Any, rows: Sequence[Sequence[int]] | None,
+              kv: list | None = None, resid: list | None = None) -> Baseline:
+        """Item i of a batched baseline, its padding cut off: what a forward of the sequence alone gives."""
+        pad = padded.pads[i]
+        ids = padded.ids[i : i + 1, pad:]
+        attn = None
+        if rec is not None and rows is not None:
+            attn = {layer: a[i, :, : len(rows[i]), pad:] for layer, a in rec.attn.items()}
+        base = Baseline(ids, out.logits[i, -1].detach(), attn=attn)
+        if kv is not None and resid is not None:
+            base.kv = [(k[i : i + 1, :, pad:], v[i : i + 1, :, pad:]) for k, v in kv]
+            base.resid = [r[i : i + 1, pad:] for r in resid]
+        return base
 
     def _last(self, out: Any) -> torch.Tensor:
         return out.logits[0, -1].detach()
@@ -197,7 +226,7 @@ class ConditionRunner:
                         ) -> _Plan | Outcome:
         """Condition i as a plan to run, or its Outcome already when it needs no forward (identity, masked)."""
         # materialise iterables: the edits are read again when batched
-        edits = [EdgeEdit(list(e.layers), list(e.edges), e.scale, None if e.heads is None else list(e.heads))
+        edits = [EdgeEdit(list(e.layers), edge_tensor(e.edges), e.scale, None if e.heads is None else list(e.heads))
                  for e in edits]
         try:
             compiled = compile_edits(edits, self.n_layers, self.n_heads)
@@ -207,8 +236,7 @@ class ConditionRunner:
             return Outcome(base.logits, "identity", "no edit left (no edges, no heads or scale 1)",
                            attn=base.attn if capture is not None else None)
         first_layer = min(compiled)
-        queries = [q for les in compiled.values() for le in les for _b, q, _k in le.edges]
-        first_query = min(queries)
+        first_query = min(int(le.q.min()) for les in compiled.values() for le in les)
         _check_single_sequence(i, compiled, base.input_ids.shape[1])
         dead = dead_row(compiled)
         if dead is not None:
@@ -276,7 +304,7 @@ class ConditionRunner:
         starts = [p.first_layer for p in chunk]
         active = [bisect.bisect_right(starts, layer) for layer in range(self.n_layers)]  # items computed per layer
         edits = [
-            EdgeEdit(layers=e.layers, edges=[(j, *edge[-2:]) for edge in e.edges], scale=e.scale, heads=e.heads)
+            EdgeEdit(layers=e.layers, edges=_on_item(j, e.edges), scale=e.scale, heads=e.heads)
             for j, p in enumerate(chunk)
             for e in p.edits
         ]
@@ -336,12 +364,21 @@ def _check_single_sequence(i: int, compiled: dict[int, list[LayerEdit]], seq: in
     """PlipyError unless condition i's edges all lie on the runner's one sequence (batch item 0, query < seq)."""
     for les in compiled.values():
         for le in les:
-            for b, q, k in le.edges:
-                if b not in (None, 0):
-                    raise PlipyError(f"condition {i}: edge ({b}, {q}, {k}) names batch item {b}; "
-                                     "the runner runs one sequence, give (query, key) edges")
-                if q >= seq:
-                    raise PlipyError(f"condition {i}: edge query {q} is past the sequence ({seq} tokens)")
+            bad = le.b > 0
+            if bad.any():
+                j = int(bad.nonzero()[0, 0])
+                b, q, k = int(le.b[j]), int(le.q[j]), int(le.k[j])
+                raise PlipyError(f"condition {i}: edge ({b}, {q}, {k}) names batch item {b}; "
+                                 "the runner runs one sequence, give (query, key) edges")
+            if int(le.q.max()) >= seq:
+                raise PlipyError(f"condition {i}: edge query {int(le.q.max())} is past the sequence ({seq} tokens)")
+
+
+def _on_item(j: int, edges: Any) -> torch.Tensor:
+    """A condition's edges as `(j, query, key)` rows: batch item j of a batched run carries them."""
+    t = edge_tensor(edges).clone()  # never write into the condition's own tensor
+    t[:, 0] = j
+    return t
 
 
 def _item_attn(rec: Any, j: int) -> dict[int, torch.Tensor] | None:
@@ -402,6 +439,11 @@ def dead_row(compiled: dict[int, list[LayerEdit]]) -> str | None:
     return None
 
 
+def last_logits_only(model: torch.nn.Module) -> dict[str, int]:
+    """The forward argument that computes logits at the last position only (`logits_to_keep=1`), if it has one."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers ≥ 5.24 names it `cache`; earlier 5.x `past_key_values`
 
 
@@ -454,13 +496,14 @@ def full_cache() -> Any:
     return DynamicCache()
 
 
-def _baseline_problem(outputs: list[Any], cache: Any, seq: int, n_layers: int) -> str | None:
+def _baseline_problem(outputs: list[Any], cache: Any, shape: tuple[int, int], n_layers: int) -> str | None:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    batch, seq = shape
     for i, o in enumerate(outputs):
-        if not isinstance(o, torch.Tensor) or o.ndim != 3 or o.shape[:2] != (1, seq):
-            return f"decoder layer {i} returned {type(o).__name__}, not a [1, seq, d] tensor"
+        if not isinstance(o, torch.Tensor) or o.ndim != 3 or tuple(o.shape[:2]) != (batch, seq):
+            return f"decoder layer {i} returned {type(o).__name__}, not a [batch, seq, d] tensor"
     if not isinstance(cache, DynamicCache) or len(cache.layers) != n_layers:
         return f"the model returned a {type(cache).__name__} cache, not a DynamicCache with {n_layers} layers"
     for i, layer in enumerate(cache.layers):

@@ -22,7 +22,8 @@ from typing import Any
 from plipy import checkpoint, measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
 from plipy.engine import EdgeEdit, Engine
-from plipy.engine.runner import ConditionRunner, dead_row, layer_windows
+from plipy.engine.batch import default_batch_size, pad_id, plan_batches
+from plipy.engine.runner import Baseline, ConditionRunner, dead_row, layer_windows
 from plipy.engine.spec import compile_edits
 from plipy.errors import PlipyError
 from plipy.experiments.scan import after_marker, choose_groups, identity
@@ -61,6 +62,7 @@ class KnockoutConfig:
     extra: dict = field(default_factory=dict)
     resume: bool = True  # keep finished samples on disk until the result is complete (plipy.checkpoint)
     fresh: bool = False  # discard what an interrupted run with the same settings left
+    batch_size: int | None = None  # baselines per forward (None: plipy.engine.batch.default_batch_size)
 
 
 # -- conditions ----------------------------------------------------------------------------------------------------
@@ -229,13 +231,15 @@ def prepare_samples(lm: Any, corpus: Corpus, config: KnockoutConfig, groups: lis
     return samples, positions
 
 
-def run_sample(lm: Any, runner: ConditionRunner, rec: dict[str, Any], sp: SamplePositions,
-               config: KnockoutConfig, heads: list[int] | None, windows: list[int | None]) -> list[dict[str, Any]]:
-    """One sample under every condition: one measure row per condition (a status row if it cannot run)."""
-    if rec["status"] != "ok":
-        return [{"id": rec["id"], "group": rec["group"], "kl": None, "status": rec["status"], "note": rec.get("note")}
-                for _ in config.conditions]
-    base = runner.baseline(sp.input_ids)
+def status_rows(rec: dict[str, Any], config: KnockoutConfig) -> list[dict[str, Any]]:
+    """The rows of a sample that cannot run: its status under every condition."""
+    return [{"id": rec["id"], "group": rec["group"], "kl": None, "status": rec["status"], "note": rec.get("note")}
+            for _ in config.conditions]
+
+
+def run_sample(lm: Any, runner: ConditionRunner, rec: dict[str, Any], base: Baseline, config: KnockoutConfig,
+               heads: list[int] | None, windows: list[int | None]) -> list[dict[str, Any]]:
+    """One sample under every condition, from its baseline: one measure row per condition (or a status row)."""
     edges = [tuple(e) for e in rec["edges"]]
     conds = [condition_edits(edges, c.layers, heads, windows) for c in config.conditions]
     rows = []
@@ -249,6 +253,11 @@ def run_sample(lm: Any, runner: ConditionRunner, rec: dict[str, Any], sp: Sample
                 row["note"] = "identity: nothing left to knock out (no heads, or edges outside a window)"
         rows.append(row)
     return rows
+
+
+def _batches(indices: list[int], positions: list[SamplePositions], batch_size: int) -> list[list[int]]:
+    """The samples `indices` in deterministic batches of similar length (their baselines share a forward)."""
+    return [[indices[j] for j in b] for b in plan_batches([positions[i].seq_len for i in indices], batch_size)]
 
 
 def _excluded(samples: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -274,6 +283,7 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
     samples, positions = prepare_samples(lm, corpus, config, groups, pair, heads)
     runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
     windows = layer_windows(lm.model, lm.n_layers)
+    batch_size = config.batch_size or default_batch_size(lm.device)
     all_heads = heads if heads is not None else list(range(lm.n_heads))
     runs = [{"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges, "heads": all_heads,
              "samples": []} for c in config.conditions]  # fmt: skip
@@ -282,19 +292,30 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
         "heads": all_heads, "groups": groups, "compared": list(pair), "include_baselines": config.include_baselines,
         "bos": config.bos, "n_resamples": config.n_resamples, "top_k": config.top_k,
         "kl": "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms",
-        "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64", **config.extra}
+        "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64",
+        "batch_size": batch_size, **config.extra}
     units = checkpoint.open_run("knockout", lm, corpus, settings, resume=config.resume, fresh=config.fresh,
                                 runner=config.path)  # fast and naive agree to rounding, not bit for bit
     step = progress(units.label("knockout"), len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
-    for i, (rec, sp) in enumerate(zip(samples, positions, strict=True)):
-        got = units.get(i)
-        if got is None:
-            got = run_sample(lm, runner, rec, sp, config, heads, windows), {}
-            units.put(i, got[0])
-        for run, row in zip(runs, got[0], strict=True):
-            run["samples"].append(row)
+    rows_of: dict[int, list[dict[str, Any]]] = {}
+    for i, rec in enumerate(samples):
+        if rec["status"] != "ok":
+            rows_of[i] = status_rows(rec, config)
+            step()
+
+    def compute(batch: list[int]) -> list[tuple[list[dict[str, Any]], None]]:
+        bases = runner.baselines([positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
+        return [(run_sample(lm, runner, samples[i], b, config, heads, windows), None)
+                for i, b in zip(batch, bases, strict=True)]
+
+    ok = [i for i, rec in enumerate(samples) if rec["status"] == "ok"]
+    for i, got in units.batched(_batches(ok, positions, batch_size), compute):
+        rows_of[i] = got[0]
         step()
+    for i in range(len(samples)):
+        for run, row in zip(runs, rows_of[i], strict=True):
+            run["samples"].append(row)
     elapsed = time.perf_counter() - t0
     for run in runs:
         run["groups"] = {g: stats.describe(_kls(run, g)) for g in groups}

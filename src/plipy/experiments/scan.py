@@ -19,6 +19,8 @@ import torch
 from plipy import checkpoint, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions
 from plipy.engine import Capture, Engine
+from plipy.engine.batch import default_batch_size, pad_id, pad_left, plan_batches
+from plipy.engine.runner import last_logits_only
 from plipy.errors import PlipyError
 from plipy.results import ScanResult
 
@@ -38,6 +40,7 @@ class ScanConfig:
     extra: dict = field(default_factory=dict)
     resume: bool = True  # keep finished samples on disk until the result is complete (plipy.checkpoint)
     fresh: bool = False  # discard what an interrupted run with the same settings left
+    batch_size: int | None = None  # samples per forward (None: plipy.engine.batch.default_batch_size)
 
 
 def choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[str], tuple[str, str]]:
@@ -117,6 +120,17 @@ def sample_record(sp: SamplePositions) -> dict[str, Any]:
     return rec
 
 
+def marker_rows(lm: Any, engine: Engine, sps: Sequence[SamplePositions], layers: Sequence[int]) -> list[torch.Tensor]:
+    """Each sample's marker row at every scanned layer, `[layers, heads, keys]` float32 on the CPU, from one
+    left-padded forward (only the last position's logits are computed: the scan needs none)."""
+    padded = pad_left([sp.input_ids for sp in sps], pad_id(lm.tokenizer), lm.device)
+    with torch.inference_mode(), engine.run(capture=Capture(rows=padded.shift([[sp.marker_token] for sp in sps]),
+                                                            layers=layers)) as cap:
+        lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
+    att = torch.stack([cap.attn[layer][:, :, 0] for layer in layers], 1).cpu()  # [B, L, H, T]
+    return [att[i, :, :, pad:] for i, pad in enumerate(padded.pads)]
+
+
 def check_measurable(records: list[dict[str, Any]], pair: tuple[str, str]) -> None:
     """Refuse, before any forward, a scan whose compared groups cannot give statistics."""
     for g in pair:
@@ -134,7 +148,8 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     heads = list(config.heads) if config.heads is not None else list(range(n_heads))
     groups, (ga, gb) = choose_groups(corpus, config.groups)
     settings = {"groups": groups, "compared": [ga, gb], "layers": layers, "heads": heads, "bos": config.bos,
-                "n_resamples": config.n_resamples, **config.extra}  # fmt: skip
+                "n_resamples": config.n_resamples, "batch_size": config.batch_size or default_batch_size(lm.device),
+                **config.extra}  # fmt: skip
     todo = corpus.samples(groups)
     positions = [token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions) for s in todo]
     samples = [sample_record(sp) for sp in positions]
@@ -144,21 +159,21 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     rows_by_id: dict[str, np.ndarray] = {}
     ids_by_id: dict[str, list[int]] = {}
     step = progress(units.label("scanning"), len(todo)) if progress else (lambda: None)
-    with torch.inference_mode():
-        for i, (sp, rec) in enumerate(zip(positions, samples, strict=True)):
-            if rec["status"] in ("ok", "partial-targets"):
-                got = units.get(i)
-                if got is None:
-                    ids = torch.tensor([sp.input_ids], device=lm.device)
-                    with engine.run(capture=Capture(rows=[sp.marker_token], layers=layers)) as cap:
-                        lm.model(ids)
-                    rows = torch.stack([cap.attn[layer][0, :, 0] for layer in layers]).cpu()
-                    got = measure_sample(sp, rows, heads), {"rows": rows.numpy()}
-                    units.put(i, *got)
-                rec.update(got[0])
-                rows_by_id[sp.sample.id] = got[1]["rows"]
-                ids_by_id[sp.sample.id] = list(sp.input_ids)  # decoded only if the token plot is drawn
-            step()
+    measurable = [i for i, rec in enumerate(samples) if rec["status"] in ("ok", "partial-targets")]
+    for _ in range(len(todo) - len(measurable)):
+        step()
+
+    def compute(batch: list[int]) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        sps = [positions[i] for i in batch]
+        rows = marker_rows(lm, engine, sps, layers)
+        return [(measure_sample(sp, r, heads), {"rows": r.numpy()}) for sp, r in zip(sps, rows, strict=True)]
+
+    batches = plan_batches([positions[i].seq_len for i in measurable], settings["batch_size"])
+    for i, got in units.batched([[measurable[j] for j in b] for b in batches], compute):
+        samples[i].update(got[0])
+        rows_by_id[positions[i].sample.id] = got[1]["rows"]
+        ids_by_id[positions[i].sample.id] = list(positions[i].input_ids)  # decoded only if the token plot is drawn
+        step()
     result = {
         "provenance": provenance.build(model=lm, corpus=corpus, seed=config.seed, config=settings),
         "groups_compared": [ga, gb],

@@ -32,9 +32,11 @@ import torch
 from plipy import checkpoint, measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, _char_to_token, token_positions
 from plipy.engine import Capture, EdgeEdit, Engine
-from plipy.engine.runner import ConditionRunner
+from plipy.engine.batch import default_batch_size, pad_id, pad_left, plan_batches
+from plipy.engine.runner import Baseline, ConditionRunner
 from plipy.errors import CausalEdgeError, PlipyError
 from plipy.experiments.knockout import plip_default_layer
+from plipy.experiments.scan import marker_rows
 from plipy.results import CalibrateResult, DoseResult, GenerateResult
 
 DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # PLIP-rs' DOSE_LEVELS
@@ -114,6 +116,11 @@ def prepare(lm: Any, corpus: Corpus, groups: Sequence[str], bos: bool = False, s
         reasons = sorted({f"{s.status} ({s.note})" for s in out})
         raise PlipyError("no steerable sample in " + ", ".join(groups) + ": " + "; ".join(reasons[:3]))
     return out
+
+
+def _batches(indices: list[int], samples: Sequence[SteerSample], batch_size: int) -> list[list[int]]:
+    """The samples `indices` in deterministic batches of similar length (one left-padded forward each)."""
+    return [[indices[j] for j in b] for b in plan_batches([samples[i].positions.seq_len for i in indices], batch_size)]
 
 
 def excluded(samples: Sequence[SteerSample]) -> list[dict[str, Any]]:
@@ -235,6 +242,7 @@ class CalibrateConfig:
     extra: dict = field(default_factory=dict)
     resume: bool = True  # keep finished units on disk until the result is complete (plipy.checkpoint)
     fresh: bool = False  # discard what an interrupted run with the same settings left
+    batch_size: int | None = None  # inputs per forward (None: plipy.engine.batch.default_batch_size)
 
 
 def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
@@ -250,31 +258,29 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
         "skip_invalid": config.skip_invalid,
         "metric": "mean over targets (duplicates kept) of the head-mean post-softmax weight of the marker row",
         "scale_rule": "the α whose steered mean of group B equals group A's mean (exact on B's baseline rows)",
-        **config.extra}
+        "batch_size": config.batch_size or default_batch_size(lm.device), **config.extra}
     units = checkpoint.open_run("calibrate", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
     engine = Engine(lm.model)
     step = progress(units.label("calibrating"), len(samples)) if progress else (lambda: None)
-    recs: list[dict[str, Any]] = []
+    recs: list[dict[str, Any]] = [{"id": s.id, "group": s.group, "status": s.status} for s in samples]
     rows: dict[str, torch.Tensor] = {}
-    with torch.inference_mode():
-        for i, s in enumerate(samples):
-            rec: dict[str, Any] = {"id": s.id, "group": s.group, "status": s.status}
-            if s.status == "ok":
-                m = s.positions.marker_token
-                got = units.get(i)
-                if got is None:
-                    with engine.run(capture=Capture(rows=[m], layers=[layer])) as cap:
-                        lm.model(torch.tensor([s.positions.input_ids], device=lm.device))
-                    got = None, {"row": cap.attn[layer][0, :, 0].cpu().numpy()}
-                    units.put(i, None, got[1])
-                row = torch.from_numpy(got[1]["row"])
-                rows[s.id] = row
-                rec.update(marker_token=m, targets=s.targets, attention=attention_metric(row, s.targets),
-                           uniform_null=1.0 / (m + 1))
-            else:
-                rec["note"] = s.note
-            recs.append(rec)
+    for s, rec in zip(samples, recs, strict=True):
+        if s.status != "ok":
+            rec["note"] = s.note
             step()
+
+    def compute(batch: list[int]) -> list[tuple[None, dict[str, np.ndarray]]]:
+        got = marker_rows(lm, engine, [samples[i].positions for i in batch], [layer])
+        return [(None, {"row": r[0].numpy()}) for r in got]
+
+    ok = [i for i, s in enumerate(samples) if s.status == "ok"]
+    for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), compute):
+        s, m = samples[i], samples[i].positions.marker_token
+        row = torch.from_numpy(got[1]["row"])
+        rows[s.id] = row
+        recs[i].update(marker_token=m, targets=s.targets, attention=attention_metric(row, s.targets),
+                       uniform_null=1.0 / (m + 1))
+        step()
     ok = {g: [r for r in recs if r["group"] == g and r["status"] == "ok"] for g in (ga, gb)}
     for g in (ga, gb):
         if not ok[g]:
@@ -330,6 +336,7 @@ class DoseConfig:
     extra: dict = field(default_factory=dict)
     resume: bool = True  # keep finished units on disk until the result is complete (plipy.checkpoint)
     fresh: bool = False  # discard what an interrupted run with the same settings left
+    batch_size: int | None = None  # inputs per forward (None: plipy.engine.batch.default_batch_size)
 
 
 def _layer(layer: int | None, n_layers: int) -> int:
@@ -366,12 +373,13 @@ def _dose_checks(config: DoseConfig, n_layers: int, n_heads: int) -> tuple[list[
     return layers, heads, doses
 
 
-def _dose_sample(lm: Any, runner: ConditionRunner, s: SteerSample, config: DoseConfig, layers: list[int],
-                 heads: list[int] | None, doses: list[float]) -> tuple[dict[str, Any], list[dict], dict | None]:
-    """One steerable sample: its record, one measure row per dose, and the target-attention row (or None)."""
+def _dose_sample(lm: Any, runner: ConditionRunner, s: SteerSample, base: Baseline, config: DoseConfig,
+                 layers: list[int], heads: list[int] | None, doses: list[float]
+                 ) -> tuple[dict[str, Any], list[dict], dict | None]:
+    """One steerable sample from its baseline (marker rows captured at `layers`): its record, one measure row per
+    dose, and the target-attention row (or None)."""
     m = s.positions.marker_token
     cap = Capture(rows=[m], layers=layers)
-    base = runner.baseline(s.positions.input_ids, capture=cap)
     base_rows = {layer: base.attn[layer][:, 0].cpu() for layer in layers}
     base_att = [attention_metric(base_rows[layer], s.targets) for layer in layers]
     rec = {"id": s.id, "group": s.group, "n_tokens": s.positions.seq_len, "marker_token": m, "targets": s.targets,
@@ -419,24 +427,34 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
         "kl": "KL(P_base || P_steered), nats, last input position, full vocabulary, float64, all terms",
         "attention_achieved": "mean over targets (duplicates kept) of the head-mean (all heads) post-softmax "
                               "weight of the steered marker row; several layers: the mean over the layers",
-        **config.extra}
+        "batch_size": config.batch_size or default_batch_size(lm.device), **config.extra}
     units = checkpoint.open_run("dose", lm, corpus, settings, resume=config.resume, fresh=config.fresh,
                                 runner=config.path)  # fast and naive agree to rounding, not bit for bit
     step = progress(units.label("steering"), len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
-    for i, s in enumerate(samples):
-        if s.status == "ok":
-            got = units.get(i)
-            if got is None:
-                got = list(_dose_sample(lm, runner, s, config, layers, heads, doses)), {}
-                units.put(i, got[0])
-            rec, rows, trow = got[0]
-            sample_recs.append(rec)
-            for run, row in zip(dose_runs, rows, strict=True):
-                run["samples"].append(row)
-            if target_run is not None:
-                target_run["samples"].append(trow)
+    for s in samples:
+        if s.status != "ok":
+            step()
+
+    def compute(batch: list[int]) -> list[tuple[list[Any], None]]:
+        sps = [samples[i].positions for i in batch]
+        bases = runner.baselines([sp.input_ids for sp in sps], rows=[[sp.marker_token] for sp in sps], layers=layers,
+                                 pad_token=pad_id(lm.tokenizer))
+        return [(list(_dose_sample(lm, runner, samples[i], b, config, layers, heads, doses)), None)
+                for i, b in zip(batch, bases, strict=True)]
+
+    ok = [i for i, s in enumerate(samples) if s.status == "ok"]
+    done = {}
+    for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), compute):
+        done[i] = got
         step()
+    for i in ok:  # in sample order
+        rec, rows, trow = done[i][0]
+        sample_recs.append(rec)
+        for run, row in zip(dose_runs, rows, strict=True):
+            run["samples"].append(row)
+        if target_run is not None:
+            target_run["samples"].append(trow)
     elapsed = time.perf_counter() - t0
     for run in dose_runs:
         run.update(_summary(run["samples"]))
@@ -547,6 +565,7 @@ class GenerateConfig:
     extra: dict = field(default_factory=dict)
     resume: bool = True  # keep finished units on disk until the result is complete (plipy.checkpoint)
     fresh: bool = False  # discard what an interrupted run with the same settings left
+    batch_size: int | None = None  # inputs per forward (None: plipy.engine.batch.default_batch_size)
 
 
 def load_prompts(path: Any = None) -> tuple[list[dict[str, Any]], str]:
@@ -606,25 +625,40 @@ def _chat_text(tokenizer: Any, prompt: str) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def generate_pair(lm: Any, engine: Engine, ids: list[int], edits: list[EdgeEdit], config: GenerateConfig
-                  ) -> tuple[list[int], list[int]]:
-    """Baseline and steered continuations by the very same call (`model.generate`, KV cache, same seed)."""
+def generate_pairs(lm: Any, engine: Engine, items: Sequence[tuple[list[int], tuple[int, int]]], layers: list[int],
+                   config: GenerateConfig) -> list[tuple[list[int], list[int]]]:
+    """Baseline and steered continuations of several prompts `(ids, (query, key))`, each pair by the very same
+    call (`model.generate` on the left-padded batch, KV cache, same seed): only the steering differs. Greedy
+    decoding gives each prompt what it gives alone (up to fp32 rounding of near-ties); sampling draws from one
+    generator for the batch, so a prompt's sample depends on the batch it is in (fixed for a given batch size)."""
     from transformers import GenerationConfig
 
     tok = lm.tokenizer
     sample = config.temperature > 0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gc = GenerationConfig(max_new_tokens=config.max_tokens, min_new_tokens=0, do_sample=sample,
                           temperature=config.temperature if sample else None, top_k=None if sample else None,
-                          top_p=None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
-                          else tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    x = torch.tensor([ids], device=lm.device)
+                          top_p=None, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+    padded = pad_left([ids for ids, _ in items], pad if pad is not None else 0, lm.device)
+    width = padded.ids.shape[1]
+    edges = [(j, q + p, k + p) for j, ((_, (q, k)), p) in enumerate(zip(items, padded.pads, strict=True))]
+    steer = [EdgeEdit(layers=layers, edges=edges, scale=config.scale, heads=config.heads)]
     outs = []
-    for e in ([], edits):
+    for e in ([], steer):
         torch.manual_seed(config.seed)  # the same draws for both: only the steering differs
         with torch.inference_mode(), engine.run(edits=e):
-            out = lm.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
-        outs.append(out[0, len(ids):].tolist())
-    return outs[0], outs[1]
+            out = lm.model.generate(padded.ids, attention_mask=padded.mask, generation_config=gc)
+        outs.append([_until_eos(out[j, width:].tolist(), tok.eos_token_id) for j in range(len(items))])
+    return list(zip(outs[0], outs[1], strict=True))
+
+
+def _until_eos(ids: list[int], eos: Any) -> list[int]:
+    """A continuation cut after its first end-of-sequence token (a batch pads finished items after it)."""
+    stops = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[: i + 1]
+    return ids
 
 
 def fisher_one_sided(baseline_yes: int, steered_yes: int, n: int) -> float:
@@ -635,11 +669,9 @@ def fisher_one_sided(baseline_yes: int, steered_yes: int, n: int) -> float:
                               alternative="greater")[1])
 
 
-def _generate_row(lm: Any, engine: Engine, p: dict[str, Any], ids: list[int], edge: tuple[int, int],
-                  layers: list[int], patterns: list[re.Pattern], config: GenerateConfig) -> dict[str, Any]:
-    """Baseline and steered continuation of one prompt, and which test markers each contains."""
-    edits = [EdgeEdit(layers=layers, edges=[edge], scale=config.scale, heads=config.heads)]
-    b_ids, s_ids = generate_pair(lm, engine, ids, edits, config)
+def _generate_row(lm: Any, p: dict[str, Any], edge: tuple[int, int], b_ids: list[int], s_ids: list[int],
+                  patterns: list[re.Pattern]) -> dict[str, Any]:
+    """One prompt's baseline and steered continuation, and which test markers each contains."""
     b_txt = lm.tokenizer.decode(b_ids, skip_special_tokens=True)
     s_txt = lm.tokenizer.decode(s_ids, skip_special_tokens=True)
     b_has, s_has = (any(pt.search(t) for pt in patterns) for t in (b_txt, s_txt))
@@ -689,19 +721,23 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
         "key_text": config.key_text,
         "decoding": "both by model.generate() with KV cache, same GenerationConfig and seed; "
                     + ("sampling" if config.temperature > 0 else "greedy"),
-        **config.extra}
+        "batch_size": config.batch_size or default_batch_size(lm.device), **config.extra}
     units = checkpoint.open_run("generate", lm, None, settings, resume=config.resume, fresh=config.fresh,
                                 seed=config.seed, prompt_texts=[(p["id"], p["prompt"]) for p, _, _ in prepared])
     step = progress(units.label("generating"), len(prepared)) if progress else (lambda: None)
-    rows = []
     t0 = time.perf_counter()
-    for i, (p, ids, edge) in enumerate(prepared):
-        got = units.get(i)
-        if got is None:
-            got = _generate_row(lm, engine, p, ids, edge, layers, patterns, config), {}
-            units.put(i, got[0])
-        rows.append(got[0])
+
+    def compute(batch: list[int]) -> list[tuple[dict[str, Any], None]]:
+        pairs = generate_pairs(lm, engine, [(prepared[i][1], prepared[i][2]) for i in batch], layers, config)
+        return [(_generate_row(lm, prepared[i][0], prepared[i][2], b, s, patterns), None)
+                for i, (b, s) in zip(batch, pairs, strict=True)]
+
+    batches = plan_batches([len(ids) for _, ids, _ in prepared], settings["batch_size"])
+    done = {}
+    for i, got in units.batched(batches, compute):
+        done[i] = got[0]
         step()
+    rows = [done[i] for i in range(len(prepared))]  # prompt order, whatever the batches
     n = len(rows)
     by = sum(r["baseline_has_test"] for r in rows)
     sy = sum(r["steered_has_test"] for r in rows)

@@ -29,6 +29,7 @@ from plipy import provenance
 from plipy.checkpoint import Units, fingerprint
 from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture
 from plipy.engine.arch import head_output_weights
+from plipy.engine.batch import pad_left
 from plipy.errors import PlipyError
 from plipy.io import atomic_write_bytes
 from plipy.results import SaeAttentionResult
@@ -54,19 +55,11 @@ class Batch:
 
 
 def make_batch(items: Sequence[Tokenized], pos_type: str, pad_id: int, device: Any = "cpu") -> Batch:
-    """Left-pad; positions become absolute padded positions; position_ids restart at 0 on each item's first real
-    token, so a padded item computes what it computes alone."""
-    length = max(len(t.input_ids) for t in items)
-    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    pos = []
-    for b, t in enumerate(items):
-        pad = length - len(t.input_ids)
-        ids[b, pad:] = torch.tensor(t.input_ids)
-        mask[b, pad:] = 1
-        pos.append([pad + p for p in positions_for(t.entity_tokens, len(t.input_ids), pos_type)])
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids.to(device), mask.to(device), position_ids.to(device), pos)
+    """Left-pad (`plipy.engine.batch.pad_left`); positions become absolute padded positions; position_ids restart at
+    0 on each item's first real token, so a padded item computes what it computes alone."""
+    p = pad_left([t.input_ids for t in items], pad_id, device)
+    steer = p.shift([positions_for(t.entity_tokens, len(t.input_ids), pos_type) for t in items])
+    return Batch(p.ids, p.mask, p.positions, steer)
 
 
 def forward_measures(engine: Engine, model: torch.nn.Module, batch: Batch, w_o: dict[int, torch.Tensor],
