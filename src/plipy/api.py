@@ -27,14 +27,17 @@ DEFAULT_MODEL = "smollm2-135m"
 KNOCKOUT_MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-window")
 
 
-def as_model(model: Any = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", tokenizer: Any = None) -> Any:
-    """A `LoadedModel` from a spec, a `LoadedModel`, or a loaded HF causal LM (with its `tokenizer`)."""
+def as_model(model: Any = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", tokenizer: Any = None,
+             device_map: Any = None, max_memory: Any = None) -> Any:
+    """A `LoadedModel` from a spec, a `LoadedModel`, or a loaded HF causal LM (with its `tokenizer`).
+    `device_map`/`max_memory` spread a big model over devices (accelerate's strategies or a module → device dict)."""
     from plipy.models import LoadedModel, load_model, wrap_model
 
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, Path)):
-        return load_model(str(model), dtype=dtype, device=device)
+        return load_model(str(model), dtype=dtype, device=device, device_map=opt.parse_device_map(device_map),
+                          max_memory=opt.parse_max_memory(max_memory))
     if hasattr(model, "config") and hasattr(model, "forward"):
         if tokenizer is None:
             raise ParameterError("tokenizer", "a loaded HF model needs its tokenizer: pass tokenizer=")
@@ -70,20 +73,24 @@ def _runner(runner: Any, condition_batch: int) -> tuple[Any, str]:
 def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, layers: Any = "all",
          heads: Any = "all", bos: bool = False, offsets: str = "chars", seed: int = 0, resamples: int = 10000,
          dtype: str = "auto", device: str = "auto", tokenizer: Any = None, resume: bool = True, fresh: bool = False,
+         batch_size: int | None = None, device_map: Any = None, max_memory: Any = None,
          progress: Progress | None = None) -> ScanResult:
     """Marker → target attention of every sample at every layer and head, beside the uniform and token-0 nulls,
     with full statistics (`plipy scan`). `resume`: finished samples are kept until the result is complete, so
-    the same call after an interruption goes on where it stopped (`fresh=True` starts over)."""
+    the same call after an interruption goes on where it stopped (`fresh=True` starts over). `batch_size`:
+    samples per left-padded forward (None: 16 on CPU, 64 on GPU)."""
     from plipy.experiments import scan as sc
 
     opt.check_positive(resamples, param="resamples")
+    opt.check_batch_size(batch_size)
     corp = as_corpus(corpus, offsets=offsets)
     group_list = opt.parse_groups(groups)
     sc.choose_groups(corp, group_list)  # bad groups fail before the model loads
-    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
+                  max_memory=max_memory)
     cfg = sc.ScanConfig(groups=group_list, layers=opt.parse_layers(layers, lm.n_layers),
                         heads=opt.parse_heads(heads, lm.n_heads), bos=bos, seed=seed, n_resamples=resamples,
-                        extra={"offsets": offsets}, resume=resume, fresh=fresh)  # fmt: skip
+                        extra={"offsets": offsets}, resume=resume, fresh=fresh, batch_size=batch_size)  # fmt: skip
     return sc.run_scan(lm, corp, cfg, progress=progress)
 
 
@@ -110,20 +117,24 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
              heads: Any = "all", groups: Any = None, include_baselines: bool = False, bos: bool = False,
              offsets: str = "chars", seed: int = 0, resamples: int = 10000, condition_batch: int = 32,
              dtype: str = "auto", device: str = "auto", tokenizer: Any = None, runner: Any = "auto",
-             resume: bool = True, fresh: bool = False, progress: Progress | None = None) -> KnockoutResult:
+             resume: bool = True, fresh: bool = False, batch_size: int | None = None, device_map: Any = None,
+             max_memory: Any = None, progress: Progress | None = None) -> KnockoutResult:
     """Remove attention edges (marker → targets by default) in one layer, a set, each layer alone, or windows,
-    and measure the next-token KL on every sample (`plipy knockout`). `resume`/`fresh` as in `scan`."""
+    and measure the next-token KL on every sample (`plipy knockout`). `resume`/`fresh`/`batch_size` (baselines per
+    forward) as in `scan`."""
     from plipy.experiments import knockout as ko
     from plipy.experiments import scan as sc
 
     opt.check_choice(edges, ko.EDGE_KINDS, param="edges")
     opt.check_positive(resamples, param="resamples")
+    opt.check_batch_size(batch_size)
     mode = knockout_mode(layer=layer, layers=layers, scan_layers=scan_layers, scan_windows=scan_windows,
                          slide_window=slide_window, center=center, max_radius=max_radius)  # fmt: skip
     corp = as_corpus(corpus, offsets=offsets)
     group_list = opt.parse_groups(groups)
     sc.choose_groups(corp, group_list)
-    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
+                  max_memory=max_memory)
     the_runner, path = _runner(runner, condition_batch)
     conditions = ko.build_conditions(mode, lm.n_layers, layer=layer, layers=layers, center=center,
                                      max_radius=max_radius, window=slide_window)  # fmt: skip
@@ -131,7 +142,7 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
                             heads=opt.parse_heads(heads, lm.n_heads), groups=group_list,
                             include_baselines=include_baselines, bos=bos, seed=seed, n_resamples=resamples,
                             path=path, max_batch=condition_batch, extra={"offsets": offsets}, resume=resume,
-                            fresh=fresh)  # fmt: skip
+                            fresh=fresh, batch_size=batch_size)  # fmt: skip
     return ko.run_knockout(lm, corp, cfg, progress=progress, runner=the_runner)
 
 
@@ -179,8 +190,9 @@ def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int
                   measures: Any = None, ovw_norm: str = "l1", heads: Any = None, expect: str = "auto",
                   random: int = 10, random_candidates: Sequence[int] | None = None, seed: int = 42,
                   alpha: float = 0.05, batch_size: int = 16, bos: bool = True, attn: str = "eager",
-                  dtype: str = "auto", device: str = "auto", tokenizer: Any = None,
-                  checkpoint_dir: str | Path | None = None, progress: Progress | None = None) -> SaeAttentionResult:
+                  dtype: str = "auto", device: str = "auto", tokenizer: Any = None, device_map: Any = None,
+                  max_memory: Any = None, checkpoint_dir: str | Path | None = None,
+                  progress: Progress | None = None) -> SaeAttentionResult:
     """Steer with an SAE latent at the entity and measure, per layer and head, how attention from the last position
     to the steered tokens changes, against `random` random latents (`plipy sae attention`)."""
     from plipy import sae as sa
@@ -194,7 +206,8 @@ def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int
     opt.check_positive(batch_size, param="batch_size")
     opt.check_positive(random, param="random", minimum=0)
     measure_list = tuple(opt.parse_groups(measures, param="measures") or sa.MEASURES)
-    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
+                  max_memory=max_memory)
     sa.check_model(the_sae, lm.hidden_size, lm.n_layers)
     steer_at = sa.resolve_layer(the_sae, layer, lm.n_layers)
     cfg = sa.AttentionConfig(

@@ -627,10 +627,13 @@ def load_model(
     device: str | torch.device = "auto",
     device_map: Any = None,
     allow_pickle: bool | None = None,
+    max_memory: dict[Any, str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load `spec` (alias, local HF dir, .gguf file or hub id) in eval mode with gradients off.
 
-    With `device_map` (big models) it is passed to from_pretrained and the model is not moved afterwards.
+    With `device_map` (big models: "auto", "balanced", "sequential" or a module → device dict, with `max_memory`
+    per device and `offload_folder` for "disk") it is passed to from_pretrained and the model is not moved.
     The attention implementation is left as transformers chose it. Weights load from safetensors only unless
     `allow_pickle` (default: `pickle_allowed()`).
     """
@@ -643,7 +646,13 @@ def load_model(
     _check_safetensors(src, allow)
     if device_map is not None and src.is_gguf and not _dequant_cache_enabled():
         raise PlipyError("device_map with a GGUF model needs the dequantized cache (unset PLIPY_NO_DEQUANT_CACHE)")
+    if (max_memory is not None or offload_folder is not None) and device_map is None:
+        raise PlipyError("max_memory and offload_folder need a device_map (e.g. --device-map auto)")
     kw: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    if max_memory is not None:
+        kw["max_memory"] = max_memory
+    if offload_folder is not None:
+        kw["offload_folder"] = str(offload_folder)
     if not allow:
         kw["use_safetensors"] = True  # a hub repo with only .bin files then fails instead of unpickling
     with _quiet():
@@ -681,6 +690,8 @@ def load_model(
         device=str(next(model.parameters()).device),
         model_class=type(model).__name__,
     )
+    if device_map is not None:  # where accelerate put each module ("disk": loaded from the offload folder per call)
+        prov["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
     return LoadedModel(model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov)
 
 

@@ -135,3 +135,50 @@ def check_choice(value: str, choices: Sequence[str], *, param: str) -> str:
     if value not in choices:
         raise ParameterError(param, f"must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def check_batch_size(value: int | None, *, param: str = "batch_size") -> int | None:
+    """Inputs per forward: None (the device's default) or an integer ≥ 1."""
+    return None if value is None else check_positive(value, param=param)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(value: Any, *, param: str = "device_map") -> Any:
+    """None, one of accelerate's strategies (auto, balanced, balanced_low_0, sequential), a module → device dict,
+    or a JSON file holding one."""
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ParameterError(param, f"expected {' | '.join(DEVICE_MAPS)}, a JSON file or a dict, got {value!r}")
+    if value in DEVICE_MAPS:
+        return value
+    import json
+    from pathlib import Path
+
+    p = Path(value)
+    if not p.is_file():
+        raise ParameterError(param, f"{value!r} is neither {' | '.join(DEVICE_MAPS)} nor a JSON file")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ParameterError(param, f"{p}: not a JSON module → device map ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise ParameterError(param, f"{p}: expected a JSON object of module → device")
+    return data
+
+
+def parse_max_memory(value: Any, *, param: str = "max_memory") -> dict[Any, str] | None:
+    """None, a dict, or "0=20GiB,1=20GiB,cpu=60GiB" → {0: "20GiB", 1: "20GiB", "cpu": "60GiB"} (GPU indices as
+    integers, as accelerate wants them)."""
+    if value is None or isinstance(value, dict):
+        return value
+    out: dict[Any, str] = {}
+    for item in str(value).split(","):
+        dev, sep, amount = item.strip().partition("=")
+        if not sep or not dev.strip() or not amount.strip():
+            raise ParameterError(param, f"cannot read {item!r}: use DEVICE=AMOUNT pairs, e.g. 0=20GiB,cpu=60GiB")
+        dev = dev.strip()
+        out[int(dev) if dev.isdigit() else dev] = amount.strip()
+    return out

@@ -10,7 +10,7 @@ from plipy.cli import common as c
 
 
 @c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "seed", "resamples", "runner",
-          "condition_batch", "dtype", "device", "fresh")
+          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory")
 def knockout(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layer: int | None = typer.Option(None, "--layer", help="Knock out one layer (default mode; PLIP's default layer)."),
@@ -36,8 +36,8 @@ def knockout(
     with c.progress_bars() as start:
         result = api.knockout(o.model, o.corpus, **modes, edges=edges, heads=heads, groups=c.split_list(groups),
                               include_baselines=include_baselines, bos=o.bos, offsets=o.offsets, seed=o.seed,
-                              resamples=o.resamples, condition_batch=o.condition_batch, dtype=o.dtype,
-                              device=o.device, runner=o.runner, fresh=o.fresh, progress=start)  # fmt: skip
+                              resamples=o.resamples, condition_batch=o.condition_batch, runner=o.runner,
+                              fresh=o.fresh, progress=start, **c.load_options(o))  # fmt: skip
     c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
     if result["mode"] == "layer" and layer is None:
         c.console.print(f"no mode given: knocked out PLIP's default layer {result['runs'][0]['label']}")

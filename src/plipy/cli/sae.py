@@ -18,7 +18,7 @@ app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no
 
 
 @app.command("attention")
-@c.shared("model", "out", "plot", "table_format", "dtype", "device")
+@c.shared("model", "out", "plot", "table_format", "dtype", "device", "device_map", "max_memory")
 def attention(
     latent: int = typer.Option(..., "--latent", "-l", help="Index of the SAE latent to steer with."),
     sae: Path | None = typer.Option(None, "--sae", help="SAELens folder (cfg.json + sae_weights.safetensors) "
@@ -85,7 +85,7 @@ def attention(
     _describe_sae(the_sae)
     if coefficient == "mean" and latent_file is None:
         raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
-    lm = api.as_model(o.model, dtype=o.dtype, device=o.device)
+    lm = api.as_model(o.model, **c.load_options(o))
     saes.check_model(the_sae, lm.hidden_size, lm.n_layers)
     steer_at = saes.resolve_layer(the_sae, layer, lm.n_layers)
     means = si.read_latent_means(latent_file, layer=steer_at) if latent_file else {}

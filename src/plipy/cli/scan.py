@@ -10,7 +10,7 @@ from plipy.cli import common as c
 
 
 @c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "seed", "resamples", "dtype", "device",
-          "fresh")
+          "fresh", "batch_size", "device_map", "max_memory")
 def scan(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layers: str = c.layers_option("all", "Layers to scan"),
@@ -24,8 +24,8 @@ def scan(
 
     with c.progress_bars() as start:
         result = api.scan(o.model, o.corpus, groups=c.split_list(groups), layers=layers, heads=heads, bos=o.bos,
-                          offsets=o.offsets, seed=o.seed, resamples=o.resamples, dtype=o.dtype, device=o.device,
-                          fresh=o.fresh, progress=start)  # fmt: skip
+                          offsets=o.offsets, seed=o.seed, resamples=o.resamples, fresh=o.fresh, progress=start,
+                          **c.load_options(o))  # fmt: skip
     if o.plot:
         result.token_layer(token_layer)  # a bad --token-layer fails before anything is written
     c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format, sample=token_sample,

@@ -17,7 +17,7 @@ HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A
 
 @app.command("calibrate")
 @c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "skip_invalid", "bos", "dtype", "device",
-          "fresh")
+          "fresh", "batch_size", "device_map", "max_memory")
 def calibrate(
     layer: int | None = LAYER,
     groups: list[str] | None = c.groups_option("A,B — the scale brings B to A's level (python_doctest,rust_test)."),
@@ -28,14 +28,14 @@ def calibrate(
 
     with c.progress_bars() as start:
         result = steer.calibrate(o.model, o.corpus, layer=layer, groups=c.split_list(groups),
-                                 skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets, dtype=o.dtype,
-                                 device=o.device, fresh=o.fresh, progress=start)  # fmt: skip
+                                 skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets, fresh=o.fresh,
+                                 progress=start, **c.load_options(o))  # fmt: skip
     c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
 
 
 @app.command("dose")
 @c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "skip_invalid", "bos", "runner",
-          "condition_batch", "dtype", "device", "fresh")
+          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory")
 def dose(
     groups: list[str] | None = c.groups_option("the groups to steer (rust_test)."),
     layer: int | None = LAYER,
@@ -54,13 +54,14 @@ def dose(
         result = steer.dose(o.model, o.corpus, groups=c.split_list(groups), layer=layer, layers=layers,
                             doses=dose_list, heads=heads, target_attention=target_attention,
                             skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets,
-                            condition_batch=o.condition_batch, dtype=o.dtype, device=o.device, runner=o.runner,
-                            fresh=o.fresh, progress=start)  # fmt: skip
+                            condition_batch=o.condition_batch, runner=o.runner, fresh=o.fresh, progress=start,
+                            **c.load_options(o))  # fmt: skip
     c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
 
 
 @app.command("generate")
-@c.shared("model", "out", "plot", "table_format", "dtype", "device", "fresh")
+@c.shared("model", "out", "plot", "table_format", "dtype", "device", "fresh", "batch_size", "device_map",
+          "max_memory")
 def generate(
     prompts: Path | None = typer.Option(None, "--prompts", help="Prompts JSON (default: bundled Rust prompts)."),
     layer: int | None = LAYER,
@@ -85,5 +86,5 @@ def generate(
         result = steer.generate(o.model, prompts, layer=layer, layers=layers, scale=scale, max_tokens=max_tokens,
                                 temperature=temperature, seed=seed, chat=chat, detect=detect, query_text=query_text,
                                 key_text=key_text, heads=heads, limit=limit, skip_invalid=skip_invalid,
-                                dtype=o.dtype, device=o.device, fresh=o.fresh, progress=start)  # fmt: skip
+                                fresh=o.fresh, progress=start, **c.load_options(o))  # fmt: skip
     c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
