@@ -91,7 +91,8 @@ def _run(argv):
 
 
 @pytest.mark.slow
-def test_cli_emergence_builtin(tmp_path, capsys):
+def test_cli_emergence_builtin(tmp_path, capsys, monkeypatch, smollm):
+    monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     out = tmp_path / "e.json"
     assert _run(["lens", "emergence", "--top-k", "50", "--out", str(out), "--plot"]) == 0
     text = capsys.readouterr().out
@@ -104,7 +105,8 @@ def test_cli_emergence_builtin(tmp_path, capsys):
     assert (tmp_path / "e-ranks.png").is_file()
 
 
-def test_cli_emergence_prompt_file(tmp_path, capsys):
+def test_cli_emergence_prompt_file(tmp_path, capsys, monkeypatch, smollm):
+    monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"prompts": [{"id": "tm", "language": "rust", "prompt": "#[cfg(test)]\nmod tests {\n    #[",
                                           "expect": ["test"]}]}))

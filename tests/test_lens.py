@@ -225,7 +225,8 @@ def _run(argv):
     return e.value.code
 
 
-def test_cli_lens_and_errors(tmp_path, capsys):
+def test_cli_lens_and_errors(tmp_path, capsys, monkeypatch, smollm):
+    monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     out = tmp_path / "l.json"
     assert _run(["lens", TEXT, "--token", "test", "--top-k", "4", "--layers", "28,29", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())

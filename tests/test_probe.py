@@ -168,7 +168,8 @@ def _run(argv):
     return e.value.code
 
 
-def test_cli_probe(tmp_path, capsys):
+def test_cli_probe(tmp_path, capsys, monkeypatch, smollm):
+    monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     out = tmp_path / "p.json"
     small = corpus_subset(tmp_path, {"python_doctest": 4, "rust_test": 4}).path
     assert _run(["probe", "--corpus", str(small), "--layers", "0,29", "--folds", "4", "--permutations", "3", "--out",
