@@ -47,6 +47,9 @@ def test_chat_sample_keeps_marker_and_targets(tok):
         assert t.code[t.marker_char_pos: t.marker_char_pos + len(s.marker_pattern)] == s.marker_pattern
         assert [t.code[c: c + 3] for c in t.target_char_positions] == [s.code[c: c + 3] for c in
                                                                       s.target_char_positions]
+    assert templated.sha256 != corpus.sha256 and "plipy.chat" in templated.description
+    assert chat.chat_corpus(corpus, tok, system="You write code.").sha256 == templated.sha256
+    assert chat.chat_corpus(corpus, tok, system="Other.").sha256 != templated.sha256
     sp = token_positions(templated.sample("py_simple_add"), tok)
     plain = token_positions(corpus.sample("py_simple_add"), tok)
     assert sp.status == plain.status == "perfect" and sp.marker_text == plain.marker_text == " >>>"
@@ -93,3 +96,17 @@ def test_steer_generate_chat_edge_inside_the_prompt(tok, tmp_path):
     assert ct.text.startswith("Example: #[test] fn x\n") and ct.text.index("#[test]") < ct.offset
     assert spans[k][0] <= key_char < spans[k][1] and spans[q][0] <= query_char < spans[q][1]
     assert g["provenance"]["config"]["chat"] is True
+
+
+def test_scan_runs_on_a_templated_corpus(tok, tmp_path):
+    import plipy
+    from conftest import corpus_subset
+
+    corpus = corpus_subset(tmp_path, {"python_doctest": 2, "rust_test": 2})
+    templated = chat.chat_corpus(corpus, tok)
+    lm = wrap_model(build("llama", "sdpa", vocab_size=len(tok), max_position_embeddings=512), tok, spec="tiny-llama")
+    r = plipy.scan(lm, templated, layers="0-1", resamples=10)
+    plain = {s.id: plipy.token_positions(s, tok).marker_token for s in corpus.samples()}
+    for s in r["samples"]:
+        assert s["status"] == "ok" and s["marker_text"].strip() in (">>>", "#") and s["marker_token"] > plain[s["id"]]
+    assert r["provenance"]["corpus"]["sha256"] == templated.sha256

@@ -84,6 +84,15 @@ def chat_sample(sample: Any, tokenizer: Any, **kwargs: Any) -> Any:
 
 
 def chat_corpus(corpus: Any, tokenizer: Any, **kwargs: Any) -> Any:
-    """A `Corpus` with every sample templated (`chat_sample`); path and sha256 still name the source file."""
+    """A `Corpus` with every sample templated (`chat_sample`). `path` still names the source file; `sha256` is that
+    of the templated samples, so results and resumable runs never mix templated and plain samples."""
+    import hashlib
+    import json
+
     groups = {g: [chat_sample(s, tokenizer, **kwargs) for s in samples] for g, samples in corpus.groups.items()}
-    return replace(corpus, groups=groups)
+    content = {g: [[s.id, s.code, s.marker_char_pos, s.marker_pattern, list(s.target_char_positions)] for s in ss]
+               for g, ss in groups.items()}  # fmt: skip
+    sha = hashlib.sha256(("plipy.chat " + corpus.sha256 + json.dumps(content, sort_keys=True)).encode()).hexdigest()
+    note = "chat template applied by plipy.chat"
+    return replace(corpus, groups=groups, sha256=sha,
+                   description=f"{corpus.description} ({note})" if corpus.description else note)
