@@ -118,3 +118,36 @@ def test_cli_emergence_prompt_file(tmp_path, capsys, monkeypatch, smollm):
     f.write_text('[{"id": "a"}]')
     assert _run(["lens", "emergence", "--prompts", str(f)]) == 2
     assert 'error: ' in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    from plipy.models import load_tokenizer
+
+    tok, _ = load_tokenizer("smollm2-135m")
+    return tok, [tok.decode([i]) for i in range(len(tok))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_emergence_on_tiny_models(arch, vocab):
+    """Random tiny models (Gemma-2 with its logit softcap, GPT-2): the same brute-force check on HF's hidden states."""
+    import plipy
+    from plipy.models import wrap_model
+    from tiny_models import build
+
+    tok, texts = vocab
+    model = build(arch, "eager" if arch == "gemma2" else "sdpa", vocab_size=len(tok))
+    items = [{"id": "a", "prompt": "#[cfg(test)]\nmod tests {\n    #[", "expect": ["test", "x", "("]}]
+    ids = tok(items[0]["prompt"], add_special_tokens=False)["input_ids"]
+    ref = [z[0].float() for z in _reference(model, arch, ids, [len(ids) - 1])]
+    k = 500
+    r = plipy.emergence(wrap_model(model, tok, spec=f"tiny-{arch}"), items, top_k=k)
+    for e in r["prompts"][0]["expected"]:
+        s = e["string"]
+        matches = torch.tensor([i for i, t in enumerate(texts) if s in t])
+        hand = next((layer for layer, z in enumerate(ref) if any(s in texts[t] for t in z.topk(k).indices)), None)
+        assert e["first_layer_in_top_k"] == hand
+        for layer, z in enumerate(ref):
+            best = matches[z[matches].argmax()]
+            assert e["ranks"][layer] == 1 + int((z > z[best]).sum())
+    assert any(e["first_layer_in_top_k"] is not None for e in r["prompts"][0]["expected"])

@@ -70,6 +70,36 @@ def test_probe_equals_sklearn_on_hooked_residuals(smollm, tmp_path):
         assert rec["p_perm"] == p and rec["shuffled_mean"] == perm.mean()
 
 
+@pytest.mark.parametrize(("arch", "layers_of"), [("llama", lambda m: m.model.layers),
+                                               ("gpt2", lambda m: m.transformer.h),
+                                               ("gemma", lambda m: m.model.layers)])
+def test_probe_equals_sklearn_on_tiny_models(arch, layers_of, tiny_tok, tmp_path):
+    """Random tiny models of three families: the same equality with scikit-learn on hooked residuals."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    import plipy
+    from plipy.models import wrap_model
+
+    model = build(arch, "sdpa", vocab_size=len(tiny_tok))
+    corpus = corpus_subset(tmp_path, {"python_doctest": 6, "rust_test": 6})
+    samples = corpus.samples()
+    feats = []
+    for s in samples:
+        sp = plipy.token_positions(s, tiny_tok)
+        feats.append(_hooked_residuals(model, layers_of(model), sp.input_ids, sp.marker_token))
+    y = np.array([s.group == "rust_test" for s in samples], dtype=int)
+    r = plipy.probe(wrap_model(model, tiny_tok, spec=f"tiny-{arch}"), corpus, feature="marker", folds=3,
+                    permutations=0, C=0.5)
+    cv = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
+    est = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=1000))
+    for rec in r["layers"]:
+        Xl = np.stack([f[rec["layer"]] for f in feats])
+        assert rec["fold_accuracies"] == cross_val_score(est, Xl, y, cv=cv).tolist()
+
+
 def test_separable_data_is_perfect_and_the_control_is_near_chance():
     """Two far-apart clusters: every fold is right; shuffled labels average near 1/2 and p is its floor."""
     rng = np.random.default_rng(0)
@@ -101,8 +131,13 @@ def test_check_classes():
 
 
 @pytest.fixture(scope="module")
-def tiny_lm():
-    tok, _ = load_tokenizer("smollm2-135m")
+def tiny_tok():
+    return load_tokenizer("smollm2-135m")[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_tok):
+    tok = tiny_tok
     from plipy.models import LoadedModel
 
     return LoadedModel(model=build("qwen2", "sdpa", vocab_size=len(tok)), tokenizer=tok, spec="tiny-qwen2",
