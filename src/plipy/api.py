@@ -152,8 +152,9 @@ def lens(model: Any = DEFAULT_MODEL, text: str | None = None, *, sample: str | N
         raise ParameterError("text", "give a text or a corpus sample (sample=…), not both or neither")
     opt.check_positive(top_k, param="top_k")
     tokens = [tokens] if isinstance(tokens, (str, int)) else list(tokens or ())
+    if sample is None and isinstance(positions, str) and positions.strip() == "marker":
+        raise ParameterError("positions", "'marker' needs a corpus sample (sample=…, --sample)")
     source: dict[str, Any] = {"kind": "text"}
-    sp = None
     if sample is not None:
         corp = as_corpus(corpus, offsets=offsets)
         smp = corp.sample(sample)
@@ -166,8 +167,7 @@ def lens(model: Any = DEFAULT_MODEL, text: str | None = None, *, sample: str | N
     if sample is not None:
         from plipy.corpus import token_positions
 
-        sp = token_positions(smp, lm.tokenizer, bos=bos)
-        marker = sp.marker_token
+        marker = token_positions(smp, lm.tokenizer, bos=bos).marker_token
         source["marker_token"] = marker
     cfg = le.LensConfig(positions=positions, top_k=top_k, tokens=tokens,
                         layers=opt.parse_layers(layers, lm.n_layers), bos=bos)

@@ -176,7 +176,7 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="The universal corpus JSON to write."),
     rule: str | None = typer.Option(None, "--rule", help="python | rust | rust-universal | rust-baseline | pytest | "
                                     "go-test (default: by file suffix or group name)."),
-    group: str | None = typer.Option(None, "--group", help="Put every sample in this group (default: the rule's)."),
+    group: str | None = typer.Option(None, "--into", help="Put every sample in this group (default: the rule's)."),
     marker: list[str] | None = typer.Option(None, "--marker", help="Marker text, tried in order (repeatable); "
                                             "overrides the rule's."),
     keyword: str | None = typer.Option(None, "--keyword", help="Definition keyword with its space, e.g. 'def '."),

@@ -96,7 +96,8 @@ def resolve_positions(spec: Any, n_tokens: int, marker: int | None = None) -> li
         if word == "all":
             return list(range(n_tokens))
         if marker is None:
-            raise ParameterError("positions", "'marker' needs a corpus sample (sample=…, --sample)")
+            raise ParameterError("positions", "'marker' needs a corpus sample (sample=…, --sample) whose marker "
+                                 "has a token")
         return [marker]
     if isinstance(spec, str) and not spec.strip():
         raise ParameterError("positions", "is empty: use last | all | marker | token indices such as 0,5,-1")
