@@ -16,7 +16,17 @@ from plipy.engine.runner import ConditionRunner
 from plipy.engine.runner import layer_windows as runner_windows
 from plipy.experiments.knockout import condition_edits
 from plipy.measures import kl_divergence
-from tiny_models import ARCHS, NO_SDPA, REF, REF_EDITS, batch_inputs, batch_reference, build, register_reference, variant
+from tiny_models import (
+    ARCHS,
+    NO_SDPA,
+    REF,
+    REF_EDITS,
+    batch_inputs,
+    batch_reference,
+    build,
+    register_reference,
+    variant,
+)
 
 EPS_BF16 = torch.finfo(torch.bfloat16).eps  # 2^-7: bf16 keeps 8 significant bits
 ROWS = [5, 9]

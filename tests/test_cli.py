@@ -39,8 +39,8 @@ def _flags(cmd):
 
 def test_every_command_is_walked():
     assert {"scan", "knockout", "steer calibrate", "steer dose", "steer generate", "sae attention", "sae train",
-            "sae latents", "sae pipeline", "entities label", "entities build", "corpus verify",
-            "models pull"} <= set(COMMANDS)  # fmt: skip
+            "sae latents", "sae pipeline", "entities label", "entities build", "corpus verify", "corpus convert",
+            "corpus show", "lens run", "lens emergence", "probe", "models pull"} <= set(COMMANDS)  # fmt: skip
 
 
 @pytest.mark.parametrize("path", sorted(COMMANDS))
@@ -55,7 +55,7 @@ def test_help_renders_and_shared_flags_are_spelled_alike(path):
         assert old not in flags, f"{path} still has {old}"
     if "--model" in flags:
         assert "-m" in flags and flags["--model"].default == "smollm2-135m"
-        if path != "corpus verify":  # only its tokenizer loads
+        if path not in ("corpus verify", "corpus show"):  # only their tokenizer loads
             for flag in ("--dtype", "--device"):
                 assert flags[flag].default == "auto", f"{path} {flag}"
     if "--out" in flags:
@@ -72,7 +72,8 @@ def test_help_renders_and_shared_flags_are_spelled_alike(path):
 
 
 @pytest.mark.parametrize("path", ["scan", "knockout", "steer calibrate", "steer dose", "steer generate",
-                                  "sae attention", "sae train", "sae latents", "sae pipeline", "entities label"])
+                                  "sae attention", "sae train", "sae latents", "sae pipeline", "entities label",
+                                  "lens run", "lens emergence", "probe", "corpus convert"])
 def test_commands_that_write_results_take_out(path):
     assert "--out" in _flags(COMMANDS[path])
 

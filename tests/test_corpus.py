@@ -563,7 +563,7 @@ def test_cli_app_with_fake_loader(tmp_path, monkeypatch, tok):
     monkeypatch.setitem(sys.modules, "plipy.models", fake)
     runner = CliRunner()
     out = tmp_path / "r.json"
-    res = runner.invoke(cli.app, ["--groups", "rust_baseline,rust_test", "--bos", "--out", str(out)])
+    res = runner.invoke(cli.app, ["verify", "--groups", "rust_baseline,rust_test", "--bos", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["provenance"]["model"] == {"spec": "smollm2-135m"} and report["provenance"]["bos"] is True
@@ -580,5 +580,5 @@ def test_cli_app_with_fake_loader(tmp_path, monkeypatch, tok):
         return sps
 
     monkeypatch.setattr(cli, "corpus_positions", one_failed)
-    res = runner.invoke(cli.app, ["--groups", "rust_test"])
+    res = runner.invoke(cli.app, ["verify", "--groups", "rust_test"])
     assert res.exit_code == 1 and "1 failed" in res.output

@@ -47,10 +47,13 @@ SLIDING = {"starcoder2", "gemma2", "gemma3"}
 NO_SDPA = {"gemma2"}
 
 
-def build(arch: str, impl: str = "eager", seed: int = 0) -> torch.nn.Module:
-    """A tiny random model of `arch` with its own config object (configs are shared objects in HF)."""
+def build(arch: str, impl: str = "eager", seed: int = 0, **config: object) -> torch.nn.Module:
+    """A tiny random model of `arch` with its own config object (configs are shared objects in HF); `config`
+    overrides fields (e.g. `vocab_size=len(tokenizer)` to run on a real tokenizer's ids)."""
     torch.manual_seed(seed)
     cfg = copy.deepcopy(_configs()[arch])
+    for key, value in config.items():
+        setattr(cfg, key, value)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=torch.float32)
     # Non-trivial weights: random init is near-uniform attention, which would hide row/column mix-ups.
     with torch.no_grad():

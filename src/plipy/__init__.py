@@ -5,6 +5,7 @@ Notebook use::
     import plipy
     r = plipy.scan("smollm2-135m", layers="0-2")     # ScanResult: .to_pandas(), .summary(), .plot(), .save()
     k = plipy.knockout("smollm2-135m", scan_layers=True)
+    ll = plipy.lens("smollm2-135m", "fn add(a: i32, b: i32) -> i32 {")   # LensResult; plipy.emergence, plipy.probe
     d = plipy.steer.dose("smollm2-135m", layer=16)
     plipy.load_result("results/scan-smollm2-135m.json")
 
@@ -18,16 +19,17 @@ __version__ = "0.1.0"
 from plipy.errors import CausalEdgeError, MaskedRowError, ParameterError, PlipyError  # noqa: E402
 
 _LAZY = {
-    "plipy.api": ("scan", "knockout", "sae_attention", "label_entities", "train_sae", "score_latents",
-                  "sae_pipeline"),
+    "plipy.api": ("scan", "knockout", "lens", "emergence", "probe", "sae_attention", "label_entities", "train_sae",
+                  "score_latents", "sae_pipeline"),
     "plipy.results": ("load_result", "Result", "ScanResult", "KnockoutResult", "CalibrateResult", "DoseResult",
-                      "GenerateResult", "SaeAttentionResult"),
+                      "GenerateResult", "SaeAttentionResult", "LensResult", "EmergenceResult", "ProbeResult"),
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
     "plipy.engine": ("Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture"),
     "plipy.sae": ("load_sae", "SAE"),
 }
-_SUBMODULES = ("steer", "corpus", "engine", "sae", "entities", "report", "stats", "options", "experiments", "models")
+_SUBMODULES = ("steer", "corpus", "engine", "sae", "entities", "report", "stats", "options", "experiments", "models",
+               "chat", "corpus_tools")
 
 
 def __getattr__(name: str):

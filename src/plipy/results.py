@@ -377,8 +377,40 @@ class SaeAttentionResult(Result):
         return cls(data, arrays=arrays_from_table(table, data))
 
 
+class LensResult(Result):
+    """`plipy.lens`: per position and layer, the top-k tokens of the logit lens and the tracked tokens' ranks."""
+
+    kind, path_pattern = "lens", "lens-{model}.json"
+    rows_fn, summary_fn = "plipy.experiments.lens:lens_rows", "plipy.report.lens:lens_summary"
+    figure_fns = {"grid": "plipy.report.lens:grid_figure", "tracked": "plipy.report.lens:tracked_figure"}
+
+    def _describe(self) -> str:
+        return f"positions={[p['position'] for p in self._data['positions']]} top_k={self._data['top_k']}"
+
+
+class EmergenceResult(Result):
+    """`plipy.emergence`: per prompt and expected string, the first layer where a matching token is in the top-k."""
+
+    kind, path_pattern = "emergence", "emergence-{model}.json"
+    rows_fn, summary_fn = "plipy.experiments.emergence:emergence_rows", "plipy.report.lens:emergence_summary"
+    figure_fns = {"ranks": "plipy.report.lens:emergence_figure"}
+
+
+class ProbeResult(Result):
+    """`plipy.probe`: per layer, cross-validated linear-probe accuracy beside a shuffled-label control and the
+    majority-class baseline."""
+
+    kind, path_pattern = "probe", "probe-{model}-{feature}.json"
+    rows_fn, summary_fn = "plipy.experiments.probe:probe_rows", "plipy.report.probe:summary"
+    figure_fns = {"accuracy": "plipy.report.probe:accuracy_figure"}
+
+    def _describe(self) -> str:
+        return f"samples={len(self._data['samples'])} layers={len(self._data['layers'])}"
+
+
 KINDS: dict[str, type[Result]] = {c.kind: c for c in (ScanResult, KnockoutResult, CalibrateResult, DoseResult,
-                                                      GenerateResult, SaeAttentionResult)}
+                                                      GenerateResult, SaeAttentionResult, LensResult,
+                                                      EmergenceResult, ProbeResult)}
 _SHAPES: list[tuple[str, Callable[[dict], bool]]] = [
     ("scan", lambda d: "layers_scanned" in d),
     ("knockout", lambda d: "runs" in d and "mode" in d),
@@ -386,6 +418,9 @@ _SHAPES: list[tuple[str, Callable[[dict], bool]]] = [
     ("dose", lambda d: "doses" in d and "monotonicity" in d),
     ("generate", lambda d: "summary" in d and "fisher_exact_p" in (d.get("summary") or {})),
     ("sae-attention", lambda d: "measures" in d and "latent" in d),
+    ("lens", lambda d: "positions" in d and "top_k" in d),
+    ("emergence", lambda d: "prompts" in d and "top_k" in d),
+    ("probe", lambda d: "majority_baseline" in d),
 ]
 
 

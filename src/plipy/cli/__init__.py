@@ -10,7 +10,8 @@ from plipy.errors import PlipyError
 
 app = typer.Typer(
     name="plipy",
-    help="Attention interpretability for HF language models: scans, knockout, steering, SAE steering.",
+    help="Attention interpretability for HF language models: scans, knockout, steering, SAE steering, logit lens, "
+         "probes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -19,15 +20,15 @@ app = typer.Typer(
 
 def _register() -> None:
     # Idempotent: main() may be called many times in one process (tests, notebooks).
-    from plipy.cli import corpus, entities, knockout, models, sae, scan, steer
+    from plipy.cli import corpus, entities, knockout, lens, models, probe, sae, scan, steer
 
     groups = {g.name for g in app.registered_groups}
     commands = {c.name for c in app.registered_commands}
     for name, sub in (("models", models.app), ("corpus", corpus.app), ("sae", sae.app), ("steer", steer.app),
-                      ("entities", entities.app)):
+                      ("entities", entities.app), ("lens", lens.app)):
         if name not in groups:
             app.add_typer(sub, name=name)
-    for name, fn in (("scan", scan.scan), ("knockout", knockout.knockout)):
+    for name, fn in (("scan", scan.scan), ("knockout", knockout.knockout), ("probe", probe.probe)):
         if name not in commands:
             app.command(name)(fn)
 

@@ -122,7 +122,8 @@ def batch_size_option(default: int, what: str = "samples") -> Any:
 # -- parameters → flags --------------------------------------------------------------------------------------------
 
 FLAGS = {"n_resamples": "--resamples", "mode": "--layer/--layers/--scan-layers/--scan-windows/--slide-window",
-         "random": "--random", "train_options": "options", "latent_means": "--latent-file"}  # fmt: skip
+         "random": "--random", "train_options": "options", "latent_means": "--latent-file",
+         "tokens": "--token/--token-id", "text": "TEXT"}  # fmt: skip
 
 
 def flag_for(param: str) -> str:

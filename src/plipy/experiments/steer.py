@@ -597,13 +597,15 @@ def load_prompts(path: Any = None) -> tuple[list[dict[str, Any]], str]:
     return out, where
 
 
-def prompt_edge(tokenizer: Any, text: str, pid: str, query_text: str, key_text: str
-                ) -> tuple[list[int], tuple[int, int] | None, str | None]:
+def prompt_edge(tokenizer: Any, text: str, pid: str, query_text: str, key_text: str,
+                span: tuple[int, int] | None = None) -> tuple[list[int], tuple[int, int] | None, str | None]:
     """Token ids of a prompt and its steering edge (query = token of the last `query_text`, key = token of the
-    first `key_text`), or (ids, None, why). A key after its query raises SteerCausalError."""
+    first `key_text`, both searched within `span`: the prompt inside a chat template), or (ids, None, why). A key
+    after its query raises SteerCausalError."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offs = list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-    qc, kc = text.rfind(query_text), text.find(key_text)
+    lo, hi = span or (0, len(text))
+    qc, kc = text.rfind(query_text, lo, hi), text.find(key_text, lo, hi)
     if qc < 0 or kc < 0:
         missing = query_text if qc < 0 else key_text
         return ids, None, f"prompt {pid!r} does not contain {missing!r}"
@@ -618,11 +620,13 @@ def prompt_edge(tokenizer: Any, text: str, pid: str, query_text: str, key_text: 
     return ids, (q, k), None
 
 
-def _chat_text(tokenizer: Any, prompt: str) -> str:
+def _chat_text(tokenizer: Any, prompt: str) -> Any:
+    """The prompt in the tokenizer's chat template (`plipy.chat`), with where it sits in the templated text."""
+    from plipy import chat
+
     if getattr(tokenizer, "chat_template", None) is None:
         raise PlipyError("--chat: this tokenizer has no chat template")
-    msgs = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER.format(prompt=prompt)}]
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return chat.apply(tokenizer, prompt, system=CHAT_SYSTEM, user=CHAT_USER)
 
 
 def generate_pairs(lm: Any, engine: Engine, items: Sequence[tuple[list[int], tuple[int, int]]], layers: list[int],
@@ -700,9 +704,10 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
     engine = Engine(lm.model)
     prepared, skipped = [], []
     for p in prompts:
-        text = _chat_text(lm.tokenizer, p["prompt"]) if config.chat else p["prompt"]
+        ct = _chat_text(lm.tokenizer, p["prompt"]) if config.chat else None
+        text, span = (ct.text, (ct.offset, ct.offset + len(p["prompt"]))) if ct else (p["prompt"], None)
         try:
-            ids, edge, why = prompt_edge(lm.tokenizer, text, p["id"], config.query_text, config.key_text)
+            ids, edge, why = prompt_edge(lm.tokenizer, text, p["id"], config.query_text, config.key_text, span)
         except SteerCausalError as e:
             if not config.skip_invalid:
                 raise SteerCausalError(f"{e}; --skip-invalid leaves such prompts out") from None

@@ -11,11 +11,19 @@ from rich.table import Table
 from plipy.report.base import COLORS, Note, fmt_kl, fmt_num, fmt_p, mean_ci, pyplot, run_seconds
 
 
+def heads_label(heads: list[int]) -> str:
+    """`head 3`, `heads 0,3`, or `9 heads` when there are many (every head, usually)."""
+    if len(heads) == 1:
+        return f"head {heads[0]}"
+    if 0 < len(heads) <= 4:
+        return "heads " + ",".join(map(str, heads))
+    return f"{len(heads)} heads"
+
+
 def summary(result: dict) -> list[Any]:
     """The console report of a knockout: per-condition KL table, described groups, the runner, exclusions."""
     ga, gb = result["groups_compared"]
-    heads = result["heads"]
-    t = Table(title=f"Knockout ({result['edges']}, {len(heads)} heads): mean KL(base ‖ knockout) in nats\n"
+    t = Table(title=f"Knockout ({result['edges']}, {heads_label(result['heads'])}): mean KL(base ‖ knockout) in nats\n"
                     f"A = {ga}, B = {gb}; flips = samples whose top-1 token changed", header_style="bold",
               box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     for col in ("layers", "n A", "KL A", "n B", "KL B", "A/B", "p", "", "p Holm", "flips"):
