@@ -16,8 +16,8 @@ HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A
 
 
 @app.command("calibrate")
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "skip_invalid", "bos", "dtype", "device",
-          "fresh")
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "dtype",
+          "device", "fresh")
 def calibrate(
     layer: int | None = LAYER,
     groups: list[str] | None = c.groups_option("A,B — the scale brings B to A's level (python_doctest,rust_test)."),
@@ -30,11 +30,11 @@ def calibrate(
         result = steer.calibrate(o.model, o.corpus, layer=layer, groups=c.split_list(groups),
                                  skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets, dtype=o.dtype,
                                  device=o.device, fresh=o.fresh, progress=start)  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("dose")
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "skip_invalid", "bos", "runner",
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "runner",
           "condition_batch", "dtype", "device", "fresh")
 def dose(
     groups: list[str] | None = c.groups_option("the groups to steer (rust_test)."),
@@ -56,11 +56,11 @@ def dose(
                             skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets,
                             condition_batch=o.condition_batch, dtype=o.dtype, device=o.device, runner=o.runner,
                             fresh=o.fresh, progress=start)  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("generate")
-@c.shared("model", "out", "plot", "table_format", "dtype", "device", "fresh")
+@c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "fresh")
 def generate(
     prompts: Path | None = typer.Option(None, "--prompts", help="Prompts JSON (default: bundled Rust prompts)."),
     layer: int | None = LAYER,
@@ -86,4 +86,4 @@ def generate(
                                 temperature=temperature, seed=seed, chat=chat, detect=detect, query_text=query_text,
                                 key_text=key_text, heads=heads, limit=limit, skip_invalid=skip_invalid,
                                 dtype=o.dtype, device=o.device, fresh=o.fresh, progress=start)  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
