@@ -14,6 +14,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 import plipy
 from plipy.report.html import browser as hb
 
@@ -29,7 +31,7 @@ PROMPTS = [  # for the SAE picture: entities SmolLM2 may or may not know (labels
 
 
 def capture(browser, report: Path, png: Path, keys: list[str], click: str | None = None, width: int = 1300) -> None:
-    """Screenshot the union of the blocks `keys` of the first result column (after running `click`, a JS snippet)."""
+    """Screenshot the rows holding the blocks `keys` ("header": the result headings), after running `click` (JS)."""
     opened = hb.open_report(browser, report, width=width, height=1000)
     page = opened.page
     if opened.errors or opened.foreign_requests():
@@ -38,8 +40,8 @@ def capture(browser, report: Path, png: Path, keys: list[str], click: str | None
         page.evaluate(click)
         page.wait_for_timeout(300)
     rects = page.evaluate("""(keys) => keys.map(k => {
-        const els = [...document.querySelectorAll(`.block[data-key="${k}"]`)].map(e => e.closest('.row'));
-        const r = els[0].getBoundingClientRect();
+        const sel = k === "header" ? ".result-head" : `.block[data-key="${k}"]`;
+        const r = document.querySelector(sel).closest('.row').getBoundingClientRect();
         return [r.left + scrollX, r.top + scrollY, r.right + scrollX, r.bottom + scrollY]; })""", keys)
     x0, y0 = min(r[0] for r in rects) - 8, min(r[1] for r in rects) - 8
     x1, y1 = max(r[2] for r in rects) + 8, max(r[3] for r in rects) + 8
@@ -82,15 +84,16 @@ def main() -> None:
     except plipy.PlipyError as e:
         print(f"comparison skipped: {e}")
     with hb.chromium() as browser:
-        heads = scan["per_head"]
+        diff = abs(np.array(scan["per_head"]["mean_diff"], dtype=float))
+        li, hi = np.unravel_index(np.nanargmax(diff), diff.shape)  # the head whose groups differ most
         capture(browser, work / "scan.html", args.out / "report-scan-layers.png", ["layers"])
         capture(browser, work / "scan.html", args.out / "report-scan.png", ["heads", "tokens"],
-                click=click_cell("r0-heads", heads["heads"].index(3), heads["layers"].index(scan.token_layer())))
+                click=click_cell("r0-heads", int(hi), int(li)))
         capture(browser, work / "knockout.html", args.out / "report-knockout.png", ["heatmap", "changed"])
         capture(browser, work / "dose.html", args.out / "report-dose.png", ["kl", "attention", "target"])
         capture(browser, work / "sae.html", args.out / "report-sae.png", ["bars-attn_weights", "heatmap-attn_weights"])
         if compare:
-            capture(browser, compare, args.out / "report-compare.png", ["layers", "heads"], width=1500)
+            capture(browser, compare, args.out / "report-compare.png", ["header", "layers", "heads"], width=1500)
     print(json.dumps({"work": str(work)}))
 
 

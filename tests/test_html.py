@@ -323,14 +323,15 @@ def test_cli_report_and_html_flag(small, browser, tmp_path, monkeypatch, capsys)
 @pytest.mark.slow
 def test_30_sample_scan_report_size_and_load(smollm, browser, tmp_path):
     r = plipy.scan(smollm, groups="python_doctest,rust_test,python_baseline,rust_baseline", resamples=200)
-    assert sum("attention" in s for s in r["samples"]) == 30 and len(r["layers_scanned"]) == 30
+    assert len(r["samples"]) == 30 and len(r["layers_scanned"]) == 30
+    measured = sum("attention" in s for s in r["samples"])  # baselines whose targets follow the marker are not
     path = tmp_path / "scan30.html"
     r.to_html(path)
     size = path.stat().st_size
     assert size < 10e6, f"{size / 1e6:.2f} MB"
     o = _open(browser, path)
     n = o.page.evaluate("document.querySelectorAll('#r0-tokens .tv-sample option').length")
-    assert n == 30
+    assert n == measured
     # speed goals are measured by benchmarks/html_report.py; this only catches a page that hangs
     print(f"30-sample scan report: {size / 1e6:.2f} MB, drawn in {o.ready_ms:.0f} ms")
     assert o.ready_ms < 20000

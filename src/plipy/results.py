@@ -269,7 +269,6 @@ class ScanResult(Result):
             return cls(data, extras={"rows_missing": recorded})
         return cls(data, extras=_read_rows(found, data))
 
-
     def _figure(self, kind: str, **options: Any) -> Any:
         if kind == "tokens":
             return self._tokens_figure(options.get("sample"), options.get("layer"))

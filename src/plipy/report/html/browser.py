@@ -56,6 +56,8 @@ class Opened:
     console: list[tuple[str, str]] = field(default_factory=list)  # (type, text): every console message
     errors: list[str] = field(default_factory=list)  # uncaught exceptions and console errors
     ready_ms: float | None = None  # navigation start → every figure drawn (page.js sets it)
+    start_ms: float | None = None  # navigation start → page.js starts (plotly.js and the HTML parsed and run)
+    metrics: dict[str, float] = field(default_factory=dict)  # Chromium's Performance metrics (`metrics=True`)
 
     def foreign_requests(self) -> list[str]:
         """Requests to anything but the report itself and inline data."""
@@ -63,17 +65,25 @@ class Opened:
 
 
 def open_report(browser: Any, path: str | Path, *, width: int = 1400, height: int = 900,
-                timeout_ms: int = 60000) -> Opened:
-    """Load a report file in a new page and wait until page.js says every figure is drawn."""
+                timeout_ms: int = 60000, metrics: bool = False) -> Opened:
+    """Load a report file in a new page and wait until page.js says every figure is drawn. `metrics`: also read
+    Chromium's performance counters (`ThreadTime`: CPU seconds of the page's main thread, which a busy machine
+    inflates far less than wall time)."""
     url = Path(path).resolve().as_uri()
     page = browser.new_page(viewport={"width": width, "height": height})
     opened = Opened(page, url)
     page.on("request", lambda r: opened.requests.append(r.url))
     page.on("console", lambda m: _console(opened, m.type, m.text))
     page.on("pageerror", lambda e: opened.errors.append(f"pageerror: {e}"))
+    cdp = None
+    if metrics:
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Performance.enable")
     page.goto(url)
     page.wait_for_selector("body[data-ready='1']", timeout=timeout_ms)
-    opened.ready_ms = page.evaluate("window.plipyReadyMs")
+    opened.ready_ms, opened.start_ms = page.evaluate("[window.plipyReadyMs, window.plipyStartMs]")
+    if cdp is not None:
+        opened.metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
     return opened
 
 

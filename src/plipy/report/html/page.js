@@ -2,14 +2,9 @@
    clicks on figures to them. No network, no external code: plotly.js is inlined before this script. */
 (function () {
   "use strict";
+  window.plipyStartMs = performance.now();  // plotly.js is parsed and run by now: the rest is drawing
   var DATA = JSON.parse(document.getElementById("plipy-data").textContent);
   var components = {};
-
-  function esc(s) {
-    return String(s).replace(/[&<>"']/g, function (c) {
-      return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c];
-    });
-  }
 
   function fmt(x) {
     if (x === null || x === undefined || !isFinite(x)) return "—";
