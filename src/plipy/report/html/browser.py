@@ -80,7 +80,7 @@ def open_report(browser: Any, path: str | Path, *, width: int = 1400, height: in
         cdp = page.context.new_cdp_session(page)
         cdp.send("Performance.enable")
     page.goto(url)
-    page.wait_for_selector("body[data-ready='1']", timeout=timeout_ms)
+    page.wait_for_selector("body[data-ready='1']", state="attached", timeout=timeout_ms)
     opened.ready_ms, opened.start_ms = page.evaluate("[window.plipyReadyMs, window.plipyStartMs]")
     if cdp is not None:
         opened.metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
