@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Tests may take the default model from ../shared/models (no download); plipy itself never needs it.
 SHARED_MODELS := $(wildcard $(CURDIR)/../shared/models)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench screenshots clean
 
 setup: $(VENV)/.installed
 
@@ -18,10 +18,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/plipy scan --plot
+	$(BIN)/plipy scan --plot --html
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python -m pytest
 
 bench: setup
@@ -29,6 +29,11 @@ bench: setup
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/knockout_speed.py
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/scan_speed.py
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/steer_speed.py
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/html_report.py
+
+# The report pictures in docs/img (README): real runs, opened in headless chromium.
+screenshots: setup
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python scripts/screenshots.py --out docs/img
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -93,6 +93,8 @@ def test_killed_run_resumes_to_identical_bytes(kind, smollm, tmp_path, monkeypat
     ref_files = ref.save(tmp_path / "reference.json", table_format="csv")
     assert _doc(out) == _doc(Path(ref_files["json"]))
     assert out.with_suffix(".csv").read_bytes() == Path(ref_files["table"]).read_bytes()
+    if kind == "scan":  # the attention rows of the token view too, resumed samples included
+        assert out.with_name("resumed-rows.npz").read_bytes() == Path(ref_files["rows"]).read_bytes()
     # and byte for byte once provenance is set aside: the same numbers written the same way
     strip = {k: v for k, v in json.loads(out.read_text()).items() if k != "provenance"}
     strip_ref = {k: v for k, v in json.loads(Path(ref_files["json"]).read_text()).items() if k != "provenance"}

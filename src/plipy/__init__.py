@@ -8,6 +8,7 @@ Notebook use::
     ll = plipy.lens("smollm2-135m", "fn add(a: i32, b: i32) -> i32 {")   # LensResult; plipy.emergence, plipy.probe
     d = plipy.steer.dose("smollm2-135m", layer=16)
     plipy.load_result("results/scan-smollm2-135m.json")
+    plipy.html_report(["a.json", "b.json"], "report.html")   # interactive, offline; side by side per kind
 
 Everything is imported on first use: `import plipy` stays cheap (no torch), so `plipy --help` is instant.
 """
@@ -27,6 +28,7 @@ _LAZY = {
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
     "plipy.engine": ("Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture"),
     "plipy.sae": ("load_sae", "SAE"),
+    "plipy.report.html": ("html_report",),
 }
 _SUBMODULES = ("steer", "corpus", "engine", "sae", "entities", "report", "stats", "options", "experiments", "models",
                "chat", "corpus_tools")

@@ -126,3 +126,30 @@ def table_bytes(rows: list[dict[str, Any]], fmt: str = "parquet") -> bytes:
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
 
+
+
+def npz_bytes(arrays: dict[str, Any]) -> bytes:
+    """Arrays as a compressed `.npz` (numpy's format, no pickles) whose bytes depend only on the arrays: numpy's own
+    writer stamps the current time into the zip, which would make two identical runs differ."""
+    import io as _io
+    import zipfile
+
+    import numpy as np
+
+    buf = _io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            member = _io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, Any]:
+    """Every array of an `.npz` file (pickled object arrays are refused, never loaded)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -4,11 +4,13 @@
     r.to_pandas()          # the long per-sample table (what the .parquet file holds)
     r.summary()            # the console report as text
     r.plot("layers")       # a matplotlib figure
-    r.save("results/scan.json", plots=True)      # JSON + table (+ PNGs), each written atomically
+    r.save("results/scan.json", plots=True)      # JSON + table (+ PNGs, + HTML), each written atomically
+    r.to_html("results/scan.html")               # one self-contained interactive report (docs/report.md)
     plipy.load_result("results/scan.json") == r  # True
 
-`r.to_dict()` is exactly the JSON the CLI writes (schemas: docs/results.md). Results made in this session may
-hold in-memory extras that are not saved (the scan's attention rows, for its token plot).
+`r.to_dict()` is exactly the JSON the CLI writes (schemas: docs/results.md). A scan's attention rows and token
+texts, which its token view needs, are too bulky for the JSON: `save()` writes them to a sidecar
+`<stem>-rows.npz` that `load_result` reads back.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Result:
     summary_fn: ClassVar[str] = ""
     figure_fns: ClassVar[dict[str, str]] = {}
     path_pattern: ClassVar[str] = ""  # default output path, formatted with the document's fields and `model`
+    # "module:function(result, section)" drawing the interactive HTML view; "" = the generic view (docs/report.md)
+    html_fn: ClassVar[str] = ""
 
     def __init__(self, data: dict[str, Any], *, extras: dict[str, Any] | None = None):
         self._data: dict[str, Any] = jsonable(data)
@@ -131,6 +135,13 @@ class Result:
                 parts.append(f'<img src="data:image/png;base64,{b64}" style="max-width:100%">')
         return "\n".join(parts)
 
+    def to_html(self, path: str | Path | None = None, *, title: str | None = None) -> str:
+        """This result as one self-contained interactive HTML page (plotly, every script inlined, no network);
+        written atomically to `path` when given. Several results in one page: `plipy.html_report`."""
+        from plipy.report import html
+
+        return html.report([self], path, title=title)
+
     # -- files -----------------------------------------------------------------------------------------------
 
     def default_path(self) -> Path:
@@ -150,9 +161,10 @@ class Result:
         return {Path(f"{stem}-{k}.png"): f for k, f in self.plot(**options).items()}
 
     def save(self, path: str | Path | None = None, *, plots: bool = False, table_format: str = "parquet",
-             **options: Any) -> dict[str, Any]:
-        """Write the JSON, the per-sample table beside it (`.parquet` or `.csv`) and, with `plots`, PNGs named
-        `<stem>-<kind>.png`. Everything is rendered first and each file written atomically, JSON last.
+             html: bool = False, **options: Any) -> dict[str, Any]:
+        """Write the JSON, the per-sample table beside it (`.parquet` or `.csv`), with `plots` PNGs named
+        `<stem>-<kind>.png` and with `html` the interactive report `<stem>.html`. Everything is rendered first and
+        each file written atomically, JSON last.
         Returns the `files` block (also stored in the JSON's provenance: where a result was written is not part of
         what it says, so two runs that agree give identical documents outside provenance)."""
         from plipy.report.base import png_bytes
@@ -168,8 +180,14 @@ class Result:
             pngs = self._plot_files(path.with_suffix(""), **options)
             outputs.update({p: png_bytes(f) for p, f in pngs.items()})
             files["plots"] = [str(p) for p in pngs]
+        if html:
+            files["html"] = str(path.with_suffix(".html"))
         data = {**self._data, "provenance": {**self._data.get("provenance", {}), "files": files}}
         data.pop("files", None)  # older documents kept it at the top level
+        if html:  # drawn from the document as written, so the page lists its own files
+            final = copy.copy(self)
+            final._data = jsonable(data)
+            outputs[Path(files["html"])] = final.to_html().encode()
         outputs[path] = json_bytes(data)
         write_outputs(outputs)
         self._data = jsonable(data)
@@ -210,7 +228,46 @@ class ScanResult(Result):
     rows_fn, summary_fn = "plipy.experiments.scan:sample_rows", "plipy.report.scan:summary"
     figure_fns = {"layers": "plipy.report.scan:layers_figure", "heads": "plipy.report.scan:heads_figure",
                   "tokens": ""}  # fmt: skip
+    html_fn = "plipy.report.html.scan:view"
 
+    @property
+    def has_rows(self) -> bool:
+        """Whether the marker rows are here (a run in this session, or a file saved with its `-rows.npz`)."""
+        return "rows" in self.extras
+
+    def token_texts(self, sample: str) -> list[str]:
+        """The text of each token of a measured sample (decoded one token at a time, as the token plot shows)."""
+        if "tokens" in self.extras:
+            return list(self.extras["tokens"][sample])
+        tok = self.extras["tokenizer"]
+        return [tok.decode([t]) for t in self.extras["input_ids"][sample]]
+
+    def _extra_files(self, path: Path, outputs: dict[Path, bytes], **options: Any) -> dict[str, Any]:
+        if not self.has_rows:
+            return {}
+        import numpy as np
+
+        from plipy.io import npz_bytes
+
+        ids = list(self.extras["rows"])
+        arrays: dict[str, Any] = {"ids": np.array(ids, dtype=str)}
+        for i, sid in enumerate(ids):
+            arrays[f"rows_{i}"] = np.asarray(self.extras["rows"][sid], dtype=np.float32)
+            arrays[f"input_ids_{i}"] = np.asarray(self.extras["input_ids"][sid], dtype=np.int64)
+            arrays[f"tokens_{i}"] = np.array(self.token_texts(sid), dtype=str)
+        rows_path = Path(f"{path.with_suffix('')}{ROWS_SUFFIX}")
+        outputs[rows_path] = npz_bytes(arrays)
+        return {"rows": str(rows_path)}
+
+    @classmethod
+    def _from_file(cls, path: Path, data: dict[str, Any]) -> Result:
+        recorded = (data.get("provenance", {}).get("files") or {}).get("rows")
+        if recorded is None:
+            return cls(data)
+        found = _find_sibling(path, recorded)
+        if found is None:  # the JSON is the result; only the token view is lost (and says so)
+            return cls(data, extras={"rows_missing": recorded})
+        return cls(data, extras=_read_rows(found, data))
 
     def _figure(self, kind: str, **options: Any) -> Any:
         if kind == "tokens":
@@ -218,8 +275,8 @@ class ScanResult(Result):
         return super()._figure(kind)
 
     def _optional_figure(self, kind: str, **options: Any) -> Any:
-        if kind == "tokens" and "rows" not in self.extras:
-            return None  # loaded from a file: the rows are not saved
+        if kind == "tokens" and not self.has_rows:
+            return None  # loaded from a file whose rows sidecar is missing
         return self._figure(kind, **options)
 
     def token_layer(self, layer: int | None = None) -> int:
@@ -236,9 +293,11 @@ class ScanResult(Result):
     def _tokens_figure(self, sample: str | None, layer: int | None) -> Any:
         from plipy.report import scan
 
-        if "rows" not in self.extras:
-            raise PlipyError("the token plot needs the attention rows of a scan run in this session (they are not "
-                             "saved in the result file): rerun the scan")
+        if not self.has_rows:
+            missing = self.extras.get("rows_missing")
+            why = f"{missing} is missing" if missing else "this file was saved without them"
+            raise PlipyError(f"the token plot needs the scan's attention rows, saved beside the JSON as "
+                             f"<stem>{ROWS_SUFFIX} ({why}): rerun the scan")
         measured = [s for s in self._data["samples"] if "attention" in s]
         rec = next((s for s in measured if s["id"] == sample), None) if sample else (measured or [None])[0]
         if rec is None:
@@ -247,7 +306,7 @@ class ScanResult(Result):
         lay = self.token_layer(layer)
         row = self.extras["rows"][rec["id"]][self._data["layers_scanned"].index(lay)].mean(0)
         title = f"{rec['id']} — layer {lay}, head-mean attention of the marker row"
-        tokens = [self.extras["tokenizer"].decode([t]) for t in self.extras["input_ids"][rec["id"]]]
+        tokens = self.token_texts(rec["id"])
         return scan.token_row_figure(tokens, row.tolist(), rec["marker_token"], rec["measured_targets"], title)
 
 
@@ -257,6 +316,7 @@ class KnockoutResult(Result):
     kind, path_pattern = "knockout", "knockout-{model}-{mode}-{edges}.json"
     rows_fn, summary_fn = "plipy.experiments.knockout:sample_rows", "plipy.report.knockout:summary"
     figure_fns = {"heatmap": "plipy.report.knockout:heatmap_figure", "means": "plipy.report.knockout:means_figure"}
+    html_fn = "plipy.report.html.knockout:view"
 
 
 
@@ -266,6 +326,7 @@ class CalibrateResult(Result):
     kind, path_pattern = "calibrate", "calibrate-{model}-L{layer}.json"
     rows_fn, summary_fn = "plipy.experiments.steer:calibrate_rows", "plipy.report.steer:calibrate_summary"
     figure_fns = {"groups": "plipy.report.steer:calibrate_figure"}
+    html_fn = "plipy.report.html.steer:calibrate_view"
 
 
 
@@ -275,6 +336,7 @@ class DoseResult(Result):
     kind, path_pattern = "dose", "steer-{model}-{groups_label}-L{layers_label}.json"
     rows_fn, summary_fn = "plipy.experiments.steer:sample_rows", "plipy.report.steer:dose_summary"
     figure_fns = {"dose": "plipy.report.steer:dose_figure"}
+    html_fn = "plipy.report.html.steer:dose_view"
 
 
 
@@ -284,6 +346,7 @@ class GenerateResult(Result):
     kind, path_pattern = "generate", "generate-{model}-L{layers_label}.json"
     rows_fn, summary_fn = "plipy.experiments.steer:generate_rows", "plipy.report.steer:generate_summary"
     figure_fns = {"preserved": "plipy.report.steer:generate_figure"}
+    html_fn = "plipy.report.html.steer:generate_view"
 
 
 
@@ -294,6 +357,7 @@ class SaeAttentionResult(Result):
     kind, path_pattern = "sae-attention", "sae-attention-{model}-L{layer}F{latent}.json"
     summary_fn = "plipy.report.sae:summary"
     figure_fns = {"bars": "", "scatter": "", "heatmap": "", "boxes": ""}  # drawn from `arrays`, see _optional_figure
+    html_fn = "plipy.report.html.sae:view"
 
     def __init__(self, data: dict[str, Any], *, arrays: dict[str, Any], extras: dict[str, Any] | None = None):
         super().__init__(data, extras=extras)
@@ -435,17 +499,49 @@ def kind_of(data: dict[str, Any]) -> str:
     raise PlipyError("not a plipy result file (no known result kind)")
 
 
+ROWS_SUFFIX = "-rows.npz"
+
+
+def _read_rows(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A scan's sidecar: marker rows, token ids and token texts per measured sample, checked against the JSON."""
+    from plipy.io import read_npz
+
+    try:
+        z = read_npz(path)
+    except (OSError, ValueError) as e:
+        raise PlipyError(f"{path}: not a readable rows file ({e})") from None
+    by_id = {s["id"]: s for s in data["samples"] if "attention" in s}
+    ids = [str(x) for x in z.get("ids", [])]
+    n_layers = len(data["layers_scanned"])
+    extras: dict[str, Any] = {"rows": {}, "input_ids": {}, "tokens": {}}
+    for i, sid in enumerate(ids):
+        rows, tokens = z.get(f"rows_{i}"), z.get(f"tokens_{i}")
+        rec = by_id.get(sid)
+        if rec is None or rows is None or tokens is None or rows.shape[0] != n_layers \
+                or rows.shape[-1] != rec["n_tokens"] or len(tokens) != rec["n_tokens"]:  # fmt: skip
+            raise PlipyError(f"{path}: its attention rows do not match the result (sample {sid!r})")
+        extras["rows"][sid] = rows
+        extras["input_ids"][sid] = [int(t) for t in z[f"input_ids_{i}"]]
+        extras["tokens"][sid] = [str(t) for t in tokens]
+    return extras
+
+
+def _find_sibling(json_path: Path, recorded: str) -> Path | None:
+    """A file the result names: as recorded if it exists, else the same name beside the JSON, else None."""
+    for p in (Path(recorded), json_path.parent / Path(recorded).name):
+        if p.is_file():
+            return p
+    return None
+
+
 def _sibling(json_path: Path, recorded: str | None) -> Path:
     """A file the result names: as recorded if it exists, else the same name beside the JSON."""
     if recorded is None:
         raise PlipyError(f"{json_path}: the result names no table file")
-    p = Path(recorded)
-    if p.is_file():
-        return p
-    beside = json_path.parent / p.name
-    if beside.is_file():
-        return beside
-    raise PlipyError(f"{json_path}: its table {recorded} is missing")
+    found = _find_sibling(json_path, recorded)
+    if found is None:
+        raise PlipyError(f"{json_path}: its table {recorded} is missing")
+    return found
 
 
 def load_result(path: str | Path) -> Result:
@@ -459,4 +555,8 @@ def load_result(path: str | Path) -> Result:
         raise PlipyError(f"{p}: not a JSON result file ({e})") from None
     if not isinstance(data, dict):
         raise PlipyError(f"{p}: not a plipy result file")
-    return KINDS[kind_of(data)]._from_file(p, data)
+    try:
+        kind = kind_of(data)
+    except PlipyError as e:
+        raise PlipyError(f"{p}: {e}") from None
+    return KINDS[kind]._from_file(p, data)

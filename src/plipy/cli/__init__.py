@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Idempotent: main() may be called many times in one process (tests, notebooks).
-    from plipy.cli import corpus, entities, knockout, lens, models, probe, sae, scan, steer
+    from plipy.cli import corpus, entities, knockout, lens, models, probe, report, sae, scan, steer
 
     groups = {g.name for g in app.registered_groups}
     commands = {c.name for c in app.registered_commands}
@@ -28,7 +28,8 @@ def _register() -> None:
                       ("entities", entities.app), ("lens", lens.app)):
         if name not in groups:
             app.add_typer(sub, name=name)
-    for name, fn in (("scan", scan.scan), ("knockout", knockout.knockout), ("probe", probe.probe)):
+    for name, fn in (("scan", scan.scan), ("knockout", knockout.knockout), ("probe", probe.probe),
+                     ("report", report.report)):
         if name not in commands:
             app.command(name)(fn)
 

@@ -40,6 +40,7 @@ OFFSETS = typer.Option("chars", "--offsets", help="Corpus positions are 'chars' 
 HEADS = typer.Option("all", "--heads", help=f"Query heads: {HEADS_GRAMMAR}.")
 OUT = typer.Option(None, "--out", "-o", help="JSON result (default: results/<kind>-<model>….json).")
 PLOT = typer.Option(False, "--plot", help="Write PNG plots beside the JSON.")
+HTML = typer.Option(False, "--html", help="Also write the interactive report <stem>.html (one offline file).")
 BOS = typer.Option(False, "--bos/--no-bos", help="Prepend the BOS token (PLIP never did).")
 SEED = typer.Option(0, "--seed", help="Seed of the bootstrap and permutation tests.")
 RESAMPLES = typer.Option(10000, "--resamples", help="Bootstrap / permutation resamples (≥ 1).")
@@ -62,11 +63,11 @@ FRESH = typer.Option(False, "--fresh", help="Start over: discard the finished sa
 # name → (type, option): what `@shared(...)` adds to a command
 SHARED: dict[str, tuple[Any, Any]] = {
     "model": (str, MODEL), "corpus": (Path | None, CORPUS), "offsets": (str, OFFSETS), "out": (Path | None, OUT),
-    "plot": (bool, PLOT), "table_format": (str, TABLE_FORMAT), "bos": (bool, BOS), "seed": (int, SEED),
-    "resamples": (int, RESAMPLES), "runner": (str, RUNNER), "condition_batch": (int, CONDITION_BATCH),
-    "skip_invalid": (bool, SKIP_INVALID), "dtype": (str, DTYPE), "device": (str, DEVICE), "fresh": (bool, FRESH),
-    "batch_size": (int | None, BATCH_SIZE), "device_map": (str | None, DEVICE_MAP),
-    "max_memory": (str | None, MAX_MEMORY),
+    "plot": (bool, PLOT), "html": (bool, HTML), "table_format": (str, TABLE_FORMAT), "bos": (bool, BOS),
+    "seed": (int, SEED), "resamples": (int, RESAMPLES), "runner": (str, RUNNER),
+    "condition_batch": (int, CONDITION_BATCH), "skip_invalid": (bool, SKIP_INVALID), "dtype": (str, DTYPE),
+    "device": (str, DEVICE), "fresh": (bool, FRESH), "batch_size": (int | None, BATCH_SIZE),
+    "device_map": (str | None, DEVICE_MAP), "max_memory": (str | None, MAX_MEMORY),
 }  # fmt: skip
 
 
@@ -190,11 +191,12 @@ def print_report(renderables: list[Any]) -> None:
     print_all(console, renderables, notes=err_console)
 
 
-def save_and_report(result: Any, out: Path | None, *, plot: bool = False, table_format: str = "parquet",
-                    **save_options: Any) -> dict[str, Any]:
+def save_and_report(result: Any, out: Path | None, *, plot: bool = False, html: bool = False,
+                    table_format: str = "parquet", **save_options: Any) -> dict[str, Any]:
     """Write the result's files, print its console report and the list of files written."""
-    files = result.save(out, plots=plot, table_format=table_format, **save_options)
+    files = result.save(out, plots=plot, html=html, table_format=table_format, **save_options)
     print_report(result.summary_renderables())
-    written = [files["json"], files["table"], *files.get("npy", []), *files.get("plots", [])]
+    written = [files["json"], files["table"], *[files[k] for k in ("rows", "html") if k in files],
+               *files.get("npy", []), *files.get("plots", [])]
     console.print(Text("\nwrote " + ", ".join(written)), soft_wrap=True)
     return files

@@ -9,7 +9,7 @@ import typer
 from plipy.cli import common as c
 
 
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "seed", "resamples", "runner",
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "resamples", "runner",
           "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory")
 def knockout(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
@@ -38,6 +38,6 @@ def knockout(
                               include_baselines=include_baselines, bos=o.bos, offsets=o.offsets, seed=o.seed,
                               resamples=o.resamples, condition_batch=o.condition_batch, runner=o.runner,
                               fresh=o.fresh, progress=start, **c.load_options(o))  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
     if result["mode"] == "layer" and layer is None:
         c.console.print(f"no mode given: knocked out PLIP's default layer {result['runs'][0]['label']}")

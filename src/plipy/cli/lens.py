@@ -30,7 +30,7 @@ TOP_K = "Tokens listed per layer (ranks beyond it are still reported for tracked
 
 
 @app.command("run")
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "dtype", "device")
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "dtype", "device")
 def run(
     text: str | None = typer.Argument(None, help="The text (or use --file / --sample)."),
     file: Path | None = typer.Option(None, "--file", help="Read the text from this file (UTF-8)."),
@@ -62,11 +62,11 @@ def run(
         result = api.lens(o.model, text, sample=sample, corpus=o.corpus, positions=positions, top_k=top_k,
                           tokens=[*(token or []), *(token_id or [])], layers=layers, bos=o.bos, offsets=o.offsets,
                           dtype=o.dtype, device=o.device, progress=start)  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("emergence")
-@c.shared("model", "out", "plot", "table_format", "bos", "dtype", "device")
+@c.shared("model", "out", "plot", "html", "table_format", "bos", "dtype", "device")
 def emergence(
     prompts: Path | None = typer.Option(None, "--prompts", help="JSON / JSON Lines of {id, prompt, expect: [...]} "
                                         "(default: PLIP-rs' test_emergence prompts)."),
@@ -82,4 +82,4 @@ def emergence(
     with c.progress_bars() as start:
         result = api.emergence(o.model, prompts, top_k=top_k, layers=layers, bos=o.bos, dtype=o.dtype,
                                device=o.device, progress=start)  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

@@ -9,7 +9,7 @@ import typer
 from plipy.cli import common as c
 
 
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "seed", "dtype", "device")
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "dtype", "device")
 def probe(
     groups: list[str] | None = c.groups_option("the groups (classes) to tell apart (default: python_doctest,"
                                                "rust_test, else every group)."),
@@ -32,4 +32,4 @@ def probe(
         result = api.probe(o.model, o.corpus, groups=c.split_list(groups), label=label, feature=feature,
                            layers=layers, folds=folds, permutations=permutations, C=C, seed=o.seed, bos=o.bos,
                            offsets=o.offsets, dtype=o.dtype, device=o.device, progress=start)  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

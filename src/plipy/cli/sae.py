@@ -18,7 +18,7 @@ app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no
 
 
 @app.command("attention")
-@c.shared("model", "out", "plot", "table_format", "dtype", "device", "device_map", "max_memory")
+@c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "device_map", "max_memory")
 def attention(
     latent: int = typer.Option(..., "--latent", "-l", help="Index of the SAE latent to steer with."),
     sae: Path | None = typer.Option(None, "--sae", help="SAELens folder (cfg.json + sae_weights.safetensors) "
@@ -101,7 +101,7 @@ def attention(
             ovw_norm=ovw_norm, heads=heads, expect=expect, random=n_random, random_candidates=cands, seed=seed,
             alpha=alpha, batch_size=batch_size, bos=bos, attn=attn, checkpoint_dir=partial, progress=start,
         )  # fmt: skip
-    c.save_and_report(result, out, plot=o.plot, table_format=o.table_format, npy=npy)
+    c.save_and_report(result, out, plot=o.plot, html=o.html, table_format=o.table_format, npy=npy)
     if not keep_partial:
         shutil.rmtree(partial, ignore_errors=True)
 

@@ -9,8 +9,8 @@ import typer
 from plipy.cli import common as c
 
 
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "bos", "seed", "resamples", "dtype", "device",
-          "fresh", "batch_size", "device_map", "max_memory")
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "resamples", "dtype",
+          "device", "fresh", "batch_size", "device_map", "max_memory")
 def scan(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layers: str = c.layers_option("all", "Layers to scan"),
@@ -28,5 +28,5 @@ def scan(
                           **c.load_options(o))  # fmt: skip
     if o.plot:
         result.token_layer(token_layer)  # a bad --token-layer fails before anything is written
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format, sample=token_sample,
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format, sample=token_sample,
                       layer=token_layer)

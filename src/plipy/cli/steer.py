@@ -16,7 +16,7 @@ HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A
 
 
 @app.command("calibrate")
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "skip_invalid", "bos", "dtype", "device",
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "dtype", "device",
           "fresh", "batch_size", "device_map", "max_memory")
 def calibrate(
     layer: int | None = LAYER,
@@ -30,11 +30,11 @@ def calibrate(
         result = steer.calibrate(o.model, o.corpus, layer=layer, groups=c.split_list(groups),
                                  skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets, fresh=o.fresh,
                                  progress=start, **c.load_options(o))  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("dose")
-@c.shared("model", "corpus", "offsets", "out", "plot", "table_format", "skip_invalid", "bos", "runner",
+@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "runner",
           "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory")
 def dose(
     groups: list[str] | None = c.groups_option("the groups to steer (rust_test)."),
@@ -56,11 +56,11 @@ def dose(
                             skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets,
                             condition_batch=o.condition_batch, runner=o.runner, fresh=o.fresh, progress=start,
                             **c.load_options(o))  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("generate")
-@c.shared("model", "out", "plot", "table_format", "dtype", "device", "fresh", "batch_size", "device_map",
+@c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "fresh", "batch_size", "device_map",
           "max_memory")
 def generate(
     prompts: Path | None = typer.Option(None, "--prompts", help="Prompts JSON (default: bundled Rust prompts)."),
@@ -87,4 +87,4 @@ def generate(
                                 temperature=temperature, seed=seed, chat=chat, detect=detect, query_text=query_text,
                                 key_text=key_text, heads=heads, limit=limit, skip_invalid=skip_invalid,
                                 fresh=o.fresh, progress=start, **c.load_options(o))  # fmt: skip
-    c.save_and_report(result, o.out, plot=o.plot, table_format=o.table_format)
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

@@ -3,7 +3,7 @@
     labels.json            known / unknown / dropped per entity, 50/10/40 split (plipy.entities)
     sae/                   an SAE on resid_post of one layer (SAELens format + training.json)
     latents.json (+ -scores-min-{known,unknown}.json)   latent scores and choices
-    attention-{known,unknown}.json (+ .parquet, plots)   steering with the opposite label's top latent
+    attention-{known,unknown}.json (+ .parquet, plots, .html)   steering with the opposite label's top latent
     summary.json, summary.md
 
 Every stage writes its output into the folder and is skipped on a rerun when the output exists with the same
@@ -230,7 +230,7 @@ def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[st
         partial = out / f"attention-{label}.partial"
         r = sa.run_attention(lm, sae, prompts, acfg, checkpoint_dir=partial, progress=progress)
         r.annotate(pipeline_fingerprint=fp)
-        r.save(json_path, plots=True)
+        r.save(json_path, plots=True, html=True)
         result = r.to_dict()
         shutil.rmtree(partial, ignore_errors=True)
     m0 = cfg.measures[0]
