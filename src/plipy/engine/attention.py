@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from plipy.engine.arch import softmax_upcast
 from plipy.engine.spec import LayerEdit, Record
-from plipy.errors import CausalEdgeError, MaskedRowError
+from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
 
 NAME = "plipy"
 
@@ -78,6 +78,8 @@ def plipy_attention(
 
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if edits or capture:
+        _check_keys_kept(query, key, kwargs, layer)
     key, value, offset = _causal_keys(query, key, value, attention_mask)
     q_len = query.shape[2]
     cap_rows = _capture_rows_in_chunk(plan, offset, q_len, query.device) if capture else None
@@ -112,6 +114,21 @@ def _causal_keys(
         # Mirrors HF's SDPA path: a skipped mask with extra keys (static-cache prefill) means upper-left causal.
         return key[:, :, :q_len], value[:, :, :q_len], 0
     return key, value, k_len - q_len  # offset: absolute position of query row 0 (dynamic cache)
+
+
+def _check_keys_kept(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any], layer: int | None) -> None:
+    """Refuse a call whose sliding-window cache has dropped keys (generate()'s default cache past the window):
+    positions are absolute, and without the dropped prefix no key's position is known. Position ids never exceed
+    the absolute index (left padding only lowers them), so one at or beyond the key count means keys are missing."""
+    pos = kwargs.get("position_ids")
+    if kwargs.get("sliding_window") is None or pos is None or query.shape[2] >= key.shape[2]:
+        return
+    if int(pos.max()) >= key.shape[2]:
+        raise PlipyError(
+            f"layer {layer}: the KV cache kept only the last {key.shape[2]} keys (a sliding-window cache), so "
+            "plipy cannot place its captures and edits; generate with a cache that keeps every position: "
+            "model.generate(..., past_key_values=transformers.DynamicCache())"
+        )
 
 
 def _capture_rows_in_chunk(

@@ -32,7 +32,7 @@ import torch
 from plipy import checkpoint, measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, _char_to_token, token_positions
 from plipy.engine import Capture, EdgeEdit, Engine
-from plipy.engine.runner import ConditionRunner
+from plipy.engine.runner import ConditionRunner, cache_argument, full_cache
 from plipy.errors import CausalEdgeError, PlipyError
 from plipy.experiments.knockout import plip_default_layer
 from plipy.results import CalibrateResult, DoseResult, GenerateResult
@@ -618,11 +618,15 @@ def generate_pair(lm: Any, engine: Engine, ids: list[int], edits: list[EdgeEdit]
                           top_p=None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
                           else tok.eos_token_id, eos_token_id=tok.eos_token_id)
     x = torch.tensor([ids], device=lm.device)
+    # A cache keeping every position: generate()'s default drops keys beyond a sliding window (Gemma-2/3,
+    # StarCoder2), after which the engine cannot tell a key's absolute position (the window is the mask's job).
+    cache_arg = cache_argument(lm.model) or "past_key_values"
     outs = []
     for e in ([], edits):
         torch.manual_seed(config.seed)  # the same draws for both: only the steering differs
         with torch.inference_mode(), engine.run(edits=e):
-            out = lm.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+            out = lm.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc,
+                                    **{cache_arg: full_cache()})
         outs.append(out[0, len(ids):].tolist())
     return outs[0], outs[1]
 
