@@ -418,10 +418,11 @@ def test_sae_attention_equals_eager_reference(gemma, ours_eager):
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
-def test_cli_knockout_runs_fast_on_gemma(corpus, tmp_path, capsys):
+def test_cli_knockout_runs_fast_on_gemma(gemma, corpus, tmp_path, capsys, monkeypatch):
     """`plipy knockout --model gemma3-270m` end to end: the JSON says the fast runner ran."""
     from plipy.cli import main
 
+    monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: gemma)  # the loaded model, not a second copy
     out = tmp_path / "ko.json"
     try:
         main(["knockout", "--model", GEMMA, "--corpus", str(corpus.path), "--layer", "5", "--out", str(out),
