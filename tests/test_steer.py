@@ -239,23 +239,28 @@ def test_generate_same_path_and_refusal(smollm, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gemma3", "starcoder2", "gemma2"])
 def test_generate_on_sliding_window_models_past_the_window(arch):
-    """generate()'s default cache drops keys beyond a sliding window (4 here, 8 + 6 tokens), after which a key's
-    absolute position is unknown: the engine refuses that, and `generate_pair` keeps every position, so each
-    steered token equals a full forward with the edits (no cache at all) and the baseline equals plain greedy."""
+    """generate()'s default cache drops keys beyond a sliding window (4 here, 8 + 6 tokens), after which the
+    absolute positions of the new tokens and their keys are unknown. Edits on the prompt still apply (at prefill);
+    an edit or capture that may fall on a generated token is refused; `generate_pair` keeps every position. Each
+    steered token equals a full forward with the edits (no cache at all), and the baseline plain greedy."""
     model = build(arch) if arch == "gemma2" else variant(build(arch), "sdpa")  # Gemma-2 has no SDPA path
     engine = Engine(model)
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
-    edits = [EdgeEdit(layers=[0, 1], edges=[(3, 2), (7, 6)], scale=5.0)]
-    plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)  # idle engine: no refusal
-    with pytest.raises(PlipyError, match="sliding-window cache"), engine.run(edits=edits):
-        model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    lm = SimpleNamespace(model=model, device=torch.device("cpu"),
-                         tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None))
-    base, steered = st.generate_pair(lm, engine, ids[0].tolist(), edits, st.GenerateConfig(max_tokens=6))
+    edits = [EdgeEdit(layers=[0, 1], edges=[(3, 2), (7, 6)], scale=5.0)]  # (3, 2): query 3 = window − 1
     seq = ids[0].tolist()
     for _ in range(6):
         with torch.inference_mode(), engine.run(edits=edits):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), engine.run(edits=edits):
+        default = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert default[0].tolist() == seq
+    later = [EdgeEdit(layers=[0], edges=[(12, 11)], scale=5.0)]  # a generated token's query
+    with pytest.raises(PlipyError, match="sliding-window cache"), engine.run(edits=later):
+        model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    lm = SimpleNamespace(model=model, device=torch.device("cpu"),
+                         tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None))
+    base, steered = st.generate_pair(lm, engine, ids[0].tolist(), edits, st.GenerateConfig(max_tokens=6))
     assert steered == seq[8:] and base == plain[0, 8:].tolist()
 
 

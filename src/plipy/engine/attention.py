@@ -70,6 +70,8 @@ def plipy_attention(
         plan = None
     edits = plan.edits.get(layer, ()) if plan is not None else ()
     capture = plan is not None and layer in plan.capture_layers
+    if (edits or capture) and _keys_dropped(query, key, kwargs, edits, plan.rows if capture else None, layer):
+        edits, capture = (), False  # nothing asked for lies in this call
     softcap = kwargs.get("softcap")
     # Full explicit rows: softcapping has no SDPA kernel, and eager mode reproduces HF eager op for op.
     full = softcap is not None or getattr(module, "_plipy_eager", False)
@@ -78,8 +80,6 @@ def plipy_attention(
 
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if edits or capture:
-        _check_keys_kept(query, key, kwargs, layer)
     key, value, offset = _causal_keys(query, key, value, attention_mask)
     q_len = query.shape[2]
     cap_rows = _capture_rows_in_chunk(plan, offset, q_len, query.device) if capture else None
@@ -116,19 +116,27 @@ def _causal_keys(
     return key, value, k_len - q_len  # offset: absolute position of query row 0 (dynamic cache)
 
 
-def _check_keys_kept(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any], layer: int | None) -> None:
-    """Refuse a call whose sliding-window cache has dropped keys (generate()'s default cache past the window):
-    positions are absolute, and without the dropped prefix no key's position is known. Position ids never exceed
-    the absolute index (left padding only lowers them), so one at or beyond the key count means keys are missing."""
+def _keys_dropped(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any], edits: Any,
+                  rows: torch.Tensor | None, layer: int | None) -> bool:
+    """True when a sliding-window cache dropped keys before this call (generate()'s default cache past the
+    window) and no edit query or capture row can lie in it; such a call runs as if idle. Position ids never exceed
+    the absolute index (left padding only lowers them), so one at or beyond the key count means keys are missing,
+    and nothing before the smallest one is in this call. Anything that may be in it is refused: neither its
+    absolute position nor its keys' can be known."""
     pos = kwargs.get("position_ids")
     if kwargs.get("sliding_window") is None or pos is None or query.shape[2] >= key.shape[2]:
-        return
-    if int(pos.max()) >= key.shape[2]:
+        return False
+    if int(pos.max()) < key.shape[2]:
+        return False
+    first = int(pos.min())
+    wanted = [q for e in edits for _b, q, _k in e.edges] + ([] if rows is None else rows.flatten().tolist())
+    if any(q >= first for q in wanted):
         raise PlipyError(
             f"layer {layer}: the KV cache kept only the last {key.shape[2]} keys (a sliding-window cache), so "
-            "plipy cannot place its captures and edits; generate with a cache that keeps every position: "
-            "model.generate(..., past_key_values=transformers.DynamicCache())"
+            "plipy cannot place captures or edits on the tokens being generated; generate with a cache that keeps "
+            "every position: model.generate(..., past_key_values=transformers.DynamicCache())"
         )
+    return True
 
 
 def _capture_rows_in_chunk(
