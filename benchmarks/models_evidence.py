@@ -97,6 +97,12 @@ def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _ratio(groups: dict[str, dict], ga: str, gb: str) -> float | None:
+    """Plain mean(A) ÷ mean(B) (the scan's `ratio` keeps PLIP's rule: 0 whenever mean(B) ≤ 0.001)."""
+    mb = groups[gb]["mean"]
+    return groups[ga]["mean"] / mb if mb else None
+
+
 def _largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The row with the largest |Hedges g| (the layer of largest effect, either direction)."""
     return max(rows, key=lambda r: abs(r["hedges_g"]) if r["hedges_g"] is not None else -1)
@@ -105,7 +111,7 @@ def _largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def scan_tables(scans: dict[str, dict]) -> list[str]:
     out = ["### Layer scan: marker → target attention", "",
            "| model | layers | n (A / B) | uniform null A / B | null ratio | largest-effect layer | mean A / B there | "
-           "ratio | g | p (Holm) | layers p_holm < 0.05 |",
+           "A ÷ B | g | p (Holm) | layers p_holm < 0.05 |",
            "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
@@ -114,10 +120,11 @@ def scan_tables(scans: dict[str, dict]) -> list[str]:
         sig = sum(1 for x in r["layers"] if x["p_holm"] is not None and x["p_holm"] < 0.05)
         out.append(f"| {model} | {len(r['layers'])} | {n} | {pct(r['uniform_null'][ga]['mean'])} / "
                    f"{pct(r['uniform_null'][gb]['mean'])} | {fmt(r['null_ratio'])} | {best['layer']} | "
-                   f"{pct(best['groups'][ga]['mean'])} / {pct(best['groups'][gb]['mean'])} | {fmt(best['ratio'])} | "
+                   f"{pct(best['groups'][ga]['mean'])} / {pct(best['groups'][gb]['mean'])} | "
+                   f"{fmt(_ratio(best['groups'], ga, gb))} | "
                    f"{fmt(best['hedges_g'])} | {fmt(best['p_holm'])} | {sig} of {len(r['layers'])} |")
     out += ["", "Position-controlled: `excess` = attention ÷ uniform null 1/(m+1), per sample.", "",
-            "| model | largest-effect layer (excess) | excess A / B there | ratio | g | p (Holm) | "
+            "| model | largest-effect layer (excess) | excess A / B there | A ÷ B | g | p (Holm) | "
             "layers p_holm < 0.05 |", "|---|---:|---|---:|---:|---:|---:|"]
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
@@ -125,17 +132,28 @@ def scan_tables(scans: dict[str, dict]) -> list[str]:
         best = _largest(exc)
         sig = sum(1 for x in exc if x["p_holm"] is not None and x["p_holm"] < 0.05)
         out.append(f"| {model} | {best['layer']} | {fmt(best['groups'][ga]['mean'])} / "
-                   f"{fmt(best['groups'][gb]['mean'])} | {fmt(best['ratio'])} | {fmt(best['hedges_g'])} | "
+                   f"{fmt(best['groups'][gb]['mean'])} | {fmt(_ratio(best['groups'], ga, gb))} | "
+                   f"{fmt(best['hedges_g'])} | "
                    f"{fmt(best['p_holm'])} | {sig} of {len(exc)} |")
+    out += ["", "The attention sink: samples whose targets include token 0 (without BOS the first code token), and the "
+            "head-mean share of the marker's attention on token 0, averaged over the layers.", "",
+            "| model | token 0 is a target: A / B | token-0 share A / B |", "|---|---|---|"]
+    for model, r in scans.items():
+        ga, gb = r["groups_compared"]
+        zero = {g: sum(1 for x in r["samples"] if x["group"] == g and 0 in (x.get("measured_targets") or []))
+                for g in (ga, gb)}
+        n = {g: sum(1 for x in r["samples"] if x["group"] == g and "attention" in x) for g in (ga, gb)}
+        share = {g: sum(x["first_token_share"][g] for x in r["layers"]) / len(r["layers"]) for g in (ga, gb)}
+        out.append(f"| {model} | {zero[ga]} of {n[ga]} / {zero[gb]} of {n[gb]} | {pct(share[ga])} / {pct(share[gb])} |")
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
         out += ["", f"<details><summary>{model}: every layer</summary>", "",
-                f"| layer | {ga} | {gb} | ratio | g | p (Holm) | excess {ga} | excess {gb} | excess p (Holm) |",
+                f"| layer | {ga} | {gb} | A ÷ B | g | p (Holm) | excess {ga} | excess {gb} | excess p (Holm) |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for x in r["layers"]:
             e = x["excess"]
             out.append(f"| {x['layer']} | {pct(x['groups'][ga]['mean'])} | {pct(x['groups'][gb]['mean'])} | "
-                       f"{fmt(x['ratio'])} | {fmt(x['hedges_g'])} | {fmt(x['p_holm'])} | "
+                       f"{fmt(_ratio(x['groups'], ga, gb))} | {fmt(x['hedges_g'])} | {fmt(x['p_holm'])} | "
                        f"{fmt(e['groups'][ga]['mean'])} | {fmt(e['groups'][gb]['mean'])} | {fmt(e['p_holm'])} |")
         out += ["", "</details>"]
     return out
@@ -144,7 +162,7 @@ def scan_tables(scans: dict[str, dict]) -> list[str]:
 def knockout_tables(kos: dict[str, dict]) -> list[str]:
     out = ["### Knockout layer scan: KL(base ‖ marker → targets removed), nats", "",
            "| model | conditions | n (A / B) | largest mean KL: layer | mean KL A / B there | largest-effect layer "
-           "| mean KL A / B there | ratio | g | p (Holm) | layers p_holm < 0.05 | runner |",
+           "| mean KL A / B there | A ÷ B | g | p (Holm) | layers p_holm < 0.05 | runner |",
            "|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---|"]
     for model, r in kos.items():
         ga, gb = r["groups_compared"]
@@ -161,7 +179,7 @@ def knockout_tables(kos: dict[str, dict]) -> list[str]:
     for model, r in kos.items():
         ga, gb = r["groups_compared"]
         out += ["", f"<details><summary>{model}: every layer</summary>", "",
-                f"| layer | mean KL {ga} | mean KL {gb} | ratio | g | p (Holm) |", "|---:|---:|---:|---:|---:|---:|"]
+                f"| layer | mean KL {ga} | mean KL {gb} | A ÷ B | g | p (Holm) |", "|---:|---:|---:|---:|---:|---:|"]
         for x in r["runs"]:
             out.append(f"| {x['label']} | {fmt(x['groups'][ga]['mean'])} | {fmt(x['groups'][gb]['mean'])} | "
                        f"{fmt(x['ratio'])} | {fmt(x['hedges_g'])} | {fmt(x['p_holm'])} |")
@@ -238,6 +256,15 @@ def power_table(scans: dict[str, dict], labels: dict[str, dict]) -> list[str]:
             g = detectable_g(per_label, per_label)
             out.append(f"| {model} | entities, known vs unknown (balanced test) | {per_label} / {per_label} | "
                        f"{fmt(g) if g is not None else 'no test (< 2 per group)'} | — |")
+    need = next(n for n in range(2, 1000) if detectable_g(n, n) <= 1.0)
+    out += ["", f"A known-vs-unknown comparison that detects |g| = 1 (80 % power, α = 0.05) needs {need} entities per "
+            "group in the test split (40 % of each label, upstream's split). At the rate each model knows the "
+            "labelled entities, that takes about:", ""]
+    for model, doc in labels.items():
+        known = sum(v["known"] for v in doc["summary"].values())
+        total = sum(v["n"] for v in doc["summary"].values())
+        size = f"{math.ceil(need / (0.4 * known / total)):,} labelled entities" if known else "more than any run"
+        out.append(f"- {model}: {known} of {total} known → {size}")
     return out
 
 
