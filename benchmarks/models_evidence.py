@@ -191,15 +191,25 @@ def label_tables(labels: dict[str, dict]) -> list[str]:
     types = list(next(iter(labels.values()))["summary"])
     out = ["### Which entities each model knows", "",
            "Known / unknown / dropped of the entities labelled per type, and the balanced test group (per label).", "",
-           "| model | " + " | ".join(types) + " | all | balanced test, per label |",
-           "|---|" + "---|" * len(types) + "---|---|"]
+           "| model | " + " | ".join(types) + " | all | attributes known | balanced test, per label |",
+           "|---|" + "---|" * len(types) + "---|---|---|"]
     for model, doc in labels.items():
         s = doc["summary"]
         cells = [f"{s[t]['known']} / {s[t]['unknown']} / {s[t]['dropped']}" for t in types]
         known = sum(s[t]["known"] for t in types)
         total = sum(s[t]["n"] for t in types)
         test = sum(s[t]["test_balanced_per_label"] for t in types)
-        out.append(f"| {model} | " + " | ".join(cells) + f" | {known} of {total} known | {test} |")
+        attrs = [v["known"] for e in doc["entities"] for v in e["attributes"].values()]
+        out.append(f"| {model} | " + " | ".join(cells) + f" | {known} of {total} known | {sum(attrs)} of "
+                   f"{len(attrs)} | {test} |")
+    out.append("")
+    for model, doc in labels.items():
+        names = [f"{e['entity']} ({e['entity_type']}: {', '.join(a for a, v in e['attributes'].items() if v['known'])})"
+                 for e in doc["entities"] if e["label"] == "known"]
+        out.append(f"- {model} knows: {'; '.join(names) or 'none'}")
+    cfg = next(iter(labels.values()))["config"]
+    out += ["", f"Labelled with K = {cfg['k']} samples per attribute query and {cfg['max_new_tokens']} new tokens "
+            f"(upstream used 32): the first {cfg['limit']} shipped entities of each type, seed {cfg['seed']}."]
     return out
 
 
