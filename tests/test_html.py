@@ -335,3 +335,27 @@ def test_30_sample_scan_report_size_and_load(smollm, browser, tmp_path):
     # speed goals are measured by benchmarks/html_report.py; this only catches a page that hangs
     print(f"30-sample scan report: {size / 1e6:.2f} MB, drawn in {o.ready_ms:.0f} ms")
     assert o.ready_ms < 20000
+
+
+def test_lens_emergence_and_probe_reports_in_browser(smollm, small, browser, tmp_path):
+    """The logit lens, emergence and probe views draw their figures from the result's own numbers."""
+    lens = plipy.lens(smollm, "fn add(a: i32) -> i32 {\n}\n\n#[", positions="all", top_k=5, tokens=["test"])
+    emerge = plipy.emergence(smollm, top_k=20)
+    probe = plipy.probe(smollm, small, layers="0,10,29", folds=3, permutations=20)
+    for name, r, figs in (("lens", lens, ["grid", "tracked"]), ("emergence", emerge, ["ranks"]),
+                          ("probe", probe, ["accuracy"])):
+        path = tmp_path / f"{name}.html"
+        r.to_html(path)
+        opened = _open(browser, path)
+        page = opened.page
+        ids = [fid for fid in _data(page)["figures"] if any(fid.endswith("-" + f) for f in figs)]
+        assert len(ids) == len(figs), (name, list(_data(page)["figures"]))
+        assert all(_drawn(page, fid) for fid in ids), name
+        if name == "lens":
+            gd = page.evaluate(f"document.getElementById('{ids[0]}').data[0].z")
+            want = [[lay["top"][0]["prob"] for lay in p["layers"]] for p in lens["positions"]]
+            assert np.allclose(gd, want, rtol=0, atol=0)
+        if name == "probe":
+            y = page.evaluate(f"document.getElementById('{ids[0]}').data[2].y")
+            assert y == [row["accuracy"] for row in probe["layers"]]
+        page.close()

@@ -56,9 +56,10 @@ def _w_o_head(attn, arch, h, d):
     return proj.weight[:, h * d : (h + 1) * d].T.double()
 
 
-def reference(model, arch, ids, mask, steer_pos, adds=None, ovw_p=1):
+def reference(model, arch, ids, mask, steer_pos, adds=None, ovw_p=1, **forward_kw):
     """The four measures [b, layers, heads] from an eager copy: output_attentions + recorded value projections +
-    module weights, written without plipy. `adds` = (layer, {(b, p): vector}) applied by a plain pre-hook."""
+    module weights, written without plipy. `adds` = (layer, {(b, p): vector}) applied by a plain pre-hook;
+    `forward_kw` goes to the forward (e.g. `logits_to_keep=1` for a large vocabulary)."""
     blocks = _blocks(model, arch)
     cfg = model.config
     n_heads = cfg.num_attention_heads
@@ -82,7 +83,7 @@ def reference(model, arch, ids, mask, steer_pos, adds=None, ovw_p=1):
     pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     try:
         with torch.no_grad():
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, output_attentions=True)
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, output_attentions=True, **forward_kw)
     finally:
         for hk in hooks:
             hk.remove()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import scipy.stats
@@ -13,7 +14,7 @@ import torch
 from conftest import corpus_subset
 from plipy import cli
 from plipy.corpus import load_corpus, token_positions
-from plipy.engine import Engine
+from plipy.engine import EdgeEdit, Engine
 from plipy.engine.runner import ConditionRunner
 from plipy.errors import PlipyError
 from plipy.experiments import steer as st
@@ -234,6 +235,33 @@ def test_generate_same_path_and_refusal(smollm, tmp_path):
     assert s["fisher_exact_p"] == st.fisher_one_sided(s["baseline_preserved"], s["steered_preserved"], 2)
     with pytest.raises(st.SteerCausalError, match=r"prompt 'add': edge from query token \d+ \(.+\) to key token \d+"):
         st.run_generate(smollm, two, st.GenerateConfig(query_text="#[test]", key_text="fn ", max_tokens=2))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "starcoder2", "gemma2"])
+def test_generate_on_sliding_window_models_past_the_window(arch):
+    """generate()'s default cache drops keys beyond a sliding window (4 here, 8 + 6 tokens), after which the
+    absolute positions of the new tokens and their keys are unknown. Edits on the prompt still apply (at prefill);
+    an edit or capture that may fall on a generated token is refused; `generate_pair` keeps every position. Each
+    steered token equals a full forward with the edits (no cache at all), and the baseline plain greedy."""
+    model = build(arch) if arch == "gemma2" else variant(build(arch), "sdpa")  # Gemma-2 has no SDPA path
+    engine = Engine(model)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    edits = [EdgeEdit(layers=[0, 1], edges=[(3, 2), (7, 6)], scale=5.0)]  # (3, 2): query 3 = window − 1
+    seq = ids[0].tolist()
+    for _ in range(6):
+        with torch.inference_mode(), engine.run(edits=edits):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), engine.run(edits=edits):
+        default = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert default[0].tolist() == seq
+    later = [EdgeEdit(layers=[0], edges=[(12, 11)], scale=5.0)]  # a generated token's query
+    with pytest.raises(PlipyError, match="sliding-window cache"), engine.run(edits=later):
+        model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    lm = SimpleNamespace(model=model, device=torch.device("cpu"),
+                         tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None))
+    base, steered = st.generate_pair(lm, engine, ids[0].tolist(), edits, st.GenerateConfig(max_tokens=6))
+    assert steered == seq[8:] and base == plain[0, 8:].tolist()
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------------

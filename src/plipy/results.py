@@ -447,6 +447,7 @@ class LensResult(Result):
     kind, path_pattern = "lens", "lens-{model}.json"
     rows_fn, summary_fn = "plipy.experiments.lens:lens_rows", "plipy.report.lens:lens_summary"
     figure_fns = {"grid": "plipy.report.lens:grid_figure", "tracked": "plipy.report.lens:tracked_figure"}
+    html_fn = "plipy.report.html.lens:lens_view"
 
     def _describe(self) -> str:
         return f"positions={[p['position'] for p in self._data['positions']]} top_k={self._data['top_k']}"
@@ -458,6 +459,7 @@ class EmergenceResult(Result):
     kind, path_pattern = "emergence", "emergence-{model}.json"
     rows_fn, summary_fn = "plipy.experiments.emergence:emergence_rows", "plipy.report.lens:emergence_summary"
     figure_fns = {"ranks": "plipy.report.lens:emergence_figure"}
+    html_fn = "plipy.report.html.lens:emergence_view"
 
 
 class ProbeResult(Result):
@@ -467,6 +469,7 @@ class ProbeResult(Result):
     kind, path_pattern = "probe", "probe-{model}-{feature}.json"
     rows_fn, summary_fn = "plipy.experiments.probe:probe_rows", "plipy.report.probe:summary"
     figure_fns = {"accuracy": "plipy.report.probe:accuracy_figure"}
+    html_fn = "plipy.report.html.lens:probe_view"
 
     def _describe(self) -> str:
         return f"samples={len(self._data['samples'])} layers={len(self._data['layers'])}"

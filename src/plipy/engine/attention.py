@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from plipy.engine.arch import softmax_upcast
 from plipy.engine.spec import LayerEdit, Record
-from plipy.errors import CausalEdgeError, MaskedRowError
+from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
 
 NAME = "plipy"
 
@@ -69,6 +69,8 @@ def plipy_attention(
         plan = None
     edits = plan.edits.get(layer, ()) if plan is not None else ()
     capture = plan is not None and layer in plan.capture_layers
+    if (edits or capture) and _keys_dropped(query, key, kwargs, edits, plan.rows if capture else None, layer):
+        edits, capture = (), False  # nothing asked for lies in this call
     softcap = kwargs.get("softcap")
     # Full explicit rows: softcapping has no SDPA kernel, and eager mode reproduces HF eager op for op.
     full = softcap is not None or getattr(module, "_plipy_eager", False)
@@ -123,6 +125,29 @@ def _causal_keys(
         # Mirrors HF's SDPA path: a skipped mask with extra keys (static-cache prefill) means upper-left causal.
         return key[:, :, :q_len], value[:, :, :q_len], 0
     return key, value, k_len - q_len  # offset: absolute position of query row 0 (dynamic cache)
+
+
+def _keys_dropped(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any], edits: Any,
+                  rows: torch.Tensor | None, layer: int | None) -> bool:
+    """True when a sliding-window cache dropped keys before this call (generate()'s default cache past the
+    window) and no edit query or capture row can lie in it; such a call runs as if idle. Position ids never exceed
+    the absolute index (left padding only lowers them), so one at or beyond the key count means keys are missing,
+    and nothing before the smallest one is in this call. Anything that may be in it is refused: neither its
+    absolute position nor its keys' can be known."""
+    pos = kwargs.get("position_ids")
+    if kwargs.get("sliding_window") is None or pos is None or query.shape[2] >= key.shape[2]:
+        return False
+    if int(pos.max()) < key.shape[2]:
+        return False
+    first = int(pos.min())
+    wanted = [int(e.q.max()) for e in edits if e.q.numel()] + ([] if rows is None else [int(rows.max())])
+    if max(wanted, default=-1) >= first:
+        raise PlipyError(
+            f"layer {layer}: the KV cache kept only the last {key.shape[2]} keys (a sliding-window cache), so "
+            "plipy cannot place captures or edits on the tokens being generated; generate with a cache that keeps "
+            "every position: model.generate(..., past_key_values=transformers.DynamicCache())"
+        )
+    return True
 
 
 def _capture_rows_in_chunk(

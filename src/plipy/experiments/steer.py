@@ -33,7 +33,7 @@ from plipy import checkpoint, measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, _char_to_token, token_positions
 from plipy.engine import Capture, EdgeEdit, Engine
 from plipy.engine.batch import default_batch_size, pad_id, pad_left, plan_batches
-from plipy.engine.runner import Baseline, ConditionRunner
+from plipy.engine.runner import Baseline, ConditionRunner, cache_argument, full_cache
 from plipy.errors import CausalEdgeError, PlipyError
 from plipy.experiments.knockout import plip_default_layer
 from plipy.experiments.scan import marker_rows
@@ -647,11 +647,15 @@ def generate_pairs(lm: Any, engine: Engine, items: Sequence[tuple[list[int], tup
     width = padded.ids.shape[1]
     edges = [(j, q + p, k + p) for j, ((_, (q, k)), p) in enumerate(zip(items, padded.pads, strict=True))]
     steer = [EdgeEdit(layers=layers, edges=edges, scale=config.scale, heads=config.heads)]
+    # A cache keeping every position: generate()'s default drops keys beyond a sliding window (Gemma-2/3,
+    # StarCoder2), after which the engine cannot tell a key's absolute position (the window is the mask's job).
+    cache_arg = cache_argument(lm.model) or "past_key_values"
     outs = []
     for e in ([], steer):
         torch.manual_seed(config.seed)  # the same draws for both: only the steering differs
         with torch.inference_mode(), engine.run(edits=e):
-            out = lm.model.generate(padded.ids, attention_mask=padded.mask, generation_config=gc)
+            out = lm.model.generate(padded.ids, attention_mask=padded.mask, generation_config=gc,
+                                    **{cache_arg: full_cache()})
         outs.append([_until_eos(out[j, width:].tolist(), tok.eos_token_id) for j in range(len(items))])
     return list(zip(outs[0], outs[1], strict=True))
 
