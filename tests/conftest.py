@@ -55,3 +55,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def cli_exit_code(argv: list[str]) -> int:
+    """Run the `plipy` CLI in-process; its exit code (0 when it returns normally)."""
+    from plipy import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+        raise SystemExit(0)
+    return e.value.code

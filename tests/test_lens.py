@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
-from plipy import cli
+from conftest import cli_exit_code
 from plipy.errors import ParameterError, PlipyError
 from plipy.experiments import lens as le
 from plipy.models import LoadedModel
@@ -218,28 +218,21 @@ def test_lens_errors(smollm):
         plipy.lens(smollm, TEXT, top_k=0)
 
 
-def _run(argv):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-        raise SystemExit(0)
-    return e.value.code
-
-
 def test_cli_lens_and_errors(tmp_path, capsys, monkeypatch, smollm):
     monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     out = tmp_path / "l.json"
-    assert _run(["lens", TEXT, "--token", "test", "--top-k", "4", "--layers", "28,29", "--out", str(out)]) == 0
+    assert cli_exit_code(["lens", TEXT, "--token", "test", "--top-k", "4", "--layers", "28,29", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     lay = doc["positions"][0]["layers"][0]
     assert set(lay) == {"layer", "top"} and set(lay["top"][0]) == {"id", "token", "prob"} and len(lay["top"]) == 4
     assert doc["provenance"]["kind"] == "lens"
     assert "Logit lens at position" in capsys.readouterr().out
-    assert _run(["lens", "run", "--sample", "py_simple_add", "--positions", "marker", "--layers", "29", "--out",
-                 str(tmp_path / "m.json")]) == 0
+    assert cli_exit_code(["lens", "run", "--sample", "py_simple_add", "--positions", "marker", "--layers", "29",
+                          "--out", str(tmp_path / "m.json")]) == 0
     capsys.readouterr()
     for argv, msg in ((["lens", "x", "--sample", "py_simple_add"], "give one of TEXT"),
                       (["lens", "--file", str(tmp_path / "none.txt")], "no such file"),
                       (["lens", TEXT, "--positions", "99"], "--positions: position 99 does not exist"),
                       (["lens", TEXT, "--token", " assert_eq"], "--token/--token-id: ' assert_eq' is 3 tokens")):
-        assert _run(argv) == 2
+        assert cli_exit_code(argv) == 2
         assert msg in capsys.readouterr().err

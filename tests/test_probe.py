@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import corpus_subset
-from plipy import cli
+from conftest import cli_exit_code, corpus_subset
 from plipy.errors import ParameterError, PlipyError
 from plipy.experiments import probe as pr
 from plipy.models import load_tokenizer
@@ -196,21 +195,14 @@ def test_errors_before_the_model_loads(tmp_path):
         plipy.probe(missing, one)
 
 
-def _run(argv):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-        raise SystemExit(0)
-    return e.value.code
-
-
 def test_cli_probe(tmp_path, capsys, monkeypatch, smollm):
     monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     out = tmp_path / "p.json"
     small = corpus_subset(tmp_path, {"python_doctest": 4, "rust_test": 4}).path
-    assert _run(["probe", "--corpus", str(small), "--layers", "0,29", "--folds", "4", "--permutations", "3", "--out",
-                 str(out)]) == 0
+    assert cli_exit_code(["probe", "--corpus", str(small), "--layers", "0,29", "--folds", "4", "--permutations", "3",
+                          "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert [r["layer"] for r in doc["layers"]] == [0, 29] and doc["provenance"]["kind"] == "probe"
     assert "Linear probe on the last token" in capsys.readouterr().out
-    assert _run(["probe", "--feature", "nope"]) == 2
+    assert cli_exit_code(["probe", "--feature", "nope"]) == 2
     assert "error: --feature: must be one of last, marker" in capsys.readouterr().err

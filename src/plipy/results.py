@@ -319,7 +319,6 @@ class KnockoutResult(Result):
     html_fn = "plipy.report.html.knockout:view"
 
 
-
 class CalibrateResult(Result):
     """`plipy.steer.calibrate`: two groups' baseline attention at one layer and the scale that closes the gap."""
 
@@ -327,7 +326,6 @@ class CalibrateResult(Result):
     rows_fn, summary_fn = "plipy.experiments.steer:calibrate_rows", "plipy.report.steer:calibrate_summary"
     figure_fns = {"groups": "plipy.report.steer:calibrate_figure"}
     html_fn = "plipy.report.html.steer:calibrate_view"
-
 
 
 class DoseResult(Result):
@@ -339,7 +337,6 @@ class DoseResult(Result):
     html_fn = "plipy.report.html.steer:dose_view"
 
 
-
 class GenerateResult(Result):
     """`plipy.steer.generate`: baseline vs steered generations by the same decoding call, and Fisher's test."""
 
@@ -347,7 +344,6 @@ class GenerateResult(Result):
     rows_fn, summary_fn = "plipy.experiments.steer:generate_rows", "plipy.report.steer:generate_summary"
     figure_fns = {"preserved": "plipy.report.steer:generate_figure"}
     html_fn = "plipy.report.html.steer:generate_view"
-
 
 
 class SaeAttentionResult(Result):
