@@ -241,7 +241,7 @@ def test_generate_same_path_and_refusal(smollm, tmp_path):
 def test_generate_on_sliding_window_models_past_the_window(arch):
     """generate()'s default cache drops keys beyond a sliding window (4 here, 8 + 6 tokens), after which the
     absolute positions of the new tokens and their keys are unknown. Edits on the prompt still apply (at prefill);
-    an edit or capture that may fall on a generated token is refused; `generate_pair` keeps every position. Each
+    an edit or capture that may fall on a generated token is refused; `generate_pairs` keeps every position. Each
     steered token equals a full forward with the edits (no cache at all), and the baseline plain greedy."""
     model = build(arch) if arch == "gemma2" else variant(build(arch), "sdpa")  # Gemma-2 has no SDPA path
     engine = Engine(model)
@@ -260,7 +260,13 @@ def test_generate_on_sliding_window_models_past_the_window(arch):
         model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     lm = SimpleNamespace(model=model, device=torch.device("cpu"),
                          tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None))
-    base, steered = st.generate_pair(lm, engine, ids[0].tolist(), edits, st.GenerateConfig(max_tokens=6))
+    one = [EdgeEdit(layers=[0, 1], edges=[(7, 6)], scale=5.0)]  # generate_pairs steers one edge per prompt
+    seq = ids[0].tolist()
+    for _ in range(6):
+        with torch.inference_mode(), engine.run(edits=one):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    cfg = st.GenerateConfig(max_tokens=6, scale=5.0)
+    [(base, steered)] = st.generate_pairs(lm, engine, [(ids[0].tolist(), (7, 6))], [0, 1], cfg)
     assert steered == seq[8:] and base == plain[0, 8:].tolist()
 
 

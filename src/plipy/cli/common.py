@@ -51,8 +51,8 @@ SKIP_INVALID = typer.Option(False, "--skip-invalid", help="Leave out (and list) 
                             "the marker.")  # fmt: skip
 DTYPE = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
-BATCH_SIZE = typer.Option(None, "--batch-size", "-b", help="Samples per forward, left-padded (default: 16 "
-                          "on CPU, 64 on GPU; results equal one-by-one runs within fp32 rounding).")
+BATCH_SIZE = typer.Option(None, "--batch-size", "-b", help="Samples per model forward, left-padded "
+                          "(default: 16 on CPU, 64 on GPU; results equal one-by-one runs within fp32 rounding).")
 DEVICE_MAP = typer.Option(None, "--device-map", help="Spread a model too big for one device: auto | balanced | "
                           "sequential | a JSON file of module → device (accelerate).")
 MAX_MEMORY = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB.")
