@@ -21,9 +21,10 @@ from plipy.errors import CausalEdgeError, MaskedRowError, ParameterError, PlipyE
 
 _LAZY = {
     "plipy.api": ("scan", "knockout", "lens", "emergence", "probe", "sae_attention", "label_entities", "train_sae",
-                  "score_latents", "sae_pipeline"),
+                  "score_latents", "sae_pipeline", "sweep"),
     "plipy.results": ("load_result", "Result", "ScanResult", "KnockoutResult", "CalibrateResult", "DoseResult",
-                      "GenerateResult", "SaeAttentionResult", "LensResult", "EmergenceResult", "ProbeResult"),
+                      "GenerateResult", "SaeAttentionResult", "LensResult", "EmergenceResult", "ProbeResult",
+                      "SweepResult"),
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
     "plipy.engine": ("Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture"),
@@ -31,7 +32,7 @@ _LAZY = {
     "plipy.report.html": ("html_report",),
 }
 _SUBMODULES = ("steer", "corpus", "engine", "sae", "entities", "report", "stats", "options", "experiments", "models",
-               "chat", "corpus_tools")
+               "chat", "corpus_tools", "cluster")
 
 
 def __getattr__(name: str):

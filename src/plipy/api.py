@@ -67,22 +67,40 @@ def _runner(runner: Any, condition_batch: int) -> tuple[Any, str]:
     return None, runner
 
 
+def check_cluster(ray: Any, workers: int | None) -> Any:
+    """`ray=`/`workers=` checked (and Ray importable) before any model loads; None for a local run."""
+    from plipy.cluster import pool
+
+    cluster = pool.as_cluster(ray, workers)
+    if cluster is not None:
+        pool.ray_module()
+    return cluster
+
+
+def _load(device: str, device_map: Any, max_memory: Any) -> dict[str, Any]:
+    """How Ray workers load the model: the caller's device choice and memory map (dtype: the driver's)."""
+    return {"device": device, "device_map": opt.parse_device_map(device_map),
+            "max_memory": opt.parse_max_memory(max_memory)}
+
+
 # ---------------------------------------------------------------------------------------------- scan
 
 
 def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, layers: Any = "all",
          heads: Any = "all", bos: bool = False, offsets: str = "chars", seed: int = 0, resamples: int = 10000,
          dtype: str = "auto", device: str = "auto", tokenizer: Any = None, resume: bool = True, fresh: bool = False,
-         batch_size: int | None = None, device_map: Any = None, max_memory: Any = None,
-         progress: Progress | None = None) -> ScanResult:
+         batch_size: int | None = None, device_map: Any = None, max_memory: Any = None, ray: Any = None,
+         workers: int | None = None, progress: Progress | None = None) -> ScanResult:
     """Marker → target attention of every sample at every layer and head, beside the uniform and token-0 nulls,
     with full statistics (`plipy scan`). `resume`: finished samples are kept until the result is complete, so
     the same call after an interruption goes on where it stopped (`fresh=True` starts over). `batch_size`:
-    samples per left-padded forward (None: 16 on CPU, 64 on GPU)."""
+    samples per left-padded forward (None: 16 on CPU, 64 on GPU). `ray`: True (a local Ray instance or
+    $RAY_ADDRESS) or an address runs the batches on `workers` Ray actors (`plipy.cluster`); same result."""
     from plipy.experiments import scan as sc
 
     opt.check_positive(resamples, param="resamples")
     opt.check_batch_size(batch_size)
+    cluster = check_cluster(ray, workers)
     corp = as_corpus(corpus, offsets=offsets)
     group_list = opt.parse_groups(groups)
     sc.choose_groups(corp, group_list)  # bad groups fail before the model loads
@@ -91,7 +109,8 @@ def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, 
     cfg = sc.ScanConfig(groups=group_list, layers=opt.parse_layers(layers, lm.n_layers),
                         heads=opt.parse_heads(heads, lm.n_heads), bos=bos, seed=seed, n_resamples=resamples,
                         extra={"offsets": offsets}, resume=resume, fresh=fresh, batch_size=batch_size)  # fmt: skip
-    return sc.run_scan(lm, corp, cfg, progress=progress)
+    return sc.run_scan(lm, corp, cfg, progress=progress, cluster=cluster,
+                       load=_load(device, device_map, max_memory))
 
 
 # ---------------------------------------------------------------------------------------------- knockout
@@ -118,16 +137,18 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
              offsets: str = "chars", seed: int = 0, resamples: int = 10000, condition_batch: int = 32,
              dtype: str = "auto", device: str = "auto", tokenizer: Any = None, runner: Any = "auto",
              resume: bool = True, fresh: bool = False, batch_size: int | None = None, device_map: Any = None,
-             max_memory: Any = None, progress: Progress | None = None) -> KnockoutResult:
+             max_memory: Any = None, ray: Any = None, workers: int | None = None,
+             progress: Progress | None = None) -> KnockoutResult:
     """Remove attention edges (marker → targets by default) in one layer, a set, each layer alone, or windows,
     and measure the next-token KL on every sample (`plipy knockout`). `resume`/`fresh`/`batch_size` (baselines per
-    forward) as in `scan`."""
+    forward) and `ray`/`workers` as in `scan`."""
     from plipy.experiments import knockout as ko
     from plipy.experiments import scan as sc
 
     opt.check_choice(edges, ko.EDGE_KINDS, param="edges")
     opt.check_positive(resamples, param="resamples")
     opt.check_batch_size(batch_size)
+    cluster = check_cluster(ray, workers)
     mode = knockout_mode(layer=layer, layers=layers, scan_layers=scan_layers, scan_windows=scan_windows,
                          slide_window=slide_window, center=center, max_radius=max_radius)  # fmt: skip
     corp = as_corpus(corpus, offsets=offsets)
@@ -143,7 +164,8 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
                             include_baselines=include_baselines, bos=bos, seed=seed, n_resamples=resamples,
                             path=path, max_batch=condition_batch, extra={"offsets": offsets}, resume=resume,
                             fresh=fresh, batch_size=batch_size)  # fmt: skip
-    return ko.run_knockout(lm, corp, cfg, progress=progress, runner=the_runner)
+    return ko.run_knockout(lm, corp, cfg, progress=progress, runner=the_runner, cluster=cluster,
+                           load=_load(device, device_map, max_memory))
 
 
 # ---------------------------------------------------------------------------------------------- logit lens
@@ -274,12 +296,14 @@ def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int
                   random: int = 10, random_candidates: Sequence[int] | None = None, seed: int = 42,
                   alpha: float = 0.05, batch_size: int = 16, bos: bool = True, attn: str = "eager",
                   dtype: str = "auto", device: str = "auto", tokenizer: Any = None, device_map: Any = None,
-                  max_memory: Any = None, checkpoint_dir: str | Path | None = None,
-                  progress: Progress | None = None) -> SaeAttentionResult:
+                  max_memory: Any = None, checkpoint_dir: str | Path | None = None, ray: Any = None,
+                  workers: int | None = None, progress: Progress | None = None) -> SaeAttentionResult:
     """Steer with an SAE latent at the entity and measure, per layer and head, how attention from the last position
-    to the steered tokens changes, against `random` random latents (`plipy sae attention`)."""
+    to the steered tokens changes, against `random` random latents (`plipy sae attention`). `ray`/`workers`: the
+    prompt batches on Ray workers, as in `scan`."""
     from plipy import sae as sa
 
+    cluster = check_cluster(ray, workers)
     items = as_prompts(prompts)
     the_sae = as_sae(sae, hook=hook)
     the_sae.check_latent(latent)
@@ -301,7 +325,8 @@ def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int
         alpha=alpha, batch_size=batch_size, bos=bos, attn_impl=attn, latent_means=dict(latent_means or {}),
     )  # fmt: skip
     ck = None if checkpoint_dir is None else Path(checkpoint_dir)
-    return sa.run_attention(lm, the_sae, items, cfg, checkpoint_dir=ck, progress=progress)
+    return sa.run_attention(lm, the_sae, items, cfg, checkpoint_dir=ck, progress=progress, cluster=cluster,
+                            load=_load(device, device_map, max_memory))
 
 
 # ---------------------------------------------------------------------------------------------- entities and SAEs
@@ -387,3 +412,39 @@ def sae_pipeline(model: Any = DEFAULT_MODEL, out: str | Path | None = None, *, q
 
 __all__ = ["as_model", "as_corpus", "as_sae", "as_prompts", "scan", "knockout", "lens", "emergence", "probe",
            "sae_attention", "label_entities", "train_sae", "score_latents", "sae_pipeline", "PlipyError"]
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+def sweep(models: Any, experiment: str = "scan", *, out_dir: str | Path | None = None, **options: Any) -> Any:
+    """One experiment (`scan` or `knockout`, with its own keyword options, `ray=`/`workers=` included) on each of
+    `models` in turn, and the comparison table (`plipy sweep`): a `SweepResult`. With `out_dir` each model's result
+    and the sweep are saved there (`<experiment>-<model>.json`, `sweep-<experiment>.json`)."""
+    import inspect
+
+    from plipy.cluster import sweep as sw
+
+    opt.check_choice(experiment, sw.EXPERIMENTS, param="experiment")
+    specs = [str(m) for m in models] if isinstance(models, (list, tuple)) else opt.parse_groups(models, param="models")
+    if not specs:
+        raise ParameterError("models", "give at least one model")
+    run = {"scan": scan, "knockout": knockout}[experiment]
+    try:
+        inspect.signature(run).bind("model", **options)  # an unknown option fails before any model loads
+    except TypeError as e:
+        raise ParameterError("options", f"{experiment}: {e}") from None
+    check_cluster(options.get("ray"), options.get("workers"))
+    entries, docs = [], []
+    for spec, name in zip(specs, sw.file_names(specs), strict=True):
+        r = run(spec, **options)
+        entry = {"spec": spec}
+        if out_dir is not None:
+            entry["file"] = r.save(Path(out_dir) / f"{experiment}-{name}.json")["json"]
+        entries.append(entry)
+        docs.append(r.to_dict())
+    plain = {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+    result = sw.build(experiment, entries, docs, {"options": plain})
+    if out_dir is not None:
+        result.save(Path(out_dir) / f"sweep-{experiment}.json")
+    return result

@@ -114,11 +114,15 @@ class Units:
         atomic_write_bytes(self.folder / f"unit-{i:06d}.json", data)
 
     def batched(self, batches: Sequence[Sequence[int]],
-                compute: Callable[[list[int]], list[tuple[Any, dict[str, np.ndarray] | None]]]
-                ) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
+                compute: Callable[[list[int]], list[tuple[Any, dict[str, np.ndarray] | None]]],
+                pool: Any = None) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
         """`(i, unit)` for every unit, batch by batch. A batch missing any unit is computed whole by `compute`
         (the same inputs in the same batch give the same bits, so a resumed run matches an uninterrupted one) and
-        only its missing units are stored."""
+        only its missing units are stored. With a `pool` (`plipy.cluster.RayPool`) the missing batches run on its
+        workers; each is stored as it arrives and the units still come back in this order."""
+        if pool is not None:
+            yield from self._pooled(batches, pool)
+            return
         for batch in batches:
             got = {i: self.get(i) for i in batch}
             if any(v is None for v in got.values()):
@@ -128,6 +132,30 @@ class Units:
                         got[i] = (value, arrays or {})
             for i in batch:
                 yield i, got[i]  # type: ignore[misc]
+
+    def _pooled(self, batches: Sequence[Sequence[int]], pool: Any
+                ) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
+        got = [{i: self.get(i) for i in batch} for batch in batches]
+        todo = [k for k, g in enumerate(got) if any(v is None for v in g.values())]
+        waiting = set(todo)
+        ready = [k not in waiting for k in range(len(batches))]
+        nxt = 0
+        results = pool.map([list(batches[k]) for k in todo])
+        while True:
+            while nxt < len(batches) and ready[nxt]:
+                for i in batches[nxt]:
+                    yield i, got[nxt][i]  # type: ignore[misc]
+                got[nxt] = {}  # handed over: the caller keeps what it needs
+                nxt += 1
+            if nxt == len(batches):
+                return
+            j, out = next(results)
+            k = todo[j]
+            for i, (value, arrays) in zip(batches[k], out, strict=True):
+                if got[k][i] is None:  # stored once: a retried batch never counts twice
+                    self.put(i, value, arrays)
+                    got[k][i] = (value, arrays or {})
+            ready[k] = True
 
     def finish(self) -> None:
         """The result is complete: drop the units."""

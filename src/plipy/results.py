@@ -471,9 +471,21 @@ class ProbeResult(Result):
         return f"samples={len(self._data['samples'])} layers={len(self._data['layers'])}"
 
 
+class SweepResult(Result):
+    """`plipy.sweep`: one experiment over several models; the comparison table, one row per model (the per-model
+    results are their own files)."""
+
+    kind, path_pattern = "sweep", "sweep-{experiment}.json"
+    rows_fn, summary_fn = "plipy.cluster.sweep:comparison_rows", "plipy.cluster.sweep:summary"
+    figure_fns = {"ratios": "plipy.cluster.sweep:ratios_figure"}
+
+    def _describe(self) -> str:
+        return f"experiment={self._data['experiment']} models={[m['spec'] for m in self._data['models']]}"
+
+
 KINDS: dict[str, type[Result]] = {c.kind: c for c in (ScanResult, KnockoutResult, CalibrateResult, DoseResult,
                                                       GenerateResult, SaeAttentionResult, LensResult,
-                                                      EmergenceResult, ProbeResult)}
+                                                      EmergenceResult, ProbeResult, SweepResult)}
 _SHAPES: list[tuple[str, Callable[[dict], bool]]] = [
     ("scan", lambda d: "layers_scanned" in d),
     ("knockout", lambda d: "runs" in d and "mode" in d),
@@ -484,6 +496,7 @@ _SHAPES: list[tuple[str, Callable[[dict], bool]]] = [
     ("lens", lambda d: "positions" in d and "top_k" in d),
     ("emergence", lambda d: "prompts" in d and "top_k" in d),
     ("probe", lambda d: "majority_baseline" in d),
+    ("sweep", lambda d: "comparison" in d and "experiment" in d),
 ]
 
 

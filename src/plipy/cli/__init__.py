@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Idempotent: main() may be called many times in one process (tests, notebooks).
-    from plipy.cli import corpus, entities, knockout, lens, models, probe, report, sae, scan, steer
+    from plipy.cli import corpus, entities, knockout, lens, models, probe, report, sae, scan, steer, sweep
 
     groups = {g.name for g in app.registered_groups}
     commands = {c.name for c in app.registered_commands}
@@ -32,6 +32,8 @@ def _register() -> None:
                      ("report", report.report)):
         if name not in commands:
             app.command(name)(fn)
+    if "sweep" not in commands:  # the experiment's own options pass through to it
+        app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(sweep.sweep)
 
 
 def _print_version(value: bool) -> None:
@@ -56,6 +58,21 @@ def _root(
         os.environ["PLIPY_ALLOW_PICKLE"] = "1"  # read by plipy.models.load_model wherever a command loads one
 
 
+RUNS = ("scan", "knockout", "steer", "sae", "entities")
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """`--ray` without an ADDRESS (last, before another option, or before a sweep's experiment) gets the empty
+    address: a local Ray instance or $RAY_ADDRESS. Typer has no optional option values, so argv says it."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--ray" and (nxt is None or nxt.startswith("-") or nxt in RUNS):
+            out.append("")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a PlipyError becomes `error: <message>` on stderr and exit code 2, Ctrl-C prints
     `interrupted` and exits 130, and a command's own exit code reaches the shell."""
@@ -63,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _register()
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=optional_values(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except PlipyError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -56,6 +56,11 @@ BATCH_SIZE = typer.Option(None, "--batch-size", "-b", help="Samples per model fo
 DEVICE_MAP = typer.Option(None, "--device-map", help="Spread a model too big for one device: auto | balanced | "
                           "sequential | a JSON file of module → device (accelerate).")
 MAX_MEMORY = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB.")
+RAY = typer.Option(None, "--ray", is_flag=False, flag_value="", metavar="[ADDRESS]",
+                  help="Run the units on a Ray cluster: ADDRESS (auto | host:6379 | ray://host:10001), else "
+                  "$RAY_ADDRESS, else a local Ray instance. Same JSON as a local run.")  # fmt: skip
+WORKERS = typer.Option(None, "--workers", help="With --ray: Ray actors, each loading the model once (default: one "
+                       "per GPU, else one per node).")  # fmt: skip
 FRESH = typer.Option(False, "--fresh", help="Start over: discard the finished samples an interrupted run with the "
                      "same settings left (a rerun resumes from them by default).")  # fmt: skip
 
@@ -67,7 +72,8 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "seed": (int, SEED), "resamples": (int, RESAMPLES), "runner": (str, RUNNER),
     "condition_batch": (int, CONDITION_BATCH), "skip_invalid": (bool, SKIP_INVALID), "dtype": (str, DTYPE),
     "device": (str, DEVICE), "fresh": (bool, FRESH), "batch_size": (int | None, BATCH_SIZE),
-    "device_map": (str | None, DEVICE_MAP), "max_memory": (str | None, MAX_MEMORY),
+    "device_map": (str | None, DEVICE_MAP), "max_memory": (str | None, MAX_MEMORY), "ray": (str | None, RAY),
+    "workers": (int | None, WORKERS),
 }  # fmt: skip
 
 
@@ -101,8 +107,13 @@ def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 def load_options(o: SimpleNamespace) -> dict[str, Any]:
     """How the model loads, from a command's shared options (those it has)."""
-    names = ("dtype", "device", "device_map", "max_memory", "batch_size")
+    names = ("dtype", "device", "device_map", "max_memory", "batch_size", "ray", "workers")
     return {n: getattr(o, n) for n in names if hasattr(o, n)}
+
+
+def model_options(o: SimpleNamespace) -> dict[str, Any]:
+    """`load_options` less those of the run (batch size, Ray): what `api.as_model` takes."""
+    return {k: v for k, v in load_options(o).items() if k not in ("batch_size", "ray", "workers")}
 
 
 def groups_option(meaning: str) -> Any:

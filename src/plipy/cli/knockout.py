@@ -10,7 +10,8 @@ from plipy.cli import common as c
 
 
 @c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "resamples", "runner",
-          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory")
+          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory", "ray",
+          "workers")
 def knockout(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layer: int | None = typer.Option(None, "--layer", help="Knock out one layer (default mode; PLIP's default layer)."),

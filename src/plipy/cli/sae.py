@@ -18,7 +18,8 @@ app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no
 
 
 @app.command("attention")
-@c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "device_map", "max_memory")
+@c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "device_map", "max_memory", "ray",
+          "workers")
 def attention(
     latent: int = typer.Option(..., "--latent", "-l", help="Index of the SAE latent to steer with."),
     sae: Path | None = typer.Option(None, "--sae", help="SAELens folder (cfg.json + sae_weights.safetensors) "
@@ -85,7 +86,8 @@ def attention(
     _describe_sae(the_sae)
     if coefficient == "mean" and latent_file is None:
         raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
-    lm = api.as_model(o.model, **c.load_options(o))
+    api.check_cluster(o.ray, o.workers)  # before the model loads
+    lm = api.as_model(o.model, **c.model_options(o))
     saes.check_model(the_sae, lm.hidden_size, lm.n_layers)
     steer_at = saes.resolve_layer(the_sae, layer, lm.n_layers)
     means = si.read_latent_means(latent_file, layer=steer_at) if latent_file else {}
@@ -100,6 +102,7 @@ def attention(
             ablate=[int(a) for a in split_list(ablate) or []], pos=pos, measures=split_list(measures),
             ovw_norm=ovw_norm, heads=heads, expect=expect, random=n_random, random_candidates=cands, seed=seed,
             alpha=alpha, batch_size=batch_size, bos=bos, attn=attn, checkpoint_dir=partial, progress=start,
+            **c.load_options(o),
         )  # fmt: skip
     c.save_and_report(result, out, plot=o.plot, html=o.html, table_format=o.table_format, npy=npy)
     if not keep_partial:

@@ -10,7 +10,7 @@ from plipy.cli import common as c
 
 
 @c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "resamples", "dtype",
-          "device", "fresh", "batch_size", "device_map", "max_memory")
+          "device", "fresh", "batch_size", "device_map", "max_memory", "ray", "workers")
 def scan(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layers: str = c.layers_option("all", "Layers to scan"),

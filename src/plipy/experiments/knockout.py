@@ -272,17 +272,46 @@ def _excluded(samples: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list
     return excluded
 
 
-def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
-                 progress: Callable[[str, int], Callable[[], None]] | None = None,
-                 runner: ConditionRunner | None = None) -> KnockoutResult:
-    """Every condition on every sample of the chosen groups; returns samples, per-condition runs and statistics."""
+def _prepare(lm: Any, corpus: Corpus, config: KnockoutConfig) -> tuple[list[int] | None, list[str], tuple[str, str],
+                                                                       list[dict[str, Any]], list[SamplePositions]]:
+    """(heads, groups, compared pair, sample records, positions): alike on the driver and on every Ray worker."""
     heads = _check_config(config, lm.n_layers, lm.n_heads)
     groups, pair = choose_groups(corpus, config.groups)
     if config.include_baselines:
         groups = groups + [g for g in corpus.group_names if g.endswith("_baseline") and g not in groups]
     samples, positions = prepare_samples(lm, corpus, config, groups, pair, heads)
-    runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
+    return heads, groups, pair, samples, positions
+
+
+def _compute(lm: Any, runner: ConditionRunner, samples: list[dict[str, Any]], positions: list[SamplePositions],
+             config: KnockoutConfig, heads: list[int] | None) -> Callable[[list[int]], list]:
     windows = layer_windows(lm.model, lm.n_layers)
+
+    def compute(batch: list[int]) -> list[tuple[list[dict[str, Any]], None]]:
+        bases = runner.baselines([positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
+        return [(run_sample(lm, runner, samples[i], b, config, heads, windows), None)
+                for i, b in zip(batch, bases, strict=True)]
+
+    return compute
+
+
+def unit_compute(lm: Any, corpus: Corpus, config: KnockoutConfig) -> Callable[[list[int]], list]:
+    """A Ray worker's `compute(batch)` (`plipy.cluster`): the local path's own code on the worker's model."""
+    heads, _, _, samples, positions = _prepare(lm, corpus, config)
+    runner = ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
+    return _compute(lm, runner, samples, positions, config, heads)
+
+
+def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
+                 progress: Callable[[str, int], Callable[[], None]] | None = None,
+                 runner: ConditionRunner | None = None, cluster: Any = None,
+                 load: dict[str, Any] | None = None) -> KnockoutResult:
+    """Every condition on every sample of the chosen groups; returns samples, per-condition runs and statistics.
+    With a `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load`."""
+    from plipy.cluster import pool as cp
+
+    heads, groups, pair, samples, positions = _prepare(lm, corpus, config)
+    runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
     batch_size = config.batch_size or default_batch_size(lm.device)
     all_heads = heads if heads is not None else list(range(lm.n_heads))
     runs = [{"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges, "heads": all_heads,
@@ -304,15 +333,14 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
             rows_of[i] = status_rows(rec, config)
             step()
 
-    def compute(batch: list[int]) -> list[tuple[list[dict[str, Any]], None]]:
-        bases = runner.baselines([positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
-        return [(run_sample(lm, runner, samples[i], b, config, heads, windows), None)
-                for i, b in zip(batch, bases, strict=True)]
-
     ok = [i for i, rec in enumerate(samples) if rec["status"] == "ok"]
-    for i, got in units.batched(_batches(ok, positions, batch_size), compute):
-        rows_of[i] = got[0]
-        step()
+    job = lambda: cp.Job(cp.model_job_args(lm, load or {}), f"{__name__}:unit_compute", (corpus, config))  # noqa: E731
+    with cp.open_pool(cluster, job) as pool:
+        compute = _compute(lm, runner, samples, positions, config, heads) if pool is None else None
+        for i, got in units.batched(_batches(ok, positions, batch_size), compute, pool):
+            rows_of[i] = got[0]
+            step()
+        where = pool.describe() if pool is not None else None
     for i in range(len(samples)):
         for run, row in zip(runs, rows_of[i], strict=True):
             run["samples"].append(row)
@@ -325,6 +353,8 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
     # wall-clock time is provenance: it differs between two runs that give the same numbers
     prov["timing"] = {"seconds": elapsed, "path": runner.path, "samples": sum(s["status"] == "ok" for s in samples),
                       "conditions": len(config.conditions), "resumed_samples": units.resumed}
+    if where is not None:
+        prov["cluster"] = where
     result = KnockoutResult({
         "provenance": prov,
         "mode": config.mode,

@@ -138,42 +138,77 @@ def check_measurable(records: list[dict[str, Any]], pair: tuple[str, str]) -> No
             raise PlipyError(f"group {g!r} has fewer than 2 measurable samples: no statistics possible")
 
 
-def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
-             progress: Callable[[str, int], Callable[[], None]] | None = None) -> ScanResult:
-    """Scan every sample of the chosen groups: per-sample measures, per-layer statistics, provenance.
+@dataclass
+class _Plan:
+    """Everything the units of a scan depend on, computed alike on the driver and on every Ray worker."""
 
-    Finished samples are kept (`plipy.checkpoint`) until the result is complete: a killed run resumes."""
-    n_layers, n_heads = lm.n_layers, lm.n_heads
-    layers = list(config.layers) if config.layers is not None else list(range(n_layers))
-    heads = list(config.heads) if config.heads is not None else list(range(n_heads))
-    groups, (ga, gb) = choose_groups(corpus, config.groups)
-    settings = {"groups": groups, "compared": [ga, gb], "layers": layers, "heads": heads, "bos": config.bos,
+    layers: list[int]
+    heads: list[int]
+    groups: list[str]
+    pair: tuple[str, str]
+    settings: dict[str, Any]
+    positions: list[SamplePositions]
+    samples: list[dict[str, Any]]
+
+
+def _plan(lm: Any, corpus: Corpus, config: ScanConfig) -> _Plan:
+    layers = list(config.layers) if config.layers is not None else list(range(lm.n_layers))
+    heads = list(config.heads) if config.heads is not None else list(range(lm.n_heads))
+    groups, pair = choose_groups(corpus, config.groups)
+    settings = {"groups": groups, "compared": list(pair), "layers": layers, "heads": heads, "bos": config.bos,
                 "n_resamples": config.n_resamples, "batch_size": config.batch_size or default_batch_size(lm.device),
                 **config.extra}  # fmt: skip
-    todo = corpus.samples(groups)
-    positions = [token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions) for s in todo]
-    samples = [sample_record(sp) for sp in positions]
-    check_measurable(samples, (ga, gb))
-    units = checkpoint.open_run("scan", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
+    positions = [token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions)
+                 for s in corpus.samples(groups)]  # fmt: skip
+    return _Plan(layers, heads, groups, pair, settings, positions, [sample_record(sp) for sp in positions])
+
+
+def _compute(lm: Any, plan: _Plan) -> Callable[[list[int]], list[tuple[dict[str, Any], dict[str, np.ndarray]]]]:
     engine = Engine(lm.model)
-    rows_by_id: dict[str, np.ndarray] = {}
-    ids_by_id: dict[str, list[int]] = {}
-    step = progress(units.label("scanning"), len(todo)) if progress else (lambda: None)
-    measurable = [i for i, rec in enumerate(samples) if rec["status"] in ("ok", "partial-targets")]
-    for _ in range(len(todo) - len(measurable)):
-        step()
 
     def compute(batch: list[int]) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-        sps = [positions[i] for i in batch]
-        rows = marker_rows(lm, engine, sps, layers)
-        return [(measure_sample(sp, r, heads), {"rows": r.numpy()}) for sp, r in zip(sps, rows, strict=True)]
+        sps = [plan.positions[i] for i in batch]
+        rows = marker_rows(lm, engine, sps, plan.layers)
+        return [(measure_sample(sp, r, plan.heads), {"rows": r.numpy()}) for sp, r in zip(sps, rows, strict=True)]
 
-    batches = plan_batches([positions[i].seq_len for i in measurable], settings["batch_size"])
-    for i, got in units.batched([[measurable[j] for j in b] for b in batches], compute):
-        samples[i].update(got[0])
-        rows_by_id[positions[i].sample.id] = got[1]["rows"]
-        ids_by_id[positions[i].sample.id] = list(positions[i].input_ids)  # decoded only if the token plot is drawn
+    return compute
+
+
+def unit_compute(lm: Any, corpus: Corpus, config: ScanConfig) -> Callable[[list[int]], list]:
+    """A Ray worker's `compute(batch)` (`plipy.cluster`): the local path's own code on the worker's model."""
+    return _compute(lm, _plan(lm, corpus, config))
+
+
+def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
+             progress: Callable[[str, int], Callable[[], None]] | None = None, cluster: Any = None,
+             load: dict[str, Any] | None = None) -> ScanResult:
+    """Scan every sample of the chosen groups: per-sample measures, per-layer statistics, provenance.
+
+    Finished samples are kept (`plipy.checkpoint`) until the result is complete: a killed run resumes. With a
+    `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load` options."""
+    from plipy.cluster import pool as cp
+
+    plan = _plan(lm, corpus, config)
+    layers, heads, groups, (ga, gb), settings = plan.layers, plan.heads, plan.groups, plan.pair, plan.settings
+    positions, samples = plan.positions, plan.samples
+    check_measurable(samples, (ga, gb))
+    units = checkpoint.open_run("scan", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
+    rows_by_id: dict[str, np.ndarray] = {}
+    ids_by_id: dict[str, list[int]] = {}
+    step = progress(units.label("scanning"), len(positions)) if progress else (lambda: None)
+    measurable = [i for i, rec in enumerate(samples) if rec["status"] in ("ok", "partial-targets")]
+    for _ in range(len(positions) - len(measurable)):
         step()
+    batches = plan_batches([positions[i].seq_len for i in measurable], settings["batch_size"])
+    job = lambda: cp.Job(cp.model_job_args(lm, load or {}), f"{__name__}:unit_compute", (corpus, config))  # noqa: E731
+    with cp.open_pool(cluster, job) as pool:
+        compute = _compute(lm, plan) if pool is None else None
+        for i, got in units.batched([[measurable[j] for j in b] for b in batches], compute, pool):
+            samples[i].update(got[0])
+            rows_by_id[positions[i].sample.id] = got[1]["rows"]
+            ids_by_id[positions[i].sample.id] = list(positions[i].input_ids)  # decoded only for the token plot
+            step()
+        where = pool.describe() if pool is not None else None
     result = {
         "provenance": provenance.build(model=lm, corpus=corpus, seed=config.seed, config=settings),
         "groups_compared": [ga, gb],
@@ -183,6 +218,8 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     }
     result.update(layer_statistics(samples, groups, (ga, gb), layers, heads, config.seed, config.n_resamples))
     result["plip_compat"] = plip_compat(result, lm, corpus)
+    if where is not None:
+        result["provenance"]["cluster"] = where
     units.finish()
     return ScanResult(result, extras={"rows": rows_by_id, "input_ids": ids_by_id, "tokenizer": lm.tokenizer})
 

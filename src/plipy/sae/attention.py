@@ -220,18 +220,18 @@ def _batch_arrays(lm: Any, sae: SAE, run: _Run, config: AttentionConfig, toks: S
     return arrays
 
 
-def run_attention(
-    lm: Any,
-    sae: SAE,
-    prompts: Sequence[EntityPrompt],
-    config: AttentionConfig,
-    *,
-    checkpoint_dir: Path | None = None,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-) -> SaeAttentionResult:
-    """Original vs steered attention measures for every prompt, plus the random-latent baseline.
+@dataclass
+class _Plan:
+    """What the batches of one analysis depend on: built alike on the driver and on every Ray worker."""
 
-    The result's `arrays` = `{"original": {measure: [N, L, H]}, "steered": {latent: {measure: [N, L, H]}}}`."""
+    run: _Run
+    toks: list[Tokenized]
+    layer: int
+    heads: list[tuple[int, int]]
+    randoms: list[int]
+
+
+def _plan(lm: Any, sae: SAE, prompts: Sequence[EntityPrompt], config: AttentionConfig) -> _Plan:
     model, tok = lm.model, lm.tokenizer
     n_layers, n_heads = lm.n_layers, lm.n_heads
     check_model(sae, lm.hidden_size, n_layers)
@@ -258,24 +258,63 @@ def run_attention(
     run = _Run(Engine(model, idle=config.attn_impl), layer, latents, steerings, w_o,
                layer if any(needs_residual(s) for s in steerings.values()) else None,
                tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+    return _Plan(run, toks, layer, list(heads), randoms)
+
+
+def unit_compute(lm: Any, sae: SAE, prompts: Sequence[EntityPrompt], config: AttentionConfig
+                 ) -> Callable[[list[int]], list]:
+    """A Ray worker's `compute([batch index])` (`plipy.cluster`): the local path's own code on its model."""
+    plan = _plan(lm, sae, prompts, config)
+    bs = config.batch_size
+    return lambda b: [(None, _batch_arrays(lm, sae, plan.run, config, plan.toks[b[0] * bs : (b[0] + 1) * bs],
+                                           lambda: None))]
+
+
+def run_attention(
+    lm: Any,
+    sae: SAE,
+    prompts: Sequence[EntityPrompt],
+    config: AttentionConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    cluster: Any = None,
+    load: dict[str, Any] | None = None,
+) -> SaeAttentionResult:
+    """Original vs steered attention measures for every prompt, plus the random-latent baseline. With a `cluster`
+    (`plipy.cluster.Cluster`) the prompt batches run on Ray workers that load the model with `load` options.
+
+    The result's `arrays` = `{"original": {measure: [N, L, H]}, "steered": {latent: {measure: [N, L, H]}}}`."""
+    from plipy.cluster import pool as cp
+
+    model = lm.model
+    n_layers, n_heads = lm.n_layers, lm.n_heads
+    plan = _plan(lm, sae, prompts, config)
+    run, toks, layer, heads, randoms = plan.run, plan.toks, plan.layer, plan.heads, plan.randoms
+    latents = run.latents
     fp = fingerprint({
         "config": asdict(config), "randoms": randoms, "layer": layer, "sae": sae.describe(), "model": lm.spec,
         "dtype": str(next(model.parameters()).dtype), "prompts": [asdict(p) for p in prompts],
     })  # fmt: skip
     ckpt = Units(checkpoint_dir, fp)  # per-batch units beside the output: an interrupted run resumes
-    starts = list(range(0, len(prompts), config.batch_size))
-    step = progress("SAE steering", len(starts) * (1 + len(latents))) if progress else (lambda: None)
+    bs = config.batch_size
+    n_batches = -(-len(prompts) // bs)
+    step = progress("SAE steering", n_batches * (1 + len(latents))) if progress else (lambda: None)
+    here: set[int] = set()  # batches computed in this process: they stepped the bar forward by forward
+
+    def compute(b: list[int]) -> list[tuple[None, dict[str, np.ndarray]]]:
+        here.add(b[0])
+        return [(None, _batch_arrays(lm, sae, run, config, toks[b[0] * bs : (b[0] + 1) * bs], step))]
+
     parts: list[dict[str, np.ndarray]] = []
-    for bi, s in enumerate(starts):
-        got = ckpt.get(bi)
-        if got is None:
-            done = _batch_arrays(lm, sae, run, config, toks[s : s + config.batch_size], step)
-            ckpt.put(bi, None, done)
-        else:
-            done = got[1]
-            for _ in range(1 + len(latents)):
+    job = lambda: cp.Job(cp.model_job_args(lm, load or {}), f"{__name__}:unit_compute",  # noqa: E731
+                         (sae, list(prompts), config))  # the SAE's weights are data, the model's never
+    with cp.open_pool(cluster, job) as pool:
+        for bi, (_, arrays) in ckpt.batched([[b] for b in range(n_batches)], compute, pool):
+            for _ in range(0 if bi in here else 1 + len(latents)):
                 step()
-        parts.append(done)
+            parts.append(arrays)
+        where = pool.describe() if pool is not None else None
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     out_arrays = {
         "original": {m: cat[f"original/{m}"] for m in config.measures},
@@ -287,6 +326,8 @@ def run_attention(
         **asdict(config), "layer": layer, "random_latents": randoms, "fingerprint": fp,
         "latent_means": {str(k): v for k, v in config.latent_means.items() if k in latents},
     })  # fmt: skip
+    if where is not None:
+        result["provenance"]["cluster"] = where
     return SaeAttentionResult(result, arrays=out_arrays)
 
 

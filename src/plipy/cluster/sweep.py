@@ -1,0 +1,147 @@
+"""One experiment over several models: a result per model and the comparison table PLIP-rs' documents were written
+from (per model: the layer of the largest effect, the group means there, their ratio beside the null ratio).
+
+Models run one after another, each on its own Ray actor pool when `--ray` is given (a pool holds one model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from plipy.errors import PlipyError
+from plipy.report.base import fmt_num, fmt_p, pyplot
+
+EXPERIMENTS = ("scan", "knockout")
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def n_layers(doc: dict[str, Any]) -> int | None:
+    """The model's decoder layer count, from the config in the result's provenance."""
+    cfg = doc["provenance"].get("model", {}).get("config") or {}
+    return cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
+
+
+def _depth(layer: int, n: int | None) -> float | None:
+    return None if not n else layer / max(1, n - 1)
+
+
+def scan_row(d: dict[str, Any]) -> dict[str, Any]:
+    """A scan's comparison row: the layer of the largest |Hedges' g| between the compared groups (the attention
+    difference), the group means there, their ratio, and the null ratio (uniform attention over each marker's
+    prefix: what the ratio is when the marker attends to nothing in particular)."""
+    ga, gb = d["groups_compared"]
+    rows = [r for r in d["layers"] if r.get("hedges_g") is not None]
+    best = max(rows, key=lambda r: abs(r["hedges_g"])) if rows else d["layers"][0]
+    ma, mb = best["groups"][ga]["mean"], best["groups"][gb]["mean"]
+    return {"effect": "attention", "max_effect_layer": best["layer"], "depth": _depth(best["layer"], n_layers(d)),
+            "mean_a": ma, "mean_b": mb, "ratio": _ratio(ma, mb), "null_ratio": d.get("null_ratio"),
+            "hedges_g": best.get("hedges_g"), "p_holm": best.get("p_holm"),
+            "best_holm_layer": d["best"]["holm"]["layer"]}  # fmt: skip
+
+
+def knockout_row(d: dict[str, Any]) -> dict[str, Any]:
+    """A knockout's comparison row: the condition of the largest mean KL over the compared groups, the group means
+    there, their ratio, and the null ratio: the same ratio on the `_baseline` groups (the marker without its
+    construct) when the run included them, else None."""
+    ga, gb = d["groups_compared"]
+
+    def mean(run: dict[str, Any], g: str) -> float | None:
+        return (run["groups"].get(g) or {}).get("mean")
+
+    runs = [r for r in d["runs"] if mean(r, ga) is not None and mean(r, gb) is not None]
+    if not runs:
+        raise PlipyError("knockout result: no condition has KLs for both compared groups")
+    best = max(runs, key=lambda r: mean(r, ga) + mean(r, gb))
+    ma, mb = mean(best, ga), mean(best, gb)
+    null = _ratio(mean(best, f"{ga}_baseline"), mean(best, f"{gb}_baseline"))
+    layers = best["layers"]
+    return {"effect": "KL (nats)", "max_effect_layer": best["label"],
+            "depth": _depth(layers[0], n_layers(doc=d)) if len(layers) == 1 else None,
+            "mean_a": ma, "mean_b": mb, "ratio": _ratio(ma, mb), "null_ratio": null,
+            "hedges_g": best.get("hedges_g"), "p_holm": best.get("p_holm"), "best_holm_layer": None}  # fmt: skip
+
+
+def comparison_row(doc: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The comparison row of one model's result document."""
+    model = doc["provenance"]["model"]
+    row = scan_row(doc) if kind == "scan" else knockout_row(doc)
+    return {"model": model.get("spec") or model.get("name"), "n_layers": n_layers(doc),
+            "compared": "/".join(doc["groups_compared"]), **row}  # fmt: skip
+
+
+def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sweep's table (one row per model), as saved beside its JSON."""
+    return list(result["comparison"])
+
+
+def summary(result: dict[str, Any]) -> list[Any]:
+    """The console report: one row per model."""
+    rows = result["comparison"]
+    unit = rows[0]["effect"] if rows else ""
+    t = Table(title=f"Sweep: {result['experiment']} over {len(rows)} models ({unit}; A/B beside the null A/B)",
+              header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for col in ("model", "layers", "A/B groups", "max effect at", "depth", "mean A", "mean B", "A/B", "null A/B",
+                "g", "p Holm"):
+        t.add_column(col, justify="left" if col in ("model", "A/B groups") else "right")
+    for r in rows:
+        t.add_row(str(r["model"]), str(r["n_layers"]), r["compared"], str(r["max_effect_layer"]),
+                  "—" if r["depth"] is None else f"{r['depth']:.2f}", fmt_num(r["mean_a"], ".4g"),
+                  fmt_num(r["mean_b"], ".4g"), fmt_num(r["ratio"]) + ("×" if r["ratio"] is not None else ""),
+                  fmt_num(r["null_ratio"]) + ("×" if r["null_ratio"] is not None else ""),
+                  fmt_num(r["hedges_g"]), fmt_p(r["p_holm"]))  # fmt: skip
+    out: list[Any] = [t]
+    if result["experiment"] == "knockout" and any(r["null_ratio"] is None for r in rows):
+        out.append("null A/B —: no KLs on both _baseline groups (they need --include-baselines and baseline samples "
+                   "with an edge to knock out)")
+    out.append("files: " + ", ".join(m["file"] for m in result["models"] if m.get("file")))
+    return out
+
+
+def ratios_figure(result: dict[str, Any]) -> Any:
+    """Per model, the A/B ratio at its layer of largest effect beside the null ratio: is the effect beyond it?"""
+    plt = pyplot()
+    rows = result["comparison"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.18 for x in xs], [r["ratio"] or 0 for r in rows], 0.36, label="A/B at max effect", color="#3b6ea8")
+    ax.bar([x + 0.18 for x in xs], [r["null_ratio"] or 0 for r in rows], 0.36, label="null A/B", color="#bbbbbb")
+    ax.axhline(1.0, color="#444444", lw=0.8, ls=":")
+    ax.set_xticks(list(xs), [f"{r['model']}\n{r['max_effect_layer']}" for r in rows], fontsize=8)
+    ax.set_ylabel("ratio of group means")
+    ax.set_title(f"{result['experiment']}: effect ratio vs null, per model", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def file_names(specs: list[str]) -> list[str]:
+    """A file-safe name per model spec, unique within the sweep (`a/b/model` → `model`, a repeat gets `-2`)."""
+    import re
+
+    out: list[str] = []
+    for spec in specs:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")) or "model"
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}-{k}", k + 1
+        out.append(name)
+    return out
+
+
+def build(kind: str, models: list[dict[str, Any]], docs: list[dict[str, Any]], config: dict[str, Any]) -> Any:
+    """The SweepResult of per-model result documents (`models`: spec and file of each)."""
+    from plipy import provenance
+    from plipy.results import SweepResult
+
+    return SweepResult({
+        "provenance": provenance.build(config={"experiment": kind, "models": [m["spec"] for m in models],
+                                               **config}),
+        "experiment": kind,
+        "models": models,
+        "comparison": [comparison_row(d, kind) for d in docs],
+    })  # fmt: skip

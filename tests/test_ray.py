@@ -1,0 +1,229 @@
+"""Scale-out on a real local Ray cluster (2 CPUs): scan, knockout --scan-layers and sae attention run on two actors
+give the JSON (provenance aside) and table bytes of a local run; a worker killed mid-run and a driver killed mid-run
+lose nothing and count nothing twice; `plipy sweep` writes each model's result and the comparison table.
+
+Workers use the driver's torch thread count (`Cluster.threads`): fp32 sums split over another number of threads
+round differently, so the local reference runs with the same count (one thread here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import gammaln
+
+from conftest import cli_exit_code, corpus_subset
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray instance with 2 CPUs for the module; plipy joins it (`ray.is_initialized()`)."""
+    import logging
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers get the driver's count: local references are computed alike
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             namespace="plipy")  # fmt: skip
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return corpus_subset(tmp_path_factory.mktemp("ray-corpus"), {"python_doctest": 5, "rust_test": 5})
+
+
+def _doc(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    data.pop("provenance")
+    return data
+
+
+def _same_files(a: Path, b: Path) -> None:
+    assert _doc(a) == _doc(b)
+    assert a.with_suffix(".csv").read_bytes() == b.with_suffix(".csv").read_bytes()
+
+
+CASES = {
+    "scan": ["scan"],
+    "knockout": ["knockout", "--scan-layers"],
+}
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_ray_run_equals_local_run(kind, cluster, corpus, tmp_path):
+    common = [*CASES[kind], "--corpus", str(corpus.path), "--resamples", "300", "--table-format", "csv", "-b", "2"]
+    assert cli_exit_code([*common, "-o", str(tmp_path / "local.json")]) == 0
+    assert cli_exit_code([*common, "--ray", "--workers", "2", "-o", str(tmp_path / "ray.json")]) == 0
+    _same_files(tmp_path / "local.json", tmp_path / "ray.json")
+    prov = json.loads((tmp_path / "ray.json").read_text())["provenance"]
+    assert prov["cluster"]["workers"] == 2 and prov["cluster"]["address"] == cluster
+    assert "cluster" not in json.loads((tmp_path / "local.json").read_text())["provenance"]
+    if kind == "scan":  # the attention rows of the token view too
+        assert (tmp_path / "local-rows.npz").read_bytes() == (tmp_path / "ray-rows.npz").read_bytes()
+
+
+def test_sae_attention_on_ray_equals_local(cluster, tmp_path):
+    from plipy import sae as saes
+
+    sae = saes.random_sae(576, 32, hook_name="blocks.4.hook_resid_post", seed=9)
+    saes.save_saelens(sae, tmp_path / "sae", model_name="smollm2-135m")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [("The player Lionel Messi has played for", "Lionel Messi", "player", "known"),
+            ("The city Paris is located in", "Paris", "city", "known"),
+            ("The player Zorvak Plinth has played for", "Zorvak Plinth", "player", "unknown"),
+            ("The city Velmorath is located in", "Velmorath", "city", "unknown"),
+            ("The movie Titanic is directed by", "Titanic", "movie", "known")]  # fmt: skip
+    prompts.write_text("".join(json.dumps({"prompt": p, "entity": e, "entity_type": t, "label": lab}) + "\n"
+                               for p, e, t, lab in rows))
+    common = ["sae", "attention", "--sae", str(tmp_path / "sae"), "--latent", "3", "--prompts", str(prompts),
+              "--random", "2", "--batch-size", "2", "--table-format", "csv"]
+    assert cli_exit_code([*common, "-o", str(tmp_path / "local.json")]) == 0
+    assert cli_exit_code([*common, "--ray", "--workers", "2", "-o", str(tmp_path / "ray.json")]) == 0
+    _same_files(tmp_path / "local.json", tmp_path / "ray.json")
+    assert json.loads((tmp_path / "ray.json").read_text())["provenance"]["cluster"]["workers"] == 2
+
+
+def test_a_killed_worker_is_replaced_and_nothing_counts_twice(cluster, corpus, tmp_path):
+    """`ray.kill` of a busy actor after the first unit arrives: Ray restarts it, its queued batches are retried,
+    and the driver stores each unit once, so the result is the local one."""
+    import plipy
+
+    killed: list[int] = []
+
+    def progress(desc: str, total: int):
+        def step() -> None:
+            if killed:
+                return
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("plipy-")]  # fmt: skip
+            actor = ray.get_actor(sorted(names)[-1], namespace="plipy")
+            killed.append(ray.get(actor.pid.remote()))
+            ray.kill(actor, no_restart=False)  # the process dies; Ray starts another
+
+        return step
+
+    kw = {"scan_layers": True, "resamples": 300, "batch_size": 1, "resume": False}
+    got = plipy.knockout("smollm2-135m", corpus.path, ray=True, workers=2, progress=progress, **kw)
+    assert killed  # the kill happened while batches were still queued (10 batches, 2 in flight per actor)
+    ref = plipy.knockout("smollm2-135m", corpus.path, **kw)
+    a, b = got.to_dict(), ref.to_dict()
+    a.pop("provenance"), b.pop("provenance")
+    assert a == b
+    assert sum(len(r["samples"]) for r in got["runs"]) == len(got["runs"]) * len(got["samples"])
+
+
+def _units(runs: Path) -> int:
+    return sum(1 for _ in runs.glob("*/unit-*.json"))
+
+
+def test_a_killed_driver_resumes_on_the_cluster(cluster, corpus, tmp_path):
+    """SIGKILL of the driver once 2 units are checkpointed; the same command resumes (its actors died with it)."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PLIPY_RUNS": str(runs), "OMP_NUM_THREADS": "1"}  # the reference's thread count
+    out = tmp_path / "ray.json"
+    cmd = [sys.executable, "-m", "plipy", "knockout", "--scan-layers", "--corpus", str(corpus.path), "--resamples",
+           "300", "--table-format", "csv", "-b", "1", "--ray", cluster, "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while _units(runs) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not out.exists() and 2 <= _units(runs) < 10
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed)" in done.stderr
+    assert cli_exit_code(["knockout", "--scan-layers", "--corpus", str(corpus.path), "--resamples", "300",
+                          "--table-format", "csv", "-b", "1", "-o", str(tmp_path / "local.json")]) == 0
+    _same_files(out, tmp_path / "local.json")
+
+
+def test_bad_ray_options_fail_before_the_model_loads(tmp_path, capsys):
+    assert cli_exit_code(["scan", "--workers", "2"]) == 2
+    assert "error: --workers: needs ray" in capsys.readouterr().err
+    assert cli_exit_code(["knockout", "--ray", "--workers", "0"]) == 2
+    assert "error: --workers: must be an integer ≥ 1, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder."""
+    import transformers as tf
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    cfg = tf.LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and p.ndim >= 2:
+                p.normal_(0, 0.15)  # non-trivial attention
+    model.save_pretrained(d)
+    smollm.tokenizer.save_pretrained(d)
+    return d
+
+
+def _values(doc: dict, group: str, layer: int) -> np.ndarray:
+    return np.array([s["attention"][layer] for s in doc["samples"] if s["group"] == group and "attention" in s])
+
+
+def _hedges(a: np.ndarray, b: np.ndarray) -> float:
+    """Hedges' g with the exact small-sample factor J = Γ(df/2) / (√(df/2) Γ((df−1)/2)), in float64."""
+    na, nb = len(a), len(b)
+    df = na + nb - 2
+    sp = np.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / df)
+    j = np.exp(gammaln(df / 2) - gammaln((df - 1) / 2)) / np.sqrt(df / 2)
+    return float((a.mean() - b.mean()) / sp * j)
+
+
+def test_sweep_writes_each_result_and_the_comparison(tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = cli_exit_code(["sweep", "--models", f"smollm2-135m,{tiny_dir}", "-d", str(out), "scan", "--corpus",
+                          str(corpus.path), "--resamples", "300", "--table-format", "csv"])
+    assert code == 0
+    names = ["smollm2-135m", tiny_dir.name]
+    docs = [json.loads((out / f"scan-{n}.json").read_text()) for n in names]
+    sweep = json.loads((out / "sweep-scan.json").read_text())
+    assert sweep["provenance"]["kind"] == "sweep" and len(sweep["comparison"]) == 2
+    assert [m["file"] for m in sweep["models"]] == [str(out / f"scan-{n}.json") for n in names]
+    for doc, row, n_layers in zip(docs, sweep["comparison"], (30, 4), strict=True):
+        assert row["n_layers"] == n_layers == len(doc["layers_scanned"])
+        # the layer of the largest |Hedges' g|, recomputed from the per-sample values of the model's own result
+        ga, gb = doc["groups_compared"]
+        hedges = [_hedges(_values(doc, ga, i), _values(doc, gb, i)) for i in range(n_layers)]
+        best = int(np.argmax(np.abs(hedges)))
+        assert row["max_effect_layer"] == best
+        assert row["hedges_g"] == pytest.approx(hedges[best], rel=1e-9)
+        a, b = _values(doc, ga, best), _values(doc, gb, best)
+        assert row["mean_a"] == pytest.approx(a.mean(), rel=1e-12)
+        assert row["ratio"] == pytest.approx(a.mean() / b.mean(), rel=1e-12)
+        nulls = {g: np.mean([s["uniform_null"] for s in doc["samples"] if s["group"] == g]) for g in (ga, gb)}
+        assert row["null_ratio"] == pytest.approx(nulls[ga] / nulls[gb], rel=1e-12)
+    table = (out / "sweep-scan.csv").read_text().splitlines()
+    assert len(table) == 3 and table[0].startswith("model,")
+    assert "Sweep: scan over 2 models" in capsys.readouterr().out
+
+
+def test_sweep_refuses_per_model_options(tmp_path, capsys):
+    assert cli_exit_code(["sweep", "--models", "a,b", "scan", "-o", str(tmp_path / "x.json")]) == 2
+    assert "the sweep sets the model and output" in capsys.readouterr().err
+    assert cli_exit_code(["sweep", "--models", "a", "lens"]) == 2
+    assert "experiment" in capsys.readouterr().err
