@@ -55,15 +55,20 @@ def _same_files(a: Path, b: Path) -> None:
     assert a.with_suffix(".csv").read_bytes() == b.with_suffix(".csv").read_bytes()
 
 
+CORPUS, RESAMPLES = "{corpus}", ["--resamples", "300"]
 CASES = {
-    "scan": ["scan"],
-    "knockout": ["knockout", "--scan-layers"],
+    "scan": ["scan", CORPUS, *RESAMPLES],
+    "knockout": ["knockout", "--scan-layers", CORPUS, *RESAMPLES],
+    "steer calibrate": ["steer", "calibrate", CORPUS],
+    "steer dose": ["steer", "dose", "--groups", "rust_test,python_doctest", "--doses", "2,8", CORPUS],
+    "steer generate": ["steer", "generate", "--limit", "3", "--max-tokens", "5"],
 }
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_ray_run_equals_local_run(kind, cluster, corpus, tmp_path):
-    common = [*CASES[kind], "--corpus", str(corpus.path), "--resamples", "300", "--table-format", "csv", "-b", "2"]
+    args = [a for x in CASES[kind] for a in (["--corpus", str(corpus.path)] if x == CORPUS else [x])]
+    common = [*args, "--table-format", "csv", "-b", "2"]
     assert cli_exit_code([*common, "-o", str(tmp_path / "local.json")]) == 0
     assert cli_exit_code([*common, "--ray", "--workers", "2", "-o", str(tmp_path / "ray.json")]) == 0
     _same_files(tmp_path / "local.json", tmp_path / "ray.json")
@@ -93,6 +98,24 @@ def test_sae_attention_on_ray_equals_local(cluster, tmp_path):
     assert cli_exit_code([*common, "--ray", "--workers", "2", "-o", str(tmp_path / "ray.json")]) == 0
     _same_files(tmp_path / "local.json", tmp_path / "ray.json")
     assert json.loads((tmp_path / "ray.json").read_text())["provenance"]["cluster"]["workers"] == 2
+
+
+def test_entity_labels_on_ray_equal_local(cluster, smollm, tmp_path):
+    from plipy.entities.label import label_entities
+
+    kw = {"types": ["city"], "limit": 2, "k": 2, "max_new_tokens": 6, "batch_size": 3, "use_cache": False}
+    local = label_entities(smollm, **kw)
+    on_ray = label_entities(smollm, **kw, cluster=plipy_cluster(workers=2))
+    assert on_ray["provenance"]["cluster"]["workers"] == 2
+    for doc in (local, on_ray):
+        doc.pop("provenance"), doc["cache"].pop("generation_seconds")
+    assert on_ray == local and local["cache"]["generated_queries"] == 8
+
+
+def plipy_cluster(**kw):
+    from plipy.cluster import Cluster
+
+    return Cluster(**kw)
 
 
 def test_a_killed_worker_is_replaced_and_nothing_counts_twice(cluster, corpus, tmp_path):

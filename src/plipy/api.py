@@ -77,7 +77,7 @@ def check_cluster(ray: Any, workers: int | None) -> Any:
     return cluster
 
 
-def _load(device: str, device_map: Any, max_memory: Any) -> dict[str, Any]:
+def ray_load(device: str, device_map: Any, max_memory: Any) -> dict[str, Any]:
     """How Ray workers load the model: the caller's device choice and memory map (dtype: the driver's)."""
     return {"device": device, "device_map": opt.parse_device_map(device_map),
             "max_memory": opt.parse_max_memory(max_memory)}
@@ -110,7 +110,7 @@ def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, 
                         heads=opt.parse_heads(heads, lm.n_heads), bos=bos, seed=seed, n_resamples=resamples,
                         extra={"offsets": offsets}, resume=resume, fresh=fresh, batch_size=batch_size)  # fmt: skip
     return sc.run_scan(lm, corp, cfg, progress=progress, cluster=cluster,
-                       load=_load(device, device_map, max_memory))
+                       load=ray_load(device, device_map, max_memory))
 
 
 # ---------------------------------------------------------------------------------------------- knockout
@@ -165,7 +165,7 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
                             path=path, max_batch=condition_batch, extra={"offsets": offsets}, resume=resume,
                             fresh=fresh, batch_size=batch_size)  # fmt: skip
     return ko.run_knockout(lm, corp, cfg, progress=progress, runner=the_runner, cluster=cluster,
-                           load=_load(device, device_map, max_memory))
+                           load=ray_load(device, device_map, max_memory))
 
 
 # ---------------------------------------------------------------------------------------------- logit lens
@@ -326,7 +326,7 @@ def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int
     )  # fmt: skip
     ck = None if checkpoint_dir is None else Path(checkpoint_dir)
     return sa.run_attention(lm, the_sae, items, cfg, checkpoint_dir=ck, progress=progress, cluster=cluster,
-                            load=_load(device, device_map, max_memory))
+                            load=ray_load(device, device_map, max_memory))
 
 
 # ---------------------------------------------------------------------------------------------- entities and SAEs
@@ -335,9 +335,10 @@ def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int
 def label_entities(model: Any = DEFAULT_MODEL, *, types: Any = None, limit: int | None = None, k: int | None = None,
                    max_new_tokens: int | None = None, seed: int = 42, batch_size: int = 32, quick: bool = False,
                    cache_dir: str | Path | None = None, cache: bool = True, dtype: str = "auto",
-                   device: str = "auto", tokenizer: Any = None, progress: Progress | None = None) -> dict[str, Any]:
+                   device: str = "auto", tokenizer: Any = None, ray: Any = None, workers: int | None = None,
+                   progress: Progress | None = None) -> dict[str, Any]:
     """Ask the model each entity's attribute queries, grade the answers, label entities known/unknown
-    (`plipy entities label`); returns the labels document."""
+    (`plipy entities label`); returns the labels document. `ray`/`workers`: the query shards on Ray workers."""
     from plipy.entities.build import check_types
     from plipy.entities.label import PROFILES
     from plipy.entities.label import label_entities as run
@@ -345,11 +346,13 @@ def label_entities(model: Any = DEFAULT_MODEL, *, types: Any = None, limit: int 
     chosen = check_types(opt.parse_groups(types, param="types"))
     prof = PROFILES["quick" if quick else "pipeline"]
     lim = prof["limit"] if limit is None else (limit or None)
+    opt.check_positive(batch_size, param="batch_size")
+    cluster = check_cluster(ray, workers)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
     return run(lm, types=chosen, limit=lim, k=prof["k"] if k is None else k, seed=seed,
                max_new_tokens=prof["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
-               batch_size=opt.check_positive(batch_size, param="batch_size"), cache_dir=cache_dir, progress=progress,
-               use_cache=cache)  # fmt: skip
+               batch_size=batch_size, cache_dir=cache_dir, progress=progress, use_cache=cache, cluster=cluster,
+               load=ray_load(device, None, None))  # fmt: skip
 
 
 def train_sae(model: Any = DEFAULT_MODEL, *, layer: int = 9, out: str | Path | None = None,

@@ -153,8 +153,10 @@ class Units:
             k = todo[j]
             for i, (value, arrays) in zip(batches[k], out, strict=True):
                 if got[k][i] is None:  # stored once: a retried batch never counts twice
+                    # Ray hands arrays over read-only (zero-copy from its object store): own a copy
+                    arrays = {name: np.array(a) for name, a in (arrays or {}).items()}
                     self.put(i, value, arrays)
-                    got[k][i] = (value, arrays or {})
+                    got[k][i] = (value, arrays)
             ready[k] = True
 
     def finish(self) -> None:

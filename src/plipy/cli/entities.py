@@ -29,7 +29,7 @@ def build(
 
 
 @app.command("label")
-@c.shared("model", "dtype", "device")
+@c.shared("model", "dtype", "device", "ray", "workers")
 def label(
     types: str | None = typer.Option(None, "--types", help="Entity types, e.g. player,movie (default: all four)."),
     limit: int | None = typer.Option(None, "--limit", help="First N entities per type (default: the pipeline "
@@ -46,12 +46,14 @@ def label(
     o: SimpleNamespace = None,
 ) -> None:
     """Ask the model each entity's attribute queries (greedy + K samples), grade them, label known/unknown/dropped."""
+    from plipy.api import check_cluster, ray_load
     from plipy.entities.build import check_types
     from plipy.entities.label import PROFILES, label_entities
     from plipy.io import write_json
     from plipy.models import load_model
 
     chosen = check_types(types)  # fail on bad types before loading the model
+    cluster = check_cluster(o.ray, o.workers)
     prof = PROFILES["quick" if quick else "pipeline"]
     limit = prof["limit"] if limit is None else (limit or None)
     k = prof["k"] if k is None else k
@@ -60,7 +62,8 @@ def label(
     out = out or Path("results") / f"entities-labels-{lm.name}.json"
     with progress_bars() as start:
         doc = label_entities(lm, types=chosen, limit=limit, k=k, seed=seed, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, cache_dir=cache_dir, progress=start, use_cache=not no_cache)
+                             batch_size=batch_size, cache_dir=cache_dir, progress=start, use_cache=not no_cache,
+                             cluster=cluster, load=ray_load(o.device, None, None))  # fmt: skip
     write_json(out, doc)
     from plipy.report.entities import labels_summary
 

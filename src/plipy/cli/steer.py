@@ -17,7 +17,7 @@ HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A
 
 @app.command("calibrate")
 @c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "dtype", "device",
-          "fresh", "batch_size", "device_map", "max_memory")
+          "fresh", "batch_size", "device_map", "max_memory", "ray", "workers")
 def calibrate(
     layer: int | None = LAYER,
     groups: list[str] | None = c.groups_option("A,B — the scale brings B to A's level (python_doctest,rust_test)."),
@@ -35,7 +35,8 @@ def calibrate(
 
 @app.command("dose")
 @c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "runner",
-          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory")
+          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory", "ray",
+          "workers")
 def dose(
     groups: list[str] | None = c.groups_option("the groups to steer (rust_test)."),
     layer: int | None = LAYER,
@@ -61,7 +62,7 @@ def dose(
 
 @app.command("generate")
 @c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "fresh", "batch_size", "device_map",
-          "max_memory")
+          "max_memory", "ray", "workers")
 def generate(
     prompts: Path | None = typer.Option(None, "--prompts", help="Prompts JSON (default: bundled Rust prompts)."),
     layer: int | None = LAYER,

@@ -218,6 +218,37 @@ class RayPool:
                 pass
 
 
+@dataclass
+class Execution:
+    """Where an experiment's units run: `compute` here (pool None) or on `pool`; pass both to `Units.batched`."""
+
+    compute: Callable[[list[int]], list] | None
+    pool: RayPool | None
+
+    def describe(self) -> dict[str, Any] | None:
+        """The provenance `cluster` block (None for a local run)."""
+        return None if self.pool is None else self.pool.describe()
+
+
+def stamp(prov: dict[str, Any], where: dict[str, Any] | None) -> dict[str, Any]:
+    """`prov` with a `cluster` block when the units ran on Ray."""
+    if where is not None:
+        prov["cluster"] = where
+    return prov
+
+
+@contextmanager
+def executor(cluster: Cluster | None, lm: Any, load: dict[str, Any] | None, builder: str, args: tuple,
+             local: Callable[[], Callable[[list[int]], list]]) -> Iterator[Execution]:
+    """The local `compute` (built by `local()`) or, with a `cluster`, a pool whose workers build theirs with
+    `builder(worker_lm, *args)` after loading the driver's model spec (`load`: device and memory map)."""
+    if cluster is None:
+        yield Execution(local(), None)
+        return
+    with open_pool(cluster, lambda: Job(model_job_args(lm, load or {}), builder, args)) as pool:
+        yield Execution(None, pool)
+
+
 @contextmanager
 def open_pool(cluster: Cluster | None, job: Callable[[], Job]) -> Iterator[RayPool | None]:
     """A pool for `cluster` (None: a local run, no pool); `job` is called only when a pool is made."""

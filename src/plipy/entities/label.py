@@ -150,11 +150,14 @@ def label_entities(
     cache_dir: str | os.PathLike | None = None,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     use_cache: bool = True,
+    cluster: Any = None,
+    load: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate greedy + K samples per attribute query, grade them and label the entities; returns the labels
-    document and caches it (and every query's generations) under `cache_dir`, keyed by model weights + config."""
+    document and caches it (and every query's generations) under `cache_dir`, keyed by model weights + config.
+    With a `cluster` (`plipy.cluster.Cluster`) the shards (`batch_size` queries) run on Ray workers."""
     from plipy import provenance
-    from plipy.entities.generate import generate
+    from plipy.cluster import pool as cp
     from plipy.io import write_json
 
     chosen = check_types(types)
@@ -179,20 +182,24 @@ def label_entities(
     store = (_read_json(gen_path) or {}) if use_cache else {}
     gens: dict[str, Any] = store.get("generations", {}) if store.get("model") == mkey else {}
     t0 = time.time()
-    n_generated = 0
+    shards = _shards(chosen, ents, gens, batch_size)
+    n_generated = sum(map(len, shards))
+    step = progress("generate", n_generated) if progress and shards else (lambda: None)
+    gen_args = (k, seed, max_new_tokens, batch_size)
+    with cp.executor(cluster, lm, load, f"{__name__}:shard_units", (shards, *gen_args),
+                     lambda: _shard_compute(lm, shards, *gen_args, step)) as ex:  # fmt: skip
+        done = (ex.pool.map([[i] for i in range(len(shards))]) if ex.pool is not None
+                else ((i, ex.compute([i])) for i in range(len(shards))))  # fmt: skip
+        for i, out in done:
+            gens.update(zip(shards[i], out[0][0], strict=True))
+            if ex.pool is not None:
+                for _ in shards[i]:
+                    step()
+            if use_cache:  # a killed run keeps every finished shard
+                write_json(gen_path, {"model": mkey, "config": gen_cfg, "generations": gens})
+        where = ex.describe()
     records: list[dict[str, Any]] = []
     for t in chosen:
-        queries = [q for e in ents[t] for q in make_queries(e)]
-        todo = list(dict.fromkeys(q.prompt for q in queries if q.prompt not in gens))
-        if todo:
-            step = progress(f"{t}: generate", len(todo)) if progress else None
-            cb = (lambda n, s=step: [s() for _ in range(n)]) if step else None
-            out = generate(lm, todo, k=k, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=cb)  # fmt: skip
-            gens.update(zip(todo, out, strict=True))
-            n_generated += len(todo)
-            if use_cache:
-                write_json(gen_path, {"model": mkey, "config": gen_cfg, "generations": gens})
         for e in ents[t]:
             attrs = {}
             for q in make_queries(e):
@@ -209,7 +216,7 @@ def label_entities(
     summary, balanced = assign_labels(records, seed=42)
     doc = {
         "format": FORMAT,
-        "provenance": provenance.build(model=lm, config=config, seed=seed),
+        "provenance": cp.stamp(provenance.build(model=lm, config=config, seed=seed), where),
         "config": config,
         "summary": summary,
         "notes": _notes(summary, k, threshold),
@@ -221,6 +228,33 @@ def label_entities(
     if use_cache:
         write_json(doc_path, doc)
     return doc
+
+
+def _shards(chosen: Sequence[str], ents: dict[str, list], gens: dict[str, Any], batch_size: int) -> list[list[str]]:
+    """The queries still to generate, type by type, in `batch_size` shards: the batches a single run makes."""
+    seen = set(gens)
+    shards = []
+    for t in chosen:
+        todo = [q.prompt for e in ents[t] for q in make_queries(e)]
+        todo = [p for p in dict.fromkeys(todo) if p not in seen]
+        seen.update(todo)
+        shards += [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    return shards
+
+
+def _shard_compute(lm: Any, shards: list[list[str]], k: int, seed: int, max_new_tokens: int, batch_size: int,
+                   step: Callable[[], None] | None = None) -> Callable[[list[int]], list]:
+    from plipy.entities.generate import generate
+
+    cb = (lambda n: [step() for _ in range(n)]) if step else None
+    return lambda b: [(generate(lm, shards[b[0]], k=k, seed=seed, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, progress=cb), None)]  # fmt: skip
+
+
+def shard_units(lm: Any, shards: list[list[str]], k: int, seed: int, max_new_tokens: int, batch_size: int
+                ) -> Callable[[list[int]], list]:
+    """A Ray worker's `compute([shard])` (`plipy.cluster`): the local path's own generation on its model."""
+    return _shard_compute(lm, shards, k, seed, max_new_tokens, batch_size)
 
 
 def _notes(summary: dict[str, Any], k: int, threshold: int) -> list[str]:

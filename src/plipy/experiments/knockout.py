@@ -334,13 +334,12 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
             step()
 
     ok = [i for i, rec in enumerate(samples) if rec["status"] == "ok"]
-    job = lambda: cp.Job(cp.model_job_args(lm, load or {}), f"{__name__}:unit_compute", (corpus, config))  # noqa: E731
-    with cp.open_pool(cluster, job) as pool:
-        compute = _compute(lm, runner, samples, positions, config, heads) if pool is None else None
-        for i, got in units.batched(_batches(ok, positions, batch_size), compute, pool):
+    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config),
+                     lambda: _compute(lm, runner, samples, positions, config, heads)) as ex:  # fmt: skip
+        for i, got in units.batched(_batches(ok, positions, batch_size), ex.compute, ex.pool):
             rows_of[i] = got[0]
             step()
-        where = pool.describe() if pool is not None else None
+        where = ex.describe()
     for i in range(len(samples)):
         for run, row in zip(runs, rows_of[i], strict=True):
             run["samples"].append(row)

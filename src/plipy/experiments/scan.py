@@ -200,15 +200,14 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     for _ in range(len(positions) - len(measurable)):
         step()
     batches = plan_batches([positions[i].seq_len for i in measurable], settings["batch_size"])
-    job = lambda: cp.Job(cp.model_job_args(lm, load or {}), f"{__name__}:unit_compute", (corpus, config))  # noqa: E731
-    with cp.open_pool(cluster, job) as pool:
-        compute = _compute(lm, plan) if pool is None else None
-        for i, got in units.batched([[measurable[j] for j in b] for b in batches], compute, pool):
+    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config),
+                     lambda: _compute(lm, plan)) as ex:  # fmt: skip
+        for i, got in units.batched([[measurable[j] for j in b] for b in batches], ex.compute, ex.pool):
             samples[i].update(got[0])
             rows_by_id[positions[i].sample.id] = got[1]["rows"]
             ids_by_id[positions[i].sample.id] = list(positions[i].input_ids)  # decoded only for the token plot
             step()
-        where = pool.describe() if pool is not None else None
+        where = ex.describe()
     result = {
         "provenance": provenance.build(model=lm, corpus=corpus, seed=config.seed, config=settings),
         "groups_compared": [ga, gb],

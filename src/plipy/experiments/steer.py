@@ -245,14 +245,37 @@ class CalibrateConfig:
     batch_size: int | None = None  # inputs per forward (None: plipy.engine.batch.default_batch_size)
 
 
-def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
-                  progress: Callable[[str, int], Callable[[], None]] | None = None) -> CalibrateResult:
-    """Baseline attention at one layer per sample and group, the ratio, and the scale that brings B to A."""
+def _calibrate_plan(lm: Any, corpus: Corpus, config: CalibrateConfig) -> tuple[int, list[SteerSample]]:
     layer = _layer(config.layer, lm.n_layers)
     if len(config.groups) != 2:
         raise PlipyError(f"calibration needs two groups (A B), got {len(config.groups)}")
+    return layer, prepare(lm, corpus, list(config.groups), config.bos, config.skip_invalid)
+
+
+def _calibrate_compute(lm: Any, layer: int, samples: list[SteerSample]) -> Callable[[list[int]], list]:
+    engine = Engine(lm.model)
+
+    def compute(batch: list[int]) -> list[tuple[None, dict[str, np.ndarray]]]:
+        got = marker_rows(lm, engine, [samples[i].positions for i in batch], [layer])
+        return [(None, {"row": r[0].numpy()}) for r in got]
+
+    return compute
+
+
+def calibrate_units(lm: Any, corpus: Corpus, config: CalibrateConfig) -> Callable[[list[int]], list]:
+    """A Ray worker's `compute(batch)` (`plipy.cluster`): the local path's own code on the worker's model."""
+    return _calibrate_compute(lm, *_calibrate_plan(lm, corpus, config))
+
+
+def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
+                  progress: Callable[[str, int], Callable[[], None]] | None = None, cluster: Any = None,
+                  load: dict[str, Any] | None = None) -> CalibrateResult:
+    """Baseline attention at one layer per sample and group, the ratio, and the scale that brings B to A. With a
+    `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load` options."""
+    from plipy.cluster import pool as cp
+
+    layer, samples = _calibrate_plan(lm, corpus, config)
     ga, gb = config.groups
-    samples = prepare(lm, corpus, [ga, gb], config.bos, config.skip_invalid)
     settings = {
         "command": "steer calibrate", "layer": layer, "groups": [ga, gb], "bos": config.bos,
         "skip_invalid": config.skip_invalid,
@@ -260,7 +283,6 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
         "scale_rule": "the α whose steered mean of group B equals group A's mean (exact on B's baseline rows)",
         "batch_size": config.batch_size or default_batch_size(lm.device), **config.extra}
     units = checkpoint.open_run("calibrate", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
-    engine = Engine(lm.model)
     step = progress(units.label("calibrating"), len(samples)) if progress else (lambda: None)
     recs: list[dict[str, Any]] = [{"id": s.id, "group": s.group, "status": s.status} for s in samples]
     rows: dict[str, torch.Tensor] = {}
@@ -269,18 +291,17 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
             rec["note"] = s.note
             step()
 
-    def compute(batch: list[int]) -> list[tuple[None, dict[str, np.ndarray]]]:
-        got = marker_rows(lm, engine, [samples[i].positions for i in batch], [layer])
-        return [(None, {"row": r[0].numpy()}) for r in got]
-
     ok = [i for i, s in enumerate(samples) if s.status == "ok"]
-    for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), compute):
-        s, m = samples[i], samples[i].positions.marker_token
-        row = torch.from_numpy(got[1]["row"])
-        rows[s.id] = row
-        recs[i].update(marker_token=m, targets=s.targets, attention=attention_metric(row, s.targets),
-                       uniform_null=1.0 / (m + 1))
-        step()
+    with cp.executor(cluster, lm, load, f"{__name__}:calibrate_units", (corpus, config),
+                     lambda: _calibrate_compute(lm, layer, samples)) as ex:  # fmt: skip
+        for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.pool):
+            s, m = samples[i], samples[i].positions.marker_token
+            row = torch.from_numpy(got[1]["row"])
+            rows[s.id] = row
+            recs[i].update(marker_token=m, targets=s.targets, attention=attention_metric(row, s.targets),
+                           uniform_null=1.0 / (m + 1))
+            step()
+        where = ex.describe()
     ok = {g: [r for r in recs if r["group"] == g and r["status"] == "ok"] for g in (ga, gb)}
     for g in (ga, gb):
         if not ok[g]:
@@ -299,7 +320,7 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
             r["scale_note"] = why
     units.finish()
     return CalibrateResult({
-        "provenance": provenance.build(model=lm, corpus=corpus, config=settings),
+        "provenance": cp.stamp(provenance.build(model=lm, corpus=corpus, config=settings), where),
         "layer": layer,
         "groups_compared": [ga, gb],
         "samples": recs,
@@ -405,10 +426,35 @@ def _dose_sample(lm: Any, runner: ConditionRunner, s: SteerSample, base: Baselin
     return rec, rows, trow
 
 
+def _dose_compute(lm: Any, runner: ConditionRunner, samples: list[SteerSample], config: DoseConfig
+                  ) -> Callable[[list[int]], list]:
+    layers, heads, doses = _dose_checks(config, lm.n_layers, lm.n_heads)
+
+    def compute(batch: list[int]) -> list[tuple[list[Any], None]]:
+        sps = [samples[i].positions for i in batch]
+        bases = runner.baselines([sp.input_ids for sp in sps], rows=[[sp.marker_token] for sp in sps], layers=layers,
+                                 pad_token=pad_id(lm.tokenizer))
+        return [(list(_dose_sample(lm, runner, samples[i], b, config, layers, heads, doses)), None)
+                for i, b in zip(batch, bases, strict=True)]
+
+    return compute
+
+
+def dose_units(lm: Any, corpus: Corpus, config: DoseConfig) -> Callable[[list[int]], list]:
+    """A Ray worker's `compute(batch)` (`plipy.cluster`): the local path's own code on the worker's model."""
+    samples = prepare(lm, corpus, list(config.groups), config.bos, config.skip_invalid)
+    runner = ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
+    return _dose_compute(lm, runner, samples, config)
+
+
 def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
              progress: Callable[[str, int], Callable[[], None]] | None = None,
-             runner: ConditionRunner | None = None) -> DoseResult:
-    """Every dose (and the target attention, if asked) on every steerable sample: KL and attention achieved."""
+             runner: ConditionRunner | None = None, cluster: Any = None,
+             load: dict[str, Any] | None = None) -> DoseResult:
+    """Every dose (and the target attention, if asked) on every steerable sample: KL and attention achieved.
+    With a `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load`."""
+    from plipy.cluster import pool as cp
+
     n_heads = lm.n_heads
     layers, heads, doses = _dose_checks(config, lm.n_layers, n_heads)
     v = config.target_attention
@@ -436,18 +482,14 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
         if s.status != "ok":
             step()
 
-    def compute(batch: list[int]) -> list[tuple[list[Any], None]]:
-        sps = [samples[i].positions for i in batch]
-        bases = runner.baselines([sp.input_ids for sp in sps], rows=[[sp.marker_token] for sp in sps], layers=layers,
-                                 pad_token=pad_id(lm.tokenizer))
-        return [(list(_dose_sample(lm, runner, samples[i], b, config, layers, heads, doses)), None)
-                for i, b in zip(batch, bases, strict=True)]
-
     ok = [i for i, s in enumerate(samples) if s.status == "ok"]
     done = {}
-    for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), compute):
-        done[i] = got
-        step()
+    with cp.executor(cluster, lm, load, f"{__name__}:dose_units", (corpus, config),
+                     lambda: _dose_compute(lm, runner, samples, config)) as ex:  # fmt: skip
+        for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.pool):
+            done[i] = got
+            step()
+        where = ex.describe()
     for i in ok:  # in sample order
         rec, rows, trow = done[i][0]
         sample_recs.append(rec)
@@ -462,7 +504,8 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
         target_run.update(_summary(target_run["samples"]))
         scales = [r["scale"] for r in target_run["samples"] if r["status"] == "ok"]
         target_run["mean_scale"] = float(np.mean(scales)) if scales else None
-    prov = provenance.build(model=lm, corpus=corpus, config={**settings, "runner": runner.describe()})
+    prov = cp.stamp(provenance.build(model=lm, corpus=corpus, config={**settings, "runner": runner.describe()}),
+                    where)  # fmt: skip
     # wall-clock time is provenance: it differs between two runs that give the same numbers
     prov["timing"] = {"seconds": elapsed, "path": runner.path, "samples": len(sample_recs), "doses": len(doses),
                       "resumed_samples": units.resumed}
@@ -692,9 +735,9 @@ def _generate_row(lm: Any, p: dict[str, Any], edge: tuple[int, int], b_ids: list
             "change": change[(b_has, s_has)]}
 
 
-def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig, *, source: str = "",
-                 progress: Callable[[str, int], Callable[[], None]] | None = None) -> GenerateResult:
-    """Baseline vs steered generation per prompt; detection of test markers; Fisher's exact test across prompts."""
+def _generate_plan(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig
+                   ) -> tuple[list[int], list[re.Pattern], list[tuple], list[dict[str, Any]]]:
+    """(layers, detection patterns, prepared (prompt, ids, edge), skipped): alike on the driver and on workers."""
     layers = sorted({_layer(x, lm.n_layers) for x in (config.layers or [None])})
     if config.max_tokens < 1:
         raise PlipyError(f"--max-tokens must be ≥ 1, got {config.max_tokens}")
@@ -705,7 +748,6 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
     except re.error as e:
         raise PlipyError(f"bad --detect regex {e.pattern!r}: {e}") from None
     prompts = prompts[: config.limit] if config.limit else prompts
-    engine = Engine(lm.model)
     prepared, skipped = [], []
     for p in prompts:
         ct = _chat_text(lm.tokenizer, p["prompt"]) if config.chat else None
@@ -723,6 +765,35 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
         prepared.append((p, ids, edge))
     if not prepared:
         raise PlipyError("no prompt to steer: " + "; ".join(s["note"] for s in skipped[:3]))
+    return layers, patterns, prepared, skipped
+
+
+def _generate_compute(lm: Any, layers: list[int], patterns: list[re.Pattern], prepared: list[tuple],
+                      config: GenerateConfig) -> Callable[[list[int]], list]:
+    engine = Engine(lm.model)
+
+    def compute(batch: list[int]) -> list[tuple[dict[str, Any], None]]:
+        pairs = generate_pairs(lm, engine, [(prepared[i][1], prepared[i][2]) for i in batch], layers, config)
+        return [(_generate_row(lm, prepared[i][0], prepared[i][2], b, s, patterns), None)
+                for i, (b, s) in zip(batch, pairs, strict=True)]
+
+    return compute
+
+
+def generate_units(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig) -> Callable[[list[int]], list]:
+    """A Ray worker's `compute(batch)` (`plipy.cluster`): the local path's own code on the worker's model."""
+    layers, patterns, prepared, _ = _generate_plan(lm, prompts, config)
+    return _generate_compute(lm, layers, patterns, prepared, config)
+
+
+def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig, *, source: str = "",
+                 progress: Callable[[str, int], Callable[[], None]] | None = None, cluster: Any = None,
+                 load: dict[str, Any] | None = None) -> GenerateResult:
+    """Baseline vs steered generation per prompt; detection of test markers; Fisher's exact test across prompts.
+    With a `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load`."""
+    from plipy.cluster import pool as cp
+
+    layers, patterns, prepared, skipped = _generate_plan(lm, prompts, config)
     settings = {
         "command": "steer generate", "prompts": source, "layers": layers, "scale": config.scale,
         "heads": config.heads, "max_tokens": config.max_tokens, "temperature": config.temperature,
@@ -736,16 +807,14 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
     step = progress(units.label("generating"), len(prepared)) if progress else (lambda: None)
     t0 = time.perf_counter()
 
-    def compute(batch: list[int]) -> list[tuple[dict[str, Any], None]]:
-        pairs = generate_pairs(lm, engine, [(prepared[i][1], prepared[i][2]) for i in batch], layers, config)
-        return [(_generate_row(lm, prepared[i][0], prepared[i][2], b, s, patterns), None)
-                for i, (b, s) in zip(batch, pairs, strict=True)]
-
     batches = plan_batches([len(ids) for _, ids, _ in prepared], settings["batch_size"])
     done = {}
-    for i, got in units.batched(batches, compute):
-        done[i] = got[0]
-        step()
+    with cp.executor(cluster, lm, load, f"{__name__}:generate_units", (prompts, config),
+                     lambda: _generate_compute(lm, layers, patterns, prepared, config)) as ex:  # fmt: skip
+        for i, got in units.batched(batches, ex.compute, ex.pool):
+            done[i] = got[0]
+            step()
+        where = ex.describe()
     rows = [done[i] for i in range(len(prepared))]  # prompt order, whatever the batches
     n = len(rows)
     by = sum(r["baseline_has_test"] for r in rows)
@@ -757,7 +826,7 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
         c["total"] += 1
         c["baseline_preserved"] += r["baseline_has_test"]
         c["steered_preserved"] += r["steered_has_test"]
-    prov = provenance.build(model=lm, seed=config.seed, config=settings)
+    prov = cp.stamp(provenance.build(model=lm, seed=config.seed, config=settings), where)
     prov["timing"] = {"seconds": time.perf_counter() - t0, "resumed_prompts": units.resumed}
     units.finish()
     return GenerateResult({

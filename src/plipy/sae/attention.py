@@ -307,14 +307,14 @@ def run_attention(
         return [(None, _batch_arrays(lm, sae, run, config, toks[b[0] * bs : (b[0] + 1) * bs], step))]
 
     parts: list[dict[str, np.ndarray]] = []
-    job = lambda: cp.Job(cp.model_job_args(lm, load or {}), f"{__name__}:unit_compute",  # noqa: E731
-                         (sae, list(prompts), config))  # the SAE's weights are data, the model's never
-    with cp.open_pool(cluster, job) as pool:
-        for bi, (_, arrays) in ckpt.batched([[b] for b in range(n_batches)], compute, pool):
+    # the SAE's weights travel to the workers as data; the model's never do (each worker loads its spec)
+    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (sae, list(prompts), config),
+                     lambda: compute) as ex:  # fmt: skip
+        for bi, (_, arrays) in ckpt.batched([[b] for b in range(n_batches)], ex.compute, ex.pool):
             for _ in range(0 if bi in here else 1 + len(latents)):
                 step()
             parts.append(arrays)
-        where = pool.describe() if pool is not None else None
+        where = ex.describe()
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     out_arrays = {
         "original": {m: cat[f"original/{m}"] for m in config.measures},
