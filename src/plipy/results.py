@@ -479,8 +479,8 @@ class SweepResult(Result):
     rows_fn, summary_fn = "plipy.cluster.sweep:comparison_rows", "plipy.cluster.sweep:summary"
     figure_fns = {"ratios": "plipy.cluster.sweep:ratios_figure"}
 
-    def _describe(self) -> str:
-        return f"experiment={self._data['experiment']} models={[m['spec'] for m in self._data['models']]}"
+    def __repr__(self) -> str:
+        return f"<SweepResult experiment={self._data['experiment']} models={[m['spec'] for m in self._data['models']]}>"
 
 
 KINDS: dict[str, type[Result]] = {c.kind: c for c in (ScanResult, KnockoutResult, CalibrateResult, DoseResult,

@@ -108,10 +108,19 @@ def ratios_figure(result: dict[str, Any]) -> Any:
     rows = result["comparison"]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
     xs = range(len(rows))
-    ax.bar([x - 0.18 for x in xs], [r["ratio"] or 0 for r in rows], 0.36, label="A/B at max effect", color="#3b6ea8")
-    ax.bar([x + 0.18 for x in xs], [r["null_ratio"] or 0 for r in rows], 0.36, label="null A/B", color="#bbbbbb")
+    ax.bar([x - 0.18 for x in xs], [r["ratio"] or float("nan") for r in rows], 0.36, label="A/B at max effect",
+           color="#3b6ea8")  # fmt: skip
+    ax.bar([x + 0.18 for x in xs], [r["null_ratio"] or float("nan") for r in rows], 0.36, label="null A/B",
+           color="#bbbbbb")  # fmt: skip
     ax.axhline(1.0, color="#444444", lw=0.8, ls=":")
-    ax.set_xticks(list(xs), [f"{r['model']}\n{r['max_effect_layer']}" for r in rows], fontsize=8)
+    for x, r in zip(xs, rows, strict=True):
+        if r["null_ratio"] is None:
+            ax.annotate("no null", (x + 0.18, 1.0), ha="center", va="bottom", fontsize=7, color="#777777")
+    vals = [v for r in rows for v in (r["ratio"], r["null_ratio"]) if v is not None and v > 0]
+    if vals and max(vals) / min(vals) > 20:
+        ax.set_yscale("log")  # ratios of KLs span decades
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_xticks(list(xs), [f"{r['model']}\nlayer {r['max_effect_layer']}" for r in rows], fontsize=8)
     ax.set_ylabel("ratio of group means")
     ax.set_title(f"{result['experiment']}: effect ratio vs null, per model", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
