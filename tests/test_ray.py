@@ -181,6 +181,22 @@ def test_bad_ray_options_fail_before_the_model_loads(tmp_path, capsys):
     assert "error: --workers: must be an integer ≥ 1, got 0" in capsys.readouterr().err
 
 
+def test_a_worker_that_cannot_load_the_model_is_one_error_line(cluster, smollm):
+    import plipy
+    from plipy.cluster.pool import Cluster, Job, RayPool
+    from plipy.errors import PlipyError
+    from plipy.models import wrap_model
+
+    with pytest.raises(PlipyError, match=r"^ray: a worker could not start: no such file or directory: /nonexistent"):
+        RayPool(Job({"spec": "/nonexistent/model"}, "plipy.experiments.scan:unit_compute"), Cluster(workers=1))
+    deadline = time.monotonic() + 30  # the failed pool's actors are gone (killed asynchronously)
+    while [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("plipy-")]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(PlipyError, match="workers load the model from its spec"):
+        plipy.scan(wrap_model(smollm.model, smollm.tokenizer), layers="0", ray=True, resume=False)
+
+
 # ---------------------------------------------------------------------------------------------- sweep
 
 

@@ -129,7 +129,7 @@ def connect(cluster: Cluster) -> Any:
         import logging
 
         try:
-            ray.init(address=cluster.address, include_dashboard=False, logging_level=logging.WARNING,
+            ray.init(address=cluster.address, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=False, namespace=NAMESPACE)  # fmt: skip
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = cluster.address or os.environ.get("RAY_ADDRESS") or "a local instance"
@@ -164,6 +164,11 @@ class RayPool:
                                      max_task_retries=-1, namespace=NAMESPACE).remote(job, self.threads)
                        for name in self.names]  # fmt: skip
         self.address = ray.get_runtime_context().gcs_address
+        try:  # every actor has its model: a spec a node cannot load fails here, as one line
+            self.pids = ray.get([a.pid.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as e:
+            self.close()
+            raise PlipyError(f"ray: a worker could not start: {_last_line(e)}") from None
 
     def describe(self) -> dict[str, Any]:
         """For provenance: where the units ran."""
@@ -197,7 +202,7 @@ class RayPool:
             except ray.exceptions.RayActorError as e:  # restarts exhausted or the node is gone
                 tries[k] += 1
                 if tries[k] > RESUBMITS:
-                    raise PlipyError(f"ray: batch {k} failed on {tries[k]} workers: {e}") from None
+                    raise PlipyError(f"ray: batch {k} failed on {tries[k]} workers: {_last_line(e)}") from None
                 todo.append(k)
                 submit()
                 continue
@@ -205,7 +210,7 @@ class RayPool:
                 cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
                 if isinstance(cause, PlipyError):
                     raise cause from None
-                raise PlipyError(f"ray: a worker failed: {str(e).splitlines()[0]}") from None
+                raise PlipyError(f"ray: a worker failed: {_last_line(e)}") from None
             submit()
             yield tag, out
 
@@ -247,6 +252,12 @@ def executor(cluster: Cluster | None, lm: Any, load: dict[str, Any] | None, buil
         return
     with open_pool(cluster, lambda: Job(model_job_args(lm, load or {}), builder, args)) as pool:
         yield Execution(None, pool)
+
+
+def _last_line(e: Exception) -> str:
+    """The cause of a Ray error in one line: the last line of the remote traceback it carries."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[-1].removeprefix("plipy.errors.PlipyError: ") if lines else type(e).__name__
 
 
 @contextmanager
