@@ -75,6 +75,7 @@ def test_ray_run_equals_local_run(kind, cluster, corpus, tmp_path):
     prov = json.loads((tmp_path / "ray.json").read_text())["provenance"]
     assert prov["cluster"]["workers"] == 2 and prov["cluster"]["address"] == cluster
     assert "cluster" not in json.loads((tmp_path / "local.json").read_text())["provenance"]
+    assert prov["model"]["loaded_from"].startswith("none: meta device")  # the driver held no weights
     if kind == "scan":  # the attention rows of the token view too
         assert (tmp_path / "local-rows.npz").read_bytes() == (tmp_path / "ray-rows.npz").read_bytes()
 
@@ -172,6 +173,20 @@ def test_a_killed_driver_resumes_on_the_cluster(cluster, corpus, tmp_path):
     assert cli_exit_code(["knockout", "--scan-layers", "--corpus", str(corpus.path), "--resamples", "300",
                           "--table-format", "csv", "-b", "1", "-o", str(tmp_path / "local.json")]) == 0
     _same_files(out, tmp_path / "local.json")
+
+
+def test_a_ray_driver_holds_no_weights_and_its_runs_resume_locally(smollm):
+    """The driver's model is on the meta device (tokenizer, config and weight hashes only); its run identity is a
+    local run's, so units a Ray run left resume without Ray and vice versa."""
+    from plipy.checkpoint import run_identity
+    from plipy.cluster.pool import Cluster, driver_model
+
+    lm = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=0))
+    assert next(lm.model.parameters()).device.type == "meta" and lm.device == torch.device("cpu")
+    assert (lm.n_layers, lm.n_heads, lm.max_positions) == (smollm.n_layers, smollm.n_heads, smollm.max_positions)
+    assert run_identity("scan", model=lm) == run_identity("scan", model=smollm)
+    gpu = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=8))
+    assert gpu.device == torch.device("cuda") and next(gpu.model.parameters()).dtype == torch.bfloat16
 
 
 def test_bad_ray_options_fail_before_the_model_loads(tmp_path, capsys):

@@ -28,13 +28,18 @@ KNOCKOUT_MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-windo
 
 
 def as_model(model: Any = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", tokenizer: Any = None,
-             device_map: Any = None, max_memory: Any = None) -> Any:
+             device_map: Any = None, max_memory: Any = None, cluster: Any = None) -> Any:
     """A `LoadedModel` from a spec, a `LoadedModel`, or a loaded HF causal LM (with its `tokenizer`).
-    `device_map`/`max_memory` spread a big model over devices (accelerate's strategies or a module → device dict)."""
+    `device_map`/`max_memory` spread a big model over devices (accelerate's strategies or a module → device dict).
+    With a Ray `cluster` a spec loads without weights: the workers compute (`plipy.cluster.pool.driver_model`)."""
     from plipy.models import LoadedModel, load_model, wrap_model
 
     if isinstance(model, LoadedModel):
         return model
+    if cluster is not None and isinstance(model, (str, Path)):
+        from plipy.cluster.pool import driver_model
+
+        return driver_model(str(model), dtype, device, cluster)
     if isinstance(model, (str, Path)):
         return load_model(str(model), dtype=dtype, device=device, device_map=opt.parse_device_map(device_map),
                           max_memory=opt.parse_max_memory(max_memory))
@@ -72,9 +77,7 @@ def check_cluster(ray: Any, workers: int | None) -> Any:
     from plipy.cluster import pool
 
     cluster = pool.as_cluster(ray, workers)
-    if cluster is not None:
-        pool.ray_module()
-    return cluster
+    return None if cluster is None else pool.check(cluster)
 
 
 def ray_load(device: str, device_map: Any, max_memory: Any) -> dict[str, Any]:
@@ -105,7 +108,7 @@ def scan(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, 
     group_list = opt.parse_groups(groups)
     sc.choose_groups(corp, group_list)  # bad groups fail before the model loads
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory)
+                  max_memory=max_memory, cluster=cluster)
     cfg = sc.ScanConfig(groups=group_list, layers=opt.parse_layers(layers, lm.n_layers),
                         heads=opt.parse_heads(heads, lm.n_heads), bos=bos, seed=seed, n_resamples=resamples,
                         extra={"offsets": offsets}, resume=resume, fresh=fresh, batch_size=batch_size)  # fmt: skip
@@ -155,7 +158,7 @@ def knockout(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | Non
     group_list = opt.parse_groups(groups)
     sc.choose_groups(corp, group_list)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory)
+                  max_memory=max_memory, cluster=cluster)
     the_runner, path = _runner(runner, condition_batch)
     conditions = ko.build_conditions(mode, lm.n_layers, layer=layer, layers=layers, center=center,
                                      max_radius=max_radius, window=slide_window)  # fmt: skip
@@ -314,7 +317,7 @@ def sae_attention(model: Any, sae: Any, latent: int, prompts: Any, *, layer: int
     opt.check_positive(random, param="random", minimum=0)
     measure_list = tuple(opt.parse_groups(measures, param="measures") or sa.MEASURES)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory)
+                  max_memory=max_memory, cluster=cluster)
     sa.check_model(the_sae, lm.hidden_size, lm.n_layers)
     steer_at = sa.resolve_layer(the_sae, layer, lm.n_layers)
     cfg = sa.AttentionConfig(
@@ -348,7 +351,7 @@ def label_entities(model: Any = DEFAULT_MODEL, *, types: Any = None, limit: int 
     lim = prof["limit"] if limit is None else (limit or None)
     opt.check_positive(batch_size, param="batch_size")
     cluster = check_cluster(ray, workers)
-    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, cluster=cluster)
     return run(lm, types=chosen, limit=lim, k=prof["k"] if k is None else k, seed=seed,
                max_new_tokens=prof["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
                batch_size=batch_size, cache_dir=cache_dir, progress=progress, use_cache=cache, cluster=cluster,

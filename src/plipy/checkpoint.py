@@ -48,8 +48,9 @@ def run_identity(kind: str, *, model: Any = None, corpus: Any = None, config: di
     ident: dict[str, Any] = {"kind": kind, "plipy": __version__, "libraries": provenance.library_versions(),
                              "config": config or {}, **more}  # fmt: skip
     if model is not None:
-        # not the file paths: the same weights found via PLIPY_MODELS or the cache are the same model
-        ident["model"] = {k: v for k, v in model.provenance.items() if k != "resolved_files"}
+        # not the file paths, nor how the weights were read: the same weights found via PLIPY_MODELS or the cache,
+        # dequantized now or earlier, or held only by Ray workers (a driver's meta model) are the same model
+        ident["model"] = {k: v for k, v in model.provenance.items() if k not in ("resolved_files", "loaded_from")}
     if corpus is not None:
         ident["corpus"] = {"sha256": corpus.sha256, "format_version": corpus.format_version}
     return ident

@@ -522,6 +522,9 @@ class LoadedModel:
     spec: str
     name: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    # a model on the meta device (`load_model(weights=False)`: a Ray driver) computes nowhere; this is the device
+    # its workers load it on, which sizes default batches
+    home: torch.device | None = None
 
     @property
     def config(self) -> Any:
@@ -572,7 +575,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.home if self.home is not None else next(self.model.parameters()).device
 
 
 def _load_gguf(src: _Source, tok: Any, dt: torch.dtype, kw: dict[str, Any]) -> tuple[Any, str, list[str]]:
@@ -629,8 +632,12 @@ def load_model(
     allow_pickle: bool | None = None,
     max_memory: dict[Any, str] | None = None,
     offload_folder: str | Path | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load `spec` (alias, local HF dir, .gguf file or hub id) in eval mode with gradients off.
+
+    `weights=False` (a Ray driver, whose workers compute) gives the tokenizer, config, provenance and weight hashes
+    with the model on the meta device, where the spec allows it (a local dir, or a GGUF with its dequantized copy).
 
     With `device_map` (big models: "auto", "balanced", "sequential" or a module → device dict, with `max_memory`
     per device and `offload_folder` for "disk") it is passed to from_pretrained and the model is not moved.
@@ -663,7 +670,13 @@ def load_model(
         tok = _tokenizer_from(src)
         prov = _base_provenance(src, tok)
         try:
-            if src.is_gguf:
+            model = None if weights else _meta_model(src, config, dt)
+            if model is not None:
+                loaded_from = "none: meta device (the weights load where the units run)"
+                if not src.is_gguf:
+                    prov["resolved_files"] = [str(p) for p in _weight_files(src.path)]
+                    prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in _weight_files(src.path)}
+            elif src.is_gguf:
                 model, loaded_from, files = _load_gguf(src, tok, dt, kw)
                 prov["resolved_files"] += files
             else:
@@ -679,7 +692,8 @@ def load_model(
                 prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in weights}
         except (OSError, ValueError) as e:
             raise PlipyError(f"could not load {spec}: {e}") from e
-    if device_map is None:
+    meta = next(model.parameters()).device.type == "meta"
+    if device_map is None and not meta:
         model = model.to(device=dev, dtype=dt)
     model.eval()
     model.requires_grad_(False)
@@ -692,7 +706,21 @@ def load_model(
     )
     if device_map is not None:  # where accelerate put each module ("disk": loaded from the offload folder per call)
         prov["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
-    return LoadedModel(model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov)
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov,
+                       home=dev if meta else None)
+
+
+def _meta_model(src: _Source, config: Any, dt: torch.dtype) -> Any:
+    """The model's modules on the meta device (no weights read), or None where the config needs the weights
+    (a hub id, a GGUF not yet dequantized)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if src.source == "hub" or (src.is_gguf and src.dequant is None):
+        return None
+    if src.is_gguf:
+        config = AutoConfig.from_pretrained(src.dequant)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dt)
 
 
 def wrap_model(model: Any, tokenizer: Any, spec: str | None = None) -> LoadedModel:

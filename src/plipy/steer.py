@@ -46,7 +46,7 @@ def calibrate(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | No
     opt.check_batch_size(batch_size)
     cluster = check_cluster(ray, workers)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory)
+                  max_memory=max_memory, cluster=cluster)
     if layer is not None:
         opt.parse_layers(int(layer), lm.n_layers, param="layer")
     cfg = st.CalibrateConfig(layer=layer, groups=group_list, bos=bos, skip_invalid=skip_invalid,
@@ -73,7 +73,7 @@ def dose(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, 
     opt.check_batch_size(batch_size)
     cluster = check_cluster(ray, workers)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory)
+                  max_memory=max_memory, cluster=cluster)
     the_runner, path = _runner(runner, condition_batch)
     cfg = st.DoseConfig(groups=group_list, layers=_layer_list(lm.n_layers, layer, layers), doses=dose_list,
                         heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
@@ -101,7 +101,7 @@ def generate(model: Any = DEFAULT_MODEL, prompts: str | Path | None = None, *, l
     opt.check_batch_size(batch_size)
     cluster = check_cluster(ray, workers)
     lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory)
+                  max_memory=max_memory, cluster=cluster)
     detects = tuple([detect] if isinstance(detect, str) else detect) if detect else st.DEFAULT_DETECT
     cfg = st.GenerateConfig(layers=_layer_list(lm.n_layers, layer, layers), scale=scale, max_tokens=max_tokens,
                             temperature=temperature, seed=seed, chat=chat, detect=detects, query_text=query_text,

@@ -58,7 +58,12 @@ def label(
     limit = prof["limit"] if limit is None else (limit or None)
     k = prof["k"] if k is None else k
     max_new_tokens = prof["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-    lm = load_model(o.model, dtype=o.dtype, device=o.device)
+    if cluster is not None:
+        from plipy.cluster.pool import driver_model
+
+        lm = driver_model(o.model, o.dtype, o.device, cluster)  # the workers hold the weights
+    else:
+        lm = load_model(o.model, dtype=o.dtype, device=o.device)
     out = out or Path("results") / f"entities-labels-{lm.name}.json"
     with progress_bars() as start:
         doc = label_entities(lm, types=chosen, limit=limit, k=k, seed=seed, max_new_tokens=max_new_tokens,

@@ -86,8 +86,8 @@ def attention(
     _describe_sae(the_sae)
     if coefficient == "mean" and latent_file is None:
         raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
-    api.check_cluster(o.ray, o.workers)  # before the model loads
-    lm = api.as_model(o.model, **c.model_options(o))
+    cluster = api.check_cluster(o.ray, o.workers)  # before the model loads
+    lm = api.as_model(o.model, **c.model_options(o), cluster=cluster)
     saes.check_model(the_sae, lm.hidden_size, lm.n_layers)
     steer_at = saes.resolve_layer(the_sae, layer, lm.n_layers)
     means = si.read_latent_means(latent_file, layer=steer_at) if latent_file else {}

@@ -34,6 +34,7 @@ class Cluster:
     # torch threads per worker; None: the driver's count. fp32 sums split over another number of threads round
     # differently, so only the driver's count gives the bits of a local run (on CPUs; GPUs do not care).
     threads: int | None = None
+    gpus: int = 0  # in the cluster, once connected (`check`): "auto" device and dtype follow the workers
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Job:
     builder: str  # "module:function" (lm, *args) -> compute
     args: tuple = ()
     env: dict[str, str] = field(default_factory=dict)  # PLIPY_* / HF_* settings of the driver
+    weights: Any = None  # the driver's weights_sha256: a worker that loads other weights refuses to start
 
 
 def as_cluster(ray: Any, workers: int | None = None) -> Cluster | None:
@@ -59,7 +61,7 @@ def as_cluster(ray: Any, workers: int | None = None) -> Cluster | None:
             raise ParameterError("workers", "needs ray (--ray): workers are Ray actors")
         return None
     if isinstance(ray, Cluster):
-        return ray if workers is None else Cluster(ray.address, workers, ray.threads)
+        return ray if workers is None else Cluster(ray.address, workers, ray.threads, ray.gpus)
     if ray is True or ray == "":
         return Cluster(None, workers)
     if isinstance(ray, str):
@@ -87,11 +89,37 @@ def _driver_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(keep)}
 
 
+def check(cluster: Cluster) -> Cluster:
+    """Connect now (a bad address fails before any model loads) and learn the cluster's GPUs."""
+    ray = connect(cluster)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return Cluster(cluster.address, cluster.workers, cluster.threads, gpus)
+
+
+def driver_model(spec: str, dtype: str, device: str, cluster: Cluster) -> Any:
+    """The driver's model under Ray: tokenizer, config and weight hashes, no weights (meta device) where the spec
+    allows; "auto" device and dtype are the workers' (CUDA and bf16 when the cluster has GPUs)."""
+    import torch
+
+    from plipy.models import load_model, resolve_dtype
+
+    home = torch.device(("cuda" if cluster.gpus else "cpu") if device == "auto" else device)
+    lm = load_model(spec, dtype=resolve_dtype(dtype, home), device="cpu", weights=False)
+    if lm.home is not None:
+        lm.home = home
+        lm.provenance["device"] = str(home)  # the workers' (provenance.cluster says where they ran)
+    return lm
+
+
 def build_compute(job: Job) -> Callable[[list[int]], list]:
     """On an actor: load the model and build the experiment's `compute(batch)` (the local path's own code)."""
     from plipy.models import load_model
 
     lm = load_model(**job.model)
+    got = lm.provenance.get("weights_sha256")
+    if job.weights is not None and got != job.weights:
+        raise PlipyError(f"{job.model['spec']}: this node's weights differ from the driver's (sha256 {got} vs "
+                         f"{job.weights})")
     module, name = job.builder.split(":")
     return getattr(importlib.import_module(module), name)(lm, *job.args)
 
@@ -250,7 +278,8 @@ def executor(cluster: Cluster | None, lm: Any, load: dict[str, Any] | None, buil
     if cluster is None:
         yield Execution(local(), None)
         return
-    with open_pool(cluster, lambda: Job(model_job_args(lm, load or {}), builder, args)) as pool:
+    weights = lm.provenance.get("weights_sha256")
+    with open_pool(cluster, lambda: Job(model_job_args(lm, load or {}), builder, args, weights=weights)) as pool:
         yield Execution(None, pool)
 
 
@@ -267,7 +296,7 @@ def open_pool(cluster: Cluster | None, job: Callable[[], Job]) -> Iterator[RayPo
         yield None
         return
     j = job()
-    pool = RayPool(Job(j.model, j.builder, j.args, {**_driver_env(), **j.env}), cluster)
+    pool = RayPool(Job(j.model, j.builder, j.args, {**_driver_env(), **j.env}, j.weights), cluster)
     try:
         yield pool
     finally:
