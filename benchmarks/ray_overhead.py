@@ -1,9 +1,11 @@
 """Ray overhead: `plipy knockout --scan-layers` locally vs on a local Ray instance with 1 and 2 workers.
 
 Workload: every sample of the bundled corpus's two PLIP groups, each of the model's layers alone (the issue's
-workload). Configurations alternate per round (local, ray ×1, ray ×2, then reversed) so load drift on a shared
-machine hits all alike; the Ray instance starts once, before the rounds (a cluster exists before a run), and each
-Ray run includes its own actor start and model load (that is part of what a run costs). Also: the round trip of
+workload), each run from the model spec like a command (the local run loads the model; a Ray driver loads none and
+its workers load it). Configurations alternate per round (then reversed) so load drift on a shared machine hits
+all alike; the Ray instance starts once, before the rounds (a cluster exists before a run), and each Ray run
+includes its own actor start and model load (part of what a run costs), except the "warm" one, which reuses the
+pool the run before it left (a sweep's or a notebook's next run on the same model). Also: the round trip of
 one unit through an actor (scheduling + a typical knockout unit's result) in ms, and a check that every Ray
 result equals the local one (provenance aside). Run by hand; paste the printed table into benchmarks/RESULTS.md.
 """
@@ -66,32 +68,45 @@ def main() -> None:
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              namespace="plipy")
     init_s = time.perf_counter() - t0
-    lm = plipy.load_model(args.model, dtype="float32", device="cpu")
-    kw = {"scan_layers": True, "resume": False, "resamples": 1000}
-    configs = {"local": {}, "ray, 1 worker": {"ray": True, "workers": 1}, "ray, 2 workers": {"ray": True, "workers": 2}}
+    from plipy.cluster import Cluster, shutdown
+
+    n_layers = plipy.load_model(args.model, dtype="float32", device="cpu", weights=False).n_layers
+    kw = {"scan_layers": True, "resume": False, "resamples": 1000, "dtype": "float32"}
+    # every configuration starts from the spec, as a command does: the model load is part of each run
+    configs = {"local": {}, "ray, 1 worker": {"ray": True, "workers": 1},
+               "ray, 1 worker, warm pool (the run after)": {"ray": True, "workers": 1},
+               "ray, 2 workers": {"ray": True, "workers": 2},
+               "ray, 2 workers × 1 thread, batches of 4": {"ray": Cluster(threads=1), "workers": 2, "batch_size": 4}}
+    blocks = [["local"], ["ray, 1 worker", "ray, 1 worker, warm pool (the run after)"], ["ray, 2 workers"],
+              ["ray, 2 workers × 1 thread, batches of 4"]]
     times: dict[str, list[float]] = {k: [] for k in configs}
     docs: dict[str, str] = {}
     for r in range(args.rounds):
-        for name in configs if r % 2 == 0 else reversed(list(configs)):
-            t = time.perf_counter()
-            res = plipy.knockout(args.model if configs[name] else lm, corpus, **kw, **configs[name])
-            times[name].append(time.perf_counter() - t)
-            d = res.to_dict()
-            d.pop("provenance")
-            docs.setdefault(name, json.dumps(d, sort_keys=True))
-            print(f"round {r}: {name}: {times[name][-1]:.1f} s", flush=True)
+        for block in blocks if r % 2 == 0 else blocks[::-1]:
+            shutdown()  # each block starts cold; "warm" reuses the pool of the run just before it
+            for name in block:
+                t = time.perf_counter()
+                res = plipy.knockout(args.model, corpus, **kw, **configs[name])
+                times[name].append(time.perf_counter() - t)
+                d = res.to_dict()
+                d.pop("provenance")
+                docs.setdefault(name, json.dumps(d, sort_keys=True))
+                print(f"round {r}: {name}: {times[name][-1]:.1f} s", flush=True)
+    shutdown()
     n_samples = sum(s["status"] == "ok" for s in json.loads(docs["local"])["samples"])
     unit = json.loads(docs["local"])["runs"]  # a unit's value: one row per condition of one sample
     payload = [run["samples"][0] for run in unit]
     rt = _unit_roundtrip_ms(ray, payload)
     base = statistics.median(times["local"])
     print(f"\n{platform.processor() or platform.machine()}, {cpus} CPUs, torch {torch.__version__}, "
-          f"ray {ray.__version__}; {args.model}, {n_samples} samples × {lm.n_layers} conditions, "
+          f"ray {ray.__version__}; {args.model}, {n_samples} samples × {n_layers} conditions, "
           f"{args.rounds} rounds (median); Ray instance start {init_s:.1f} s (not counted)\n")
     print("| configuration | median time | × local | result equals local |")
     print("|---|---|---|---|")
     for name, ts in times.items():
-        same = "—" if name == "local" else ("yes" if docs[name] == docs["local"] else "NO")
+        same = "yes" if docs[name] == docs["local"] else "no"
+        same = "—" if name == "local" else (same + " (other threads: fp32 sums round differently)"
+                                            if "1 thread" in name else same)
         print(f"| {name} | {statistics.median(ts):.1f} s | {statistics.median(ts) / base:.3f} | {same} |")
     print(f"\nper-unit round trip through an actor (schedule + return a {len(payload)}-row unit): {rt:.2f} ms")
 

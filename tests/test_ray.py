@@ -35,6 +35,9 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              namespace="plipy")  # fmt: skip
     yield ray.get_runtime_context().gcs_address
+    from plipy.cluster import shutdown
+
+    shutdown()
     ray.shutdown()
     torch.set_num_threads(threads)
 
@@ -154,6 +157,9 @@ def _units(runs: Path) -> int:
 
 def test_a_killed_driver_resumes_on_the_cluster(cluster, corpus, tmp_path):
     """SIGKILL of the driver once 2 units are checkpointed; the same command resumes (its actors died with it)."""
+    from plipy.cluster import shutdown
+
+    shutdown()  # this process's warm pool holds both CPUs: the subprocess's workers need them
     runs = tmp_path / "runs"
     env = {**os.environ, "PLIPY_RUNS": str(runs), "OMP_NUM_THREADS": "1"}  # the reference's thread count
     out = tmp_path / "ray.json"
@@ -173,6 +179,11 @@ def test_a_killed_driver_resumes_on_the_cluster(cluster, corpus, tmp_path):
     assert cli_exit_code(["knockout", "--scan-layers", "--corpus", str(corpus.path), "--resamples", "300",
                           "--table-format", "csv", "-b", "1", "-o", str(tmp_path / "local.json")]) == 0
     _same_files(out, tmp_path / "local.json")
+    t0 = time.monotonic()  # the two drivers' actors die with them: their CPUs return to the cluster
+    while ray.available_resources().get("CPU", 0) < 2:
+        assert time.monotonic() - t0 < 120, ray.available_resources()
+        time.sleep(0.5)
+    print(f"CPUs back after {time.monotonic() - t0:.1f} s")
 
 
 def test_a_ray_driver_holds_no_weights_and_its_runs_resume_locally(smollm):
@@ -181,11 +192,11 @@ def test_a_ray_driver_holds_no_weights_and_its_runs_resume_locally(smollm):
     from plipy.checkpoint import run_identity
     from plipy.cluster.pool import Cluster, driver_model
 
-    lm = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=0))
+    lm = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=0), prestart=False)
     assert next(lm.model.parameters()).device.type == "meta" and lm.device == torch.device("cpu")
     assert (lm.n_layers, lm.n_heads, lm.max_positions) == (smollm.n_layers, smollm.n_heads, smollm.max_positions)
     assert run_identity("scan", model=lm) == run_identity("scan", model=smollm)
-    gpu = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=8))
+    gpu = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=8), prestart=False)
     assert gpu.device == torch.device("cuda") and next(gpu.model.parameters()).dtype == torch.bfloat16
 
 
@@ -198,16 +209,25 @@ def test_bad_ray_options_fail_before_the_model_loads(tmp_path, capsys):
 
 def test_a_worker_that_cannot_load_the_model_is_one_error_line(cluster, smollm):
     import plipy
-    from plipy.cluster.pool import Cluster, Job, RayPool
+    from plipy.cluster.pool import Cluster, RayPool
     from plipy.errors import PlipyError
     from plipy.models import wrap_model
 
+    pool = RayPool({"spec": "/nonexistent/model"}, Cluster(workers=1))
     with pytest.raises(PlipyError, match=r"^ray: a worker could not start: no such file or directory: /nonexistent"):
-        RayPool(Job({"spec": "/nonexistent/model"}, "plipy.experiments.scan:unit_compute"), Cluster(workers=1))
-    deadline = time.monotonic() + 30  # the failed pool's actors are gone (killed asynchronously)
-    while [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("plipy-")]:
+        pool.ready()
+    deadline = time.monotonic() + 30  # its actors are gone (killed asynchronously)
+    while set(pool.names) & {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    plipy.knockout("smollm2-135m", layer=3, ray=True, workers=2, resamples=100, resume=False)  # a warm pool …
+    crowded = RayPool({"spec": "smollm2-135m", "dtype": "float32"}, Cluster(workers=2))
+    os.environ["PLIPY_RAY_PLACE_GRACE"] = "3"
+    try:  # … holds both CPUs: a second pool cannot be placed, and says so
+        with pytest.raises(PlipyError, match=r"^ray: 2 of 2 workers cannot be placed: each needs 1 CPU"):
+            crowded.ready()
+    finally:
+        del os.environ["PLIPY_RAY_PLACE_GRACE"]
     with pytest.raises(PlipyError, match="workers load the model from its spec"):
         plipy.scan(wrap_model(smollm.model, smollm.tokenizer), layers="0", ray=True, resume=False)
 

@@ -39,7 +39,8 @@ def as_model(model: Any = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "
     if cluster is not None and isinstance(model, (str, Path)):
         from plipy.cluster.pool import driver_model
 
-        return driver_model(str(model), dtype, device, cluster)
+        return driver_model(str(model), dtype, device, cluster, {"device_map": opt.parse_device_map(device_map),
+                                                                 "max_memory": opt.parse_max_memory(max_memory)})
     if isinstance(model, (str, Path)):
         return load_model(str(model), dtype=dtype, device=device, device_map=opt.parse_device_map(device_map),
                           max_memory=opt.parse_max_memory(max_memory))

@@ -119,8 +119,8 @@ class Units:
                 pool: Any = None) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
         """`(i, unit)` for every unit, batch by batch. A batch missing any unit is computed whole by `compute`
         (the same inputs in the same batch give the same bits, so a resumed run matches an uninterrupted one) and
-        only its missing units are stored. With a `pool` (`plipy.cluster.RayPool`) the missing batches run on its
-        workers; each is stored as it arrives and the units still come back in this order."""
+        only its missing units are stored. With a `pool` (`plipy.cluster.pool.Execution`) the missing batches run on
+        its Ray workers; each is stored as it arrives and the units still come back in this order."""
         if pool is not None:
             yield from self._pooled(batches, pool)
             return

@@ -9,11 +9,13 @@ fails with a dead actor is resubmitted to another. A unit is stored once, by the
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +41,12 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Job:
-    """What an actor needs to build its `compute(batch)`: how to load the model and which builder to call with
-    which inputs (corpus, config, prompts: data, never weights)."""
+    """What an actor needs to build `compute(batch)` on its loaded model: the builder and its inputs (corpus,
+    config, prompts: data, never weights), and the driver's weights sha256 (other weights: refused)."""
 
-    model: dict[str, Any]  # load_model keyword arguments: spec, dtype, device, device_map, max_memory
     builder: str  # "module:function" (lm, *args) -> compute
     args: tuple = ()
-    env: dict[str, str] = field(default_factory=dict)  # PLIPY_* / HF_* settings of the driver
-    weights: Any = None  # the driver's weights_sha256: a worker that loads other weights refuses to start
+    weights: Any = None
 
 
 def as_cluster(ray: Any, workers: int | None = None) -> Cluster | None:
@@ -69,19 +69,22 @@ def as_cluster(ray: Any, workers: int | None = None) -> Cluster | None:
     raise ParameterError("ray", f"expected True, an address or a Cluster, got {type(ray).__name__}")
 
 
+def model_args(spec: str, dtype: str, load: dict[str, Any]) -> dict[str, Any]:
+    """`load_model` keyword arguments for the workers: the spec (a local path made absolute: a worker's working
+    directory is not the driver's), the resolved dtype, and the device and memory map, which each node applies."""
+    if Path(spec).exists():
+        spec = str(Path(spec).resolve())
+    keep = {k: v for k, v in load.items() if v is not None and k in ("device", "device_map", "max_memory")}
+    return {"spec": spec, "dtype": dtype, **keep}
+
+
 def model_job_args(lm: Any, load: dict[str, Any]) -> dict[str, Any]:
-    """How workers load the driver's model: its spec and the driver's load options. A model plipy did not load
-    (`wrap_model`) has no spec a worker could load."""
+    """How workers load the driver's model. A model plipy did not load (`wrap_model`) has no spec to load."""
     spec = getattr(lm, "spec", None)
     if not spec or getattr(lm, "provenance", {}).get("weights_sha256") is None:
         raise PlipyError("ray: workers load the model from its spec; pass a model spec (alias, path, hub id), not a "
                          "loaded HF model")
-    if Path(spec).exists():
-        spec = str(Path(spec).resolve())  # a worker's working directory is not the driver's
-    # the driver's resolved dtype: workers compute in what the result's provenance says; the device stays per node
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    keep = {k: v for k, v in load.items() if v is not None and k in ("device", "device_map", "max_memory")}
-    return {"spec": spec, "dtype": dtype, **keep}
+    return model_args(spec, str(next(lm.model.parameters()).dtype).removeprefix("torch."), load)
 
 
 def _driver_env() -> dict[str, str]:
@@ -96,46 +99,56 @@ def check(cluster: Cluster) -> Cluster:
     return Cluster(cluster.address, cluster.workers, cluster.threads, gpus)
 
 
-def driver_model(spec: str, dtype: str, device: str, cluster: Cluster) -> Any:
+def driver_model(spec: str, dtype: str, device: str, cluster: Cluster, load: dict[str, Any] | None = None, *,
+                 prestart: bool = True) -> Any:
     """The driver's model under Ray: tokenizer, config and weight hashes, no weights (meta device) where the spec
-    allows; "auto" device and dtype are the workers' (CUDA and bf16 when the cluster has GPUs)."""
+    allows; "auto" device and dtype are the workers' (CUDA and bf16 when the cluster has GPUs). The workers start
+    loading the model first, so their start overlaps the driver's own work."""
     import torch
 
     from plipy.models import load_model, resolve_dtype
 
     home = torch.device(("cuda" if cluster.gpus else "cpu") if device == "auto" else device)
-    lm = load_model(spec, dtype=resolve_dtype(dtype, home), device="cpu", weights=False)
+    dt = resolve_dtype(dtype, home)
+    if prestart:
+        pool_for(model_args(spec, str(dt).removeprefix("torch."), {"device": device, **(load or {})}), cluster)
+    lm = load_model(spec, dtype=dt, device="cpu", weights=False)
     if lm.home is not None:
         lm.home = home
         lm.provenance["device"] = str(home)  # the workers' (provenance.cluster says where they ran)
     return lm
 
 
-def build_compute(job: Job) -> Callable[[list[int]], list]:
-    """On an actor: load the model and build the experiment's `compute(batch)` (the local path's own code)."""
-    from plipy.models import load_model
-
-    lm = load_model(**job.model)
+def build_compute(lm: Any, job: Job) -> Callable[[list[int]], list]:
+    """On an actor: the experiment's `compute(batch)` (the local path's own code) on the actor's model."""
     got = lm.provenance.get("weights_sha256")
     if job.weights is not None and got != job.weights:
-        raise PlipyError(f"{job.model['spec']}: this node's weights differ from the driver's (sha256 {got} vs "
-                         f"{job.weights})")
+        raise PlipyError(f"{lm.spec}: this node's weights differ from the driver's (sha256 {got} vs {job.weights})")
     module, name = job.builder.split(":")
     return getattr(importlib.import_module(module), name)(lm, *job.args)
 
 
 class _Worker:
-    """One Ray actor: the model, loaded once; `run(tag, batch)` computes one batch of units."""
+    """One Ray actor: the model, loaded once (again after a restart); `run` computes one batch of a job's units,
+    building the job's `compute` on its first batch."""
 
-    def __init__(self, job: Job, threads: int):
+    def __init__(self, model: dict[str, Any], env: dict[str, str], threads: int):
         import torch
 
-        os.environ.update(job.env)
-        torch.set_num_threads(threads)  # the driver's count (Cluster.threads): a local run's bits
-        self.compute = build_compute(job)
+        from plipy.models import load_model
 
-    def run(self, tag: int, batch: list[int]) -> tuple[int, list]:
-        return tag, self.compute(batch)
+        os.environ.update(env)
+        torch.set_num_threads(threads)  # the driver's count (Cluster.threads): a local run's bits
+        self.lm = load_model(**model)
+        self.job_id: str | None = None
+        self.compute: Callable[[list[int]], list] | None = None
+
+    def run(self, job_id: str, job: list, tag: int, batch: list[int]) -> tuple[int, list]:
+        if job_id != self.job_id:  # `job` = [ObjectRef]: in a list, so Ray hands it over unresolved
+            import ray
+
+            self.compute, self.job_id = build_compute(self.lm, ray.get(job[0])), job_id
+        return tag, self.compute(batch)  # type: ignore[misc]
 
     def pid(self) -> int:
         return os.getpid()
@@ -177,35 +190,77 @@ def _shape(ray: Any, workers: int | None) -> tuple[int, float, int]:
 
 
 class RayPool:
-    """`workers` actors of one job; `map(batches)` yields `(k, results of batches[k])` as they finish."""
+    """`workers` actors, each holding the model `model` (load_model arguments); `map(job, batches)` yields
+    `(k, results of batches[k])` as they finish. The actors start loading at once; `ready()` waits for them."""
 
-    def __init__(self, job: Job, cluster: Cluster):
-        ray = self.ray = connect(cluster)
+    def __init__(self, model: dict[str, Any], cluster: Cluster):
         import torch
 
+        ray = self.ray = connect(cluster)
         self.n, gpus, cpus = _shape(ray, cluster.workers)
+        self.cpus, self.gpus = cpus, gpus
         self.threads = cluster.threads or torch.get_num_threads()
+        self.key = _key(ray, model, self.n, self.threads)
         actor = ray.remote(_Worker)
-        self.run_id = uuid.uuid4().hex[:8]
-        self.names = [f"plipy-{self.run_id}-{i}" for i in range(self.n)]
+        self.names = [f"plipy-{uuid.uuid4().hex[:8]}-{i}" for i in range(self.n)]
         self.actors = [actor.options(name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=-1,
-                                     max_task_retries=-1, namespace=NAMESPACE).remote(job, self.threads)
+                                     max_task_retries=-1, namespace=NAMESPACE).remote(model, _driver_env(),
+                                                                                      self.threads)
                        for name in self.names]  # fmt: skip
         self.address = ray.get_runtime_context().gcs_address
-        try:  # every actor has its model: a spec a node cannot load fails here, as one line
-            self.pids = ray.get([a.pid.remote() for a in self.actors])
+        self.pids: list[int] | None = None
+
+    def ready(self) -> RayPool:
+        """Wait until every actor holds its model. A spec a node cannot load fails as one line; so do actors the
+        cluster cannot place (after PLIPY_RAY_PLACE_GRACE s, default 30, with too few free CPUs/GPUs for one)."""
+        if self.pids is not None:
+            return self
+        ray, refs, t0 = self.ray, [a.pid.remote() for a in self.actors], time.monotonic()
+        grace = float(os.environ.get("PLIPY_RAY_PLACE_GRACE", "30"))
+        try:
+            while True:
+                done, waiting = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, grace))
+                if not waiting:
+                    break
+                free = ray.available_resources()
+                short = free.get("CPU", 0) < self.cpus or free.get("GPU", 0) < self.gpus
+                if time.monotonic() - t0 >= grace and short and (unplaced := self._unplaced()):
+                    self.close()
+                    raise PlipyError(
+                        f"ray: {unplaced} of {self.n} workers cannot be placed: each needs {self.cpus} CPU(s)"
+                        f"{f' and {self.gpus:g} GPU' if self.gpus else ''}, the cluster has "
+                        f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free (another run's pool? "
+                        "plipy.cluster.shutdown() stops this process's); fewer --workers may fit")
+            self.pids = ray.get(refs)
         except ray.exceptions.RayActorError as e:
             self.close()
             raise PlipyError(f"ray: a worker could not start: {_last_line(e)}") from None
+        return self
+
+    def _unplaced(self) -> int:
+        """Actors still waiting for a node (not those placed and loading the model: they hold their resources).
+        Ray's public state API needs the dashboard; its GCS table is private, so any change there reads as 0:
+        the run then waits instead of failing early."""
+        try:
+            from ray._private import state
+
+            table = state.actors()
+            ids = {a._actor_id.hex() for a in self.actors}
+            return sum(1 for k, v in table.items() if k in ids and v.get("State") == "PENDING_CREATION"
+                       and not (v.get("Address") or {}).get("Port"))  # fmt: skip
+        except Exception:  # noqa: BLE001 - a private API: never the reason a run fails
+            return 0
 
     def describe(self) -> dict[str, Any]:
         """For provenance: where the units ran."""
         return {"ray": self.ray.__version__, "address": self.address, "workers": self.n,
                 "threads_per_worker": self.threads}  # fmt: skip
 
-    def map(self, batches: Sequence[list[int]]) -> Iterator[tuple[int, list]]:
-        """Every batch once, spread over the actors; results as they finish (callers restore the order)."""
+    def map(self, job: Job, batches: Sequence[list[int]]) -> Iterator[tuple[int, list]]:
+        """Every batch of `job` once, spread over the actors; results as they finish (callers restore the order)."""
         ray = self.ray
+        self.ready()
+        holder, job_id = [ray.put(job)], uuid.uuid4().hex  # the job's inputs travel once, not per batch
         todo = list(range(len(batches)))[::-1]
         tries = dict.fromkeys(todo, 0)
         flying: dict[Any, tuple[int, int]] = {}  # ref → (batch, actor)
@@ -217,7 +272,7 @@ class RayPool:
                 if load[a] >= IN_FLIGHT:
                     return
                 k = todo.pop()
-                flying[self.actors[a].run.remote(k, list(batches[k]))] = (k, a)
+                flying[self.actors[a].run.remote(job_id, holder, k, list(batches[k]))] = (k, a)
                 load[a] += 1
 
         submit()
@@ -251,12 +306,51 @@ class RayPool:
                 pass
 
 
+# One warm pool per process: the next run on the same model (a sweep, a notebook) reuses its loaded actors, and a
+# pool for another model first releases this one's CPUs and GPUs (two pools could starve each other).
+_WARM: list[RayPool] = []
+
+
+def pool_for(model: dict[str, Any], cluster: Cluster) -> RayPool:
+    """The warm pool for these load arguments and this cluster shape, else a new one (the old one stopped)."""
+    import torch
+
+    ray = connect(cluster)
+    n, _, _ = _shape(ray, cluster.workers)
+    if _WARM and _WARM[0].key == _key(ray, model, n, cluster.threads or torch.get_num_threads()):
+        return _WARM[0]
+    shutdown()
+    _WARM.append(RayPool(model, cluster))
+    return _WARM[0]
+
+
+def _key(ray: Any, model: dict[str, Any], n: int, threads: int) -> tuple:
+    # the Ray job id: a new connection (another instance, a restarted one) has none of the old actors
+    return json.dumps(model, sort_keys=True, default=str), n, threads, ray.get_runtime_context().get_job_id()
+
+
+def shutdown() -> None:
+    """Stop the warm actor pool (its workers hold the model: memory, GPUs). Runs again start a new one."""
+    while _WARM:
+        _WARM.pop().close()
+
+
 @dataclass
 class Execution:
-    """Where an experiment's units run: `compute` here (pool None) or on `pool`; pass both to `Units.batched`."""
+    """Where an experiment's units run: `compute` here, or `pool` with `job`; pass it to `Units.batched`."""
 
     compute: Callable[[list[int]], list] | None
     pool: RayPool | None
+    job: Job | None = None
+
+    @property
+    def remote(self) -> Execution | None:
+        """Self when the units run on Ray (what `Units.batched(..., pool=)` takes), else None."""
+        return self if self.pool is not None else None
+
+    def map(self, batches: Sequence[list[int]]) -> Iterator[tuple[int, list]]:
+        """`(k, results of batches[k])` as the workers finish them."""
+        return self.pool.map(self.job, batches)  # type: ignore[union-attr,arg-type]
 
     def describe(self) -> dict[str, Any] | None:
         """The provenance `cluster` block (None for a local run)."""
@@ -273,31 +367,21 @@ def stamp(prov: dict[str, Any], where: dict[str, Any] | None) -> dict[str, Any]:
 @contextmanager
 def executor(cluster: Cluster | None, lm: Any, load: dict[str, Any] | None, builder: str, args: tuple,
              local: Callable[[], Callable[[list[int]], list]]) -> Iterator[Execution]:
-    """The local `compute` (built by `local()`) or, with a `cluster`, a pool whose workers build theirs with
-    `builder(worker_lm, *args)` after loading the driver's model spec (`load`: device and memory map)."""
+    """The local `compute` (built by `local()`) or, with a `cluster`, the warm pool for the driver's model spec
+    (`load`: device and memory map), whose workers build theirs with `builder(worker_lm, *args)`. A failed run
+    stops the pool (its actors may be mid-batch); a finished one leaves it warm."""
     if cluster is None:
         yield Execution(local(), None)
         return
-    weights = lm.provenance.get("weights_sha256")
-    with open_pool(cluster, lambda: Job(model_job_args(lm, load or {}), builder, args, weights=weights)) as pool:
-        yield Execution(None, pool)
+    pool = pool_for(model_job_args(lm, load or {}), cluster)
+    try:
+        yield Execution(None, pool, Job(builder, args, lm.provenance.get("weights_sha256")))
+    except BaseException:
+        shutdown()
+        raise
 
 
 def _last_line(e: Exception) -> str:
     """The cause of a Ray error in one line: the last line of the remote traceback it carries."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     return lines[-1].removeprefix("plipy.errors.PlipyError: ") if lines else type(e).__name__
-
-
-@contextmanager
-def open_pool(cluster: Cluster | None, job: Callable[[], Job]) -> Iterator[RayPool | None]:
-    """A pool for `cluster` (None: a local run, no pool); `job` is called only when a pool is made."""
-    if cluster is None:
-        yield None
-        return
-    j = job()
-    pool = RayPool(Job(j.model, j.builder, j.args, {**_driver_env(), **j.env}, j.weights), cluster)
-    try:
-        yield pool
-    finally:
-        pool.close()

@@ -188,7 +188,7 @@ def label_entities(
     gen_args = (k, seed, max_new_tokens, batch_size)
     with cp.executor(cluster, lm, load, f"{__name__}:shard_units", (shards, *gen_args),
                      lambda: _shard_compute(lm, shards, *gen_args, step)) as ex:  # fmt: skip
-        done = (ex.pool.map([[i] for i in range(len(shards))]) if ex.pool is not None
+        done = (ex.map([[i] for i in range(len(shards))]) if ex.pool is not None
                 else ((i, ex.compute([i])) for i in range(len(shards))))  # fmt: skip
         for i, out in done:
             gens.update(zip(shards[i], out[0][0], strict=True))

@@ -336,7 +336,7 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
     ok = [i for i, rec in enumerate(samples) if rec["status"] == "ok"]
     with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config),
                      lambda: _compute(lm, runner, samples, positions, config, heads)) as ex:  # fmt: skip
-        for i, got in units.batched(_batches(ok, positions, batch_size), ex.compute, ex.pool):
+        for i, got in units.batched(_batches(ok, positions, batch_size), ex.compute, ex.remote):
             rows_of[i] = got[0]
             step()
         where = ex.describe()

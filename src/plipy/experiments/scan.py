@@ -202,7 +202,7 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     batches = plan_batches([positions[i].seq_len for i in measurable], settings["batch_size"])
     with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config),
                      lambda: _compute(lm, plan)) as ex:  # fmt: skip
-        for i, got in units.batched([[measurable[j] for j in b] for b in batches], ex.compute, ex.pool):
+        for i, got in units.batched([[measurable[j] for j in b] for b in batches], ex.compute, ex.remote):
             samples[i].update(got[0])
             rows_by_id[positions[i].sample.id] = got[1]["rows"]
             ids_by_id[positions[i].sample.id] = list(positions[i].input_ids)  # decoded only for the token plot

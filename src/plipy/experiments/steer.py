@@ -294,7 +294,7 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
     ok = [i for i, s in enumerate(samples) if s.status == "ok"]
     with cp.executor(cluster, lm, load, f"{__name__}:calibrate_units", (corpus, config),
                      lambda: _calibrate_compute(lm, layer, samples)) as ex:  # fmt: skip
-        for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.pool):
+        for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.remote):
             s, m = samples[i], samples[i].positions.marker_token
             row = torch.from_numpy(got[1]["row"])
             rows[s.id] = row
@@ -486,7 +486,7 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
     done = {}
     with cp.executor(cluster, lm, load, f"{__name__}:dose_units", (corpus, config),
                      lambda: _dose_compute(lm, runner, samples, config)) as ex:  # fmt: skip
-        for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.pool):
+        for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.remote):
             done[i] = got
             step()
         where = ex.describe()
@@ -811,7 +811,7 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
     done = {}
     with cp.executor(cluster, lm, load, f"{__name__}:generate_units", (prompts, config),
                      lambda: _generate_compute(lm, layers, patterns, prepared, config)) as ex:  # fmt: skip
-        for i, got in units.batched(batches, ex.compute, ex.pool):
+        for i, got in units.batched(batches, ex.compute, ex.remote):
             done[i] = got[0]
             step()
         where = ex.describe()

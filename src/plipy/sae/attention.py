@@ -310,7 +310,7 @@ def run_attention(
     # the SAE's weights travel to the workers as data; the model's never do (each worker loads its spec)
     with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (sae, list(prompts), config),
                      lambda: compute) as ex:  # fmt: skip
-        for bi, (_, arrays) in ckpt.batched([[b] for b in range(n_batches)], ex.compute, ex.pool):
+        for bi, (_, arrays) in ckpt.batched([[b] for b in range(n_batches)], ex.compute, ex.remote):
             for _ in range(0 if bi in here else 1 + len(latents)):
                 step()
             parts.append(arrays)
