@@ -224,6 +224,10 @@ class RayPool:
                     break
                 free = ray.available_resources()
                 short = free.get("CPU", 0) < self.cpus or free.get("GPU", 0) < self.gpus
+                if time.monotonic() - t0 > float(os.environ.get("PLIPY_RAY_START_TIMEOUT", "3600")):
+                    self.close()
+                    raise PlipyError(f"ray: {len(waiting)} of {self.n} workers did not start within "
+                                     "PLIPY_RAY_START_TIMEOUT s (placed nowhere, or loading the model that long)")
                 if time.monotonic() - t0 >= grace and short and (unplaced := self._unplaced()):
                     self.close()
                     raise PlipyError(
