@@ -57,6 +57,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_llama_dir(directory: Path, tokenizer):
+    """A tiny random Llama (4 layers, non-trivial attention) with `tokenizer`, saved as a local model folder."""
+    import torch
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and p.ndim >= 2:
+                p.normal_(0, 0.15)  # non-trivial attention
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def cli_exit_code(argv: list[str]) -> int:
     """Run the `plipy` CLI in-process; its exit code (0 when it returns normally)."""
     from plipy import cli

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import transformers as tf
 
 import plipy
+from conftest import tiny_llama_dir
 from plipy.models import load_model
 
 MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
@@ -19,18 +18,7 @@ MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "
 @pytest.fixture(scope="module")
 def models(smollm, tmp_path_factory):
     """(plain, mapped): a tiny random Llama with SmolLM2's tokenizer, loaded whole and over cpu + disk."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    cfg = tf.LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and p.ndim >= 2:
-                p.normal_(0, 0.15)  # non-trivial attention
-    model.save_pretrained(d)
-    smollm.tokenizer.save_pretrained(d)
+    d = tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), smollm.tokenizer)
     mapped = load_model(str(d), device_map=MAP, offload_folder=tmp_path_factory.mktemp("offload"))
     return load_model(str(d)), mapped
 

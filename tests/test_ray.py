@@ -20,7 +20,7 @@ import pytest
 import torch
 from scipy.special import gammaln
 
-from conftest import cli_exit_code, corpus_subset
+from conftest import cli_exit_code, corpus_subset, tiny_llama_dir
 
 ray = pytest.importorskip("ray")
 
@@ -238,21 +238,7 @@ def test_a_worker_that_cannot_load_the_model_is_one_error_line(cluster, smollm):
 @pytest.fixture(scope="module")
 def tiny_dir(smollm, tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    import transformers as tf
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    cfg = tf.LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and p.ndim >= 2:
-                p.normal_(0, 0.15)  # non-trivial attention
-    model.save_pretrained(d)
-    smollm.tokenizer.save_pretrained(d)
-    return d
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), smollm.tokenizer)
 
 
 def _values(doc: dict, group: str, layer: int) -> np.ndarray:
