@@ -216,8 +216,9 @@ def label_tables(labels: dict[str, dict]) -> list[str]:
 def pipeline_tables(pipes: dict[str, dict]) -> list[str]:
     out = ["### The entity pipeline (`--quick --limit 12`): labels → SAE → latents → attention", "",
            "`plipy sae pipeline --quick --limit 12`: the same 12 entities per type, labelled with the quick profile "
-           "(K = 2, 8 new tokens: an attribute is known with 1 of 2 samples correct, so more entities count as known "
-           "than above), a 256-latent TopK SAE on 1,024 tokens, latents scored on the train split, 4 prompts per "
+           "(K = 2, 8 new tokens: an attribute is known with 1 of 2 samples correct, a laxer rule than above, but 8 "
+           "tokens can cut an answer short, so the counts may differ from above either way), "
+           "a 256-latent TopK SAE on 1,024 tokens, latents scored on the train split, 4 prompts per "
            "label (docs/sae-pipeline.md).", "",
            "| model | known / labelled | SAE: hook, explained variance | top known / unknown latent | known prompts | "
            "unknown prompts |", "|---|---|---|---|---|---|"]
