@@ -112,6 +112,41 @@ def test_identity_is_exactly_zero(smollm, engine, small_corpus):
     assert res["runs"][0]["p"] == 1.0
 
 
+def test_last_layer_edits_off_the_last_row_are_exactly_zero(smollm, engine, small_corpus):
+    """In the last layer a row feeds only its own position's output, so an edit that spares the last row cannot move
+    the next-token logits: the runner returns the baseline (KL exactly 0, not a ~1e-13 rounding "effect"). The
+    from-scratch eager reference with the edit agrees to its own rounding; an edit on the last row still runs."""
+    register_reference()
+    ref = variant(variant(smollm.model, "eager"), REF)
+    runner = ConditionRunner(smollm.model, engine)
+    for s in small_corpus.samples():
+        sp = token_positions(s, smollm.tokenizer)
+        m, last = sp.marker_token, sp.seq_len - 1
+        off_last = [(q, m) for q in range(m + 1, last)]  # (m, m) would empty row 0 when the marker is token 0
+        base = runner.baseline(sp.input_ids)
+        spared, hit = runner.run(base, [[EdgeEdit([29], off_last)], [EdgeEdit([29], [(last, m)])]])
+        assert spared.status == "identity" and float(kl_divergence(base.logits, spared.logits)) == 0.0
+        assert hit.status == "ok"
+        ids = torch.tensor([sp.input_ids])
+        with torch.inference_mode():
+            REF_EDITS.clear()
+            want = ref(ids).logits[0, -1]
+            try:
+                REF_EDITS["edits"] = [(29, q, k, None, 0.0) for q, k in off_last]
+                spared_ref = ref(ids).logits[0, -1]
+                REF_EDITS["edits"] = [(29, last, m, None, 0.0)]
+                hit_ref = ref(ids).logits[0, -1]
+            finally:
+                REF_EDITS.clear()
+        assert float(kl_divergence(want, spared_ref)) <= 1e-10  # the reference: unchanged up to rounding
+        assert float(kl_divergence(want, hit_ref)) > 1e-8  # while the last row's edit is a real change
+        assert abs(float(kl_divergence(base.logits, hit.logits)) - float(kl_divergence(want, hit_ref))) <= 1e-6
+    res = ko.run_knockout(smollm, small_corpus, _cfg([ko.Condition([29], "29")], include_baselines=False))
+    rows = res["runs"][0]["samples"]
+    assert rows and all(r["kl"] == 0.0 and r["note"].startswith("identity: edits only in the last layer")
+                        for r in rows)
+
+
 # -- agreement with an independent computation -----------------------------------------------------------------
 
 
@@ -198,21 +233,23 @@ def test_runner_fast_equals_naive_tiny_models(arch):
         assert any(w is not None and w < 14 for w in runner_mod.layer_windows(model))
     ids = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(3))
     w = functools.partial(_windowed, model)
+    last = model.config.num_hidden_layers - 1
     conds = [
-        w([2], [(9, 7), (9, 8)]),
+        w([last], [(9, 7), (13, 11)]),  # the last layer, the last row too
         w([0, 2], [(q, 4) for q in range(4, 14)]),
         w([1], [(6, k) for k in range(3, 6)], heads=[1]),
         w([1], [(9, 7)], scale=3.0) + w([2], [(11, 10)]),  # steering too
         w([1], [(0, 0)], scale=3.0) + w([2], [(5, 4)]),  # earliest query 0: no cache to reuse
         [EdgeEdit([0], [(0, 0)])],  # empties row 0
         [EdgeEdit([1], [])],
+        w([last], [(9, 7), (9, 8)]),  # the last layer, not the last row: the logits cannot change
     ]
     bf, bn = fast.baseline(ids), naive.baseline(ids)
     assert fast.path == "fast" and bf.kv is not None, fast.reasons  # the baseline did not switch it off
     assert all(k.shape[-2] == 14 for k, _v in bf.kv)  # every layer keeps every position, windowed ones too
     assert torch.equal(bf.logits, bn.logits)
     of, on = fast.run(bf, conds), naive.run(bn, conds)
-    assert [o.status for o in of] == [o.status for o in on] == ["ok"] * 5 + ["row-fully-masked", "identity"]
+    assert [o.status for o in of] == [o.status for o in on] == ["ok"] * 5 + ["row-fully-masked", "identity", "identity"]
     for a, b in zip(of[:5], on[:5], strict=True):
         assert (a.logits - b.logits).abs().max() <= 1e-5
         assert abs(float(kl_divergence(bf.logits, a.logits)) - float(kl_divergence(bn.logits, b.logits))) <= 1e-6
@@ -224,7 +261,7 @@ def test_runner_batch_survives_an_error_inside(monkeypatch):
     model = build("llama")
     runner = ConditionRunner(model, Engine(model))
     ids = torch.randint(3, 128, (10,), generator=torch.Generator().manual_seed(4))
-    conds = [[EdgeEdit([1], [(5, 1)])], [EdgeEdit([2], [(5, k) for k in range(6)])], [EdgeEdit([2], [(5, 3)])]]
+    conds = [[EdgeEdit([1], [(5, 1)])], [EdgeEdit([1], [(5, k) for k in range(6)])], [EdgeEdit([1], [(5, 3)])]]
     base = runner.baseline(ids)
     want = runner.run(base, conds)
     monkeypatch.setattr(runner_mod, "dead_row", lambda compiled: None)  # let the dead row reach the engine

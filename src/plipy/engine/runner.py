@@ -39,6 +39,9 @@ from plipy.engine.spec import LayerEdit, compile_edits, edge_tensor
 from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
 
 ConditionEdits = Sequence[EdgeEdit]  # one condition: the edits applied together
+# Bumped when the runner changes which conditions it answers without a forward (their KLs change), so that a
+# run's checkpoints from before do not resume into a run made with the new rules.
+RULES_VERSION = 2  # 2: last-layer edits that spare the last row are identities
 
 
 @dataclass
@@ -56,7 +59,8 @@ class Baseline:
 class Outcome:
     """One condition's result: `logits` [V] (None when it could not run) and a status.
 
-    Statuses: `ok`; `identity` (nothing to edit: the baseline logits, KL exactly 0); `row-fully-masked` (the
+    Statuses: `ok`; `identity` (nothing to edit, or edits the last position's logits cannot see: the baseline
+    logits, KL exactly 0); `row-fully-masked` (the
     edits remove every key of some query row); `edge-masked` (an edge the model's own mask already removes)."""
 
     logits: torch.Tensor | None
@@ -241,6 +245,13 @@ class ConditionRunner:
         dead = dead_row(compiled)
         if dead is not None:
             return Outcome(None, "row-fully-masked", dead, first_layer, first_query)
+        last = base.input_ids.shape[1] - 1
+        if capture is None and first_layer == self.n_layers - 1 and not any(
+                bool((le.q == last).any()) for le in compiled[first_layer]):
+            # In the last layer a row feeds only its own position's output, so the last position's logits are the
+            # baseline's exactly; a forward would only add rounding noise (~1e-13 nats) as a spurious "effect".
+            return Outcome(base.logits, "identity", "edits only in the last layer and not on the last position's "
+                           "row: the next-token logits cannot change", first_layer, first_query)
         return _Plan(i, edits, first_layer, first_query)
 
     def _run_plans(self, base: Baseline, plans: list[_Plan], capture: Capture | None,

@@ -23,7 +23,7 @@ from plipy import checkpoint, measures, provenance, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine.batch import default_batch_size, pad_id, plan_batches
-from plipy.engine.runner import Baseline, ConditionRunner, dead_row, layer_windows
+from plipy.engine.runner import RULES_VERSION, Baseline, ConditionRunner, dead_row, layer_windows
 from plipy.engine.spec import compile_edits
 from plipy.errors import PlipyError
 from plipy.experiments.scan import after_marker, choose_groups, identity
@@ -250,7 +250,10 @@ def run_sample(lm: Any, runner: ConditionRunner, rec: dict[str, Any], base: Base
         else:
             row.update(status="ok", **measures.compare_logits(base.logits, out.logits, lm.tokenizer, config.top_k))
             if out.status == "identity":
-                row["note"] = "identity: nothing left to knock out (no heads, or edges outside a window)"
+                # a planned condition (first_layer set) the logits cannot see, or one with nothing left to edit
+                why = out.note if out.first_layer is not None else \
+                    "nothing left to knock out (no heads, or edges outside a window)"
+                row["note"] = "identity: " + why
         rows.append(row)
     return rows
 
@@ -324,7 +327,8 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
         "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64",
         "batch_size": batch_size, **config.extra}
     units = checkpoint.open_run("knockout", lm, corpus, settings, resume=config.resume, fresh=config.fresh,
-                                runner=config.path)  # fast and naive agree to rounding, not bit for bit
+                                runner=config.path,  # fast and naive agree to rounding, not bit for bit
+                                runner_rules=RULES_VERSION)
     step = progress(units.label("knockout"), len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
     rows_of: dict[int, list[dict[str, Any]]] = {}
