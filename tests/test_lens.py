@@ -92,7 +92,7 @@ def _extra_models() -> dict[str, torch.nn.Module]:
 @pytest.mark.parametrize("arch", [*ARCHS, "granite", "cohere"])
 def test_lens_equals_head_of_hf_hidden_states(arch):
     """Every layer's lens logits equal the family's head on HF's hidden state (fp32 error bounded against float64);
-    probabilities to 1e-5; the last layer is the model's own logits, and the run's own check says so."""
+    probabilities to 1e-5; the last layer is the model's own logits (to rounding), and the run's own check says so."""
     model = _extra_models()[arch] if arch in ("granite", "cohere") else build(arch, "sdpa" if arch != "gemma2"
                                                                                else "eager")
     ids = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -108,7 +108,9 @@ def test_lens_equals_head_of_hf_hidden_states(arch):
         p_ours, p_ref = torch.softmax(ours, -1), torch.softmax(ref32[layer].float(), -1)
         assert (p_ours - p_ref).abs().max() <= 1e-5
     torch.testing.assert_close(lp.logits(len(ref32) - 1), ref32[-1].float(), rtol=0, atol=lp.check["tolerance"])
-    torch.testing.assert_close(lp.model_logits, ref32[-1].float(), rtol=0, atol=0)
+    # the model's own logits: plipy's forward computes the head on 3 rows where the reference computed 12, so
+    # they agree to fp32 rounding, not bit for bit (bit-equal on the last machine's kernels, not on this one's)
+    assert (lp.model_logits.double() - ref64[-1]).abs().max() <= fp32_bound(ref32[-1], ref64[-1])
 
 
 def test_logit_transforms_are_named():
