@@ -207,7 +207,7 @@ def test_bad_ray_options_fail_before_the_model_loads(tmp_path, capsys):
     assert "error: --workers: must be an integer ≥ 1, got 0" in capsys.readouterr().err
 
 
-def test_a_worker_that_cannot_load_the_model_is_one_error_line(cluster, smollm):
+def test_a_worker_that_cannot_load_the_model_is_one_error_line(cluster, smollm, monkeypatch):
     import plipy
     from plipy.cluster.pool import Cluster, RayPool
     from plipy.errors import PlipyError
@@ -222,12 +222,13 @@ def test_a_worker_that_cannot_load_the_model_is_one_error_line(cluster, smollm):
         time.sleep(0.1)
     plipy.knockout("smollm2-135m", layer=3, ray=True, workers=2, resamples=100, resume=False)  # a warm pool …
     crowded = RayPool({"spec": "smollm2-135m", "dtype": "float32"}, Cluster(workers=2))
-    os.environ["PLIPY_RAY_PLACE_GRACE"] = "3"
-    try:  # … holds both CPUs: a second pool cannot be placed, and says so
-        with pytest.raises(PlipyError, match=r"^ray: 2 of 2 workers cannot be placed: each needs 1 CPU"):
-            crowded.ready()
-    finally:
-        del os.environ["PLIPY_RAY_PLACE_GRACE"]
+    monkeypatch.setenv("PLIPY_RAY_PLACE_GRACE", "3")
+    with pytest.raises(PlipyError, match=r"^ray: 2 of 2 workers cannot be placed: each needs 1 CPU"):
+        crowded.ready()  # … holds both CPUs: a second pool cannot be placed, and says so
+    monkeypatch.setenv("PLIPY_RAY_PLACE_GRACE", "999")  # past the start timeout, whatever the cause: one line
+    monkeypatch.setenv("PLIPY_RAY_START_TIMEOUT", "1")
+    with pytest.raises(PlipyError, match=r"^ray: 2 of 2 workers did not start within 1 s .* raise PLIPY_RAY_START"):
+        RayPool({"spec": "smollm2-135m", "dtype": "float32"}, Cluster(workers=2)).ready()
     with pytest.raises(PlipyError, match="workers load the model from its spec"):
         plipy.scan(wrap_model(smollm.model, smollm.tokenizer), layers="0", ray=True, resume=False)
 

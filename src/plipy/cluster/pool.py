@@ -217,18 +217,20 @@ class RayPool:
             return self
         ray, refs, t0 = self.ray, [a.pid.remote() for a in self.actors], time.monotonic()
         grace = float(os.environ.get("PLIPY_RAY_PLACE_GRACE", "30"))
+        limit = float(os.environ.get("PLIPY_RAY_START_TIMEOUT", "3600"))
         try:
             while True:
                 done, waiting = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, grace))
                 if not waiting:
                     break
-                free = ray.available_resources()
+                free, waited = ray.available_resources(), time.monotonic() - t0
                 short = free.get("CPU", 0) < self.cpus or free.get("GPU", 0) < self.gpus
-                if time.monotonic() - t0 > float(os.environ.get("PLIPY_RAY_START_TIMEOUT", "3600")):
+                if waited > limit:
                     self.close()
-                    raise PlipyError(f"ray: {len(waiting)} of {self.n} workers did not start within "
-                                     "PLIPY_RAY_START_TIMEOUT s (placed nowhere, or loading the model that long)")
-                if time.monotonic() - t0 >= grace and short and (unplaced := self._unplaced()):
+                    raise PlipyError(f"ray: {len(waiting)} of {self.n} workers did not start within {limit:g} s "
+                                     "(placed nowhere, or still loading the model): check `ray status`, or raise "
+                                     "PLIPY_RAY_START_TIMEOUT if loading takes that long")
+                if waited >= grace and short and (unplaced := self._unplaced()):
                     self.close()
                     raise PlipyError(
                         f"ray: {unplaced} of {self.n} workers cannot be placed: each needs {self.cpus} CPU(s)"

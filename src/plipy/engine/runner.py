@@ -60,8 +60,8 @@ class Outcome:
     """One condition's result: `logits` [V] (None when it could not run) and a status.
 
     Statuses: `ok`; `identity` (nothing to edit, or edits the last position's logits cannot see: the baseline
-    logits, KL exactly 0); `row-fully-masked` (the
-    edits remove every key of some query row); `edge-masked` (an edge the model's own mask already removes)."""
+    logits, KL exactly 0); `row-fully-masked` (the edits remove every key of some query row); `edge-masked` (an
+    edge the model's own mask already removes)."""
 
     logits: torch.Tensor | None
     status: str
