@@ -77,8 +77,10 @@ def main() -> None:
 
     base = statistics.median(times["plain SDPA forward"])
     n_tok = sum(ids.shape[1] for ids, _ in items)
-    print(f"model {args.model}, {len(items)} samples ({n_tok} tokens), {args.rounds} rounds, device {args.device}, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, {len(items)} samples ({n_tok} tokens), {args.rounds} rounds, device {args.device}, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}"
+    )
     print("| configuration | median time per corpus pass | × plain SDPA |")
     print("|---|---|---|")
     for name, ts in times.items():

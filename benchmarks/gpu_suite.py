@@ -26,12 +26,28 @@ import torch
 
 # Qwen/Qwen2.5-Coder-7B-Instruct config.json (the fields that shape compute)
 QWEN25_CODER_7B = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-    tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False,
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    use_sliding_window=False,
 )
-SMOKE = dict(QWEN25_CODER_7B, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+SMOKE = dict(
+    QWEN25_CODER_7B,
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -71,8 +87,13 @@ def long_corpus(tok: Any, n_tokens: int) -> Any:
             cut = ids["offset_mapping"][min(n_tokens, len(ids["input_ids"])) - 1][1]
             out.append(replace(s, code=code[:cut]))
         groups[g] = out
-    return Corpus(path=Path(f"<long-{n_tokens}>"), sha256=f"long-{n_tokens}", format_version=full.format_version,
-                  description=None, groups=groups)
+    return Corpus(
+        path=Path(f"<long-{n_tokens}>"),
+        sha256=f"long-{n_tokens}",
+        format_version=full.format_version,
+        description=None,
+        groups=groups,
+    )
 
 
 def timed(fn: Callable[[], Any], device: str) -> tuple[float, int]:
@@ -98,8 +119,9 @@ def plain_forwards(model: torch.nn.Module, seqs: list[list[int]], copies: int, b
             model(p.ids, **p.forward_kwargs(), logits_to_keep=1)
 
 
-def workloads(model: torch.nn.Module, tok: Any, corpus: Any, device: str, batch: int, cond_batch: int
-              ) -> list[tuple[str, Callable[[], Any], Callable[[], Any], int]]:
+def workloads(
+    model: torch.nn.Module, tok: Any, corpus: Any, device: str, batch: int, cond_batch: int
+) -> list[tuple[str, Callable[[], Any], Callable[[], Any], int]]:
     """(name, plipy call, plain-forward call of the same work, tokens processed by the plain work)."""
     import plipy
     from plipy.corpus import token_positions
@@ -111,14 +133,24 @@ def workloads(model: torch.nn.Module, tok: Any, corpus: Any, device: str, batch:
     common = dict(tokenizer=tok, corpus=corpus, resume=False, batch_size=batch)
     n = sum(map(len, seqs))
     return [
-        ("scan, all layers", lambda: plipy.scan(model, resamples=200, **common),
-         lambda: plain_forwards(model, seqs, 1, batch, device), n),
-        (f"knockout --scan-layers ({n_layers} conditions)",
-         lambda: plipy.knockout(model, scan_layers=True, condition_batch=cond_batch, resamples=200, **common),
-         lambda: plain_forwards(model, seqs, n_layers, cond_batch, device), n * n_layers),
-        (f"steer dose, {len(DOSES)} doses, layer {layer}",
-         lambda: plipy.steer.dose(model, layer=layer, doses=list(DOSES), condition_batch=cond_batch, **common),
-         lambda: plain_forwards(model, rust, len(DOSES), cond_batch, device), sum(map(len, rust)) * len(DOSES)),
+        (
+            "scan, all layers",
+            lambda: plipy.scan(model, resamples=200, **common),
+            lambda: plain_forwards(model, seqs, 1, batch, device),
+            n,
+        ),
+        (
+            f"knockout --scan-layers ({n_layers} conditions)",
+            lambda: plipy.knockout(model, scan_layers=True, condition_batch=cond_batch, resamples=200, **common),
+            lambda: plain_forwards(model, seqs, n_layers, cond_batch, device),
+            n * n_layers,
+        ),
+        (
+            f"steer dose, {len(DOSES)} doses, layer {layer}",
+            lambda: plipy.steer.dose(model, layer=layer, doses=list(DOSES), condition_batch=cond_batch, **common),
+            lambda: plain_forwards(model, rust, len(DOSES), cond_batch, device),
+            sum(map(len, rust)) * len(DOSES),
+        ),
     ]
 
 
@@ -144,19 +176,24 @@ def main() -> None:
     if args.smoke:
         lengths = [min(x, 256) for x in lengths]
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    print(f"model: random-init {'smoke config' if args.smoke else 'Qwen2.5-Coder-7B-Instruct config'} in "
-          f"{str(dtype).removeprefix('torch.')}, {device} ({gpu}), torch {torch.__version__}, batch {batch}")
+    print(
+        f"model: random-init {'smoke config' if args.smoke else 'Qwen2.5-Coder-7B-Instruct config'} in "
+        f"{str(dtype).removeprefix('torch.')}, {device} ({gpu}), torch {torch.__version__}, batch {batch}"
+    )
     print("\n| workload | plipy | plain SDPA, same work | × plain | tokens/s (plain work) | peak GPU memory |")
     print("|---|---:|---:|---:|---:|---:|")
     t_start = time.perf_counter()
     for label, corpus, cond_batch in [("corpus", load_corpus(), 32)] + [
-            (f"{n // 1024}k input" if n >= 1024 else f"{n}-token input", long_corpus(tok, n), 8) for n in lengths]:
+        (f"{n // 1024}k input" if n >= 1024 else f"{n}-token input", long_corpus(tok, n), 8) for n in lengths
+    ]:
         for name, ours, plain, n_tok in workloads(model, tok, corpus, device, batch, cond_batch):
             ours()  # warm-up: kernels, allocator
             t_ours, peak = timed(ours, device)
             t_plain, _ = timed(plain, device)
-            print(f"| {label}: {name} | {t_ours:.2f} s | {t_plain:.2f} s | {t_ours / t_plain:.3f} | "
-                  f"{n_tok / t_ours:,.0f} | {peak / 2**30:.1f} GiB |")
+            print(
+                f"| {label}: {name} | {t_ours:.2f} s | {t_plain:.2f} s | {t_ours / t_plain:.3f} | "
+                f"{n_tok / t_ours:,.0f} | {peak / 2**30:.1f} GiB |"
+            )
             sys.stdout.flush()
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 

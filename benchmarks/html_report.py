@@ -45,14 +45,18 @@ def main() -> None:
             starts.append(opened.start_ms / 1000)
             cpu.append(opened.metrics.get("ThreadTime", float("nan")))
             opened.page.close()
-    print(f"{platform.processor() or platform.machine()}, {n} samples × {len(result['layers_scanned'])} layers, "
-          f"Chromium {hb.find_chromium()}")
+    print(
+        f"{platform.processor() or platform.machine()}, {n} samples × {len(result['layers_scanned'])} layers, "
+        f"Chromium {hb.find_chromium()}"
+    )
     print("| measure | value | target |\n|---|---|---|")
     print(f"| file size | {size / 1e6:.2f} MB | < 10 MB |")
     print(f"| write (`to_html`) | {write_s:.2f} s | — |")
     print(f"| open → drawn, first page of a fresh browser | {loads[0]:.2f} s | < 2 s |")
-    print(f"| open → drawn, median of {len(loads)} | {statistics.median(loads):.2f} s "
-          f"(min {min(loads):.2f}, max {max(loads):.2f}) | < 2 s |")
+    print(
+        f"| open → drawn, median of {len(loads)} | {statistics.median(loads):.2f} s "
+        f"(min {min(loads):.2f}, max {max(loads):.2f}) | < 2 s |"
+    )
     print(f"| … of which plotly.js and the HTML parsed and run (median) | {statistics.median(starts):.2f} s | — |")
     print(f"| main-thread CPU time of the page (median) | {statistics.median(cpu):.2f} s | — |")
 

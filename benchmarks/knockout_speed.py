@@ -35,8 +35,10 @@ def main() -> None:
 
     lm = load_model(args.model, dtype="float32", device=args.device)
     engine = Engine(lm.model)
-    runners = {"fast": ConditionRunner(lm.model, engine, path="fast", max_batch=args.batch),
-               "naive": ConditionRunner(lm.model, engine, path="naive")}
+    runners = {
+        "fast": ConditionRunner(lm.model, engine, path="fast", max_batch=args.batch),
+        "naive": ConditionRunner(lm.model, engine, path="naive"),
+    }
     if args.unbatched:
         runners["fast, unbatched"] = ConditionRunner(lm.model, engine, path="fast", max_batch=1)
     conditions = ko.build_conditions("scan-layers", lm.n_layers)
@@ -72,17 +74,21 @@ def main() -> None:
                     worst = max(worst, abs(float(kl_divergence(bf, a.logits)) - float(kl_divergence(bn, b.logits))))
 
     n_tok = sum(len(ids) for ids, _ in items)
-    print(f"model {args.model}, {len(items)} samples ({n_tok} tokens), {len(conditions)} conditions each "
-          f"(--scan-layers, {args.edges}), device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"model {args.model}, {len(items)} samples ({n_tok} tokens), {len(conditions)} conditions each "
+        f"(--scan-layers, {args.edges}), device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     print(f"max |KL fast − KL naive| = {worst:.2e} nats\n")
     naive = times["naive"]
     print("| path | seconds | × naive | forward calls | layer·token units |")
     print("|---|---:|---:|---:|---:|")
     for name, r in runners.items():
         d = r.describe()
-        print(f"| {name} | {times[name]:.1f} | {times[name] / naive:.3f} | {d['forward_calls']} | "
-              f"{d['layer_token_units']} |")
+        print(
+            f"| {name} | {times[name]:.1f} | {times[name] / naive:.3f} | {d['forward_calls']} | "
+            f"{d['layer_token_units']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,20 @@ def commands(model: str, out: Path) -> dict[str, list[str]]:
         "scan --bos": ["plipy", "scan", "--model", model, "--bos", "--out", f"{out}/scan-{model}-bos.json"],
         "knockout": ["plipy", "knockout", "--model", model, "--scan-layers", "--out", f"{out}/knockout-{model}.json"],
         "labels": ["plipy", "entities", "label", "--model", model, *LABELS, "--out", f"{out}/labels-{model}.json"],
-        "pipeline": ["plipy", "sae", "pipeline", "--model", model, "--quick", "--limit", "12", "--layer",
-                     str(SAE_LAYER[model]), "--out", f"{out}/pipeline-{model}"],
+        "pipeline": [
+            "plipy",
+            "sae",
+            "pipeline",
+            "--model",
+            model,
+            "--quick",
+            "--limit",
+            "12",
+            "--layer",
+            str(SAE_LAYER[model]),
+            "--out",
+            f"{out}/pipeline-{model}",
+        ],
     }
 
 
@@ -109,61 +121,88 @@ def _largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def scan_tables(scans: dict[str, dict]) -> list[str]:
-    out = ["### Layer scan: marker → target attention", "",
-           "| model | layers | n (A / B) | uniform null A / B | null ratio | largest-effect layer | mean A / B there | "
-           "A ÷ B | g | p (Holm) | layers p_holm < 0.05 |",
-           "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    out = [
+        "### Layer scan: marker → target attention",
+        "",
+        "| model | layers | n (A / B) | uniform null A / B | null ratio | largest-effect layer | mean A / B there | "
+        "A ÷ B | g | p (Holm) | layers p_holm < 0.05 |",
+        "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
         best = _largest(r["layers"])
         n = f"{best['groups'][ga]['n']} / {best['groups'][gb]['n']}"
         sig = sum(1 for x in r["layers"] if x["p_holm"] is not None and x["p_holm"] < 0.05)
-        out.append(f"| {model} | {len(r['layers'])} | {n} | {pct(r['uniform_null'][ga]['mean'])} / "
-                   f"{pct(r['uniform_null'][gb]['mean'])} | {fmt(r['null_ratio'])} | {best['layer']} | "
-                   f"{pct(best['groups'][ga]['mean'])} / {pct(best['groups'][gb]['mean'])} | "
-                   f"{fmt(_ratio(best['groups'], ga, gb))} | "
-                   f"{fmt(best['hedges_g'])} | {fmt(best['p_holm'])} | {sig} of {len(r['layers'])} |")
-    out += ["", "Position-controlled: `excess` = attention ÷ uniform null 1/(m+1), per sample.", "",
-            "| model | largest-effect layer (excess) | excess A / B there | A ÷ B | g | p (Holm) | "
-            "layers p_holm < 0.05 |", "|---|---:|---|---:|---:|---:|---:|"]
+        out.append(
+            f"| {model} | {len(r['layers'])} | {n} | {pct(r['uniform_null'][ga]['mean'])} / "
+            f"{pct(r['uniform_null'][gb]['mean'])} | {fmt(r['null_ratio'])} | {best['layer']} | "
+            f"{pct(best['groups'][ga]['mean'])} / {pct(best['groups'][gb]['mean'])} | "
+            f"{fmt(_ratio(best['groups'], ga, gb))} | "
+            f"{fmt(best['hedges_g'])} | {fmt(best['p_holm'])} | {sig} of {len(r['layers'])} |"
+        )
+    out += [
+        "",
+        "Position-controlled: `excess` = attention ÷ uniform null 1/(m+1), per sample.",
+        "",
+        "| model | largest-effect layer (excess) | excess A / B there | A ÷ B | g | p (Holm) | layers p_holm < 0.05 |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
         exc = [x["excess"] | {"layer": x["layer"]} for x in r["layers"]]
         best = _largest(exc)
         sig = sum(1 for x in exc if x["p_holm"] is not None and x["p_holm"] < 0.05)
-        out.append(f"| {model} | {best['layer']} | {fmt(best['groups'][ga]['mean'])} / "
-                   f"{fmt(best['groups'][gb]['mean'])} | {fmt(_ratio(best['groups'], ga, gb))} | "
-                   f"{fmt(best['hedges_g'])} | "
-                   f"{fmt(best['p_holm'])} | {sig} of {len(exc)} |")
-    out += ["", "The attention sink: samples whose targets include token 0 (without BOS the first code token), and the "
-            "head-mean share of the marker's attention on token 0, averaged over the layers.", "",
-            "| model | token 0 is a target: A / B | token-0 share A / B |", "|---|---|---|"]
+        out.append(
+            f"| {model} | {best['layer']} | {fmt(best['groups'][ga]['mean'])} / "
+            f"{fmt(best['groups'][gb]['mean'])} | {fmt(_ratio(best['groups'], ga, gb))} | "
+            f"{fmt(best['hedges_g'])} | "
+            f"{fmt(best['p_holm'])} | {sig} of {len(exc)} |"
+        )
+    out += [
+        "",
+        "The attention sink: samples whose targets include token 0 (without BOS the first code token), and the "
+        "head-mean share of the marker's attention on token 0, averaged over the layers.",
+        "",
+        "| model | token 0 is a target: A / B | token-0 share A / B |",
+        "|---|---|---|",
+    ]
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
-        zero = {g: sum(1 for x in r["samples"] if x["group"] == g and 0 in (x.get("measured_targets") or []))
-                for g in (ga, gb)}
+        zero = {
+            g: sum(1 for x in r["samples"] if x["group"] == g and 0 in (x.get("measured_targets") or []))
+            for g in (ga, gb)
+        }
         n = {g: sum(1 for x in r["samples"] if x["group"] == g and "attention" in x) for g in (ga, gb)}
         share = {g: sum(x["first_token_share"][g] for x in r["layers"]) / len(r["layers"]) for g in (ga, gb)}
         out.append(f"| {model} | {zero[ga]} of {n[ga]} / {zero[gb]} of {n[gb]} | {pct(share[ga])} / {pct(share[gb])} |")
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
-        out += ["", f"<details><summary>{model}: every layer</summary>", "",
-                f"| layer | {ga} | {gb} | A ÷ B | g | p (Holm) | excess {ga} | excess {gb} | excess p (Holm) |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"<details><summary>{model}: every layer</summary>",
+            "",
+            f"| layer | {ga} | {gb} | A ÷ B | g | p (Holm) | excess {ga} | excess {gb} | excess p (Holm) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for x in r["layers"]:
             e = x["excess"]
-            out.append(f"| {x['layer']} | {pct(x['groups'][ga]['mean'])} | {pct(x['groups'][gb]['mean'])} | "
-                       f"{fmt(_ratio(x['groups'], ga, gb))} | {fmt(x['hedges_g'])} | {fmt(x['p_holm'])} | "
-                       f"{fmt(e['groups'][ga]['mean'])} | {fmt(e['groups'][gb]['mean'])} | {fmt(e['p_holm'])} |")
+            out.append(
+                f"| {x['layer']} | {pct(x['groups'][ga]['mean'])} | {pct(x['groups'][gb]['mean'])} | "
+                f"{fmt(_ratio(x['groups'], ga, gb))} | {fmt(x['hedges_g'])} | {fmt(x['p_holm'])} | "
+                f"{fmt(e['groups'][ga]['mean'])} | {fmt(e['groups'][gb]['mean'])} | {fmt(e['p_holm'])} |"
+            )
         out += ["", "</details>"]
     return out
 
 
 def knockout_tables(kos: dict[str, dict]) -> list[str]:
-    out = ["### Knockout layer scan: KL(base ‖ marker → targets removed), nats", "",
-           "| model | conditions | n (A / B) | largest mean KL: layer | mean KL A / B there | largest-effect layer "
-           "| mean KL A / B there | A ÷ B | g | p (Holm) | layers p_holm < 0.05 | runner |",
-           "|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---|"]
+    out = [
+        "### Knockout layer scan: KL(base ‖ marker → targets removed), nats",
+        "",
+        "| model | conditions | n (A / B) | largest mean KL: layer | mean KL A / B there | largest-effect layer "
+        "| mean KL A / B there | A ÷ B | g | p (Holm) | layers p_holm < 0.05 | runner |",
+        "|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---|",
+    ]
     for model, r in kos.items():
         ga, gb = r["groups_compared"]
         runs = r["runs"]
@@ -171,28 +210,41 @@ def knockout_tables(kos: dict[str, dict]) -> list[str]:
         best = _largest([x | {"layer": x["label"]} for x in runs])
         sig = sum(1 for x in runs if x["p_holm"] is not None and x["p_holm"] < 0.05)
         runner = r["provenance"]["config"]["runner"]
-        out.append(f"| {model} | {len(runs)} | {best['groups'][ga]['n']} / {best['groups'][gb]['n']} | "
-                   f"{top['label']} | {fmt(top['groups'][ga]['mean'])} / {fmt(top['groups'][gb]['mean'])} | "
-                   f"{best['layer']} | {fmt(best['groups'][ga]['mean'])} / {fmt(best['groups'][gb]['mean'])} | "
-                   f"{fmt(best['ratio'])} | {fmt(best['hedges_g'])} | {fmt(best['p_holm'])} | {sig} of {len(runs)} "
-                   f"| {runner['path']} |")
+        out.append(
+            f"| {model} | {len(runs)} | {best['groups'][ga]['n']} / {best['groups'][gb]['n']} | "
+            f"{top['label']} | {fmt(top['groups'][ga]['mean'])} / {fmt(top['groups'][gb]['mean'])} | "
+            f"{best['layer']} | {fmt(best['groups'][ga]['mean'])} / {fmt(best['groups'][gb]['mean'])} | "
+            f"{fmt(best['ratio'])} | {fmt(best['hedges_g'])} | {fmt(best['p_holm'])} | {sig} of {len(runs)} "
+            f"| {runner['path']} |"
+        )
     for model, r in kos.items():
         ga, gb = r["groups_compared"]
-        out += ["", f"<details><summary>{model}: every layer</summary>", "",
-                f"| layer | mean KL {ga} | mean KL {gb} | A ÷ B | g | p (Holm) |", "|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"<details><summary>{model}: every layer</summary>",
+            "",
+            f"| layer | mean KL {ga} | mean KL {gb} | A ÷ B | g | p (Holm) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for x in r["runs"]:
-            out.append(f"| {x['label']} | {fmt(x['groups'][ga]['mean'])} | {fmt(x['groups'][gb]['mean'])} | "
-                       f"{fmt(x['ratio'])} | {fmt(x['hedges_g'])} | {fmt(x['p_holm'])} |")
+            out.append(
+                f"| {x['label']} | {fmt(x['groups'][ga]['mean'])} | {fmt(x['groups'][gb]['mean'])} | "
+                f"{fmt(x['ratio'])} | {fmt(x['hedges_g'])} | {fmt(x['p_holm'])} |"
+            )
         out += ["", "</details>"]
     return out
 
 
 def label_tables(labels: dict[str, dict]) -> list[str]:
     types = list(next(iter(labels.values()))["summary"])
-    out = ["### Which entities each model knows", "",
-           "Known / unknown / dropped of the entities labelled per type, and the balanced test group (per label).", "",
-           "| model | " + " | ".join(types) + " | all | attributes known | balanced test, per label |",
-           "|---|" + "---|" * len(types) + "---|---|---|"]
+    out = [
+        "### Which entities each model knows",
+        "",
+        "Known / unknown / dropped of the entities labelled per type, and the balanced test group (per label).",
+        "",
+        "| model | " + " | ".join(types) + " | all | attributes known | balanced test, per label |",
+        "|---|" + "---|" * len(types) + "---|---|---|",
+    ]
     for model, doc in labels.items():
         s = doc["summary"]
         cells = [f"{s[t]['known']} / {s[t]['unknown']} / {s[t]['dropped']}" for t in types]
@@ -200,35 +252,50 @@ def label_tables(labels: dict[str, dict]) -> list[str]:
         total = sum(s[t]["n"] for t in types)
         test = sum(s[t]["test_balanced_per_label"] for t in types)
         attrs = [v["known"] for e in doc["entities"] for v in e["attributes"].values()]
-        out.append(f"| {model} | " + " | ".join(cells) + f" | {known} of {total} known | {sum(attrs)} of "
-                   f"{len(attrs)} | {test} |")
+        out.append(
+            f"| {model} | " + " | ".join(cells) + f" | {known} of {total} known | {sum(attrs)} of "
+            f"{len(attrs)} | {test} |"
+        )
     out.append("")
     for model, doc in labels.items():
-        names = [f"{e['entity']} ({e['entity_type']}: {', '.join(a for a, v in e['attributes'].items() if v['known'])})"
-                 for e in doc["entities"] if e["label"] == "known"]
+        names = [
+            f"{e['entity']} ({e['entity_type']}: {', '.join(a for a, v in e['attributes'].items() if v['known'])})"
+            for e in doc["entities"]
+            if e["label"] == "known"
+        ]
         out.append(f"- {model} knows: {'; '.join(names) or 'none'}")
     cfg = next(iter(labels.values()))["config"]
-    out += ["", f"Labelled with K = {cfg['k']} samples per attribute query and {cfg['max_new_tokens']} new tokens "
-            f"(upstream used 32): the first {cfg['limit']} shipped entities of each type, seed {cfg['seed']}."]
+    out += [
+        "",
+        f"Labelled with K = {cfg['k']} samples per attribute query and {cfg['max_new_tokens']} new tokens "
+        f"(upstream used 32): the first {cfg['limit']} shipped entities of each type, seed {cfg['seed']}.",
+    ]
     return out
 
 
 def pipeline_tables(pipes: dict[str, dict]) -> list[str]:
-    out = ["### The entity pipeline (`--quick --limit 12`): labels → SAE → latents → attention", "",
-           "`plipy sae pipeline --quick --limit 12`: the same 12 entities per type, labelled with the quick profile "
-           "(K = 2, 8 new tokens: an attribute is known with 1 of 2 samples correct, a laxer rule than above, but 8 "
-           "tokens can cut an answer short, so the counts may differ from above either way), "
-           "a 256-latent TopK SAE on 1,024 tokens, latents scored on the train split, 4 prompts per "
-           "label (docs/sae-pipeline.md).", "",
-           "| model | known / labelled | SAE: hook, explained variance | top known / unknown latent | known prompts | "
-           "unknown prompts |", "|---|---|---|---|---|---|"]
+    out = [
+        "### The entity pipeline (`--quick --limit 12`): labels → SAE → latents → attention",
+        "",
+        "`plipy sae pipeline --quick --limit 12`: the same 12 entities per type, labelled with the quick profile "
+        "(K = 2, 8 new tokens: an attribute is known with 1 of 2 samples correct, a laxer rule than above, but 8 "
+        "tokens can cut an answer short, so the counts may differ from above either way), "
+        "a 256-latent TopK SAE on 1,024 tokens, latents scored on the train split, 4 prompts per "
+        "label (docs/sae-pipeline.md).",
+        "",
+        "| model | known / labelled | SAE: hook, explained variance | top known / unknown latent | known prompts | "
+        "unknown prompts |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, s in pipes.items():
         ents = s["entities"].values()
         sae = s["sae"]
         ev = (sae.get("metrics") or {}).get("explained_variance")
-        out.append(f"| {model} | {sum(e['known'] for e in ents)} / {sum(e['n'] for e in ents)} | "
-                   f"`{sae.get('hook_name')}`, {fmt(ev)} | {_latent_cell(s)} | {_attention_cell(s, 'known')} | "
-                   f"{_attention_cell(s, 'unknown')} |")
+        out.append(
+            f"| {model} | {sum(e['known'] for e in ents)} / {sum(e['n'] for e in ents)} | "
+            f"`{sae.get('hook_name')}`, {fmt(ev)} | {_latent_cell(s)} | {_attention_cell(s, 'known')} | "
+            f"{_attention_cell(s, 'unknown')} |"
+        )
     return out
 
 
@@ -249,28 +316,40 @@ def _attention_cell(s: dict, label: str) -> str:
 
 
 def power_table(scans: dict[str, dict], labels: dict[str, dict]) -> list[str]:
-    out = ["### What the group sizes allow", "",
-           "The smallest standardised difference |g| a two-sided t-test detects with 80 % power at α = 0.05, and at "
-           "α = 0.05 / L (Holm's first step over L layers), for the groups these runs have "
-           "(`detectable_g` in `benchmarks/models_evidence.py`: noncentral t).", "",
-           "| model | comparison | n per group | detectable g (α = 0.05) | detectable g (α = 0.05 / L) |",
-           "|---|---|---|---:|---:|"]
+    out = [
+        "### What the group sizes allow",
+        "",
+        "The smallest standardised difference |g| a two-sided t-test detects with 80 % power at α = 0.05, and at "
+        "α = 0.05 / L (Holm's first step over L layers), for the groups these runs have "
+        "(`detectable_g` in `benchmarks/models_evidence.py`: noncentral t).",
+        "",
+        "| model | comparison | n per group | detectable g (α = 0.05) | detectable g (α = 0.05 / L) |",
+        "|---|---|---|---:|---:|",
+    ]
     for model, r in scans.items():
         ga, gb = r["groups_compared"]
         na, nb = r["layers"][0]["groups"][ga]["n"], r["layers"][0]["groups"][gb]["n"]
         n_layers = len(r["layers"])
-        out.append(f"| {model} | scan / knockout, {ga} vs {gb} | {na} / {nb} | {fmt(detectable_g(na, nb))} | "
-                   f"{fmt(detectable_g(na, nb, 0.05 / n_layers))} (L = {n_layers}) |")
+        out.append(
+            f"| {model} | scan / knockout, {ga} vs {gb} | {na} / {nb} | {fmt(detectable_g(na, nb))} | "
+            f"{fmt(detectable_g(na, nb, 0.05 / n_layers))} (L = {n_layers}) |"
+        )
         doc = labels.get(model)
         if doc is not None:
             per_label = sum(v["test_balanced_per_label"] for v in doc["summary"].values())
             g = detectable_g(per_label, per_label)
-            out.append(f"| {model} | entities, known vs unknown (balanced test) | {per_label} / {per_label} | "
-                       f"{fmt(g) if g is not None else 'no test (< 2 per group)'} | — |")
+            out.append(
+                f"| {model} | entities, known vs unknown (balanced test) | {per_label} / {per_label} | "
+                f"{fmt(g) if g is not None else 'no test (< 2 per group)'} | — |"
+            )
     need = next(n for n in range(2, 1000) if detectable_g(n, n) <= 1.0)
-    out += ["", f"A known-vs-unknown comparison that detects |g| = 1 (80 % power, α = 0.05) needs {need} entities per "
-            "group in the test split (40 % of each label, upstream's split). At the rate each model knows the "
-            "labelled entities, that takes about:", ""]
+    out += [
+        "",
+        f"A known-vs-unknown comparison that detects |g| = 1 (80 % power, α = 0.05) needs {need} entities per "
+        "group in the test split (40 % of each label, upstream's split). At the rate each model knows the "
+        "labelled entities, that takes about:",
+        "",
+    ]
     for model, doc in labels.items():
         known = sum(v["known"] for v in doc["summary"].values())
         total = sum(v["n"] for v in doc["summary"].values())
@@ -281,9 +360,12 @@ def power_table(scans: dict[str, dict], labels: dict[str, dict]) -> list[str]:
 
 def render(out: Path, models: list[str]) -> str:
     found: dict[str, dict[str, dict]] = {"scan": {}, "scan --bos": {}, "knockout": {}, "labels": {}, "pipeline": {}}
-    lines = ["Produced by `python benchmarks/models_evidence.py --run` (the commands below, skipping those whose "
-             "result exists) and rendered by `python benchmarks/models_evidence.py --write docs/models.md`.", "",
-             "```bash"]
+    lines = [
+        "Produced by `python benchmarks/models_evidence.py --run` (the commands below, skipping those whose "
+        "result exists) and rendered by `python benchmarks/models_evidence.py --write docs/models.md`.",
+        "",
+        "```bash",
+    ]
     for model in models:
         for kind, cmd in commands(model, out).items():
             lines.append(shlex.join(cmd))
@@ -295,9 +377,11 @@ def render(out: Path, models: list[str]) -> str:
         prov = (found["scan"].get(model) or {}).get("provenance", {})
         if prov:
             m, libs = prov.get("model", {}), prov.get("libraries", {})
-            lines.append(f"- {model}: {m.get('model_class')}, weights sha256 {str(m.get('weights_sha256'))[:12]}…, "
-                         f"{m.get('dtype')} on {m.get('device')}, plipy {prov.get('plipy_version')}, "
-                         f"torch {libs.get('torch')}, transformers {libs.get('transformers')}")
+            lines.append(
+                f"- {model}: {m.get('model_class')}, weights sha256 {str(m.get('weights_sha256'))[:12]}…, "
+                f"{m.get('dtype')} on {m.get('device')}, plipy {prov.get('plipy_version')}, "
+                f"torch {libs.get('torch')}, transformers {libs.get('transformers')}"
+            )
     lines.append("")
     if found["scan"]:
         scans = {**found["scan"], **{f"{m} --bos": r for m, r in found["scan --bos"].items()}}

@@ -59,26 +59,50 @@ def main() -> None:
 
         keep = {g: [s for s in corpus.samples([g])][: args.limit] for g in ("python_doctest", "rust_test")}
         path = os.path.join(tempfile.mkdtemp(), "corpus.json")
-        write_json(path, {"_format_version": "2.0", **{g: [{"id": s.id, "code": s.code,
-                   "marker_char_pos": s.marker_char_pos, "marker_pattern": s.marker_pattern,
-                   "target_char_positions": list(s.target_char_positions)} for s in ss] for g, ss in keep.items()}})
+        write_json(
+            path,
+            {
+                "_format_version": "2.0",
+                **{
+                    g: [
+                        {
+                            "id": s.id,
+                            "code": s.code,
+                            "marker_char_pos": s.marker_char_pos,
+                            "marker_pattern": s.marker_pattern,
+                            "target_char_positions": list(s.target_char_positions),
+                        }
+                        for s in ss
+                    ]
+                    for g, ss in keep.items()
+                },
+            },
+        )
         corpus = load_corpus(path)
     cpus = os.cpu_count() or 2
     t0 = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             namespace="plipy")
+    ray.init(
+        num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, namespace="plipy"
+    )
     init_s = time.perf_counter() - t0
     from plipy.cluster import Cluster, shutdown
 
     n_layers = plipy.load_model(args.model, dtype="float32", device="cpu", weights=False).n_layers
     kw = {"scan_layers": True, "resume": False, "resamples": 1000, "dtype": "float32"}
     # every configuration starts from the spec, as a command does: the model load is part of each run
-    configs = {"local": {}, "ray, 1 worker": {"ray": True, "workers": 1},
-               "ray, 1 worker, warm pool (the run after)": {"ray": True, "workers": 1},
-               "ray, 2 workers": {"ray": True, "workers": 2},
-               "ray, 2 workers × 1 thread, batches of 4": {"ray": Cluster(threads=1), "workers": 2, "batch_size": 4}}
-    blocks = [["local"], ["ray, 1 worker", "ray, 1 worker, warm pool (the run after)"], ["ray, 2 workers"],
-              ["ray, 2 workers × 1 thread, batches of 4"]]
+    configs = {
+        "local": {},
+        "ray, 1 worker": {"ray": True, "workers": 1},
+        "ray, 1 worker, warm pool (the run after)": {"ray": True, "workers": 1},
+        "ray, 2 workers": {"ray": True, "workers": 2},
+        "ray, 2 workers × 1 thread, batches of 4": {"ray": Cluster(threads=1), "workers": 2, "batch_size": 4},
+    }
+    blocks = [
+        ["local"],
+        ["ray, 1 worker", "ray, 1 worker, warm pool (the run after)"],
+        ["ray, 2 workers"],
+        ["ray, 2 workers × 1 thread, batches of 4"],
+    ]
     times: dict[str, list[float]] = {k: [] for k in configs}
     docs: dict[str, str] = {}
     for r in range(args.rounds):
@@ -98,15 +122,20 @@ def main() -> None:
     payload = [run["samples"][0] for run in unit]
     rt = _unit_roundtrip_ms(ray, payload)
     base = statistics.median(times["local"])
-    print(f"\n{platform.processor() or platform.machine()}, {cpus} CPUs, torch {torch.__version__}, "
-          f"ray {ray.__version__}; {args.model}, {n_samples} samples × {n_layers} conditions, "
-          f"{args.rounds} rounds (median); Ray instance start {init_s:.1f} s (not counted)\n")
+    print(
+        f"\n{platform.processor() or platform.machine()}, {cpus} CPUs, torch {torch.__version__}, "
+        f"ray {ray.__version__}; {args.model}, {n_samples} samples × {n_layers} conditions, "
+        f"{args.rounds} rounds (median); Ray instance start {init_s:.1f} s (not counted)\n"
+    )
     print("| configuration | median time | × local | result equals local |")
     print("|---|---|---|---|")
     for name, ts in times.items():
         same = "yes" if docs[name] == docs["local"] else "no"
-        same = "—" if name == "local" else (same + " (other threads: fp32 sums round differently)"
-                                            if "1 thread" in name else same)
+        same = (
+            "—"
+            if name == "local"
+            else (same + " (other threads: fp32 sums round differently)" if "1 thread" in name else same)
+        )
         print(f"| {name} | {statistics.median(ts):.1f} s | {statistics.median(ts) / base:.3f} | {same} |")
     print(f"\nper-unit round trip through an actor (schedule + return a {len(payload)}-row unit): {rt:.2f} ms")
 

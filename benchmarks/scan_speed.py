@@ -30,8 +30,7 @@ def _setup(model: str, device: str):
     lm = load_model(model, dtype="float32", device=device)
     corpus = load_corpus()
     groups, _ = choose_groups(corpus, None)
-    ids = [torch.tensor([token_positions(s, lm.tokenizer).input_ids], device=lm.device)
-           for s in corpus.samples(groups)]
+    ids = [torch.tensor([token_positions(s, lm.tokenizer).input_ids], device=lm.device) for s in corpus.samples(groups)]
     return lm, corpus, ids
 
 
@@ -108,9 +107,11 @@ def main() -> None:
 
     base = statistics.median(times[CONFIGS[0]])
     n_tok = sum(x.shape[1] for x in ids)
-    print(f"model {args.model}, {len(ids)} samples ({n_tok} tokens), all {lm.n_layers} layers, {args.rounds} rounds, "
-          f"{args.resamples} resamples, device {args.device}, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, {len(ids)} samples ({n_tok} tokens), all {lm.n_layers} layers, {args.rounds} rounds, "
+        f"{args.resamples} resamples, device {args.device}, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}"
+    )
     print("| configuration | median time | × plain SDPA |")
     print("|---|---|---|")
     for name, ts in times.items():
@@ -120,13 +121,29 @@ def main() -> None:
     print("\n| configuration | peak RSS | RSS after load | fp32 weights | peak − weights − RSS before load |")
     print("|---|---|---|---|---|")
     for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--device", args.device,
-                              "--resamples", str(args.resamples), "--child", name],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--device",
+                args.device,
+                "--resamples",
+                str(args.resamples),
+                "--child",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         m = json.loads(out.strip().splitlines()[-1])
         mb = 1 / 2**20
-        print(f"| {name} | {m['peak'] * mb:.0f} MiB | {m['after_load'] * mb:.0f} MiB | {m['weights_fp32'] * mb:.0f} MiB"
-              f" | {(m['peak'] - m['weights_fp32'] - m['before_load']) * mb:.0f} MiB |")
+        print(
+            f"| {name} | {m['peak'] * mb:.0f} MiB | {m['after_load'] * mb:.0f} MiB | {m['weights_fp32'] * mb:.0f} MiB"
+            f" | {(m['peak'] - m['weights_fp32'] - m['before_load']) * mb:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ def main() -> None:
 
     lm = load_model(args.model, dtype="float32", device=args.device)
     engine = Engine(lm.model)
-    runners = {"fast (one batch per sample)": ConditionRunner(lm.model, engine, path="fast"),
-               "naive (full forward per dose)": ConditionRunner(lm.model, engine, path="naive")}
+    runners = {
+        "fast (one batch per sample)": ConditionRunner(lm.model, engine, path="fast"),
+        "naive (full forward per dose)": ConditionRunner(lm.model, engine, path="naive"),
+    }
     if args.unbatched:
         runners["fast, one dose per call"] = ConditionRunner(lm.model, engine, path="fast", max_batch=1)
     layer = plip_default_layer(lm.n_layers) if args.layer is None else args.layer
@@ -60,7 +62,7 @@ def main() -> None:
         r0.stats = RunnerStats()
         for i, (ids, cap, conds) in enumerate(items):
             got = {}
-            for name in (names if i % 2 == 0 else list(reversed(names))):
+            for name in names if i % 2 == 0 else list(reversed(names)):
                 r = runners[name]
                 t = time.perf_counter()
                 base = r.baseline(ids, capture=cap)
@@ -71,22 +73,27 @@ def main() -> None:
                 got[name] = (base, outs)
             (bf, of), (bn, on) = got[names[0]], got[names[1]]
             for a, b in zip(of, on, strict=True):
-                worst_kl = max(worst_kl, abs(float(kl_divergence(bf.logits, a.logits))
-                                             - float(kl_divergence(bn.logits, b.logits))))
+                worst_kl = max(
+                    worst_kl, abs(float(kl_divergence(bf.logits, a.logits)) - float(kl_divergence(bn.logits, b.logits)))
+                )
                 worst_att = max(worst_att, float((a.attn[layer] - b.attn[layer]).abs().max()))
 
     n_tok = sum(len(ids) for ids, _, _ in items)
-    print(f"model {args.model}, {len(items)} samples of {args.group} ({n_tok} tokens), layer {layer}, doses "
-          f"{args.doses}, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"model {args.model}, {len(items)} samples of {args.group} ({n_tok} tokens), layer {layer}, doses "
+        f"{args.doses}, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print(f"max |KL fast − KL naive| = {worst_kl:.2e} nats, max |attention row fast − naive| = {worst_att:.2e}\n")
     naive = times[names[1]]
     print("| path | seconds | × naive | forward calls | layer·token units |")
     print("|---|---:|---:|---:|---:|")
     for name, r in runners.items():
         d = r.describe()
-        print(f"| {name} | {times[name]:.2f} | {times[name] / naive:.3f} | {d['forward_calls']} | "
-              f"{d['layer_token_units']} |")
+        print(
+            f"| {name} | {times[name]:.2f} | {times[name] / naive:.3f} | {d['forward_calls']} | "
+            f"{d['layer_token_units']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -92,14 +92,18 @@ def short(args) -> None:
     sps = _corpus_positions(lm)
     layers = list(range(lm.n_layers))
     corpus = load_corpus()
-    t = interleave({
-        "plain SDPA, one by one": lambda: plain(lm, sps, 1),
-        "scan forwards, one by one": lambda: scan_forwards(lm, engine, sps, 1, layers),
-        "plain SDPA, batches of 16": lambda: plain(lm, sps, 16),
-        "scan forwards, batches of 16": lambda: scan_forwards(lm, engine, sps, 16, layers),
-        "plipy.scan (all: forwards, measures, statistics), batches of 16":
-            lambda: sc.run_scan(lm, corpus, sc.ScanConfig(batch_size=16, resume=False)),
-    }, args.rounds)
+    t = interleave(
+        {
+            "plain SDPA, one by one": lambda: plain(lm, sps, 1),
+            "scan forwards, one by one": lambda: scan_forwards(lm, engine, sps, 1, layers),
+            "plain SDPA, batches of 16": lambda: plain(lm, sps, 16),
+            "scan forwards, batches of 16": lambda: scan_forwards(lm, engine, sps, 16, layers),
+            "plipy.scan (all: forwards, measures, statistics), batches of 16": lambda: sc.run_scan(
+                lm, corpus, sc.ScanConfig(batch_size=16, resume=False)
+            ),
+        },
+        args.rounds,
+    )
     n_tok = sum(sp.seq_len for sp in sps)
     print(f"\n### Short corpus: {len(sps)} samples, {n_tok} tokens, all {lm.n_layers} layers, {args.rounds} rounds\n")
     print("| configuration | median | × plain SDPA (same batching) | samples/s |")
@@ -122,8 +126,10 @@ def long(args) -> None:
     for n in args.lengths:
         sp = long_positions(lm, n)
         t = interleave(_long_configs(lm, engine, sp, layers), args.rounds)
-        print(f"| {n} | {t['plain']:.2f} s | {t['scan']:.2f} s | {t['scan'] / t['plain']:.3f} | "
-              f"{t['knock']:.2f} s | {100 * (t['knock'] / t['plain'] - 1):+.1f}% |")
+        print(
+            f"| {n} | {t['plain']:.2f} s | {t['scan']:.2f} s | {t['scan'] / t['plain']:.3f} | "
+            f"{t['knock']:.2f} s | {100 * (t['knock'] / t['plain'] - 1):+.1f}% |"
+        )
         sys.stdout.flush()
 
 
@@ -137,8 +143,11 @@ def _long_configs(lm, engine, sp, layers) -> dict[str, Callable[[], None]]:
         with engine.run(edits=knock):
             lm.model(ids, logits_to_keep=1)
 
-    return {"plain": lambda: lm.model(ids, logits_to_keep=1),
-            "scan": lambda: sc.marker_rows(lm, engine, [sp], layers), "knock": knocked}
+    return {
+        "plain": lambda: lm.model(ids, logits_to_keep=1),
+        "scan": lambda: sc.marker_rows(lm, engine, [sp], layers),
+        "knock": knocked,
+    }
 
 
 def _rss(field: str) -> int:
@@ -179,9 +188,13 @@ def memory(args) -> None:
     for n in args.lengths:
         row = []
         for what in ("plain", "scan"):
-            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", what,
-                                  "--child-len", str(n)], check=True, capture_output=True, text=True,
-                                 env=MALLOC_ENV).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--model", args.model, "--child", what, "--child-len", str(n)],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=MALLOC_ENV,
+            ).stdout
             m = json.loads(out.strip().splitlines()[-1])
             row.append(f"{(m['peak'] - m['loaded']) / 2**20:.0f} MiB")
         print(f"| {n} | {row[0]} | {row[1]} |")
@@ -199,8 +212,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    print(f"model {args.model} fp32 on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"model {args.model} fp32 on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     for part, fn in (("short", short), ("long", long), ("memory", memory)):
         if args.only in (None, part):
             fn(args)

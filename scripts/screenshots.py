@@ -25,9 +25,13 @@ PROMPTS = [  # for the SAE picture: entities SmolLM2 may or may not know (labels
     {"prompt": "The city Velmorath is located in", "entity": "Velmorath", "entity_type": "city", "label": "unknown"},
     {"prompt": "The city Quillistan is located in", "entity": "Quillistan", "entity_type": "city", "label": "unknown"},
     {"prompt": "The movie Titanic was directed by", "entity": "Titanic", "entity_type": "movie", "label": "known"},
-    {"prompt": "The movie Grelbath Dawn was directed by", "entity": "Grelbath Dawn", "entity_type": "movie",
-     "label": "unknown"},
-]  # fmt: skip
+    {
+        "prompt": "The movie Grelbath Dawn was directed by",
+        "entity": "Grelbath Dawn",
+        "entity_type": "movie",
+        "label": "unknown",
+    },
+]
 
 
 def capture(browser, report: Path, png: Path, keys: list[str], click: str | None = None, width: int = 1300) -> None:
@@ -39,10 +43,13 @@ def capture(browser, report: Path, png: Path, keys: list[str], click: str | None
     if click:
         page.evaluate(click)
         page.wait_for_timeout(300)
-    rects = page.evaluate("""(keys) => keys.map(k => {
+    rects = page.evaluate(
+        """(keys) => keys.map(k => {
         const sel = k === "header" ? ".result-head" : `.block[data-key="${k}"]`;
         const r = document.querySelector(sel).closest('.row').getBoundingClientRect();
-        return [r.left + scrollX, r.top + scrollY, r.right + scrollX, r.bottom + scrollY]; })""", keys)
+        return [r.left + scrollX, r.top + scrollY, r.right + scrollX, r.bottom + scrollY]; })""",
+        keys,
+    )
     x0, y0 = min(r[0] for r in rects) - 8, min(r[1] for r in rects) - 8
     x1, y1 = max(r[2] for r in rects) + 8, max(r[3] for r in rects) + 8
     page.screenshot(path=str(png), full_page=True, clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
@@ -52,8 +59,10 @@ def capture(browser, report: Path, png: Path, keys: list[str], click: str | None
 
 def click_cell(fid: str, xi: int, yi: int) -> str:
     """JS: a plotly click on category (xi, yi) of a heatmap, as the mouse would send it."""
-    return (f"(() => {{ const gd = document.getElementById('{fid}'); const t = gd.data[0];"
-            f" gd.emit('plotly_click', {{points: [{{customdata: t.customdata[{yi}][{xi}]}}]}}); }})()")
+    return (
+        f"(() => {{ const gd = document.getElementById('{fid}'); const t = gd.data[0];"
+        f" gd.emit('plotly_click', {{points: [{{customdata: t.customdata[{yi}][{xi}]}}]}}); }})()"
+    )
 
 
 def main() -> None:
@@ -72,8 +81,11 @@ def main() -> None:
     from plipy import sae as saes
 
     sae_dir = work / "sae"
-    saes.save_saelens(saes.random_sae(lm.hidden_size, 64, hook_name="blocks.8.hook_resid_post", seed=1), sae_dir,
-                      model_name="smollm2-135m")  # fmt: skip
+    saes.save_saelens(
+        saes.random_sae(lm.hidden_size, 64, hook_name="blocks.8.hook_resid_post", seed=1),
+        sae_dir,
+        model_name="smollm2-135m",
+    )
     sae = plipy.sae_attention(lm, sae_dir, 3, PROMPTS, coeff=40, random=4, measures="attn_weights")
     sae.to_html(work / "sae.html")
     compare = None
@@ -87,8 +99,13 @@ def main() -> None:
         diff = abs(np.array(scan["per_head"]["mean_diff"], dtype=float))
         li, hi = np.unravel_index(np.nanargmax(diff), diff.shape)  # the head whose groups differ most
         capture(browser, work / "scan.html", args.out / "report-scan-layers.png", ["layers"])
-        capture(browser, work / "scan.html", args.out / "report-scan.png", ["heads", "tokens"],
-                click=click_cell("r0-heads", int(hi), int(li)))
+        capture(
+            browser,
+            work / "scan.html",
+            args.out / "report-scan.png",
+            ["heads", "tokens"],
+            click=click_cell("r0-heads", int(hi), int(li)),
+        )
         capture(browser, work / "knockout.html", args.out / "report-knockout.png", ["heatmap", "changed"])
         capture(browser, work / "dose.html", args.out / "report-dose.png", ["kl", "attention", "target"])
         capture(browser, work / "sae.html", args.out / "report-sae.png", ["bars-attn_weights", "heatmap-attn_weights"])

@@ -38,9 +38,16 @@ def corpus_subset(directory: Path, pick: dict[str, int]):
     full = load_corpus()
     data: dict = {"_format_version": "2.0"}
     for g, n in pick.items():
-        data[g] = [{"id": s.id, "code": s.code, "marker_char_pos": s.marker_char_pos,
-                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
-                   for s in full.groups[g][:n]]  # fmt: skip
+        data[g] = [
+            {
+                "id": s.id,
+                "code": s.code,
+                "marker_char_pos": s.marker_char_pos,
+                "marker_pattern": s.marker_pattern,
+                "target_char_positions": list(s.target_char_positions),
+            }
+            for s in full.groups[g][:n]
+        ]
     path = directory / "small.json"
     path.write_text(json.dumps(data))
     return load_corpus(path)
@@ -62,9 +69,16 @@ def tiny_llama_dir(directory: Path, tokenizer):
     import torch
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False)  # fmt: skip
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():

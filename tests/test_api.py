@@ -107,8 +107,9 @@ def test_steer_facade_equals_cli_and_round_trips(smollm, small, tmp_path, monkey
     monkeypatch.chdir(tmp_path / "lib")
     d.save("dose.json")
     monkeypatch.chdir(tmp_path / "cli")
-    _run_cli(["steer", "dose", "--corpus", str(small.path), "--layer", "16", "--doses", "0.5,1,2", "--out",
-              "dose.json"])
+    _run_cli(
+        ["steer", "dose", "--corpus", str(small.path), "--layer", "16", "--doses", "0.5,1,2", "--out", "dose.json"]
+    )
     assert _doc(tmp_path / "lib" / "dose.json") == _doc(tmp_path / "cli" / "dose.json")
     assert plipy.load_result(tmp_path / "lib" / "dose.json") == d
     cal = plipy.steer.calibrate(smollm, small, layer=16)
@@ -121,11 +122,18 @@ def test_sae_attention_facade_equals_cli_and_round_trips(smollm, tmp_path, monke
     from plipy import sae as saes
 
     sae_dir = tmp_path / "sae"
-    saes.save_saelens(saes.random_sae(576, 32, hook_name="blocks.4.hook_resid_post", seed=3), sae_dir,
-                      model_name="smollm2-135m")  # fmt: skip
-    rows = [{"prompt": "The city Paris is located in", "entity": "Paris", "entity_type": "city", "label": "known"},
-            {"prompt": "The city Velmorath is located in", "entity": "Velmorath", "entity_type": "city",
-             "label": "unknown"}]  # fmt: skip
+    saes.save_saelens(
+        saes.random_sae(576, 32, hook_name="blocks.4.hook_resid_post", seed=3), sae_dir, model_name="smollm2-135m"
+    )
+    rows = [
+        {"prompt": "The city Paris is located in", "entity": "Paris", "entity_type": "city", "label": "known"},
+        {
+            "prompt": "The city Velmorath is located in",
+            "entity": "Velmorath",
+            "entity_type": "city",
+            "label": "unknown",
+        },
+    ]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in rows))
     s = plipy.sae_attention(smollm, sae_dir, 5, rows, coeff=40, random=2, measures="attn_weights")
@@ -135,8 +143,26 @@ def test_sae_attention_facade_equals_cli_and_round_trips(smollm, tmp_path, monke
     monkeypatch.chdir(tmp_path / "lib")
     s.save("sae.json")
     monkeypatch.chdir(tmp_path / "cli")
-    _run_cli(["sae", "attention", "--sae", str(sae_dir), "--latent", "5", "--prompts", str(prompts), "--coeff", "40",
-              "--random", "2", "--measures", "attn_weights", "--out", "sae.json"])
+    _run_cli(
+        [
+            "sae",
+            "attention",
+            "--sae",
+            str(sae_dir),
+            "--latent",
+            "5",
+            "--prompts",
+            str(prompts),
+            "--coeff",
+            "40",
+            "--random",
+            "2",
+            "--measures",
+            "attn_weights",
+            "--out",
+            "sae.json",
+        ]
+    )
     assert _doc(tmp_path / "lib" / "sae.json") == _doc(tmp_path / "cli" / "sae.json")
     back = plipy.load_result(tmp_path / "lib" / "sae.json")
     assert type(back) is plipy.SaeAttentionResult and back == s

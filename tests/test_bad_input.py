@@ -40,8 +40,14 @@ def _pickle_only_dir(tmp_path):
 
     d = tmp_path / "pickled"
     d.mkdir()
-    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1).save_pretrained(d)  # fmt: skip
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ).save_pretrained(d)
     torch.save({"lm_head.weight": torch.zeros(64, 16)}, d / "pytorch_model.bin")
     return d
 
@@ -63,9 +69,16 @@ def paths(tmp_path_factory):
     saes.save_saelens(saes.random_sae(576, 8, hook_name="blocks.4.hook_resid_post"), sae_dir)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "The city Paris is", "entity": "Paris", "entity_type": "city"}))
-    return {"npz": _truncated_npz(tmp_path), "deep": _nested(tmp_path), "sae": sae_dir, "prompts": prompts,
-            "gguf1": _truncated_gguf(tmp_path, 1_000_000), "gguf98": _truncated_gguf(tmp_path, 98_000_000),
-            "pickled": _pickle_only_dir(tmp_path), "one": _one_sample_group(tmp_path)}  # fmt: skip
+    return {
+        "npz": _truncated_npz(tmp_path),
+        "deep": _nested(tmp_path),
+        "sae": sae_dir,
+        "prompts": prompts,
+        "gguf1": _truncated_gguf(tmp_path, 1_000_000),
+        "gguf98": _truncated_gguf(tmp_path, 98_000_000),
+        "pickled": _pickle_only_dir(tmp_path),
+        "one": _one_sample_group(tmp_path),
+    }
 
 
 CASES = [
@@ -78,8 +91,10 @@ CASES = [
     (["steer", "dose", "--doses", "1,x"], "--doses: cannot read"),
     (["steer", "generate", "--limit", "0"], "--limit: must be an integer ≥ 1"),
     (["sae", "attention", "--latent", "0", "--sae", "{npz}", "--prompts", "{prompts}"], "cannot read npz"),
-    (["sae", "attention", "--latent", "0", "--sae", "{sae}", "--prompts", "{prompts}", "--coeff", "nan"],
-     "coefficient must be a finite number"),
+    (
+        ["sae", "attention", "--latent", "0", "--sae", "{sae}", "--prompts", "{prompts}", "--coeff", "nan"],
+        "coefficient must be a finite number",
+    ),
     (["scan", "--corpus", "{deep}"], "nested too deeply"),
     (["scan", "--model", "{gguf1}"], "is not a readable GGUF file"),
     (["knockout", "--model", "{gguf98}"], "truncated or corrupt"),
@@ -154,8 +169,14 @@ def test_ctrl_c_through_the_entry_point(tmp_path):
 
     out = tmp_path / "scan.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "plipy", "scan", "--resamples", "100000", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plipy", "scan", "--resamples", "100000", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     deadline = time.monotonic() + 120
     seen = ""
     while "scanning" not in seen and time.monotonic() < deadline and proc.poll() is None:
@@ -163,6 +184,6 @@ def test_ctrl_c_through_the_entry_point(tmp_path):
     assert "scanning" in seen, seen
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (seen + err)
+    assert proc.returncode == 130, seen + err
     assert "interrupted" in (seen + err) and "Traceback" not in (seen + err)
     assert not out.exists() and not any(p.suffix == ".tmp" for p in tmp_path.rglob("*"))

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_suite_smoke_runs_on_cpu():
     """`gpu_suite.py --smoke` builds the same workloads on a 2-layer Qwen2 config on the CPU: every row is printed
     with a ratio, so the script is ready for a GPU machine."""
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--lengths", "200"],
-                         capture_output=True, text=True, timeout=900, env={**os.environ}, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--lengths", "200"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ},
+        check=True,
+    ).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and " s |" in line]
     assert len(rows) == 6, out  # scan, knockout, dose × (corpus, 200-token input)
     for row in rows:
@@ -30,6 +36,11 @@ def test_gpu_suite_skips_without_cuda():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the suite would run for minutes")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py")], capture_output=True,
-                         text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     assert "skipped, no CUDA device" in out

@@ -108,8 +108,10 @@ def test_fast_equals_naive_in_bf16_with_float64_kl(models):
     arch, eager16, ours, engine, model64 = models
     ids = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(3))
     windows = runner_windows(ours)
-    conds = [condition_edits([(q, 4) for q in range(4, 14)], [0, 2], None, windows),
-             condition_edits([(9, 7), (9, 8)], [1], [1], windows)]
+    conds = [
+        condition_edits([(q, 4) for q in range(4, 14)], [0, 2], None, windows),
+        condition_edits([(9, 7), (9, 8)], [1], [1], windows),
+    ]
     fast, naive = ConditionRunner(ours, engine), ConditionRunner(ours, engine, path="naive")
     assert fast.path == "fast"
     bf, bn = fast.baseline(ids), naive.baseline(ids)

@@ -15,8 +15,10 @@ from plipy.errors import PlipyError
 from plipy.models import load_tokenizer, wrap_model
 from tiny_models import build
 
-HAND = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}[bot] {% endif %}")
+HAND = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[bot] {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +39,17 @@ def test_smollm_template(tok):
     # no system message: SmolLM2's template adds its own default; the prompt still sits after it
     ct2 = chat.apply(tok, prompt, user="Complete:\n\n{prompt}")
     assert "You are a helpful AI assistant named SmolLM" in ct2.text
-    assert ct2.text[ct2.offset:].startswith(prompt) and ct2.text[ct2.offset - 11: ct2.offset] == "Complete:\n\n"
+    assert ct2.text[ct2.offset :].startswith(prompt) and ct2.text[ct2.offset - 11 : ct2.offset] == "Complete:\n\n"
 
 
 def test_chat_sample_keeps_marker_and_targets(tok):
     corpus = load_corpus()
     templated = chat.chat_corpus(corpus, tok, system="You write code.")
     for s, t in zip(corpus.samples(), templated.samples(), strict=True):
-        assert t.code[t.marker_char_pos: t.marker_char_pos + len(s.marker_pattern)] == s.marker_pattern
-        assert [t.code[c: c + 3] for c in t.target_char_positions] == [s.code[c: c + 3] for c in
-                                                                      s.target_char_positions]
+        assert t.code[t.marker_char_pos : t.marker_char_pos + len(s.marker_pattern)] == s.marker_pattern
+        assert [t.code[c : c + 3] for c in t.target_char_positions] == [
+            s.code[c : c + 3] for c in s.target_char_positions
+        ]
     assert templated.sha256 != corpus.sha256 and "plipy.chat" in templated.description
     assert chat.chat_corpus(corpus, tok, system="You write code.").sha256 == templated.sha256
     assert chat.chat_corpus(corpus, tok, system="Other.").sha256 != templated.sha256

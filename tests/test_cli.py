@@ -38,9 +38,26 @@ def _flags(cmd):
 
 
 def test_every_command_is_walked():
-    assert {"scan", "knockout", "steer calibrate", "steer dose", "steer generate", "sae attention", "sae train",
-            "sae latents", "sae pipeline", "entities label", "entities build", "corpus verify", "corpus convert",
-            "corpus show", "lens run", "lens emergence", "probe", "models pull"} <= set(COMMANDS)  # fmt: skip
+    assert {
+        "scan",
+        "knockout",
+        "steer calibrate",
+        "steer dose",
+        "steer generate",
+        "sae attention",
+        "sae train",
+        "sae latents",
+        "sae pipeline",
+        "entities label",
+        "entities build",
+        "corpus verify",
+        "corpus convert",
+        "corpus show",
+        "lens run",
+        "lens emergence",
+        "probe",
+        "models pull",
+    } <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("path", sorted(COMMANDS))
@@ -71,9 +88,25 @@ def test_help_renders_and_shared_flags_are_spelled_alike(path):
         assert flags["--bos"].default is (path.startswith("sae")), f"{path}: --bos default"
 
 
-@pytest.mark.parametrize("path", ["scan", "knockout", "steer calibrate", "steer dose", "steer generate",
-                                  "sae attention", "sae train", "sae latents", "sae pipeline", "entities label",
-                                  "lens run", "lens emergence", "probe", "corpus convert"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "scan",
+        "knockout",
+        "steer calibrate",
+        "steer dose",
+        "steer generate",
+        "sae attention",
+        "sae train",
+        "sae latents",
+        "sae pipeline",
+        "entities label",
+        "lens run",
+        "lens emergence",
+        "probe",
+        "corpus convert",
+    ],
+)
 def test_commands_that_write_results_take_out(path):
     assert "--out" in _flags(COMMANDS[path])
 

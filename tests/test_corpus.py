@@ -498,8 +498,14 @@ def test_cli_verify_bundled_corpus(tmp_path, capsys):
     assert prov["corpus"]["sha256"] == load_corpus().sha256 and prov["corpus"]["format_version"] == "2.0"
     assert prov["bos"] is False and prov["offsets"] == "chars" and prov["plipy_version"] and prov["timestamp"]
     assert prov["command"] and prov["model"]["weights_sha256"]
-    assert report["summary"] == {"perfect": 25, "ok": 0, "fallback": 0, "causal-violation": 5, "failed": 0,
-                                 "too_long": 0}
+    assert report["summary"] == {
+        "perfect": 25,
+        "ok": 0,
+        "fallback": 0,
+        "causal-violation": 5,
+        "failed": 0,
+        "too_long": 0,
+    }
     assert report["context_length"] == 8192
     assert len(report["samples"]) == 30
     keys = {

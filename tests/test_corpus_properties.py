@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from plipy.corpus import CorpusError, Sample, _char_to_token, byte_to_char, load_corpus, token_positions
 
-SETTINGS = settings(derandomize=True, deadline=None, max_examples=300,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+SETTINGS = settings(
+    derandomize=True, deadline=None, max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 # any unicode scalar value (no lone surrogates: a JSON file with them is not UTF-8), ASCII weighted in
 CODE = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(list("ab >#[]()_\n\t"))), max_size=60)
 SPANS = st.lists(st.tuples(st.integers(0, 80), st.integers(0, 12)).map(lambda t: (t[0], t[0] + t[1])), max_size=20)
@@ -74,8 +75,9 @@ def test_token_positions_with_random_offset_maps(code, spans, data, bos):
     sp = token_positions(sample, OffsetsTokenizer(spans), bos=bos)
     shift = int(bos)
     assert len(sp.input_ids) == len(spans) + shift
-    for c, t, how in zip([marker, *targets], [sp.marker_token, *sp.target_tokens],
-                         [sp.marker_match, *sp.target_matches], strict=True):  # fmt: skip
+    for c, t, how in zip(
+        [marker, *targets], [sp.marker_token, *sp.target_tokens], [sp.marker_match, *sp.target_matches], strict=True
+    ):
         assert t is not None and shift <= t < len(spans) + shift  # never the BOS token
         covering = [i for i, (s, e) in enumerate(spans) if s <= c < e]
         assert how == ("exact" if covering else "fallback")
@@ -116,10 +118,12 @@ def test_corpus_reader_chars_and_bytes_agree(tmp_path_factory, codes, data):
         ts = data.draw(st.lists(st.integers(0, len(code) - 1), min_size=1, max_size=4))
         pattern = code[m : m + data.draw(st.integers(1, 3))]
         to_b = [len(code[:i].encode()) for i in range(len(code) + 1)]  # Python's own UTF-8 codec
-        chars["g"].append({"id": f"s{k}", "code": code, "marker_char_pos": m, "marker_pattern": pattern,
-                           "target_char_positions": ts})  # fmt: skip
-        nbytes["g"].append({**chars["g"][-1], "marker_char_pos": to_b[m],
-                            "target_char_positions": [to_b[t] for t in ts]})  # fmt: skip
+        chars["g"].append(
+            {"id": f"s{k}", "code": code, "marker_char_pos": m, "marker_pattern": pattern, "target_char_positions": ts}
+        )
+        nbytes["g"].append(
+            {**chars["g"][-1], "marker_char_pos": to_b[m], "target_char_positions": [to_b[t] for t in ts]}
+        )
     d = tmp_path_factory.mktemp("c")
     for name, doc, ensure_ascii in (("c.json", chars, True), ("b.json", nbytes, False)):
         (d / name).write_text(json.dumps(doc, ensure_ascii=ensure_ascii), encoding="utf-8")
@@ -132,8 +136,11 @@ def test_corpus_reader_chars_and_bytes_agree(tmp_path_factory, codes, data):
 @SETTINGS
 @given(CODE.filter(bool), st.integers(-50, 200))
 def test_corpus_reader_refuses_positions_outside_the_code(tmp_path_factory, code, pos):
-    doc = {"g": [{"id": "x", "code": code, "marker_char_pos": 0, "marker_pattern": code[0],
-                  "target_char_positions": [pos]}]}  # fmt: skip
+    doc = {
+        "g": [
+            {"id": "x", "code": code, "marker_char_pos": 0, "marker_pattern": code[0], "target_char_positions": [pos]}
+        ]
+    }
     d = tmp_path_factory.mktemp("o")
     (d / "c.json").write_text(json.dumps(doc), encoding="utf-8")
     if 0 <= pos < len(code):

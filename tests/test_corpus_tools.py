@@ -12,8 +12,12 @@ from plipy import corpus_tools as ct
 from plipy.corpus import load_corpus, token_positions
 from plipy.errors import PlipyError
 
-BUNDLED_RULES = {"python_doctest": "python", "rust_test": "rust-universal", "python_baseline": "python",
-                 "rust_baseline": "rust-baseline"}
+BUNDLED_RULES = {
+    "python_doctest": "python",
+    "rust_test": "rust-universal",
+    "python_baseline": "python",
+    "rust_baseline": "rust-baseline",
+}
 
 
 def _run(argv):
@@ -30,8 +34,11 @@ def test_rules_reproduce_the_bundled_corpus():
         for s in corpus.groups[group]:
             out, why = ct.convert_sample(s.id, s.code, ct.rule(name))
             assert why is None
-            assert (out["marker_char_pos"], out["marker_pattern"], out["target_char_positions"]) == \
-                (s.marker_char_pos, s.marker_pattern, list(s.target_char_positions)), s.id
+            assert (out["marker_char_pos"], out["marker_pattern"], out["target_char_positions"]) == (
+                s.marker_char_pos,
+                s.marker_pattern,
+                list(s.target_char_positions),
+            ), s.id
 
 
 def test_plip_convert_corpus_rust_rule_by_hand():
@@ -68,8 +75,9 @@ def test_convert_reports_what_it_leaves_out(tmp_path):
     snippets = ct.read_inputs([tmp_path])
     doc, skipped = ct.convert(snippets)
     assert [s["id"] for s in doc["python_doctest"]] == ["ok"] and [s["id"] for s in doc["rust_test"]] == ["t"]
-    assert skipped == [{"id": "plain", "origin": str(tmp_path / "plain.py"), "rule": "python",
-                        "reason": "no marker ('>>>' not found)"}]
+    assert skipped == [
+        {"id": "plain", "origin": str(tmp_path / "plain.py"), "rule": "python", "reason": "no marker ('>>>' not found)"}
+    ]
     with pytest.raises(PlipyError, match="nothing converted"):
         ct.convert([ct.Snippet("x", "no marker here")])
     with pytest.raises(PlipyError, match="unknown rule"):
@@ -77,15 +85,24 @@ def test_convert_reports_what_it_leaves_out(tmp_path):
 
 
 def test_convert_json_inputs(tmp_path):
-    legacy = {"python_doctest": [{"id": "a", "code": "def f(x):\n    '''\n    >>> f(1)\n    '''\n",
-                                  "doctest_token_pos": 9, "function_param_positions": [0]}],
-              "rust_baseline": [{"id": "b", "code": "#[derive(Debug)]\nstruct P {}\nfn new() {}\n"}]}
+    legacy = {
+        "python_doctest": [
+            {
+                "id": "a",
+                "code": "def f(x):\n    '''\n    >>> f(1)\n    '''\n",
+                "doctest_token_pos": 9,
+                "function_param_positions": [0],
+            }
+        ],
+        "rust_baseline": [{"id": "b", "code": "#[derive(Debug)]\nstruct P {}\nfn new() {}\n"}],
+    }
     (tmp_path / "legacy.json").write_text(json.dumps(legacy))
     doc, _ = ct.convert(ct.read_inputs([tmp_path / "legacy.json"]))
     assert doc["python_doctest"][0]["target_char_positions"] == [0, 4, 6]
     assert doc["rust_baseline"][0]["target_char_positions"] == [17, 24, 29, 32]
-    (tmp_path / "s.jsonl").write_text('{"code": "x = 1\\n>>> x", "group": "g", "rule": "python", "id": "n"}\n'
-                                      '{"code": "def f(q):\\n  >>> f(2)"}\n')
+    (tmp_path / "s.jsonl").write_text(
+        '{"code": "x = 1\\n>>> x", "group": "g", "rule": "python", "id": "n"}\n{"code": "def f(q):\\n  >>> f(2)"}\n'
+    )
     doc, skipped = ct.convert(ct.read_inputs([tmp_path / "s.jsonl"]), group="all")
     assert [s["id"] for s in doc["all"]] == ["s_1"] and skipped[0]["reason"].startswith("no target")
     (tmp_path / "out.json").write_bytes(ct.corpus_bytes(doc))
@@ -93,10 +110,19 @@ def test_convert_json_inputs(tmp_path):
 
 
 def test_fix_targets_and_markers_by_hand():
-    code = "def add(a, b):\n    \"\"\"\n    >>> add(2, 3)\n    \"\"\"\n"
+    code = 'def add(a, b):\n    """\n    >>> add(2, 3)\n    """\n'
     m = code.index(">>>")
-    doc = {"g": [{"id": "s", "code": code, "marker_char_pos": m - 2, "marker_pattern": ">>>",
-                  "target_char_positions": [0, 5, 7, 9, 11]}]}
+    doc = {
+        "g": [
+            {
+                "id": "s",
+                "code": code,
+                "marker_char_pos": m - 2,
+                "marker_pattern": ">>>",
+                "target_char_positions": [0, 5, 7, 9, 11],
+            }
+        ]
+    }
     fixed, changes, left = ct.fix_document(doc)
     assert left == [] and fixed["g"][0]["marker_char_pos"] == m
     # 5 is inside `add` → 4; 7 is '(' (punctuation: left alone); 9 is ',' (left); 11 is 'b' (a word start: kept)
@@ -124,11 +150,20 @@ def test_fix_in_utf8_bytes():
     code = "def é(a, bb):\n    # ünïcode\n    >>> é(1, 2)\n"
     b = code.encode()
     m = len(code[: code.index(">>>")].encode())
-    doc = {"g": [{"id": "u", "code": code, "marker_char_pos": m + 1, "marker_pattern": ">>>",
-                  "target_char_positions": [0, 4, len(code[:code.index("bb")].encode()) + 1]}]}
+    doc = {
+        "g": [
+            {
+                "id": "u",
+                "code": code,
+                "marker_char_pos": m + 1,
+                "marker_pattern": ">>>",
+                "target_char_positions": [0, 4, len(code[: code.index("bb")].encode()) + 1],
+            }
+        ]
+    }
     fixed, changes, left = ct.fix_document(doc, offsets="bytes")
     assert left == [] and fixed["g"][0]["marker_char_pos"] == m
-    assert b[fixed["g"][0]["target_char_positions"][2]:].startswith(b"bb")
+    assert b[fixed["g"][0]["target_char_positions"][2] :].startswith(b"bb")
     assert len(changes) == 2
 
 

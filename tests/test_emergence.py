@@ -30,10 +30,18 @@ def test_emergence_equals_plip_rule_on_hf_hidden_states(smollm):
     import plipy
 
     k = 20
-    items = [{"id": "attr", "prompt": "fn add(a: i32, b: i32) -> i32 {\n    a + b\n}\n\n#[",
-              "expect": ["test", "cfg", "should_panic"]},
-             {"id": "doc", "prompt": "def add(a, b):\n    \"\"\"Add two numbers.\n\n    >>> add(2, 3)\n    ",
-              "expect": ["5", ">>>"]}]
+    items = [
+        {
+            "id": "attr",
+            "prompt": "fn add(a: i32, b: i32) -> i32 {\n    a + b\n}\n\n#[",
+            "expect": ["test", "cfg", "should_panic"],
+        },
+        {
+            "id": "doc",
+            "prompt": 'def add(a, b):\n    """Add two numbers.\n\n    >>> add(2, 3)\n    ',
+            "expect": ["5", ">>>"],
+        },
+    ]
     refs = {}
     with hf_attention(smollm.model):
         for it in items:
@@ -45,8 +53,10 @@ def test_emergence_equals_plip_rule_on_hf_hidden_states(smollm):
         ref = refs[p["id"]]
         for e in p["expected"]:
             s = e["string"]
-            hand = next((layer for layer, z in enumerate(ref)
-                         if any(s in tok.decode([t]) for t in z.topk(k).indices.tolist())), None)
+            hand = next(
+                (layer for layer, z in enumerate(ref) if any(s in tok.decode([t]) for t in z.topk(k).indices.tolist())),
+                None,
+            )
             assert e["first_layer_in_top_k"] == hand, (p["id"], s)
             if s == "should_panic":
                 assert e["n_vocab_matches"] == 0 and e["ranks"] == [] and "no vocabulary entry" in e["note"]
@@ -61,8 +71,9 @@ def test_emergence_equals_plip_rule_on_hf_hidden_states(smollm):
                 assert abs(e["masses"][layer] - float(prob[matches].sum())) <= 1e-5
             if hand is not None:
                 assert e["at_first_layer"]["rank"] <= k and s in e["at_first_layer"]["token"]
-    assert r["prompts"][0]["earliest_layer"] == min(e["first_layer_in_top_k"] for e in r["prompts"][0]["expected"]
-                                                    if e["first_layer_in_top_k"] is not None)
+    assert r["prompts"][0]["earliest_layer"] == min(
+        e["first_layer_in_top_k"] for e in r["prompts"][0]["expected"] if e["first_layer_in_top_k"] is not None
+    )
 
 
 def test_prompt_files(tmp_path):
@@ -70,11 +81,13 @@ def test_prompt_files(tmp_path):
     good.write_text('{"id": "a", "prompt": "#[", "expect": "test"}\n\n{"prompt": "x", "expect": ["y", "z"]}\n')
     prompts, _ = em.load_prompts(good)
     assert prompts[0]["expect"] == ["test"] and prompts[1]["id"] == "1"
-    for body, msg in (('{"prompts": [{"id": "a", "prompt": "x"}]}', "'a': \"expect\" must be"),
-                      ('[{"id": "a", "prompt": "x", "expect": ["y"]}, {"id": "a", "prompt": "z", "expect": ["y"]}]',
-                       "duplicate id"),
-                      ('[{"id": "a", "prompt": "", "expect": ["y"]}]', 'has no "prompt" string'),
-                      ("{not json", "invalid JSON"), ("[]", "expected")):
+    for body, msg in (
+        ('{"prompts": [{"id": "a", "prompt": "x"}]}', "'a': \"expect\" must be"),
+        ('[{"id": "a", "prompt": "x", "expect": ["y"]}, {"id": "a", "prompt": "z", "expect": ["y"]}]', "duplicate id"),
+        ('[{"id": "a", "prompt": "", "expect": ["y"]}]', 'has no "prompt" string'),
+        ("{not json", "invalid JSON"),
+        ("[]", "expected"),
+    ):
         f = tmp_path / "bad.json"
         f.write_text(body)
         with pytest.raises(PlipyError, match=msg):
@@ -108,8 +121,15 @@ def test_cli_emergence_builtin(tmp_path, capsys, monkeypatch, smollm):
 def test_cli_emergence_prompt_file(tmp_path, capsys, monkeypatch, smollm):
     monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"prompts": [{"id": "tm", "language": "rust", "prompt": "#[cfg(test)]\nmod tests {\n    #[",
-                                          "expect": ["test"]}]}))
+    f.write_text(
+        json.dumps(
+            {
+                "prompts": [
+                    {"id": "tm", "language": "rust", "prompt": "#[cfg(test)]\nmod tests {\n    #[", "expect": ["test"]}
+                ]
+            }
+        )
+    )
     out = tmp_path / "e.json"
     assert _run(["lens", "emergence", "--prompts", str(f), "--layers", "20-29", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -117,7 +137,7 @@ def test_cli_emergence_prompt_file(tmp_path, capsys, monkeypatch, smollm):
     capsys.readouterr()
     f.write_text('[{"id": "a"}]')
     assert _run(["lens", "emergence", "--prompts", str(f)]) == 2
-    assert 'error: ' in capsys.readouterr().err
+    assert "error: " in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

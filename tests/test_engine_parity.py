@@ -259,8 +259,10 @@ def test_many_row_knockouts_equal_explicit_reference(trio):
         ref32 = ours(ids, attention_mask=mask).logits  # the unedited fp32 run: its error sets the scale
         base64 = batch_reference(float64(eager), ids, mask).logits
         real = _real(mask)
-        spec = [EdgeEdit(layers=[lay], edges=[(q, k) for _, q, k, _, _ in edits], heads=edits[0][3], scale=0.0)
-                for lay in {e[0] for e in edits}]
+        spec = [
+            EdgeEdit(layers=[lay], edges=[(q, k) for _, q, k, _, _ in edits], heads=edits[0][3], scale=0.0)
+            for lay in {e[0] for e in edits}
+        ]
         with engine.run(edits=spec) as rec:
             got = ours(ids, attention_mask=mask).logits
         if arch in NO_SDPA:  # softcapping: every layer is explicit anyway

@@ -48,8 +48,10 @@ def test_every_upstream_split_question_names_a_shipped_entity():
     qs = [q for part in json.loads(SPLITS.read_text()).values() for q in part]
     assert len(qs) == 6144
     names = {t: {e["entity"] for e in v} for t, v in entities.load_entities().items()}
-    pats = [(key.split("_")[0], re.compile(re.escape(question).replace(re.escape("'{entity}'"), "'(.+)'") + "$"))
-            for key, (question, _) in entities.QUERY_TEMPLATES.items()]  # fmt: skip
+    pats = [
+        (key.split("_")[0], re.compile(re.escape(question).replace(re.escape("'{entity}'"), "'(.+)'") + "$"))
+        for key, (question, _) in entities.QUERY_TEMPLATES.items()
+    ]
     for q in qs:
         hits = [(t, m.group(1)) for t, p in pats if (m := p.match(q))]
         assert hits, q
@@ -61,9 +63,17 @@ def test_load_entities_limit_types_and_order():
     two = entities.load_entities(types="city,player", limit=2)
     assert list(two) == ["city", "player"]
     assert two["city"] == full["city"][:2]
-    assert two["player"][0] == {"entity": "Goran Jeretin", "entity_type": "player", "attributes": {
-        "place_birth": "Nikšić", "date_birth": "1979", "teams_list": two["player"][0]["attributes"]["teams_list"],
-        "weight": "82", "height": "190"}}  # fmt: skip
+    assert two["player"][0] == {
+        "entity": "Goran Jeretin",
+        "entity_type": "player",
+        "attributes": {
+            "place_birth": "Nikšić",
+            "date_birth": "1979",
+            "teams_list": two["player"][0]["attributes"]["teams_list"],
+            "weight": "82",
+            "height": "190",
+        },
+    }
     assert len(full["city"]) == 7904
     with pytest.raises(PlipyError, match="unknown entity type"):
         entities.load_entities(types=["team"])
@@ -84,13 +94,17 @@ def test_queries_use_the_base_templates_and_every_queried_attribute():
     e = entities.load_entities(types=["player"], limit=2)["player"][1]
     qs = entities.make_queries(e)
     assert [q.attribute for q in qs] == ["place_birth", "date_birth", "teams_list"]
-    assert qs[0].prompt == ("What is the place of birth for the player 'Tracy McGrady'? "
-                            "The city of birth for the player 'Tracy McGrady' is")  # fmt: skip
+    assert qs[0].prompt == (
+        "What is the place of birth for the player 'Tracy McGrady'? The city of birth for the player 'Tracy McGrady' is"
+    )
     assert qs[0].answer == "Bartow" and qs[1].answer == "1979"
     n = {t: len(entities.make_queries(v[0])) for t, v in entities.load_entities(limit=1).items()}
     assert n == {"player": 3, "movie": 6, "city": 4, "song": 4}  # upstream 22,461 / 65,370 / 31,616 / 33,792
-    weird = {"entity": "A {b} c", "entity_type": "song", "attributes": dict.fromkeys(
-        ["album", "publication_year", "genres", "performers"], "x")}  # fmt: skip
+    weird = {
+        "entity": "A {b} c",
+        "entity_type": "song",
+        "attributes": dict.fromkeys(["album", "publication_year", "genres", "performers"], "x"),
+    }
     assert "'A {b} c'" in entities.make_queries(weird)[0].prompt  # braces in names are not format fields
 
 
@@ -186,12 +200,17 @@ def test_known_threshold_scales_with_k():
 def test_split_matches_sklearn_train_test_split():
     # Reference values from sklearn 1.9.1 train_test_split(items, test_size=0.5, random_state=42), then rest 0.8.
     items = [f"e{i}" for i in range(10)]
-    assert three_way_split(items) == {"train": ["e2", "e9", "e4", "e3", "e6"], "validation": ["e0"],
-                                      "test": ["e1", "e7", "e5", "e8"]}  # fmt: skip
+    assert three_way_split(items) == {
+        "train": ["e2", "e9", "e4", "e3", "e6"],
+        "validation": ["e0"],
+        "test": ["e1", "e7", "e5", "e8"],
+    }
     items = [f"e{i}" for i in range(23)]
     assert three_way_split(items) == {
         "train": ["e3", "e4", "e18", "e16", "e21", "e22", "e7", "e10", "e14", "e19", "e6"],
-        "validation": ["e8", "e1"], "test": ["e11", "e2", "e15", "e5", "e12", "e0", "e9", "e20", "e17", "e13"]}
+        "validation": ["e8", "e1"],
+        "test": ["e11", "e2", "e15", "e5", "e12", "e0", "e9", "e20", "e17", "e13"],
+    }
     # 50 / 10 / 40 and a partition, for any size; tiny groups do not raise (sklearn would)
     for n in (0, 1, 2, 3, 7, 100, 101):
         parts = three_way_split(list(range(n)))
@@ -209,15 +228,21 @@ def test_entity_label_and_balancing_rules():
 
 def _records(n_known: int, n_unknown: int, n_dropped: int, t: str = "movie") -> list[dict]:
     spec = [2] * n_known + [0] * n_unknown + [1] * n_dropped
-    return [{"entity": f"{t}{i}", "entity_type": t, "known_attributes": ["a"] * m, "attributes": {}}
-            for i, m in enumerate(spec)]  # fmt: skip
+    return [
+        {"entity": f"{t}{i}", "entity_type": t, "known_attributes": ["a"] * m, "attributes": {}}
+        for i, m in enumerate(spec)
+    ]
 
 
 def test_assign_labels_split_and_balanced_lists():
     recs = _records(23, 10, 4) + _records(1, 3, 0, "city")
     summary, balanced = assign_labels(recs)
-    assert {k: summary["movie"][k] for k in ("n", "known", "unknown", "dropped")} == \
-        {"n": 37, "known": 23, "unknown": 10, "dropped": 4}
+    assert {k: summary["movie"][k] for k in ("n", "known", "unknown", "dropped")} == {
+        "n": 37,
+        "known": 23,
+        "unknown": 10,
+        "dropped": 4,
+    }
     movies = [r for r in recs if r["entity_type"] == "movie"]
     known = [r["entity"] for r in movies if r["label"] == "known"]
     by = {r["entity"]: r for r in recs}
@@ -250,7 +275,6 @@ def test_row_sampler_draws_from_the_softmax_and_leaves_greedy_rows():
     assert 0.72 < frac < 0.78 and picks.eq(2).sum() == 0
 
 
-
 def test_generation_is_seeded_and_batched(smollm):
     prompts = [q.prompt for q in entities.make_queries(entities.load_entities(types=["song"], limit=1)["song"][0])]
     a = generate(smollm, prompts[:2], k=2, seed=1, max_new_tokens=4, batch_size=2)
@@ -266,13 +290,18 @@ def test_label_entities_end_to_end_cache_and_cli(smollm, tmp_path):
     from plipy.cli import main
 
     t0 = time.time()
-    doc = entities.label_entities(smollm, types=["player", "city"], limit=2, k=2, max_new_tokens=8,
-                                  batch_size=4, cache_dir=tmp_path / "cache")  # fmt: skip
+    doc = entities.label_entities(
+        smollm, types=["player", "city"], limit=2, k=2, max_new_tokens=8, batch_size=4, cache_dir=tmp_path / "cache"
+    )
     first = time.time() - t0
     entities.validate_labels(doc)
     assert doc["config"]["known_threshold"] == 1 and doc["cache"]["generated_queries"] == 2 * 3 + 2 * 4
-    assert [e["entity"] for e in doc["entities"]] == ["Goran Jeretin", "Tracy McGrady", "Santiago de Querétaro",
-                                                      "Leeuwarden"]  # fmt: skip
+    assert [e["entity"] for e in doc["entities"]] == [
+        "Goran Jeretin",
+        "Tracy McGrady",
+        "Santiago de Querétaro",
+        "Leeuwarden",
+    ]
     for e in doc["entities"]:
         for name, a in e["attributes"].items():
             pt = f"{e['entity_type']}_{name}"
@@ -286,8 +315,9 @@ def test_label_entities_end_to_end_cache_and_cli(smollm, tmp_path):
     assert any("knows" in n for n in doc["notes"])
     assert doc["provenance"]["model"]["weights_sha256"] == smollm.provenance["weights_sha256"]
     t0 = time.time()
-    again = entities.label_entities(smollm, types=["player", "city"], limit=2, k=2, max_new_tokens=8,
-                                    batch_size=4, cache_dir=tmp_path / "cache")  # fmt: skip
+    again = entities.label_entities(
+        smollm, types=["player", "city"], limit=2, k=2, max_new_tokens=8, batch_size=4, cache_dir=tmp_path / "cache"
+    )
     assert time.time() - t0 < min(2.0, first) and again["cache"]["hit"] is True
     assert again["entities"] == doc["entities"]
     # CLI, other batch size: a new labels document, but every generation comes from the shared generation cache

@@ -34,8 +34,10 @@ from tiny_models import REF, REF_EDITS, float64, fp32_bound, register_reference,
 GEMMA = "gemma3-270m"
 W = 512  # the sliding window: key k is visible from query q when q − k < W
 GLOBAL = [5, 11, 17]
-pytestmark = pytest.mark.skipif(find_alias_file(GEMMA)[0] is None,
-                                reason=f"{GEMMA} GGUF not in PLIPY_MODELS or the cache (`plipy models pull {GEMMA}`)")
+pytestmark = pytest.mark.skipif(
+    find_alias_file(GEMMA)[0] is None,
+    reason=f"{GEMMA} GGUF not in PLIPY_MODELS or the cache (`plipy models pull {GEMMA}`)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,14 @@ def long_sample(tokenizer) -> Sample:
         if len(tokenizer(prefix, add_special_tokens=False).input_ids) > W:
             break
     s0 = py[0]
-    long = Sample("py_simple_add_long", s0.group, prefix + s0.code, s0.marker_char_pos + len(prefix),
-                  s0.marker_pattern, tuple(c + len(prefix) for c in s0.target_char_positions))
+    long = Sample(
+        "py_simple_add_long",
+        s0.group,
+        prefix + s0.code,
+        s0.marker_char_pos + len(prefix),
+        s0.marker_pattern,
+        tuple(c + len(prefix) for c in s0.target_char_positions),
+    )
     sp = token_positions(long, tokenizer)
     m = sp.marker_token
     extra = (sp.offsets[m - (W - 1)][0], sp.offsets[m - W][0], 0)
@@ -64,13 +72,22 @@ def long_sample(tokenizer) -> Sample:
 def corpus(gemma, tmp_path_factory):
     """python_doctest: one short sample and the long one; rust_test: two short samples."""
     full = load_corpus()
-    samples = {"python_doctest": [full.groups["python_doctest"][0], long_sample(gemma.tokenizer)],
-               "rust_test": full.groups["rust_test"][:2]}
+    samples = {
+        "python_doctest": [full.groups["python_doctest"][0], long_sample(gemma.tokenizer)],
+        "rust_test": full.groups["rust_test"][:2],
+    }
     data: dict = {"_format_version": "2.0"}
     for g, ss in samples.items():
-        data[g] = [{"id": s.id, "code": s.code, "marker_char_pos": s.marker_char_pos,
-                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
-                   for s in ss]  # fmt: skip
+        data[g] = [
+            {
+                "id": s.id,
+                "code": s.code,
+                "marker_char_pos": s.marker_char_pos,
+                "marker_pattern": s.marker_pattern,
+                "target_char_positions": list(s.target_char_positions),
+            }
+            for s in ss
+        ]
     path = tmp_path_factory.mktemp("corpus") / "gemma.json"
     path.write_text(json.dumps(data))
     return load_corpus(path)
@@ -154,7 +171,7 @@ def test_gemma3_facts_tokenizer_and_positions(gemma, positions):
     assert layer_windows(lm.model) == [None if i in GLOBAL else W for i in range(18)]
     assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None  # Gemma-2 had both
     attn = lm.model.model.layers[0].self_attn
-    assert attn.scaling == cfg.query_pre_attn_scalar ** -0.5 == 1 / 16
+    assert attn.scaling == cfg.query_pre_attn_scalar**-0.5 == 1 / 16
     assert float(lm.model.model.embed_tokens.embed_scale) == pytest.approx(math.sqrt(640), rel=1e-7)
     assert fast_path_blockers(lm.model) == []  # sliding-window layers no longer force the naive path
     # The tokenizer adds BOS by default; PLIP positions are without it unless --bos, which shifts every index by 1.
@@ -180,7 +197,7 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     d = x.shape[-1]
     ang = pos.double()[:, None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [P, d/2]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    rot = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    rot = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + rot * sin
 
 
@@ -227,7 +244,7 @@ def test_marker_rows_equal_attention_from_the_weights(gemma, positions, refs):
         got = rec.attn[layer][0, :, 0, : m + 1]
         assert _err(got, want) <= fp32_bound(hf, want), layer
         if layer == 0:
-            assert (got[:, : m - W + 1] == 0).all() and (got[:, m - W + 1:] > 0).all()
+            assert (got[:, : m - W + 1] == 0).all() and (got[:, m - W + 1 :] > 0).all()
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +282,7 @@ def test_scan_equals_hf_eager_and_float64_reference(gemma, positions, refs, scan
 
 # ---------------------------------------------------------------------------------------------- knockout
 
+
 def _kl_tol(base: torch.Tensor, other: torch.Tensor, delta: float) -> float:
     """How far KL(p ‖ q) may move when q's logits move by at most δ each: with Δ the logit change,
     ΔKL = −Σ pΔ + log Σ q e^Δ lies in [Σ (q − p)Δ, Σ (q − p)Δ + range(Δ)²/8] (Jensen, Hoeffding's lemma), so
@@ -287,8 +305,11 @@ def test_knockout_fast_equals_naive(gemma, corpus, positions, refs):
     for sid in ("py_simple_add_long", corpus.groups["rust_test"][0].id):
         sp = positions[sid]
         delta = _logit_tol(refs, _ids(sp))
-        conds = [ko.condition_edits(ko.knockout_edges(sp, kind)[0], layers, None, windows)
-                 for kind in ko.EDGE_KINDS for layers in ([4, 5], [12], list(range(18)))]  # fmt: skip
+        conds = [
+            ko.condition_edits(ko.knockout_edges(sp, kind)[0], layers, None, windows)
+            for kind in ko.EDGE_KINDS
+            for layers in ([4, 5], [12], list(range(18)))
+        ]
         bf, bn = fast.baseline(sp.input_ids), naive.baseline(sp.input_ids)
         assert bf.kv is not None and all(k.shape[-2] == sp.seq_len for k, _ in bf.kv)  # sliding layers too
         assert torch.equal(bf.logits, bn.logits)
@@ -329,8 +350,9 @@ def test_knockout_equals_float64_reference(gemma, corpus, positions, refs, ours_
             assert out.status == "ok"
             want = refs.exact(ids, edits)[0]
             assert _err(out.logits, want) <= tol, (sid, edits[0])
-            assert abs(float(kl_divergence(base.logits, out.logits)) - float(kl_divergence(base.logits, want))
-                       ) <= _kl_tol(base.logits, want, tol)
+            assert abs(
+                float(kl_divergence(base.logits, out.logits)) - float(kl_divergence(base.logits, want))
+            ) <= _kl_tol(base.logits, want, tol)
             moved += _err(want, refs.exact(ids)[0]) > 100 * tol
             checked += 1
     assert checked == 2 * len(cases) and moved >= 2
@@ -346,14 +368,16 @@ def test_steer_dose_identity_and_reference(gemma, positions, refs, ours_eager, c
     outside its window instead of steering nothing."""
     model, engine = ours_eager
     runner = ConditionRunner(model, engine)
-    res = st.run_dose(gemma, corpus, st.DoseConfig(groups=["python_doctest"], layers=[5], doses=[1.0, 3.0]),
-                      runner=runner)
+    res = st.run_dose(
+        gemma, corpus, st.DoseConfig(groups=["python_doctest"], layers=[5], doses=[1.0, 3.0]), runner=runner
+    )
     assert res["provenance"]["config"]["runner"]["path"] == "fast"
     one, three = res["doses"]
     recs = {s["id"]: s for s in res["samples"]}
     assert one["n"] == 2 and one["mean_kl"] == 0.0
-    assert all(s["kl"] == 0.0 and s["attention_achieved"] == recs[s["id"]]["attention_baseline"]
-               for s in one["samples"])
+    assert all(
+        s["kl"] == 0.0 and s["attention_achieved"] == recs[s["id"]]["attention_baseline"] for s in one["samples"]
+    )
     alpha = 3.0
     for s in three["samples"]:
         sp = positions[s["id"]]
@@ -368,8 +392,9 @@ def test_steer_dose_identity_and_reference(gemma, positions, refs, ours_eager, c
         tol = _logit_tol(refs, ids)
         base = runner.baseline(sp.input_ids).logits
         assert abs(s["kl"] - float(kl_divergence(base, logits64))) <= _kl_tol(base, logits64, tol) and s["kl"] > 0
-    sliding = st.run_dose(gemma, corpus, st.DoseConfig(groups=["python_doctest"], layers=[4], doses=[2.0]),
-                          runner=runner)
+    sliding = st.run_dose(
+        gemma, corpus, st.DoseConfig(groups=["python_doctest"], layers=[4], doses=[2.0]), runner=runner
+    )
     by_id = {r["id"]: r for r in sliding["doses"][0]["samples"]}
     assert by_id["py_simple_add"]["status"] == "ok"
     assert by_id["py_simple_add_long"]["status"] == "edge-masked"
@@ -391,9 +416,10 @@ def test_sae_attention_equals_eager_reference(gemma, ours_eager):
 
     tok = gemma.tokenizer
     filler = " ".join(f"Item {i} of the list is {i * i}." for i in range(60))
-    prompts = [si.EntityPrompt("The player Lionel Messi has played for", "Lionel Messi", "player", "known"),
-               si.EntityPrompt(f"The player Lionel Messi. {filler} He has played for", "Lionel Messi", "player",
-                               "known")]
+    prompts = [
+        si.EntityPrompt("The player Lionel Messi has played for", "Lionel Messi", "player", "known"),
+        si.EntityPrompt(f"The player Lionel Messi. {filler} He has played for", "Lionel Messi", "player", "known"),
+    ]
     toks = [si.tokenize_prompt(p, tok, index=i) for i, p in enumerate(prompts)]
     assert toks[0].input_ids[0] == tok.bos_token_id and len(toks[1].input_ids) - toks[1].entity_tokens[-1] > W
     batch = sa.make_batch(toks, "entity", pad_id=tok.pad_token_id)
@@ -407,8 +433,15 @@ def test_sae_attention_equals_eager_reference(gemma, ours_eager):
     sae = sa.random_sae(640, 32, hook_name="blocks.2.hook_resid_post", seed=7)
     adds = sa.steering_adds(sae, 3, sa.Steering(latent=5, coeff=200.0), batch.steer_positions)
     vec = 200.0 * sae.W_dec[5]
-    ref_s = reference(eager, "gemma3", batch.ids, batch.mask, batch.steer_positions, logits_to_keep=1,
-                      adds=(3, {(b, p): vec for b, ps in enumerate(batch.steer_positions) for p in ps}))
+    ref_s = reference(
+        eager,
+        "gemma3",
+        batch.ids,
+        batch.mask,
+        batch.steer_positions,
+        logits_to_keep=1,
+        adds=(3, {(b, p): vec for b, ps in enumerate(batch.steer_positions) for p in ps}),
+    )
     got_s = _ours(model, batch, adds)
     _close(got_s, ref_s)
     diff = got_s["attn_weights"] - got["attn_weights"]
@@ -425,8 +458,21 @@ def test_cli_knockout_runs_fast_on_gemma(gemma, corpus, tmp_path, capsys, monkey
     monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: gemma)  # the loaded model, not a second copy
     out = tmp_path / "ko.json"
     try:
-        main(["knockout", "--model", GEMMA, "--corpus", str(corpus.path), "--layer", "5", "--out", str(out),
-              "--resamples", "200"])
+        main(
+            [
+                "knockout",
+                "--model",
+                GEMMA,
+                "--corpus",
+                str(corpus.path),
+                "--layer",
+                "5",
+                "--out",
+                str(out),
+                "--resamples",
+                "200",
+            ]
+        )
     except SystemExit as e:
         assert e.code in (0, None)
     res = json.loads(out.read_text())

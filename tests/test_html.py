@@ -63,17 +63,23 @@ def _data(page):
 
 def _drawn(page, fid):
     """A plotly figure is drawn: its SVG exists and it holds traces."""
-    return page.evaluate("(id) => { const gd = document.getElementById(id);"
-                         " return !!gd && !!gd.querySelector('.main-svg') && gd.data.length > 0; }", fid)
+    return page.evaluate(
+        "(id) => { const gd = document.getElementById(id);"
+        " return !!gd && !!gd.querySelector('.main-svg') && gd.data.length > 0; }",
+        fid,
+    )
 
 
 def _click(page, fid, xi, yi):
     """A real mouse click at the centre of category (xi, yi) of a figure's axes."""
     page.locator(f"#{fid}").scroll_into_view_if_needed()
-    x, y = page.evaluate("""([id, xi, yi]) => {
+    x, y = page.evaluate(
+        """([id, xi, yi]) => {
         const gd = document.getElementById(id), r = gd.getBoundingClientRect();
         const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-        return [r.left + xa._offset + xa.l2p(xi), r.top + ya._offset + ya.l2p(yi)]; }""", [fid, xi, yi])
+        return [r.left + xa._offset + xa.l2p(xi), r.top + ya._offset + ya.l2p(yi)]; }""",
+        [fid, xi, yi],
+    )
     page.mouse.click(x, y)
 
 
@@ -82,8 +88,9 @@ def _weights(page, tid):
 
 
 def _view(page, tid):
-    return page.evaluate("(id) => { const d = document.getElementById(id).dataset;"
-                         " return [d.sample, Number(d.layer), d.head]; }", tid)
+    return page.evaluate(
+        "(id) => { const d = document.getElementById(id).dataset; return [d.sample, Number(d.layer), d.head]; }", tid
+    )
 
 
 # -- without a browser ---------------------------------------------------------------------------------------------
@@ -99,7 +106,7 @@ def test_rows_travel_exactly_and_script_json_cannot_close_the_tag(scan_r):
         m = s["marker_token"]
         got = np.frombuffer(base64.b64decode(enc["rows"]), dtype="<f4").reshape(rows.shape[0], rows.shape[1], m + 1)
         assert np.array_equal(got, rows[:, :, : m + 1])  # bit for bit
-        assert not rows[:, :, m + 1:].any()  # what is cut is causally masked: exactly 0
+        assert not rows[:, :, m + 1 :].any()  # what is cut is causally masked: exactly 0
         assert enc["tokens"] == scan_r.token_texts(s["id"])
     text = _script_json({"a": "</script><script>alert(1)</script>"})
     assert "</" not in text and json.loads(text) == {"a": "</script><script>alert(1)</script>"}
@@ -157,7 +164,8 @@ def test_word_diff_marks_what_changed():
     from plipy.report.html.steer import word_diff
 
     assert word_diff("fn a() {\n  x < 1", "fn b() {\n  x < 1 }") == (
-        "fn <del>a()</del><ins>b()</ins> {\n  x &lt; 1<ins> }</ins>")
+        "fn <del>a()</del><ins>b()</ins> {\n  x &lt; 1<ins> }</ins>"
+    )
 
 
 # -- in the browser ------------------------------------------------------------------------------------------------
@@ -180,8 +188,9 @@ def test_scan_report_in_browser_clicks_drive_the_token_view(scan_r, browser, tmp
     assert (sid, layer, head) == (s0["id"], scan_r.token_layer(), "mean")
     n_tok = page.evaluate("document.querySelectorAll('#r0-tokens .tok').length")
     assert n_tok == s0["n_tokens"] == len(scan_r.token_texts(s0["id"]))
-    marker = page.evaluate("[...document.querySelectorAll('#r0-tokens .tok')].findIndex(s => "
-                           "s.classList.contains('marker'))")
+    marker = page.evaluate(
+        "[...document.querySelectorAll('#r0-tokens .tok')].findIndex(s => s.classList.contains('marker'))"
+    )
     assert marker == s0["marker_token"]
     rows = scan_r.extras["rows"][s0["id"]].astype(np.float64)
     li = layers.index(layer)
@@ -244,8 +253,9 @@ def test_knockout_report_heatmap_click_shows_changed_tokens(smollm, small, brows
     page.wait_for_function(f"document.getElementById('r0-changed').dataset.key === '0|{first['id']}'")
     text = page.inner_text("#r0-changed")
     assert first["id"] in text and f"{first['kl']:.2e}" in text
-    shown = page.evaluate("[...document.querySelectorAll('#r0-changed tbody tr td:nth-child(2)')]"
-                          ".map(td => Number(td.textContent))")
+    shown = page.evaluate(
+        "[...document.querySelectorAll('#r0-changed tbody tr td:nth-child(2)')].map(td => Number(td.textContent))"
+    )
     assert shown == [t["token_id"] for t in first["top_changed"]]
     z = page.evaluate("document.getElementById('r0-heatmap').data[0].z")
     assert z[0][0] == pytest.approx(np.log10(first["kl"]), rel=1e-12)
@@ -259,26 +269,44 @@ def test_steer_and_sae_reports_in_browser(smollm, tmp_path, browser):
     cal = plipy.steer.calibrate(smollm, two, layer=27)
     gen = plipy.steer.generate(smollm, layer=27, limit=1, max_tokens=6, scale=6)
     sae_dir = tmp_path / "sae"
-    saes.save_saelens(saes.random_sae(576, 32, hook_name="blocks.4.hook_resid_post", seed=3), sae_dir,
-                      model_name="smollm2-135m")  # fmt: skip
-    rows = [{"prompt": "The city Paris is located in", "entity": "Paris", "entity_type": "city", "label": "known"},
-            {"prompt": "The city Velmorath is located in", "entity": "Velmorath", "entity_type": "city",
-             "label": "unknown"}]  # fmt: skip
+    saes.save_saelens(
+        saes.random_sae(576, 32, hook_name="blocks.4.hook_resid_post", seed=3), sae_dir, model_name="smollm2-135m"
+    )
+    rows = [
+        {"prompt": "The city Paris is located in", "entity": "Paris", "entity_type": "city", "label": "known"},
+        {
+            "prompt": "The city Velmorath is located in",
+            "entity": "Velmorath",
+            "entity_type": "city",
+            "label": "unknown",
+        },
+    ]
     s = plipy.sae_attention(smollm, sae_dir, 5, rows, coeff=40, random=2, measures="attn_weights")
     path = tmp_path / "all.html"
     plipy.html_report([d, cal, gen, s], path)
     page = _open(browser, path).page
     data = _data(page)
-    expect = {"r0-kl", "r0-attention", "r0-target", "r1-groups", "r1-scales", "r2-preserved", "r3-bars-attn_weights",
-              "r3-scatter-attn_weights", "r3-heatmap-attn_weights", "r3-boxes-attn_weights"}
+    expect = {
+        "r0-kl",
+        "r0-attention",
+        "r0-target",
+        "r1-groups",
+        "r1-scales",
+        "r2-preserved",
+        "r3-bars-attn_weights",
+        "r3-scatter-attn_weights",
+        "r3-heatmap-attn_weights",
+        "r3-boxes-attn_weights",
+    }
     assert set(data["figures"]) == expect
     for fid in expect:
         assert _drawn(page, fid), fid
     # dose: the plotted group mean at each α is the mean of the samples' KLs in the result
     means = page.evaluate("document.getElementById('r0-kl').data[2].y")
     runs = sorted(d["doses"], key=lambda r: r["scale"])
-    assert np.allclose(means, [np.mean([x["kl"] for x in r["samples"] if x["status"] == "ok"]) for r in runs],
-                       rtol=1e-12, atol=0)
+    assert np.allclose(
+        means, [np.mean([x["kl"] for x in r["samples"] if x["status"] == "ok"]) for r in runs], rtol=1e-12, atol=0
+    )
     assert means[1] == 0.0  # α = 1: KL exactly 0
     # a click on the target-α scatter (log axis: its linear coordinate is log10 α) opens that sample's panel
     t0 = d["target"]["samples"][0]
@@ -295,8 +323,9 @@ def test_steer_and_sae_reports_in_browser(smollm, tmp_path, browser):
     bars = page.evaluate("Array.from(document.getElementById('r3-bars-attn_weights').data[0].y)")
     ph = {h["head"]: h["mean_difference"] for h in s["measures"]["attn_weights"]["per_head"]}
     diff = s.arrays["steered"][5]["attn_weights"] - s.arrays["original"]["attn_weights"]
-    want = [float(diff[:, int(h[1:].split("H")[0]), int(h.split("H")[1])].astype(np.float64).mean())
-            for h in s["heads"]]
+    want = [
+        float(diff[:, int(h[1:].split("H")[0]), int(h.split("H")[1])].astype(np.float64).mean()) for h in s["heads"]
+    ]
     assert bars == [ph[h] for h in s["heads"]]  # the result's numbers, as saved
     assert np.allclose(bars, want, rtol=1e-6, atol=1e-9)  # and the arrays' (float32 differences, averaged)
 
@@ -310,9 +339,11 @@ def test_cli_report_and_html_flag(small, browser, tmp_path, monkeypatch, capsys)
     _cli(["report", "s.json", "s.json", "-o", "two.html", "--title", "twice"])
     page = _open(browser, tmp_path / "two.html").page
     assert page.title() == "twice" and page.evaluate("document.querySelectorAll('.tokens').length") == 2
-    for argv, msg in ((["report", "missing.json"], "no such result file"),
-                      (["report", str(small.path)], "not a plipy result file"),
-                      (["report", "s.json", "-o", "r.txt"], "a report is an .html file")):  # fmt: skip
+    for argv, msg in (
+        (["report", "missing.json"], "no such result file"),
+        (["report", str(small.path)], "not a plipy result file"),
+        (["report", "s.json", "-o", "r.txt"], "a report is an .html file"),
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
@@ -342,8 +373,11 @@ def test_lens_emergence_and_probe_reports_in_browser(smollm, small, browser, tmp
     lens = plipy.lens(smollm, "fn add(a: i32) -> i32 {\n}\n\n#[", positions="all", top_k=5, tokens=["test"])
     emerge = plipy.emergence(smollm, top_k=20)
     probe = plipy.probe(smollm, small, layers="0,10,29", folds=3, permutations=20)
-    for name, r, figs in (("lens", lens, ["grid", "tracked"]), ("emergence", emerge, ["ranks"]),
-                          ("probe", probe, ["accuracy"])):
+    for name, r, figs in (
+        ("lens", lens, ["grid", "tracked"]),
+        ("emergence", emerge, ["ranks"]),
+        ("probe", probe, ["accuracy"]),
+    ):
         path = tmp_path / f"{name}.html"
         r.to_html(path)
         opened = _open(browser, path)

@@ -26,8 +26,12 @@ from tiny_models import ARCHS, REF, REF_EDITS, SLIDING, build, register_referenc
 
 PICK = {"python_doctest": 2, "rust_test": 2, "python_baseline": 1, "rust_baseline": 1}
 # the layer sets every mode produces: first and last layer, a middle range, windows clipped at both ends, all
-CONDITIONS = [ko.Condition([29], "29"), ko.Condition(list(range(10, 15)), "10-14"),
-              ko.Condition([26, 27, 28, 29], "26-29"), ko.Condition(list(range(30)), "0-29")]
+CONDITIONS = [
+    ko.Condition([29], "29"),
+    ko.Condition(list(range(10, 15)), "10-14"),
+    ko.Condition([26, 27, 28, 29], "26-29"),
+    ko.Condition(list(range(30)), "0-29"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +105,9 @@ def test_identity_is_exactly_zero(smollm, engine, small_corpus):
         sp = token_positions(s, smollm.tokenizer)
         m = sp.marker_token
         base = runner.baseline(sp.input_ids)
-        outs = runner.run(base, [[EdgeEdit([5], [])],
-                                 [EdgeEdit(range(30), [(q, m) for q in range(m, sp.seq_len)], heads=[])]])
+        outs = runner.run(
+            base, [[EdgeEdit([5], [])], [EdgeEdit(range(30), [(q, m) for q in range(m, sp.seq_len)], heads=[])]]
+        )
         for o in outs:
             assert o.status == "identity"
             assert float(kl_divergence(base.logits, o.logits)) == 0.0
@@ -143,8 +148,7 @@ def test_last_layer_edits_off_the_last_row_are_exactly_zero(smollm, engine, smal
         assert abs(float(kl_divergence(base.logits, hit.logits)) - float(kl_divergence(want, hit_ref))) <= 1e-6
     res = ko.run_knockout(smollm, small_corpus, _cfg([ko.Condition([29], "29")], include_baselines=False))
     rows = res["runs"][0]["samples"]
-    assert rows and all(r["kl"] == 0.0 and r["note"].startswith("identity: edits only in the last layer")
-                        for r in rows)
+    assert rows and all(r["kl"] == 0.0 and r["note"].startswith("identity: edits only in the last layer") for r in rows)
 
 
 # -- agreement with an independent computation -----------------------------------------------------------------
@@ -159,13 +163,18 @@ def test_kl_equals_explicit_reference(smollm, small_corpus):
     runner = ConditionRunner(ours, Engine(ours, idle="eager"))  # eager maths in every layer, as the reference
     corpus = {s.id: s for s in small_corpus.samples()}
     c14, c345 = ko.Condition([14], "14"), ko.Condition([3, 4, 5], "3-5")
-    cases = [("marker-to-targets", None, [c14, c345]), ("to-marker", None, [c345]), ("from-marker", None, [c14]),
-             ("marker-to-targets", [0, 4], [c14])]
+    cases = [
+        ("marker-to-targets", None, [c14, c345]),
+        ("to-marker", None, [c345]),
+        ("from-marker", None, [c14]),
+        ("marker-to-targets", [0, 4], [c14]),
+    ]
     checked, bases = 0, {}
     with torch.inference_mode():
         for edges, heads, conditions in cases:
-            res = ko.run_knockout(smollm, small_corpus, _cfg(conditions, edges=edges, heads=heads,
-                                                             include_baselines=False), runner=runner)
+            res = ko.run_knockout(
+                smollm, small_corpus, _cfg(conditions, edges=edges, heads=heads, include_baselines=False), runner=runner
+            )
             by_id = {s["id"]: s for s in res["samples"]}
             for run in res["runs"]:
                 for s in run["samples"]:
@@ -173,8 +182,9 @@ def test_kl_equals_explicit_reference(smollm, small_corpus):
                     REF_EDITS.clear()
                     if s["id"] not in bases:
                         bases[s["id"]] = ref(ids).logits[0, -1]
-                    REF_EDITS["edits"] = [(layer, q, k, heads, 0.0) for layer in run["layers"]
-                                          for q, k in by_id[s["id"]]["edges"]]
+                    REF_EDITS["edits"] = [
+                        (layer, q, k, heads, 0.0) for layer in run["layers"] for q, k in by_id[s["id"]]["edges"]
+                    ]
                     try:
                         knocked = ref(ids).logits[0, -1]
                     finally:
@@ -191,23 +201,29 @@ def test_fast_equals_naive_every_edge_set(smollm, engine, small_corpus):
     for edges in ko.EDGE_KINDS:
         cfg = _cfg(CONDITIONS, edges=edges, heads=[1, 2, 7] if edges == "from-marker" else None)
         fast = ko.run_knockout(smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="fast"))
-        naive = ko.run_knockout(smollm, small_corpus, cfg,
-                                runner=ConditionRunner(smollm.model, engine, path="naive"))
+        naive = ko.run_knockout(smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="naive"))
         _assert_same(fast, naive)
         assert sum(s["status"] == "ok" for s in fast["runs"][0]["samples"]) == 5
 
 
 @pytest.mark.slow
 def test_fast_equals_naive_every_mode(smollm, engine, small_corpus):
-    modes = [("layer", {}), ("layers", {"layers": "10-14"}), ("scan-layers", {}),
-             ("scan-windows", {"center": 2, "max_radius": 4}), ("slide-window", {"window": 4})]
+    modes = [
+        ("layer", {}),
+        ("layers", {"layers": "10-14"}),
+        ("scan-layers", {}),
+        ("scan-windows", {"center": 2, "max_radius": 4}),
+        ("slide-window", {"window": 4}),
+    ]
     for mode, kw in modes:
         for edges in ko.EDGE_KINDS:
             cfg = _cfg(ko.build_conditions(mode, 30, **kw), mode=mode, edges=edges)
-            fast = ko.run_knockout(smollm, small_corpus, cfg,
-                                   runner=ConditionRunner(smollm.model, engine, path="fast", max_batch=7))
-            naive = ko.run_knockout(smollm, small_corpus, cfg,
-                                    runner=ConditionRunner(smollm.model, engine, path="naive"))
+            fast = ko.run_knockout(
+                smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="fast", max_batch=7)
+            )
+            naive = ko.run_knockout(
+                smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="naive")
+            )
             _assert_same(fast, naive)
 
 
@@ -278,8 +294,11 @@ def test_runner_batch_survives_an_error_inside(monkeypatch):
 def test_statuses_for_impossible_knockouts(smollm, small_corpus):
     """rust_baseline's marker is token 0: no edges to targets, and to-marker would empty row 0."""
     cond = [ko.Condition([14], "14")]
-    for edges, status in (("marker-to-targets", "no-edges"), ("to-marker", "row-fully-masked"),
-                          ("from-marker", "no-edges")):
+    for edges, status in (
+        ("marker-to-targets", "no-edges"),
+        ("to-marker", "row-fully-masked"),
+        ("from-marker", "no-edges"),
+    ):
         res = ko.run_knockout(smollm, small_corpus, _cfg(cond, edges=edges))
         bad = [s for s in res["runs"][0]["samples"] if s["group"] == "rust_baseline"]
         assert [(s["status"], s["kl"]) for s in bad] == [(status, None)]
@@ -293,7 +312,10 @@ def test_build_conditions():
     assert ko.build_conditions("layers", 30, layers="3-5")[0].layers == [3, 4, 5]
     assert [c.layers for c in ko.build_conditions("scan-layers", 3)] == [[0], [1], [2]]
     assert [c.layers for c in ko.build_conditions("scan-windows", 4, center=1, max_radius=5)] == [
-        [1], [0, 1, 2], [0, 1, 2, 3]]  # clipped windows that repeat are dropped
+        [1],
+        [0, 1, 2],
+        [0, 1, 2, 3],
+    ]  # clipped windows that repeat are dropped
     assert [c.label for c in ko.build_conditions("slide-window", 30, window=28)] == ["0-27", "1-28", "2-29"]
 
 
@@ -316,11 +338,16 @@ def test_bad_input_raises_one_clear_error(smollm, small_corpus, tmp_path):
 
 def _unusable_corpus(tmp_path):
     code = "#[derive(Debug)]\nstruct S;"
-    item = {"marker_char_pos": 0, "marker_pattern": "#[", "code": code,
-            "target_char_positions": [code.index("struct"), code.index("S;")]}
+    item = {
+        "marker_char_pos": 0,
+        "marker_pattern": "#[",
+        "code": code,
+        "target_char_positions": [code.index("struct"), code.index("S;")],
+    }
     path = tmp_path / "unusable.json"
-    path.write_text(json.dumps({"a": [dict(item, id="a1"), dict(item, id="a2")],
-                                "b": [dict(item, id="b1"), dict(item, id="b2")]}))
+    path.write_text(
+        json.dumps({"a": [dict(item, id="a1"), dict(item, id="a2")], "b": [dict(item, id="b1"), dict(item, id="b2")]})
+    )
     return load_corpus(path)
 
 
@@ -345,8 +372,21 @@ def main(monkeypatch, smollm):
 def test_cli_end_to_end(main, small_corpus, tmp_path, capsys):
     out = tmp_path / "ko.json"
     try:
-        main(["knockout", "--corpus", str(small_corpus.path), "--layer", "14", "--include-baselines", "--plot",
-              "--resamples", "200", "--out", str(out)])
+        main(
+            [
+                "knockout",
+                "--corpus",
+                str(small_corpus.path),
+                "--layer",
+                "14",
+                "--include-baselines",
+                "--plot",
+                "--resamples",
+                "200",
+                "--out",
+                str(out),
+            ]
+        )
     except SystemExit as e:  # success may return or exit 0
         assert e.code in (0, None)
     data = json.loads(out.read_text())
@@ -367,13 +407,18 @@ def test_cli_end_to_end(main, small_corpus, tmp_path, capsys):
     assert "Knockout" in captured.out and "excluded" in captured.err
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--layer", "30"], "error: --layer: layer 30 does not exist"),
-    (["--heads", "9"], "error: --heads: head 9 does not exist"),
-    (["--layer", "3", "--scan-layers"], "error: --layer/--layers/--scan-layers/--scan-windows/--slide-window: "
-                                        "choose one mode"),
-    (["--edges", "all"], "error: --edges: must be one of"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "30"], "error: --layer: layer 30 does not exist"),
+        (["--heads", "9"], "error: --heads: head 9 does not exist"),
+        (
+            ["--layer", "3", "--scan-layers"],
+            "error: --layer/--layers/--scan-layers/--scan-windows/--slide-window: choose one mode",
+        ),
+        (["--edges", "all"], "error: --edges: must be one of"),
+    ],
+)
 def test_cli_bad_input(main, small_corpus, tmp_path, capsys, args, message):
     out = tmp_path / "x.json"
     with pytest.raises(SystemExit) as e:

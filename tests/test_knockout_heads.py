@@ -19,9 +19,13 @@ from tiny_models import REF, REF_EDITS, build, float64, fp32_bound, register_ref
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = ["llama", "qwen2", "gemma", "gpt2", "starcoder2"]  # GQA, MQA, Conv1D heads, a sliding window
-MODES = [("layer", {}), ("layers", {"layers": "0,2"}), ("scan_layers", {"scan_layers": True}),
-         ("scan_windows", {"scan_windows": True, "center": 1, "max_radius": 1}),
-         ("slide_window", {"slide_window": 2})]
+MODES = [
+    ("layer", {}),
+    ("layers", {"layers": "0,2"}),
+    ("scan_layers", {"scan_layers": True}),
+    ("scan_windows", {"scan_windows": True, "center": 1, "max_radius": 1}),
+    ("slide_window", {"slide_window": 2}),
+]
 HEAD = 3
 
 
@@ -85,8 +89,13 @@ def test_single_head_every_mode_and_edge_set(arch, setting):
                     b32, b64 = _last_logits(ref32, ids, []), _last_logits(ref64, ids, [])
                     k32, k64 = _last_logits(ref32, ids, edits), _last_logits(ref64, ids, edits)
                     want = _kl(b64, k64)
-                    assert abs(s["kl"] - want) <= _kl_bound(b32, b64, k32, k64), (arch, mode, edges, s["id"],
-                                                                                  run["label"])
+                    assert abs(s["kl"] - want) <= _kl_bound(b32, b64, k32, k64), (
+                        arch,
+                        mode,
+                        edges,
+                        s["id"],
+                        run["label"],
+                    )
                     checked += 1
                     effects += want > 10 * _kl_bound(b32, b64, k32, k64)
     assert checked >= 60 and effects >= checked // 4  # knockouts of one head do move the distribution
@@ -97,16 +106,23 @@ def test_the_head_matters(setting):
     """Head 3 alone differs from head 2 alone and from every head: the restriction reaches the model."""
     tok, corpus = setting
     lm = wrap_model(build("llama", "sdpa", vocab_size=len(tok)), tok, spec="tiny-llama")
-    kls = {h: [s["kl"] for s in plipy.knockout(lm, corpus, layer=1, heads=h, edges="from-marker",
-                                                 resamples=50)["runs"][0]["samples"]]
-           for h in ("3", "2", "all")}
+    kls = {
+        h: [
+            s["kl"]
+            for s in plipy.knockout(lm, corpus, layer=1, heads=h, edges="from-marker", resamples=50)["runs"][0][
+                "samples"
+            ]
+        ]
+        for h in ("3", "2", "all")
+    }
     assert all(not math.isclose(a, b, rel_tol=1e-3) for a, b in zip(kls["3"], kls["2"], strict=True))
     assert all(a < b for a, b in zip(kls["3"], kls["all"], strict=True))
 
 
 def test_heads_label():
-    assert heads_label([3]) == "head 3" and heads_label([0, 3]) == "heads 0,3" and heads_label(list(range(9))) == \
-        "9 heads"
+    assert (
+        heads_label([3]) == "head 3" and heads_label([0, 3]) == "heads 0,3" and heads_label(list(range(9))) == "9 heads"
+    )
 
 
 def test_cli_single_head(monkeypatch, smollm, setting, tmp_path, capsys):
@@ -117,8 +133,23 @@ def test_cli_single_head(monkeypatch, smollm, setting, tmp_path, capsys):
     monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)
     out = tmp_path / "k.json"
     with pytest.raises(SystemExit) as e:
-        cli.main(["knockout", "--corpus", str(corpus.path), "--layer", "16", "--heads", "3", "--edges", "from-marker",
-                  "--resamples", "50", "--out", str(out)])
+        cli.main(
+            [
+                "knockout",
+                "--corpus",
+                str(corpus.path),
+                "--layer",
+                "16",
+                "--heads",
+                "3",
+                "--edges",
+                "from-marker",
+                "--resamples",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
         raise SystemExit(0)
     assert e.value.code == 0
     assert "Knockout (from-marker, head 3)" in capsys.readouterr().out

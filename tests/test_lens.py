@@ -27,7 +27,8 @@ def _hf_head(model: torch.nn.Module, arch: str):
     """The final norm and unembedding by HF's own attribute names, and the family's logit transform, written out
     here rather than taken from plipy's adapter."""
     norm = {"gpt2": lambda m: m.transformer.ln_f, "gpt_neox": lambda m: m.gpt_neox.final_layer_norm}.get(
-        arch, lambda m: m.model.norm)(model)
+        arch, lambda m: m.model.norm
+    )(model)
     cap = getattr(model.config, "final_logit_softcapping", None)
     scaling = getattr(model.config, "logits_scaling", None)
     scale = getattr(model, "logit_scale", None)
@@ -74,11 +75,20 @@ def _lm(model: torch.nn.Module, tokenizer=None) -> LoadedModel:
 def _extra_models() -> dict[str, torch.nn.Module]:
     """Families whose head rescales the logits: Granite divides by logits_scaling, Cohere multiplies by
     logit_scale."""
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     out = {}
-    for name, cfg in (("granite", tf.GraniteConfig(**common, logits_scaling=4.0)),
-                      ("cohere", tf.CohereConfig(**common, logit_scale=0.25))):
+    for name, cfg in (
+        ("granite", tf.GraniteConfig(**common, logits_scaling=4.0)),
+        ("cohere", tf.CohereConfig(**common, logit_scale=0.25)),
+    ):
         torch.manual_seed(0)
         m = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
         with torch.no_grad():
@@ -93,8 +103,9 @@ def _extra_models() -> dict[str, torch.nn.Module]:
 def test_lens_equals_head_of_hf_hidden_states(arch):
     """Every layer's lens logits equal the family's head on HF's hidden state (fp32 error bounded against float64);
     probabilities to 1e-5; the last layer is the model's own logits (to rounding), and the run's own check says so."""
-    model = _extra_models()[arch] if arch in ("granite", "cohere") else build(arch, "sdpa" if arch != "gemma2"
-                                                                               else "eager")
+    model = (
+        _extra_models()[arch] if arch in ("granite", "cohere") else build(arch, "sdpa" if arch != "gemma2" else "eager")
+    )
     ids = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(5)).tolist()
     positions = [11, 4, 0]
     ref32 = _reference(model, arch, ids, positions)
@@ -142,8 +153,12 @@ def test_positions_grammar():
     assert le.resolve_positions("0,-1,4", 5) == [0, 4]
     assert le.resolve_positions([2, -2], 5) == [2, 3]
     assert le.resolve_positions("marker", 5, marker=3) == [3]
-    for bad, msg in (("7", "position 7 does not exist"), ("marker", "needs a corpus sample"), ("x", "cannot read"),
-                     ("", "is empty")):
+    for bad, msg in (
+        ("7", "position 7 does not exist"),
+        ("marker", "needs a corpus sample"),
+        ("x", "cannot read"),
+        ("", "is empty"),
+    ):
         with pytest.raises(ParameterError, match=msg):
             le.resolve_positions(bad, 5)
 
@@ -229,12 +244,29 @@ def test_cli_lens_and_errors(tmp_path, capsys, monkeypatch, smollm):
     assert set(lay) == {"layer", "top"} and set(lay["top"][0]) == {"id", "token", "prob"} and len(lay["top"]) == 4
     assert doc["provenance"]["kind"] == "lens"
     assert "Logit lens at position" in capsys.readouterr().out
-    assert cli_exit_code(["lens", "run", "--sample", "py_simple_add", "--positions", "marker", "--layers", "29",
-                          "--out", str(tmp_path / "m.json")]) == 0
+    assert (
+        cli_exit_code(
+            [
+                "lens",
+                "run",
+                "--sample",
+                "py_simple_add",
+                "--positions",
+                "marker",
+                "--layers",
+                "29",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    for argv, msg in ((["lens", "x", "--sample", "py_simple_add"], "give one of TEXT"),
-                      (["lens", "--file", str(tmp_path / "none.txt")], "no such file"),
-                      (["lens", TEXT, "--positions", "99"], "--positions: position 99 does not exist"),
-                      (["lens", TEXT, "--token", " assert_eq"], "--token/--token-id: ' assert_eq' is 3 tokens")):
+    for argv, msg in (
+        (["lens", "x", "--sample", "py_simple_add"], "give one of TEXT"),
+        (["lens", "--file", str(tmp_path / "none.txt")], "no such file"),
+        (["lens", TEXT, "--positions", "99"], "--positions: position 99 does not exist"),
+        (["lens", TEXT, "--token", " assert_eq"], "--token/--token-id: ' assert_eq' is 3 tokens"),
+    ):
         assert cli_exit_code(argv) == 2
         assert msg in capsys.readouterr().err

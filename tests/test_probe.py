@@ -22,10 +22,14 @@ from tiny_models import build
 def _hooked_residuals(model, layers_module, ids: list[int], pos: int) -> list[np.ndarray]:
     """Every decoder layer's output at `pos`, by plain torch forward hooks (not plipy's engine)."""
     got: dict[int, np.ndarray] = {}
-    hooks = [layer.register_forward_hook(
-        lambda m, a, out, i=i: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0, pos].double()
-                                               .numpy()))
-             for i, layer in enumerate(layers_module)]  # fmt: skip
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, a, out, i=i: got.__setitem__(
+                i, (out[0] if isinstance(out, tuple) else out)[0, pos].double().numpy()
+            )
+        )
+        for i, layer in enumerate(layers_module)
+    ]
     try:
         with torch.no_grad():
             model(torch.tensor([ids]))
@@ -69,9 +73,10 @@ def test_probe_equals_sklearn_on_hooked_residuals(smollm, tmp_path):
         assert rec["p_perm"] == p and rec["shuffled_mean"] == perm.mean()
 
 
-@pytest.mark.parametrize(("arch", "layers_of"), [("llama", lambda m: m.model.layers),
-                                               ("gpt2", lambda m: m.transformer.h),
-                                               ("gemma", lambda m: m.model.layers)])
+@pytest.mark.parametrize(
+    ("arch", "layers_of"),
+    [("llama", lambda m: m.model.layers), ("gpt2", lambda m: m.transformer.h), ("gemma", lambda m: m.model.layers)],
+)
 def test_probe_equals_sklearn_on_tiny_models(arch, layers_of, tiny_tok, tmp_path):
     """Random tiny models of three families: the same equality with scikit-learn on hooked residuals."""
     from sklearn.linear_model import LogisticRegression
@@ -90,8 +95,9 @@ def test_probe_equals_sklearn_on_tiny_models(arch, layers_of, tiny_tok, tmp_path
         sp = plipy.token_positions(s, tiny_tok)
         feats.append(_hooked_residuals(model, layers_of(model), sp.input_ids, sp.marker_token))
     y = np.array([s.group == "rust_test" for s in samples], dtype=int)
-    r = plipy.probe(wrap_model(model, tiny_tok, spec=f"tiny-{arch}"), corpus, feature="marker", folds=3,
-                    permutations=0, C=0.5)
+    r = plipy.probe(
+        wrap_model(model, tiny_tok, spec=f"tiny-{arch}"), corpus, feature="marker", folds=3, permutations=0, C=0.5
+    )
     cv = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
     est = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=1000))
     for rec in r["layers"]:
@@ -139,8 +145,9 @@ def tiny_lm(tiny_tok):
     tok = tiny_tok
     from plipy.models import LoadedModel
 
-    return LoadedModel(model=build("qwen2", "sdpa", vocab_size=len(tok)), tokenizer=tok, spec="tiny-qwen2",
-                       name="tiny-qwen2")
+    return LoadedModel(
+        model=build("qwen2", "sdpa", vocab_size=len(tok)), tokenizer=tok, spec="tiny-qwen2", name="tiny-qwen2"
+    )
 
 
 def test_labelled_snippets_and_marker_feature(tiny_lm, tmp_path):
@@ -157,8 +164,14 @@ def test_labelled_snippets_and_marker_feature(tiny_lm, tmp_path):
     with pytest.raises(ParameterError, match="needs a corpus with marker positions"):
         plipy.probe(tiny_lm, f, feature="marker")
     # the corpus with markers; prefix labels merge the baselines into their language
-    m = plipy.probe(tiny_lm, feature="marker", label="prefix", permutations=0, layers=[2],
-                    groups="python_doctest,rust_test,python_baseline,rust_baseline")
+    m = plipy.probe(
+        tiny_lm,
+        feature="marker",
+        label="prefix",
+        permutations=0,
+        layers=[2],
+        groups="python_doctest,rust_test,python_baseline,rust_baseline",
+    )
     assert m["counts"] == {"python": 15, "rust": 15} and m["layers"][0]["layer"] == 2
     smp = {s["id"]: s for s in m["samples"]}
     assert smp["py_simple_add"]["token"].strip() == ">>>"
@@ -199,8 +212,24 @@ def test_cli_probe(tmp_path, capsys, monkeypatch, smollm):
     monkeypatch.setattr("plipy.models.load_model", lambda *a, **k: smollm)  # no reload per call
     out = tmp_path / "p.json"
     small = corpus_subset(tmp_path, {"python_doctest": 4, "rust_test": 4}).path
-    assert cli_exit_code(["probe", "--corpus", str(small), "--layers", "0,29", "--folds", "4", "--permutations", "3",
-                          "--out", str(out)]) == 0
+    assert (
+        cli_exit_code(
+            [
+                "probe",
+                "--corpus",
+                str(small),
+                "--layers",
+                "0,29",
+                "--folds",
+                "4",
+                "--permutations",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert [r["layer"] for r in doc["layers"]] == [0, 29] and doc["provenance"]["kind"] == "probe"
     assert "Linear probe on the last token" in capsys.readouterr().out

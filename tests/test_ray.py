@@ -32,8 +32,7 @@ def cluster():
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers get the driver's count: local references are computed alike
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             namespace="plipy")  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, namespace="plipy")
     yield ray.get_runtime_context().gcs_address
     from plipy.cluster import shutdown
 
@@ -89,15 +88,32 @@ def test_sae_attention_on_ray_equals_local(cluster, tmp_path):
     sae = saes.random_sae(576, 32, hook_name="blocks.4.hook_resid_post", seed=9)
     saes.save_saelens(sae, tmp_path / "sae", model_name="smollm2-135m")
     prompts = tmp_path / "prompts.jsonl"
-    rows = [("The player Lionel Messi has played for", "Lionel Messi", "player", "known"),
-            ("The city Paris is located in", "Paris", "city", "known"),
-            ("The player Zorvak Plinth has played for", "Zorvak Plinth", "player", "unknown"),
-            ("The city Velmorath is located in", "Velmorath", "city", "unknown"),
-            ("The movie Titanic is directed by", "Titanic", "movie", "known")]  # fmt: skip
-    prompts.write_text("".join(json.dumps({"prompt": p, "entity": e, "entity_type": t, "label": lab}) + "\n"
-                               for p, e, t, lab in rows))
-    common = ["sae", "attention", "--sae", str(tmp_path / "sae"), "--latent", "3", "--prompts", str(prompts),
-              "--random", "2", "--batch-size", "2", "--table-format", "csv"]
+    rows = [
+        ("The player Lionel Messi has played for", "Lionel Messi", "player", "known"),
+        ("The city Paris is located in", "Paris", "city", "known"),
+        ("The player Zorvak Plinth has played for", "Zorvak Plinth", "player", "unknown"),
+        ("The city Velmorath is located in", "Velmorath", "city", "unknown"),
+        ("The movie Titanic is directed by", "Titanic", "movie", "known"),
+    ]
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p, "entity": e, "entity_type": t, "label": lab}) + "\n" for p, e, t, lab in rows)
+    )
+    common = [
+        "sae",
+        "attention",
+        "--sae",
+        str(tmp_path / "sae"),
+        "--latent",
+        "3",
+        "--prompts",
+        str(prompts),
+        "--random",
+        "2",
+        "--batch-size",
+        "2",
+        "--table-format",
+        "csv",
+    ]
     assert cli_exit_code([*common, "-o", str(tmp_path / "local.json")]) == 0
     assert cli_exit_code([*common, "--ray", "--workers", "2", "-o", str(tmp_path / "ray.json")]) == 0
     _same_files(tmp_path / "local.json", tmp_path / "ray.json")
@@ -133,8 +149,9 @@ def test_a_killed_worker_is_replaced_and_nothing_counts_twice(cluster, corpus, t
         def step() -> None:
             if killed:
                 return
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].startswith("plipy-")]  # fmt: skip
+            names = [
+                a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("plipy-")
+            ]
             actor = ray.get_actor(sorted(names)[-1], namespace="plipy")
             killed.append(ray.get(actor.pid.remote()))
             ray.kill(actor, no_restart=False)  # the process dies; Ray starts another
@@ -163,8 +180,27 @@ def test_a_killed_driver_resumes_on_the_cluster(cluster, corpus, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "PLIPY_RUNS": str(runs), "OMP_NUM_THREADS": "1"}  # the reference's thread count
     out = tmp_path / "ray.json"
-    cmd = [sys.executable, "-m", "plipy", "knockout", "--scan-layers", "--corpus", str(corpus.path), "--resamples",
-           "300", "--table-format", "csv", "-b", "1", "--ray", cluster, "--workers", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "plipy",
+        "knockout",
+        "--scan-layers",
+        "--corpus",
+        str(corpus.path),
+        "--resamples",
+        "300",
+        "--table-format",
+        "csv",
+        "-b",
+        "1",
+        "--ray",
+        cluster,
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 300
     while _units(runs) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -176,8 +212,25 @@ def test_a_killed_driver_resumes_on_the_cluster(cluster, corpus, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed)" in done.stderr
-    assert cli_exit_code(["knockout", "--scan-layers", "--corpus", str(corpus.path), "--resamples", "300",
-                          "--table-format", "csv", "-b", "1", "-o", str(tmp_path / "local.json")]) == 0
+    assert (
+        cli_exit_code(
+            [
+                "knockout",
+                "--scan-layers",
+                "--corpus",
+                str(corpus.path),
+                "--resamples",
+                "300",
+                "--table-format",
+                "csv",
+                "-b",
+                "1",
+                "-o",
+                str(tmp_path / "local.json"),
+            ]
+        )
+        == 0
+    )
     _same_files(out, tmp_path / "local.json")
     t0 = time.monotonic()  # the two drivers' actors die with them: their CPUs return to the cluster
     while ray.available_resources().get("CPU", 0) < 2:
@@ -257,8 +310,22 @@ def _hedges(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_sweep_writes_each_result_and_the_comparison(tiny_dir, corpus, tmp_path, capsys):
     out = tmp_path / "sweep"
-    code = cli_exit_code(["sweep", "--models", f"smollm2-135m,{tiny_dir}", "-d", str(out), "scan", "--corpus",
-                          str(corpus.path), "--resamples", "300", "--table-format", "csv"])
+    code = cli_exit_code(
+        [
+            "sweep",
+            "--models",
+            f"smollm2-135m,{tiny_dir}",
+            "-d",
+            str(out),
+            "scan",
+            "--corpus",
+            str(corpus.path),
+            "--resamples",
+            "300",
+            "--table-format",
+            "csv",
+        ]
+    )
     assert code == 0
     names = ["smollm2-135m", tiny_dir.name]
     docs = [json.loads((out / f"scan-{n}.json").read_text()) for n in names]

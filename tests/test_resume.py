@@ -49,9 +49,17 @@ def _long_corpus(directory: Path, copies: int):
     full = load_corpus()
     data: dict = {"_format_version": "2.0"}
     for g in ("python_doctest", "rust_test"):
-        data[g] = [{"id": f"{s.id}#{c}", "code": s.code, "marker_char_pos": s.marker_char_pos,
-                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
-                   for c in range(copies) for s in full.groups[g]]  # fmt: skip
+        data[g] = [
+            {
+                "id": f"{s.id}#{c}",
+                "code": s.code,
+                "marker_char_pos": s.marker_char_pos,
+                "marker_pattern": s.marker_pattern,
+                "target_char_positions": list(s.target_char_positions),
+            }
+            for c in range(copies)
+            for s in full.groups[g]
+        ]
     path = directory / "long.json"
     path.write_text(json.dumps(data))
     return load_corpus(path)
@@ -68,8 +76,9 @@ CASES = {
 def test_killed_run_resumes_to_identical_bytes(kind, smollm, tmp_path, monkeypatch):
     import plipy
 
-    corpus = (_long_corpus(tmp_path, 4) if kind == "scan"
-              else corpus_subset(tmp_path, {"python_doctest": 2, "rust_test": 3}))  # fmt: skip
+    corpus = (
+        _long_corpus(tmp_path, 4) if kind == "scan" else corpus_subset(tmp_path, {"python_doctest": 2, "rust_test": 3})
+    )
     runs = tmp_path / "runs"
     env = {**os.environ, "PLIPY_RUNS": str(runs)}
     args, api_kw = CASES[kind]
@@ -126,8 +135,15 @@ def test_a_wrapped_model_keeps_no_units(tmp_path, monkeypatch):
     monkeypatch.setenv("PLIPY_RUNS", str(tmp_path / "runs"))
     tok, _ = load_tokenizer("smollm2-135m")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(cfg).eval()
     corpus = corpus_subset(tmp_path, {"python_doctest": 2, "rust_test": 2})
     from plipy.checkpoint import open_run

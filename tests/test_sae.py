@@ -94,8 +94,11 @@ def reference(model, arch, ids, mask, steer_pos, adds=None, ovw_p=1, **forward_k
         attn_mod = _attn(blk, arch)
         v = _value_heads(vals[li], arch, n_heads, n_kv).double()
         d = v.shape[-1]
-        bias = getattr(attn_mod.c_proj if arch == "gpt2" else attn_mod.dense if arch == "gpt_neox"
-                       else attn_mod.o_proj, "bias", None)  # fmt: skip
+        bias = getattr(
+            attn_mod.c_proj if arch == "gpt2" else attn_mod.dense if arch == "gpt_neox" else attn_mod.o_proj,
+            "bias",
+            None,
+        )
         for b in range(b_n):
             total = torch.zeros(cfg.hidden_size, dtype=torch.float64)
             for h in range(n_heads):
@@ -143,8 +146,10 @@ def _close(ours, ref, ulps=16):
 def _tiny_batch(seed=0):
     """Two prompts of 10 and 7 tokens; the second is left-padded by 3."""
     g = torch.Generator().manual_seed(seed)
-    return [si.Tokenized(torch.randint(3, 128, (10,), generator=g).tolist(), [3, 4, 5]),
-            si.Tokenized(torch.randint(3, 128, (7,), generator=g).tolist(), [2, 3])]  # fmt: skip
+    return [
+        si.Tokenized(torch.randint(3, 128, (10,), generator=g).tolist(), [3, 4, 5]),
+        si.Tokenized(torch.randint(3, 128, (7,), generator=g).tolist(), [2, 3]),
+    ]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gpt2", "gpt_neox", "gemma"])
@@ -164,8 +169,14 @@ def test_measures_equal_explicit_eager_reference_tiny(arch, pos_type):
     _close(_ours(ours, batch), ref)
     # steered: the reference adds 4·W_dec[5] with its own hook
     vec = 4.0 * sae.W_dec[5]
-    ref_s = reference(eager, arch, batch.ids, batch.mask, batch.steer_positions,
-                      adds=(layer, {(b, p): vec for b, ps in enumerate(batch.steer_positions) for p in ps}))
+    ref_s = reference(
+        eager,
+        arch,
+        batch.ids,
+        batch.mask,
+        batch.steer_positions,
+        adds=(layer, {(b, p): vec for b, ps in enumerate(batch.steer_positions) for p in ps}),
+    )
     got_s = _ours(ours, batch, adds)
     _close(got_s, ref_s)
     diff = got_s["attn_weights"] - _ours(ours, batch)["attn_weights"]
@@ -261,8 +272,17 @@ def test_gemma_scope_npz_and_pre6_config(tmp_path):
     # an old (pre-6.0) SAELens config: flat keys, TopK via activation_fn_str
     old = tmp_path / "old"
     saes.save_saelens(sae, old)
-    (old / "cfg.json").write_text(json.dumps({"d_in": 16, "d_sae": 24, "hook_point": "blocks.2.hook_resid_pre",
-                                              "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}}))
+    (old / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": 16,
+                "d_sae": 24,
+                "hook_point": "blocks.2.hook_resid_pre",
+                "activation_fn_str": "topk",
+                "activation_fn_kwargs": {"k": 3},
+            }
+        )
+    )
     back = saes.load_sae(old)
     assert back.architecture == "topk" and back.k == 3 and back.hook_point() == (2, "pre")
 
@@ -297,8 +317,12 @@ def test_saelens_release_through_the_package_api(monkeypatch):
             return "jumprelu"
 
         def to_dict(self):
-            return {"d_in": 12, "d_sae": 20, "apply_b_dec_to_input": False,
-                    "metadata": {"hook_name": "blocks.6.hook_resid_post"}}
+            return {
+                "d_in": 12,
+                "d_sae": 20,
+                "apply_b_dec_to_input": False,
+                "metadata": {"hook_name": "blocks.6.hook_resid_post"},
+            }
 
     class FakeSAE(torch.nn.Module):
         cfg = Cfg()
@@ -319,17 +343,27 @@ def test_saelens_release_through_the_package_api(monkeypatch):
 
 def test_inputs_and_latent_files(tmp_path):
     ps = si.template_prompts([{"entity": "Lionel Messi", "entity_type": "player", "label": "known"}])
-    assert [p.prompt for p in ps] == ["The player Lionel Messi was born in the city of",
-                                      "The player Lionel Messi was born in the year",
-                                      "The player Lionel Messi has played for"]
+    assert [p.prompt for p in ps] == [
+        "The player Lionel Messi was born in the city of",
+        "The player Lionel Messi was born in the year",
+        "The player Lionel Messi has played for",
+    ]
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "Who is Zork Blarg?", "entity": "Zork Blarg", "entity_type": "player", '
-                 '"label": "unknown"}\n{"entity": "Paris", "entity_type": "city", "label": "known"}\n')
+    f.write_text(
+        '{"prompt": "Who is Zork Blarg?", "entity": "Zork Blarg", "entity_type": "player", '
+        '"label": "unknown"}\n{"entity": "Paris", "entity_type": "city", "label": "known"}\n'
+    )
     items = si.load_prompts(f)
     assert len(items) == 4 and items[1].prompt == "The city Paris is located in"
     lf = tmp_path / "L5.json"
-    lf.write_text(json.dumps({"known": {"0": {"layer": 5, "latent_idx": 3.0, "mean_features_acts": 9.0}},
-                              "unknown": {"0": {"layer": 5, "latent_idx": 7.0, "mean_features_acts": 2.5}}}))
+    lf.write_text(
+        json.dumps(
+            {
+                "known": {"0": {"layer": 5, "latent_idx": 3.0, "mean_features_acts": 9.0}},
+                "unknown": {"0": {"layer": 5, "latent_idx": 7.0, "mean_features_acts": 2.5}},
+            }
+        )
+    )
     assert si.read_latent_means(lf, layer=5) == {7: 2.5}
     assert si.read_latent_means(lf, layer=5, section="known") == {3: 9.0}
     cf = tmp_path / "scores.json"
@@ -377,8 +411,14 @@ def test_smollm_measures_equal_eager_reference(smollm, smol_sae):
     _close(_ours(ours, batch), ref)
     adds = sa.steering_adds(smol_sae, 5, sa.Steering(latent=3, coeff=60.0), batch.steer_positions)
     vec = 60.0 * smol_sae.W_dec[3]
-    ref_s = reference(eager, "llama", batch.ids, batch.mask, batch.steer_positions,
-                      adds=(5, {(b, p): vec for b, ps in enumerate(batch.steer_positions) for p in ps}))
+    ref_s = reference(
+        eager,
+        "llama",
+        batch.ids,
+        batch.mask,
+        batch.steer_positions,
+        adds=(5, {(b, p): vec for b, ps in enumerate(batch.steer_positions) for p in ps}),
+    )
     _close(_ours(ours, batch, adds), ref_s)
 
 
@@ -469,13 +509,38 @@ def test_cli_end_to_end_npz_plots_npy(tmp_path, capsys):
     sae = saes.random_sae(576, 32, seed=9)
     saes.save_npz(sae, tmp_path / "layer_3" / "params.npz")  # Gemma Scope style: hook from the path
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "entity": e, "entity_type": t, "label": lab}) + "\n"
-                               for p, e, t, lab in PROMPTS))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p, "entity": e, "entity_type": t, "label": lab}) + "\n" for p, e, t, lab in PROMPTS
+        )
+    )
     out = tmp_path / "run.json"
-    code = _cli(["sae", "attention", "--sae", str(tmp_path / "layer_3" / "params.npz"), "--latent", "2",
-                 "--prompts", str(prompts), "--coeff", "norm", "--random", "2", "--batch-size", "8",
-                 "--measures", "attn_weights,value_weighted", "--heads", "L10H0,L12H3,L20H1", "--npy", "--plot",
-                 "-o", str(out)])
+    code = _cli(
+        [
+            "sae",
+            "attention",
+            "--sae",
+            str(tmp_path / "layer_3" / "params.npz"),
+            "--latent",
+            "2",
+            "--prompts",
+            str(prompts),
+            "--coeff",
+            "norm",
+            "--random",
+            "2",
+            "--batch-size",
+            "8",
+            "--measures",
+            "attn_weights,value_weighted",
+            "--heads",
+            "L10H0,L12H3,L20H1",
+            "--npy",
+            "--plot",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     res = json.loads(out.read_text())
     assert res["layer"] == 4 and res["heads"] == ["L10H0", "L12H3", "L20H1"]

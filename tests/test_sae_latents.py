@@ -22,14 +22,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 # 6 entities × 4 latents. Types: movie (2 known, 1 unknown), city (1 known, 2 unknown).
-ACTS = np.array([
-    [0.0, 2.0, 0.0, 0.0],   # movie known
-    [1.0, 3.0, 0.0, 0.0],   # movie known
-    [0.0, 0.0, 5.0, 0.0],   # movie unknown
-    [0.0, 1.0, 0.0, 0.0],   # city known
-    [0.0, 0.0, 1.0, 0.0],   # city unknown
-    [2.0, 0.0, 1e-7, 0.0],  # city unknown (1e-7 is not "active": upstream threshold 1e-6)
-])  # fmt: skip
+ACTS = np.array(
+    [
+        [0.0, 2.0, 0.0, 0.0],  # movie known
+        [1.0, 3.0, 0.0, 0.0],  # movie known
+        [0.0, 0.0, 5.0, 0.0],  # movie unknown
+        [0.0, 1.0, 0.0, 0.0],  # city known
+        [0.0, 0.0, 1.0, 0.0],  # city unknown
+        [2.0, 0.0, 1e-7, 0.0],  # city unknown (1e-7 is not "active": upstream threshold 1e-6)
+    ]
+)
 TYPES = ["movie", "movie", "movie", "city", "city", "city"]
 LABELS = ["known", "known", "unknown", "known", "unknown", "unknown"]
 
@@ -58,8 +60,12 @@ def test_scores_equal_direct_computation():
     for t in ("player", "song"):
         rows_k = [i for i in range(40) if types[i] == t and labels[i] == "known"]
         rows_u = [i for i in range(40) if types[i] == t and labels[i] == "unknown"]
-        direct.append([sum(a[i, j] > 1e-6 for i in rows_k) / len(rows_k) - sum(a[i, j] > 1e-6 for i in rows_u)
-                       / len(rows_u) for j in range(7)])  # fmt: skip
+        direct.append(
+            [
+                sum(a[i, j] > 1e-6 for i in rows_k) / len(rows_k) - sum(a[i, j] > 1e-6 for i in rows_u) / len(rows_u)
+                for j in range(7)
+            ]
+        )
     np.testing.assert_allclose(got["min_known"], np.min(direct, axis=0))
     np.testing.assert_allclose(got["min_unknown"], np.min(-np.array(direct), axis=0))
 
@@ -122,8 +128,17 @@ def test_padded_batches_equal_single_sequences():
 
 def _labels_doc(rows):
     """A hand-made labels document in the `plipy.entities` layout (validated by `entities.read_labels`)."""
-    ents = [{"entity": e, "entity_type": t, "label": lab, "split": None if lab == "dropped" else sp,
-             "known_attributes": [], "attributes": {}} for e, t, lab, sp in rows]  # fmt: skip
+    ents = [
+        {
+            "entity": e,
+            "entity_type": t,
+            "label": lab,
+            "split": None if lab == "dropped" else sp,
+            "known_attributes": [],
+            "attributes": {},
+        }
+        for e, t, lab, sp in rows
+    ]
     return {"provenance": {}, "config": {}, "summary": {}, "test_balanced": {}, "entities": ents}
 
 
@@ -131,10 +146,15 @@ def test_run_latents_scores_the_train_split():
     tok, _ = load_tokenizer("smollm2-135m")
     lm = tiny_lm(vocab=len(tok), tokenizer=tok)
     sae = saes.random_sae(64, 48, architecture="topk", k=8, seed=2, hook_name="blocks.1.hook_resid_post")
-    rows = [("Alien", "movie", "known", "train"), ("Heat", "movie", "known", "train"),
-            ("Zork Film", "movie", "unknown", "train"), ("Paris", "city", "known", "train"),
-            ("Qwxv", "city", "unknown", "train"), ("Brest", "city", "unknown", "test"),
-            ("Nope", "city", "dropped", "train")]  # fmt: skip
+    rows = [
+        ("Alien", "movie", "known", "train"),
+        ("Heat", "movie", "known", "train"),
+        ("Zork Film", "movie", "unknown", "train"),
+        ("Paris", "city", "known", "train"),
+        ("Qwxv", "city", "unknown", "train"),
+        ("Brest", "city", "unknown", "test"),
+        ("Nope", "city", "dropped", "train"),
+    ]
     doc = sl.run_latents(lm, sae, _labels_doc(rows), general_filter=True, general_tokens=128)
     assert doc["layer"] == 2 and doc["capture_layer"] == 1 and doc["n_entities"] == 5
     assert doc["counts"] == {"movie": {"known": 2, "unknown": 1}, "city": {"known": 1, "unknown": 1}}
@@ -162,29 +182,93 @@ def test_cli_train_latents_attention_chain(tmp_path, capsys):
     mdir = tmp_path / "model"
     lm.model.save_pretrained(mdir)
     tok.save_pretrained(mdir)
-    rows = [("Alien", "movie", "known", "train"), ("Heat", "movie", "unknown", "train"),
-            ("Paris", "city", "known", "train"), ("Qwxv", "city", "unknown", "train")]  # fmt: skip
+    rows = [
+        ("Alien", "movie", "known", "train"),
+        ("Heat", "movie", "unknown", "train"),
+        ("Paris", "city", "known", "train"),
+        ("Qwxv", "city", "unknown", "train"),
+    ]
     (tmp_path / "labels.json").write_text(json.dumps(_labels_doc(rows)))
     sae_dir, lat = tmp_path / "sae", tmp_path / "lat.json"
-    main(["sae", "train", "-m", str(mdir), "--layer", "1", "--width", "64", "--k", "4", "--tokens", "400",
-          "--epochs", "1", "--train-batch", "64", "--seq-len", "16", "--entity-text", "2",
-          "-o", str(sae_dir)])  # fmt: skip
+    main(
+        [
+            "sae",
+            "train",
+            "-m",
+            str(mdir),
+            "--layer",
+            "1",
+            "--width",
+            "64",
+            "--k",
+            "4",
+            "--tokens",
+            "400",
+            "--epochs",
+            "1",
+            "--train-batch",
+            "64",
+            "--seq-len",
+            "16",
+            "--entity-text",
+            "2",
+            "-o",
+            str(sae_dir),
+        ]
+    )
     assert "explained variance" in capsys.readouterr().out
-    main(["sae", "latents", "-m", str(mdir), "--sae", str(sae_dir), "--labels", str(tmp_path / "labels.json"),
-          "--general-tokens", "64", "-o", str(lat)])  # fmt: skip
+    main(
+        [
+            "sae",
+            "latents",
+            "-m",
+            str(mdir),
+            "--sae",
+            str(sae_dir),
+            "--labels",
+            str(tmp_path / "labels.json"),
+            "--general-tokens",
+            "64",
+            "-o",
+            str(lat),
+        ]
+    )
     assert "Top latents at the input of layer 2" in capsys.readouterr().out
     doc = json.loads(lat.read_text())
     latent = doc["known"]["0"]["latent_idx"]
     (tmp_path / "p.jsonl").write_text(json.dumps({"entity": "Alien", "entity_type": "movie", "label": "unknown"}))
-    main(["sae", "attention", "-m", str(mdir), "--sae", str(sae_dir), "--latent", str(latent), "--prompts",
-          str(tmp_path / "p.jsonl"), "--coeff", "mean", "--latent-file", str(lat), "--random", "2",
-          "--random-candidates", str(sl.candidate_paths(lat)["known"]), "--measures", "attn_weights",
-          "-o", str(tmp_path / "att.json")])  # fmt: skip
+    main(
+        [
+            "sae",
+            "attention",
+            "-m",
+            str(mdir),
+            "--sae",
+            str(sae_dir),
+            "--latent",
+            str(latent),
+            "--prompts",
+            str(tmp_path / "p.jsonl"),
+            "--coeff",
+            "mean",
+            "--latent-file",
+            str(lat),
+            "--random",
+            "2",
+            "--random-candidates",
+            str(sl.candidate_paths(lat)["known"]),
+            "--measures",
+            "attn_weights",
+            "-o",
+            str(tmp_path / "att.json"),
+        ]
+    )
     res = json.loads((tmp_path / "att.json").read_text())
     cands = set(si.read_candidates(sl.candidate_paths(lat)["known"], layer=2))
     assert res["layer"] == 2 and set(res["random_latents"]) <= cands
     assert res["provenance"]["config"]["latent_means"][str(latent)] == pytest.approx(
-        si.read_latent_means(lat, layer=2)[latent])
+        si.read_latent_means(lat, layer=2)[latent]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -205,9 +289,14 @@ def test_attention_stage_steers_with_the_opposite_top_latent(tmp_path):
     tok, _ = load_tokenizer("smollm2-135m")
     lm = tiny_lm(vocab=len(tok), tokenizer=tok)
     sae = saes.random_sae(64, 48, architecture="topk", k=8, seed=2, hook_name="blocks.1.hook_resid_post")
-    rows = [("Alien", "movie", "known", "train"), ("Heat", "movie", "unknown", "train"),
-            ("Paris", "city", "known", "train"), ("Qwxv", "city", "unknown", "train"),
-            ("Brest", "city", "known", "test"), ("Zzyq", "city", "unknown", "test")]  # fmt: skip
+    rows = [
+        ("Alien", "movie", "known", "train"),
+        ("Heat", "movie", "unknown", "train"),
+        ("Paris", "city", "known", "train"),
+        ("Qwxv", "city", "unknown", "train"),
+        ("Brest", "city", "known", "test"),
+        ("Zzyq", "city", "unknown", "test"),
+    ]
     labels = _labels_doc(rows)
     labels["test_balanced"] = {"city": ["Brest", "Zzyq"]}
     doc = sl.run_latents(lm, sae, labels, general_filter=False)
@@ -221,8 +310,9 @@ def test_attention_stage_steers_with_the_opposite_top_latent(tmp_path):
     assert res["status"] == "tested" and res["K"] == 2
     saved = json.loads((tmp_path / "attention-known.json").read_text())
     assert set(saved["random_latents"]) <= set(doc["random_candidates"]["unknown"])
-    small = sp._attention_stage(lm, sae, labels, doc, path, "known", sp.quick_config(), tmp_path / "b", "fp", None,
-                                lambda s: None)  # fmt: skip
+    small = sp._attention_stage(
+        lm, sae, labels, doc, path, "known", sp.quick_config(), tmp_path / "b", "fp", None, lambda s: None
+    )
     assert small["status"].startswith("too few samples") and small["k_significant"] is None
 
 

@@ -22,8 +22,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 def tiny_lm(vocab: int = 128, seed: int = 0, tokenizer=None) -> LoadedModel:
     """A tiny random Llama (3 layers, d 64) as a LoadedModel; a real model, only small."""
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    cfg = tf.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -55,8 +62,18 @@ def _untrained(acts: torch.Tensor, cfg: st.TrainConfig) -> saes.SAE:
 @pytest.mark.parametrize("arch", ["topk", "jumprelu"])
 def test_training_reduces_reconstruction_error(tiny_acts, arch):
     _, acts, held = tiny_acts
-    cfg = st.TrainConfig(arch=arch, width=256, k=16, lr=3e-3, n_tokens=2048, epochs=8, batch_size=128,
-                         dead_window=1024, l0_coeff=0.05, threshold_init=0.05)  # fmt: skip
+    cfg = st.TrainConfig(
+        arch=arch,
+        width=256,
+        k=16,
+        lr=3e-3,
+        n_tokens=2048,
+        epochs=8,
+        batch_size=128,
+        dead_window=1024,
+        l0_coeff=0.05,
+        threshold_init=0.05,
+    )
     before = st.reconstruction_metrics(_untrained(acts, cfg), held)
     sae, stats = st.train_sae(acts, cfg, hook_name="blocks.1.hook_resid_post")
     after = st.reconstruction_metrics(sae, held)
@@ -120,8 +137,14 @@ def test_spliced_loss_identity_sae_changes_nothing():
     lm = tiny_lm()
     d = 64
     eye = torch.eye(d)
-    ident = saes.SAE(W_enc=torch.cat([eye, -eye], 1), W_dec=torch.cat([eye, -eye], 0), b_enc=torch.zeros(2 * d),
-                     b_dec=torch.zeros(d), architecture="standard", apply_b_dec_to_input=False)  # fmt: skip
+    ident = saes.SAE(
+        W_enc=torch.cat([eye, -eye], 1),
+        W_dec=torch.cat([eye, -eye], 0),
+        b_enc=torch.zeros(2 * d),
+        b_dec=torch.zeros(d),
+        architecture="standard",
+        apply_b_dec_to_input=False,
+    )
     seqs = random_chunks(4, 20, seed=5)
     out = st.spliced_loss(lm, ident, 1, seqs, mean=torch.zeros(d), batch=2)
     ids = torch.tensor(seqs)
@@ -163,12 +186,12 @@ def test_train_on_model_end_to_end(tmp_path):
     lm = tiny_lm(vocab=len(tok), tokenizer=tok)
     docs = st.entity_sentences({"movie": [{"entity": "Alien", "attributes": {"directors": "Ridley Scott, X"}}]})
     assert docs == ["The movie 'Alien' is directed by Ridley Scott."]
-    cfg = st.TrainConfig(width=64, k=4, n_tokens=600, epochs=2, batch_size=64, seq_len=16, model_batch=8,
-                         eval_seqs=2)  # fmt: skip
+    cfg = st.TrainConfig(width=64, k=4, n_tokens=600, epochs=2, batch_size=64, seq_len=16, model_batch=8, eval_seqs=2)
     out = tmp_path / "sae"
     steps = []
-    sae, result = st.train_on_model(lm, 1, cfg, out, extra_documents=docs * 3,
-                                    progress=lambda d, n: (lambda k=1, **m: steps.append((d, k))))  # fmt: skip
+    sae, result = st.train_on_model(
+        lm, 1, cfg, out, extra_documents=docs * 3, progress=lambda d, n: lambda k=1, **m: steps.append((d, k))
+    )
     assert {d for d, _ in steps} == {"activations", "training SAE"}
     assert sum(k for d, k in steps if d == "activations") == 600
     back = saes.load_sae(out)

@@ -36,8 +36,11 @@ from plipy.sae import train as st  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 ARCHS = ("standard", "topk", "jumprelu")
-SL_CLASSES = {"standard": (StandardSAE, StandardSAEConfig), "topk": (TopKSAE, TopKSAEConfig),
-              "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}  # fmt: skip
+SL_CLASSES = {
+    "standard": (StandardSAE, StandardSAEConfig),
+    "topk": (TopKSAE, TopKSAEConfig),
+    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+}
 HOOK = "blocks.9.hook_resid_post"
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -46,8 +49,12 @@ def _weights(d_in: int, d_sae: int, seed: int) -> dict[str, torch.Tensor]:
     """Random, non-trivial weights: decoder rows of unequal norm, non-zero biases."""
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(d_sae, d_in, generator=g) * (0.5 + torch.rand(d_sae, 1, generator=g))
-    return {"W_enc": torch.randn(d_in, d_sae, generator=g) / d_in**0.5, "W_dec": W_dec,
-            "b_enc": torch.randn(d_sae, generator=g) * 0.3, "b_dec": torch.randn(d_in, generator=g) * 0.5}  # fmt: skip
+    return {
+        "W_enc": torch.randn(d_in, d_sae, generator=g) / d_in**0.5,
+        "W_dec": W_dec,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.3,
+        "b_dec": torch.randn(d_in, generator=g) * 0.5,
+    }
 
 
 def _inputs(d_in: int, seed: int) -> torch.Tensor:
@@ -67,8 +74,14 @@ def _saelens_sae(arch: str, d_in: int, d_sae: int, seed: int, apply_b_dec: bool 
     """An SAELens inference SAE built with its own config classes, with random weights."""
     cls, cfg_cls = SL_CLASSES[arch]
     extra = {"k": max(2, d_sae // 8)} if arch == "topk" else {}
-    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec,
-                  metadata=SAEMetadata(hook_name=HOOK, model_name="smollm2-135m"), **extra, **cfg_kw)  # fmt: skip
+    cfg = cfg_cls(
+        d_in=d_in,
+        d_sae=d_sae,
+        apply_b_dec_to_input=apply_b_dec,
+        metadata=SAEMetadata(hook_name=HOOK, model_name="smollm2-135m"),
+        **extra,
+        **cfg_kw,
+    )
     sl = cls(cfg)
     w = _weights(d_in, d_sae, seed)
     if arch == "jumprelu":
@@ -82,8 +95,9 @@ def _saelens_sae(arch: str, d_in: int, d_sae: int, seed: int, apply_b_dec: bool 
 def _plipy_sae(arch: str, d_in: int, d_sae: int, seed: int) -> saes.SAE:
     w = _weights(d_in, d_sae, seed)
     thr = _thresholds(w, _inputs(d_in, seed), True, seed) if arch == "jumprelu" else None
-    return saes.SAE(**w, architecture=arch, threshold=thr, k=max(2, d_sae // 8) if arch == "topk" else None,
-                    hook_name=HOOK)  # fmt: skip
+    return saes.SAE(
+        **w, architecture=arch, threshold=thr, k=max(2, d_sae // 8) if arch == "topk" else None, hook_name=HOOK
+    )
 
 
 def _assert_jumprelu_cuts(sae: saes.SAE, x: torch.Tensor) -> None:
@@ -148,8 +162,12 @@ def test_saelens_topk_rescaled_by_decoder_norm(tmp_path):
         tol = 2 * (d_in + 2) * EPS32 * (xin @ (sl.W_enc.detach().abs() * n) + sl.b_enc.detach().abs() * n)
         assert torch.equal(a_ours != 0, a_theirs != 0)  # the same latents fire
         assert ((a_ours - a_theirs).abs() <= tol).all()
-        tol_dec = 2 * (d_sae + 2) * EPS32 * (a_theirs.abs() @ (sl.W_dec.detach().abs() / n[:, None])
-                                             + sl.b_dec.detach().abs())  # fmt: skip
+        tol_dec = (
+            2
+            * (d_sae + 2)
+            * EPS32
+            * (a_theirs.abs() @ (sl.W_dec.detach().abs() / n[:, None]) + sl.b_dec.detach().abs())
+        )
         assert ((ours.decode(a_theirs) - sl.decode(a_theirs)).abs() <= tol_dec).all()
 
 
@@ -214,8 +232,15 @@ class _ByteTokenizer:
 
 def _tiny_lm() -> LoadedModel:
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    cfg = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=_ByteTokenizer(), spec="tiny-llama", name="tiny-llama")
 
@@ -225,8 +250,9 @@ def test_trained_sae_folder_loads_in_saelens(tmp_path, arch):
     """`plipy sae train` (train_on_model) writes a folder whose SAELens metadata names the hook it trained on."""
     lm = _tiny_lm()
     docs = [" ".join(f"The number {i} follows {i - 1}." for i in range(j, j + 40)) for j in range(0, 400, 40)]
-    cfg = st.TrainConfig(arch=arch, width=64, k=4, n_tokens=400, epochs=1, batch_size=64, seq_len=16,
-                         model_batch=8, eval_seqs=2)  # fmt: skip
+    cfg = st.TrainConfig(
+        arch=arch, width=64, k=4, n_tokens=400, epochs=1, batch_size=64, seq_len=16, model_batch=8, eval_seqs=2
+    )
     sae, result = st.train_on_model(lm, 1, cfg, tmp_path / "sae", extra_documents=docs, stdlib=False)
     sl = SLSAE.load_from_disk(tmp_path / "sae")
     assert result["hook_name"] == "blocks.1.hook_resid_post" == sae.hook_name

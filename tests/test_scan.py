@@ -61,31 +61,61 @@ def test_plip_compat_block(result):
     pc = result["plip_compat"]
     assert pc["n_layers"] == 30 and pc["scanned_layers"] == list(range(30))
     assert pc["position_conversion_stats"] == {
-        "total_samples": 20, "successful_conversions": 20, "failed_conversions": 0, "fuzzy_matches": 0,
+        "total_samples": 20,
+        "successful_conversions": 20,
+        "failed_conversions": 0,
+        "fuzzy_matches": 0,
     }
     first = pc["results"][0]
-    assert set(first) == {"layer", "python_mean", "python_std", "python_n", "rust_mean", "rust_std", "rust_n",
-                          "ratio", "t_statistic", "df", "p_value"}
+    assert set(first) == {
+        "layer",
+        "python_mean",
+        "python_std",
+        "python_n",
+        "rust_mean",
+        "rust_std",
+        "rust_n",
+        "ratio",
+        "t_statistic",
+        "df",
+        "p_value",
+    }
     assert first["python_mean"] == result["layers"][0]["groups"]["python_doctest"]["mean"]
 
 
 def test_any_groups_unicode_and_causally_impossible_samples(smollm, tmp_path):
-    code_a = "# héllo wörld 🙂\ndef f(x, y):\n    \"\"\"\n    >>> f(1, 2)\n    \"\"\"\n    return x"
+    code_a = '# héllo wörld 🙂\ndef f(x, y):\n    """\n    >>> f(1, 2)\n    """\n    return x'
     code_b = "# ñ ✓\nfn g(a: u8) {}\n#[test]\nfn t() {}"
     after = "#[derive(Debug)]\nstruct S;"
     samples = {
         "alpha": [
-            {"id": f"a{i}", "code": code_a + " " * i, "marker_char_pos": code_a.index(">>>"), "marker_pattern": ">>>",
-             "target_char_positions": [code_a.index("def"), code_a.index("f("), code_a.index("x,")]}
+            {
+                "id": f"a{i}",
+                "code": code_a + " " * i,
+                "marker_char_pos": code_a.index(">>>"),
+                "marker_pattern": ">>>",
+                "target_char_positions": [code_a.index("def"), code_a.index("f("), code_a.index("x,")],
+            }
             for i in range(3)
         ],
         "beta": [
-            {"id": f"b{i}", "code": code_b + "\n" * i, "marker_char_pos": code_b.index("#[test]"),
-             "marker_pattern": "#[test]", "target_char_positions": [code_b.index("fn"), code_b.index("g(")]}
+            {
+                "id": f"b{i}",
+                "code": code_b + "\n" * i,
+                "marker_char_pos": code_b.index("#[test]"),
+                "marker_pattern": "#[test]",
+                "target_char_positions": [code_b.index("fn"), code_b.index("g(")],
+            }
             for i in range(3)
-        ] + [
-            {"id": "b_after", "code": after, "marker_char_pos": 0, "marker_pattern": "#[",
-             "target_char_positions": [after.index("struct"), after.index("S;")]}
+        ]
+        + [
+            {
+                "id": "b_after",
+                "code": after,
+                "marker_char_pos": 0,
+                "marker_pattern": "#[",
+                "target_char_positions": [after.index("struct"), after.index("S;")],
+            }
         ],
     }
     path = tmp_path / "c.json"
@@ -129,8 +159,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert data["provenance"]["model"]["spec"] == "smollm2-135m"
     assert len(data["provenance"]["corpus"]["sha256"]) == 64
     assert data["layers_scanned"] == [0, 1, 2, 3]
-    assert {"id", "group", "marker_token", "target_tokens", "attention", "attention_per_head",
-            "first_token_share", "uniform_null"} <= set(data["samples"][0])
+    assert {
+        "id",
+        "group",
+        "marker_token",
+        "target_tokens",
+        "attention",
+        "attention_per_head",
+        "first_token_share",
+        "uniform_null",
+    } <= set(data["samples"][0])
     for suffix in ("-layers.png", "-heads.png", "-tokens.png"):
         png = tmp_path / f"scan{suffix}"
         assert png.read_bytes()[:4] == b"\x89PNG"

@@ -38,7 +38,13 @@ def test_plip_ratio_and_stars():
     assert stats.plip_ratio(0.3, 0.1) == pytest.approx(3.0)
     assert stats.plip_ratio(0.3, 0.001) == 0.0 and stats.plip_ratio(0.3, -1.0) == 0.0
     assert [stats.stars(p) for p in (0.0009, 0.001, 0.009, 0.01, 0.049, 0.05, 0.5)] == [
-        "***", "**", "**", "*", "*", "", "",
+        "***",
+        "**",
+        "**",
+        "*",
+        "*",
+        "",
+        "",
     ]
 
 
@@ -70,8 +76,13 @@ def test_welch_alternative_passthrough():
 
 @pytest.mark.parametrize(
     "a,b,df",
-    [([0.2], [0.1, 0.3, 0.5], 2.0), ([0.2], [0.4], 0.0), ([], [0.1, 0.2], 0.0),
-     ([0.1, 0.1, 0.1], [0.1, 0.1], 3.0), ([0.1, 0.1, 0.1], [0.7, 0.7], 3.0)],  # fmt: skip
+    [
+        ([0.2], [0.1, 0.3, 0.5], 2.0),
+        ([0.2], [0.4], 0.0),
+        ([], [0.1, 0.2], 0.0),
+        ([0.1, 0.1, 0.1], [0.1, 0.1], 3.0),
+        ([0.1, 0.1, 0.1], [0.7, 0.7], 3.0),
+    ],
 )
 def test_welch_degenerate_is_p1_not_nan(a, b, df):
     for alt in ("two-sided", "greater", "less"):

@@ -69,8 +69,12 @@ def test_runner_capture_fast_equals_naive():
     model = build("llama")
     engine = Engine(model)
     ids = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(5))
-    conds = [[EdgeEdit([2], [(9, 2), (9, 4)], scale=3.0)], [EdgeEdit([0, 1], [(9, 0)], scale=0.5)],
-             [EdgeEdit([1], [(9, 3)], scale=1.0)], [EdgeEdit([1], [(10, 3)], scale=2.0, heads=[1])]]
+    conds = [
+        [EdgeEdit([2], [(9, 2), (9, 4)], scale=3.0)],
+        [EdgeEdit([0, 1], [(9, 0)], scale=0.5)],
+        [EdgeEdit([1], [(9, 3)], scale=1.0)],
+        [EdgeEdit([1], [(10, 3)], scale=2.0, heads=[1])],
+    ]
     for rows in ([9], [9, 11], [2, 9]):  # [2, 9]: a row before the edits' query → those conditions run in full
         cap = Capture(rows=rows, layers=[0, 1, 2])
         got = {}
@@ -94,15 +98,19 @@ def test_runner_capture_fast_equals_naive():
 
 def test_scale_one_is_exact_identity(smollm, small_corpus, runner):
     """Every steerable sample of the bundled corpus: α = 1 gives KL 0.0 and the baseline attention, exactly."""
-    res = st.run_dose(smollm, load_corpus(), st.DoseConfig(groups=["python_doctest", "rust_test",
-                                                                   "python_baseline"], layers=[27], doses=[1.0]),
-                      runner=runner)
+    res = st.run_dose(
+        smollm,
+        load_corpus(),
+        st.DoseConfig(groups=["python_doctest", "rust_test", "python_baseline"], layers=[27], doses=[1.0]),
+        runner=runner,
+    )
     (one,) = res["doses"]
     assert one["n"] == 25 and one["mean_kl"] == 0.0
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
     assert all(s["kl"] == 0.0 and s["attention_achieved"] == base[s["id"]] for s in one["samples"])
-    res = st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[27], doses=[1.0, 2.0]),
-                      runner=runner)
+    res = st.run_dose(
+        smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[27], doses=[1.0, 2.0]), runner=runner
+    )
     one, two = res["doses"]
     assert one["scale"] == 1.0 and one["n"] == 2 and one["mean_kl"] == 0.0
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
@@ -139,18 +147,26 @@ def test_agrees_with_explicit_post_softmax_reference(smollm, small_corpus):
     for path in ("fast", "naive"):
         runner = ConditionRunner(ours, engine, path=path)
         for layers, doses, heads in cases:
-            res = st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["python_doctest", "rust_test"],
-                                                                  layers=layers, doses=doses, heads=heads),
-                              runner=runner)
+            res = st.run_dose(
+                smollm,
+                small_corpus,
+                st.DoseConfig(groups=["python_doctest", "rust_test"], layers=layers, doses=doses, heads=heads),
+                runner=runner,
+            )
             assert res["provenance"]["config"]["runner"]["path"] == path
             recs = {s["id"]: s for s in res["samples"]}
             for run in res["doses"]:
                 for s in run["samples"]:
                     m, targets = recs[s["id"]]["marker_token"], recs[s["id"]]["targets"]
                     base, _ = reference(s["id"], ())
-                    steered, probs = reference(s["id"], tuple((layer, m, k, None if heads is None else tuple(heads),
-                                                               run["scale"]) for layer in layers
-                                                              for k in sorted(set(targets))))
+                    steered, probs = reference(
+                        s["id"],
+                        tuple(
+                            (layer, m, k, None if heads is None else tuple(heads), run["scale"])
+                            for layer in layers
+                            for k in sorted(set(targets))
+                        ),
+                    )
                     want = [float(probs[layer][0, :, m, targets].double().mean()) for layer in layers]
                     assert s["attention_achieved_per_layer"] == pytest.approx(want, abs=1e-5)
                     assert abs(s["attention_achieved"] - sum(want) / len(want)) <= 1e-5
@@ -160,16 +176,24 @@ def test_agrees_with_explicit_post_softmax_reference(smollm, small_corpus):
 
 
 def test_target_attention_is_reached(smollm, small_corpus, runner):
-    res = st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[26], doses=[],
-                                                          target_attention=0.05), runner=runner)
+    res = st.run_dose(
+        smollm,
+        small_corpus,
+        st.DoseConfig(groups=["rust_test"], layers=[26], doses=[], target_attention=0.05),
+        runner=runner,
+    )
     rows = res["target"]["samples"]
     assert len(rows) == 2 and res["doses"] == []
     for r in rows:
         assert r["status"] == "ok" and abs(r["attention_achieved"] - 0.05) <= 1e-4 and r["kl"] > 0
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
     assert all((r["scale"] < 1) == (base[r["id"]] > 0.05) for r in rows)
-    res = st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[26], doses=[],
-                                                          target_attention=0.9), runner=runner)
+    res = st.run_dose(
+        smollm,
+        small_corpus,
+        st.DoseConfig(groups=["rust_test"], layers=[26], doses=[], target_attention=0.9),
+        runner=runner,
+    )
     assert [r["status"] for r in res["target"]["samples"]] == ["unreachable"] * 2 and res["target"]["n"] == 0
     with pytest.raises(PlipyError, match="single layer"):
         st.run_dose(smollm, small_corpus, st.DoseConfig(layers=[3, 4], target_attention=0.1), runner=runner)
@@ -187,8 +211,12 @@ def test_causal_edge_is_refused_naming_sample_and_tokens(smollm, small_corpus, r
 
 
 def test_skip_invalid_lists_and_leaves_out(smollm, small_corpus, runner):
-    res = st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["rust_test", "rust_baseline"], layers=[29],
-                                                          doses=[2.0], skip_invalid=True), runner=runner)
+    res = st.run_dose(
+        smollm,
+        small_corpus,
+        st.DoseConfig(groups=["rust_test", "rust_baseline"], layers=[29], doses=[2.0], skip_invalid=True),
+        runner=runner,
+    )
     assert [(e["id"], e["status"]) for e in res["excluded"]] == [("rust_derive_debug", "causal-invalid")]
     assert [s["id"] for s in res["doses"][0]["samples"]] == ["rust_simple_add", "rust_option_return"]
     with pytest.raises(PlipyError, match="no steerable sample"):
@@ -203,12 +231,14 @@ def test_calibrate_scale_brings_b_to_a(smollm, small_corpus, runner):
     cal = st.run_calibrate(smollm, small_corpus, st.CalibrateConfig(layer=25))
     a, b = cal["groups"]["python_doctest"]["mean"], cal["groups"]["rust_test"]["mean"]
     assert cal["ratio"] == pytest.approx(a / b) and cal["recommended_target"] == a
-    res = st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[25],
-                                                          doses=[cal["scale_to_a"]]), runner=runner)
+    res = st.run_dose(
+        smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[25], doses=[cal["scale_to_a"]]), runner=runner
+    )
     assert abs(res["doses"][0]["mean_attention_achieved"] - a) <= 1e-5
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
-    assert {s["id"]: s["attention"] for s in cal["samples"] if s["group"] == "rust_test"} == pytest.approx(base,
-                                                                                                            abs=1e-7)
+    assert {s["id"]: s["attention"] for s in cal["samples"] if s["group"] == "rust_test"} == pytest.approx(
+        base, abs=1e-7
+    )
 
 
 # -- generation ----------------------------------------------------------------------------------------------------
@@ -224,8 +254,7 @@ def test_generate_same_path_and_refusal(smollm, tmp_path):
     ids = torch.tensor([smollm.tokenizer(two[0]["prompt"], add_special_tokens=False).input_ids])
     with torch.inference_mode():
         plain = smollm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    assert res["samples"][0]["baseline"] == smollm.tokenizer.decode(plain[0, ids.shape[1]:],
-                                                                    skip_special_tokens=True)
+    assert res["samples"][0]["baseline"] == smollm.tokenizer.decode(plain[0, ids.shape[1] :], skip_special_tokens=True)
     q, k = res["samples"][0]["edge"]
     assert k < q
     steered = st.run_generate(smollm, two, st.GenerateConfig(layers=list(range(30)), scale=1e6, max_tokens=6))
@@ -258,8 +287,9 @@ def test_generate_on_sliding_window_models_past_the_window(arch):
     later = [EdgeEdit(layers=[0], edges=[(12, 11)], scale=5.0)]  # a generated token's query
     with pytest.raises(PlipyError, match="sliding-window cache"), engine.run(edits=later):
         model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    lm = SimpleNamespace(model=model, device=torch.device("cpu"),
-                         tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None))
+    lm = SimpleNamespace(
+        model=model, device=torch.device("cpu"), tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None)
+    )
     one = [EdgeEdit(layers=[0, 1], edges=[(7, 6)], scale=5.0)]  # generate_pairs steers one edge per prompt
     seq = ids[0].tolist()
     for _ in range(6):
@@ -288,8 +318,23 @@ def _run(main, args):
 
 def test_cli_dose_end_to_end(main, small_corpus, tmp_path, capsys):
     out = tmp_path / "steer.json"
-    _run(main, ["steer", "dose", "--corpus", str(small_corpus.path), "--layers", "28,29", "--doses", "1,3",
-                "--out", str(out), "--table-format", "csv"])
+    _run(
+        main,
+        [
+            "steer",
+            "dose",
+            "--corpus",
+            str(small_corpus.path),
+            "--layers",
+            "28,29",
+            "--doses",
+            "1,3",
+            "--out",
+            str(out),
+            "--table-format",
+            "csv",
+        ],
+    )
     data = json.loads(out.read_text())
     assert data["provenance"]["model"]["spec"] == "smollm2-135m" and data["layers"] == [28, 29]
     assert data["provenance"]["config"]["runner"]["path"] == "fast"
@@ -302,8 +347,24 @@ def test_cli_dose_end_to_end(main, small_corpus, tmp_path, capsys):
 
 def test_cli_dose_plot_and_target(main, small_corpus, tmp_path, capsys):
     out = tmp_path / "steer.json"
-    _run(main, ["steer", "dose", "--corpus", str(small_corpus.path), "--layer", "29", "--doses", "1,3",
-                "--target-attention", "0.2", "--plot", "--out", str(out)])
+    _run(
+        main,
+        [
+            "steer",
+            "dose",
+            "--corpus",
+            str(small_corpus.path),
+            "--layer",
+            "29",
+            "--doses",
+            "1,3",
+            "--target-attention",
+            "0.2",
+            "--plot",
+            "--out",
+            str(out),
+        ],
+    )
     data = json.loads(out.read_text())
     assert data["provenance"]["model"]["spec"] == "smollm2-135m" and data["layers"] == [29]
     assert data["provenance"]["config"]["runner"]["path"] == "fast"
@@ -318,12 +379,15 @@ def test_cli_dose_plot_and_target(main, small_corpus, tmp_path, capsys):
     assert "Steering" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--groups", "rust_test,rust_baseline"], "error: sample 'rust_derive_debug': edge from query token 0"),
-    (["--layer", "30"], "error: --layer: layer 30 does not exist"),
-    (["--doses", "1,x"], "error: --doses: cannot read"),
-    (["--layers", "3,4", "--target-attention", "0.1"], "error: --target-attention needs a single layer"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--groups", "rust_test,rust_baseline"], "error: sample 'rust_derive_debug': edge from query token 0"),
+        (["--layer", "30"], "error: --layer: layer 30 does not exist"),
+        (["--doses", "1,x"], "error: --doses: cannot read"),
+        (["--layers", "3,4", "--target-attention", "0.1"], "error: --target-attention needs a single layer"),
+    ],
+)
 def test_cli_dose_errors_write_nothing(main, small_corpus, tmp_path, capsys, args, message):
     out = tmp_path / "x.json"
     with pytest.raises(SystemExit) as e:
@@ -339,8 +403,7 @@ def test_cli_calibrate_and_generate(main, small_corpus, tmp_path, capsys):
     data = json.loads(cal.read_text())
     assert data["layer"] == 29 and data["groups"]["rust_test"]["n"] == 2 and math.isfinite(data["scale_to_a"])
     gen = tmp_path / "gen.json"
-    _run(main, ["steer", "generate", "--limit", "1", "--max-tokens", "3", "--chat", "--layer", "16", "--out",
-                str(gen)])
+    _run(main, ["steer", "generate", "--limit", "1", "--max-tokens", "3", "--chat", "--layer", "16", "--out", str(gen)])
     data = json.loads(gen.read_text())
     assert data["summary"]["total"] == 1 and data["provenance"]["config"]["chat"] is True
     assert "<|im_start|>" not in data["samples"][0]["baseline"]

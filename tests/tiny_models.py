@@ -24,20 +24,35 @@ def _configs() -> dict:
         ),
         "gemma": tf.GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16, max_position_embeddings=128),
         "gemma2": tf.Gemma2Config(
-            **COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4, attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0, query_pre_attn_scalar=16, max_position_embeddings=128,
+            **COMMON,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=16,
+            max_position_embeddings=128,
         ),
         "gemma3": tf.Gemma3TextConfig(
-            **{**COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, sliding_window=4,
-            query_pre_attn_scalar=16, max_position_embeddings=128,
+            **{**COMMON, "num_hidden_layers": 4},
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=16,
+            max_position_embeddings=128,
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         ),
         "llama": tf.LlamaConfig(**COMMON, num_key_value_heads=2, max_position_embeddings=128),
         "phi3": tf.Phi3Config(**COMMON, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0),
         "gpt2": tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128),
         "gpt_neox": tf.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            rotary_pct=0.5, max_position_embeddings=128,
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            max_position_embeddings=128,
         ),
     }
 
@@ -144,8 +159,12 @@ def batch_reference(model64: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
             hids.setdefault(i, torch.zeros(B, T, h.shape[-1], dtype=torch.float64))[b, pad:] = h[0]
         for i, p in REF_EDITS.get("probs", {}).items():
             probs.setdefault(i, torch.zeros(B, p.shape[1], T, T, dtype=torch.float64))[b, :, pad:, pad:] = p[0]
-    return SimpleNamespace(logits=logits, attentions=[atts[i] for i in sorted(atts)],
-                           hidden_states=[hids[i] for i in sorted(hids)], probs=probs)  # fmt: skip
+    return SimpleNamespace(
+        logits=logits,
+        attentions=[atts[i] for i in sorted(atts)],
+        hidden_states=[hids[i] for i in sorted(hids)],
+        probs=probs,
+    )
 
 
 def register_reference() -> None:

@@ -20,19 +20,54 @@ __version__ = "0.1.0"
 from plipy.errors import CausalEdgeError, MaskedRowError, ParameterError, PlipyError  # noqa: E402
 
 _LAZY = {
-    "plipy.api": ("scan", "knockout", "lens", "emergence", "probe", "sae_attention", "label_entities", "train_sae",
-                  "score_latents", "sae_pipeline", "sweep"),
-    "plipy.results": ("load_result", "Result", "ScanResult", "KnockoutResult", "CalibrateResult", "DoseResult",
-                      "GenerateResult", "SaeAttentionResult", "LensResult", "EmergenceResult", "ProbeResult",
-                      "SweepResult"),
+    "plipy.api": (
+        "scan",
+        "knockout",
+        "lens",
+        "emergence",
+        "probe",
+        "sae_attention",
+        "label_entities",
+        "train_sae",
+        "score_latents",
+        "sae_pipeline",
+        "sweep",
+    ),
+    "plipy.results": (
+        "load_result",
+        "Result",
+        "ScanResult",
+        "KnockoutResult",
+        "CalibrateResult",
+        "DoseResult",
+        "GenerateResult",
+        "SaeAttentionResult",
+        "LensResult",
+        "EmergenceResult",
+        "ProbeResult",
+        "SweepResult",
+    ),
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
     "plipy.engine": ("Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture"),
     "plipy.sae": ("load_sae", "SAE"),
     "plipy.report.html": ("html_report",),
 }
-_SUBMODULES = ("steer", "corpus", "engine", "sae", "entities", "report", "stats", "options", "experiments", "models",
-               "chat", "corpus_tools", "cluster")
+_SUBMODULES = (
+    "steer",
+    "corpus",
+    "engine",
+    "sae",
+    "entities",
+    "report",
+    "stats",
+    "options",
+    "experiments",
+    "models",
+    "chat",
+    "corpus_tools",
+    "cluster",
+)
 
 
 def __getattr__(name: str):
@@ -51,6 +86,11 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "__version__", "PlipyError", "ParameterError", "CausalEdgeError", "MaskedRowError",
-    *(n for names in _LAZY.values() for n in names), *_SUBMODULES,
-]  # fmt: skip
+    "__version__",
+    "PlipyError",
+    "ParameterError",
+    "CausalEdgeError",
+    "MaskedRowError",
+    *(n for names in _LAZY.values() for n in names),
+    *_SUBMODULES,
+]

@@ -19,7 +19,7 @@ from typing import Any
 
 from plipy.errors import PlipyError
 
-SENTINEL = "\uE000plipy-prompt\uE001"  # private-use characters: no template or prompt contains them
+SENTINEL = "\ue000plipy-prompt\ue001"  # private-use characters: no template or prompt contains them
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,12 @@ def messages(prompt: str, system: str | None = None, user: str = "{prompt}") -> 
 
 def _render(tokenizer: Any, msgs: list[dict[str, str]], template: str | None) -> str:
     try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
-                                             **({"chat_template": template} if template is not None else {}))
+        text = tokenizer.apply_chat_template(
+            msgs,
+            tokenize=False,
+            add_generation_prompt=True,
+            **({"chat_template": template} if template is not None else {}),
+        )
     except Exception as e:  # noqa: BLE001 — jinja errors, a template that refuses a system role, …
         raise PlipyError(f"the chat template failed: {type(e).__name__}: {e}") from None
     if not isinstance(text, str):
@@ -54,8 +58,9 @@ def _render(tokenizer: Any, msgs: list[dict[str, str]], template: str | None) ->
     return text
 
 
-def apply(tokenizer: Any, prompt: str, *, system: str | None = None, user: str = "{prompt}",
-          template: str | None = None) -> ChatText:
+def apply(
+    tokenizer: Any, prompt: str, *, system: str | None = None, user: str = "{prompt}", template: str | None = None
+) -> ChatText:
     """`prompt` inside the tokenizer's chat template (or `template`, a Jinja string), with the generation prompt;
     `user` places it in the user message ("{prompt}" marks where)."""
     if template is None and getattr(tokenizer, "chat_template", None) is None:
@@ -67,11 +72,16 @@ def apply(tokenizer: Any, prompt: str, *, system: str | None = None, user: str =
         raise PlipyError("the chat template does not include the user message exactly once")
     offset = probe.index(SENTINEL)
     text = _render(tokenizer, messages(prompt, system, user), template)
-    after = probe[offset + len(SENTINEL):]
-    if text[:offset] != probe[:offset] or text[offset : offset + len(prompt)] != prompt \
-            or text[offset + len(prompt):] != after:
-        raise PlipyError("the chat template changes the prompt text (trims or escapes it): its positions cannot be "
-                         "carried into the templated text")
+    after = probe[offset + len(SENTINEL) :]
+    if (
+        text[:offset] != probe[:offset]
+        or text[offset : offset + len(prompt)] != prompt
+        or text[offset + len(prompt) :] != after
+    ):
+        raise PlipyError(
+            "the chat template changes the prompt text (trims or escapes it): its positions cannot be "
+            "carried into the templated text"
+        )
     return ChatText(text, offset, prompt)
 
 
@@ -79,8 +89,12 @@ def chat_sample(sample: Any, tokenizer: Any, **kwargs: Any) -> Any:
     """A corpus `Sample` whose code is the templated text and whose marker and targets point at the same
     characters inside it (kwargs as `apply`)."""
     ct = apply(tokenizer, sample.code, **kwargs)
-    return replace(sample, code=ct.text, marker_char_pos=ct.position(sample.marker_char_pos),
-                   target_char_positions=tuple(ct.position(t) for t in sample.target_char_positions))
+    return replace(
+        sample,
+        code=ct.text,
+        marker_char_pos=ct.position(sample.marker_char_pos),
+        target_char_positions=tuple(ct.position(t) for t in sample.target_char_positions),
+    )
 
 
 def chat_corpus(corpus: Any, tokenizer: Any, **kwargs: Any) -> Any:
@@ -90,9 +104,12 @@ def chat_corpus(corpus: Any, tokenizer: Any, **kwargs: Any) -> Any:
     import json
 
     groups = {g: [chat_sample(s, tokenizer, **kwargs) for s in samples] for g, samples in corpus.groups.items()}
-    content = {g: [[s.id, s.code, s.marker_char_pos, s.marker_pattern, list(s.target_char_positions)] for s in ss]
-               for g, ss in groups.items()}  # fmt: skip
+    content = {
+        g: [[s.id, s.code, s.marker_char_pos, s.marker_pattern, list(s.target_char_positions)] for s in ss]
+        for g, ss in groups.items()
+    }
     sha = hashlib.sha256(("plipy.chat " + corpus.sha256 + json.dumps(content, sort_keys=True)).encode()).hexdigest()
     note = "chat template applied by plipy.chat"
-    return replace(corpus, groups=groups, sha256=sha,
-                   description=f"{corpus.description} ({note})" if corpus.description else note)
+    return replace(
+        corpus, groups=groups, sha256=sha, description=f"{corpus.description} ({note})" if corpus.description else note
+    )

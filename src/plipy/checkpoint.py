@@ -40,13 +40,19 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_identity(kind: str, *, model: Any = None, corpus: Any = None, config: dict | None = None,
-                 **more: Any) -> dict[str, Any]:
+def run_identity(
+    kind: str, *, model: Any = None, corpus: Any = None, config: dict | None = None, **more: Any
+) -> dict[str, Any]:
     """What a run's numbers depend on; equal identities may share finished units."""
     from plipy import __version__, provenance
 
-    ident: dict[str, Any] = {"kind": kind, "plipy": __version__, "libraries": provenance.library_versions(),
-                             "config": config or {}, **more}  # fmt: skip
+    ident: dict[str, Any] = {
+        "kind": kind,
+        "plipy": __version__,
+        "libraries": provenance.library_versions(),
+        "config": config or {},
+        **more,
+    }
     if model is not None:
         # not the file paths, nor how the weights were read: the same weights found via PLIPY_MODELS or the cache,
         # dequantized now or earlier, or held only by Ray workers (a driver's meta model) are the same model
@@ -114,9 +120,12 @@ class Units:
         data = json.dumps(value, allow_nan=True, default=_plain).encode()
         atomic_write_bytes(self.folder / f"unit-{i:06d}.json", data)
 
-    def batched(self, batches: Sequence[Sequence[int]],
-                compute: Callable[[list[int]], list[tuple[Any, dict[str, np.ndarray] | None]]],
-                pool: Any = None) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
+    def batched(
+        self,
+        batches: Sequence[Sequence[int]],
+        compute: Callable[[list[int]], list[tuple[Any, dict[str, np.ndarray] | None]]],
+        pool: Any = None,
+    ) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
         """`(i, unit)` for every unit, batch by batch. A batch missing any unit is computed whole by `compute`
         (the same inputs in the same batch give the same bits, so a resumed run matches an uninterrupted one) and
         only its missing units are stored. With a `pool` (`plipy.cluster.pool.Execution`) the missing batches run on
@@ -134,8 +143,9 @@ class Units:
             for i in batch:
                 yield i, got[i]  # type: ignore[misc]
 
-    def _pooled(self, batches: Sequence[Sequence[int]], pool: Any
-                ) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
+    def _pooled(
+        self, batches: Sequence[Sequence[int]], pool: Any
+    ) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
         got = [{i: self.get(i) for i in batch} for batch in batches]
         todo = [k for k, g in enumerate(got) if any(v is None for v in g.values())]
         waiting = set(todo)
@@ -179,8 +189,9 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON-able")
 
 
-def open_run(kind: str, lm: Any, corpus: Any, settings: dict[str, Any], *, resume: bool = True,
-             fresh: bool = False, **more: Any) -> Units:
+def open_run(
+    kind: str, lm: Any, corpus: Any, settings: dict[str, Any], *, resume: bool = True, fresh: bool = False, **more: Any
+) -> Units:
     """The units of an experiment run. Resume needs the weights' identity: a model plipy did not load itself
     (`wrap_model`) has no weights hash, so nothing is kept for it (two such models may share a config)."""
     known = getattr(lm, "provenance", {}).get("weights_sha256") is not None

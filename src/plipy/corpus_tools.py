@@ -99,7 +99,7 @@ def _definition(code: str, r: Rule) -> int | None:
     """Where the target function's keyword starts: the first definition whose name the rule does not skip."""
     start = 0
     while (i := code.find(r.keyword, start)) >= 0:
-        name = code[i + len(r.keyword):]
+        name = code[i + len(r.keyword) :]
         if r.skip is None or not re.match(r.skip, name):
             return i
         start = i + 1
@@ -137,7 +137,7 @@ def function_targets(code: str, r: Rule) -> list[int]:
     out: list[int] = []
     if r.struct and (s := code.find("struct ")) >= 0:
         out.append(s)
-        rest = code[s + 7:]
+        rest = code[s + 7 :]
         end = next((k for k, ch in enumerate(rest) if ch in "{( \t\n\r"), None)
         if end:
             out.append(s + 7)
@@ -169,8 +169,13 @@ def convert_sample(sid: str, code: str, r: Rule) -> tuple[dict[str, Any] | None,
     if not targets:
         return None, f"no target ({r.keyword.strip()!r} definition not found)"
     pos, pattern = found
-    return {"id": sid, "code": code, "marker_char_pos": pos, "marker_pattern": pattern,
-            "target_char_positions": targets}, None  # fmt: skip
+    return {
+        "id": sid,
+        "code": code,
+        "marker_char_pos": pos,
+        "marker_pattern": pattern,
+        "target_char_positions": targets,
+    }, None
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -200,16 +205,23 @@ def _rows_of(path: Path) -> list[Snippet]:
         if isinstance(data.get("samples"), list):
             data = data["samples"]
         else:
-            data = [{**s, "group": g} for g, items in data.items() if not g.startswith("_") and isinstance(items, list)
-                    for s in items]  # fmt: skip
+            data = [
+                {**s, "group": g}
+                for g, items in data.items()
+                if not g.startswith("_") and isinstance(items, list)
+                for s in items
+            ]
     if not isinstance(data, list):
         raise PlipyError(f"{path}: expected a list of snippets or an object of groups")
     out = []
     for i, row in enumerate(data):
         if not isinstance(row, dict) or not isinstance(row.get("code"), str) or not row["code"]:
-            raise PlipyError(f"{path}: snippet {i} has no \"code\" string")
-        out.append(Snippet(str(row.get("id", f"{path.stem}_{i}")), row["code"], row.get("group"), row.get("rule"),
-                           f"{path}:{i}"))
+            raise PlipyError(f'{path}: snippet {i} has no "code" string')
+        out.append(
+            Snippet(
+                str(row.get("id", f"{path.stem}_{i}")), row["code"], row.get("group"), row.get("rule"), f"{path}:{i}"
+            )
+        )
     return out
 
 
@@ -231,15 +243,17 @@ def read_inputs(paths: Iterable[str | Path]) -> list[Snippet]:
                 if f.suffix in (".json", ".jsonl"):
                     out.extend(_rows_of(f))
                 else:
-                    out.append(Snippet(f.stem, f.read_text(encoding="utf-8"), None,
-                                       CODE_SUFFIXES.get(f.suffix), str(f)))
+                    out.append(
+                        Snippet(f.stem, f.read_text(encoding="utf-8"), None, CODE_SUFFIXES.get(f.suffix), str(f))
+                    )
             except UnicodeDecodeError as e:
                 raise PlipyError(f"{f}: not UTF-8 text ({e.reason})") from None
     return out
 
 
-def convert(snippets: Sequence[Snippet], rule_name: str | None = None, group: str | None = None,
-            **overrides: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+def convert(
+    snippets: Sequence[Snippet], rule_name: str | None = None, group: str | None = None, **overrides: Any
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """A universal corpus document from snippets, and the snippets left out (with why). The rule of a snippet:
     `rule_name`, else its own, else its group's (PLIP-rs' mapping), else `python`; overrides apply to every rule."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -287,8 +301,11 @@ def suspicious_target(code: str, t: int) -> bool:
 
 
 def _word_starts(code: str, lo: int, hi: int) -> list[int]:
-    return [i for i in range(max(lo, 0), min(hi, len(code) - 1) + 1)
-            if _word(code[i]) and (i == 0 or not _word(code[i - 1]))]  # fmt: skip
+    return [
+        i
+        for i in range(max(lo, 0), min(hi, len(code) - 1) + 1)
+        if _word(code[i]) and (i == 0 or not _word(code[i - 1]))
+    ]
 
 
 def fix_target(code: str, t: int, window: int = FIX_WINDOW) -> int | None:
@@ -312,11 +329,12 @@ def fix_marker(code: str, pos: int, pattern: str, window: int = FIX_WINDOW) -> i
 
 
 def _show(code: str, i: int) -> str:
-    return repr(code[max(0, i - 6): i] + "⟨" + code[i: i + 8] + "⟩")
+    return repr(code[max(0, i - 6) : i] + "⟨" + code[i : i + 8] + "⟩")
 
 
-def _fix_sample(s: dict[str, Any], ref: str, offsets: str, window: int,
-                changes: list[str], unfixable: list[str]) -> dict[str, Any]:
+def _fix_sample(
+    s: dict[str, Any], ref: str, offsets: str, window: int, changes: list[str], unfixable: list[str]
+) -> dict[str, Any]:
     """One sample with its marker and targets repaired (every change and every failure appended as a line)."""
     code = s["code"]
 
@@ -328,15 +346,18 @@ def _fix_sample(s: dict[str, Any], ref: str, offsets: str, window: int,
 
     out = dict(s)
     pattern, pos = s["marker_pattern"], to_char(s["marker_char_pos"])
-    if pos is None or code[pos: pos + len(pattern)] != pattern:
+    if pos is None or code[pos : pos + len(pattern)] != pattern:
         new = fix_marker(code, pos if pos is not None and 0 <= pos <= len(code) else len(code), pattern, window)
         if new is None:
-            unfixable.append(f"{ref}: marker_pattern {pattern!r} is not within {window} characters of "
-                             f"marker_char_pos {s['marker_char_pos']}")
+            unfixable.append(
+                f"{ref}: marker_pattern {pattern!r} is not within {window} characters of "
+                f"marker_char_pos {s['marker_char_pos']}"
+            )
         else:
             out["marker_char_pos"] = from_char(new)
-            changes.append(f"{ref}: marker_char_pos {s['marker_char_pos']} → {out['marker_char_pos']} "
-                           f"({_show(code, new)})")
+            changes.append(
+                f"{ref}: marker_char_pos {s['marker_char_pos']} → {out['marker_char_pos']} ({_show(code, new)})"
+            )
     targets = list(s["target_char_positions"])
     for k, t in enumerate(targets):
         c = to_char(t)
@@ -347,18 +368,20 @@ def _fix_sample(s: dict[str, Any], ref: str, offsets: str, window: int,
             continue
         new = fix_target(code, c, window)
         if new is None:
-            unfixable.append(f"{ref}: target_char_positions[{k}] {t} ({_show(code, c)}) has no identifier start "
-                             f"within {window} characters")
+            unfixable.append(
+                f"{ref}: target_char_positions[{k}] {t} ({_show(code, c)}) has no identifier start "
+                f"within {window} characters"
+            )
             continue
         targets[k] = from_char(new)
-        changes.append(f"{ref}: target_char_positions[{k}] {t} → {targets[k]} ({_show(code, c)} → "
-                       f"{_show(code, new)})")
+        changes.append(f"{ref}: target_char_positions[{k}] {t} → {targets[k]} ({_show(code, c)} → {_show(code, new)})")
     out["target_char_positions"] = targets
     return out
 
 
-def fix_document(doc: dict[str, Any], offsets: str = "chars", window: int = FIX_WINDOW
-                 ) -> tuple[dict[str, Any], list[str], list[str]]:
+def fix_document(
+    doc: dict[str, Any], offsets: str = "chars", window: int = FIX_WINDOW
+) -> tuple[dict[str, Any], list[str], list[str]]:
     """(repaired document, changes, problems left). Markers not at their pattern move to the nearest occurrence;
     targets on whitespace or inside an identifier move to the identifier's start. A sample with missing or
     mistyped fields is left as it is and reported."""
@@ -372,11 +395,17 @@ def fix_document(doc: dict[str, Any], offsets: str = "chars", window: int = FIX_
         fixed = []
         for i, s in enumerate(value):
             ref = f"sample {s['id']!r}" if isinstance(s, dict) and isinstance(s.get("id"), str) else f"{key}[{i}]"
-            if not isinstance(s, dict) or not all(f in s for f in SAMPLE_FIELDS) or not isinstance(s["code"], str) \
-                    or not s["code"] or not isinstance(s["marker_char_pos"], int) \
-                    or not isinstance(s["marker_pattern"], str) or not s["marker_pattern"] \
-                    or not isinstance(s["target_char_positions"], list) \
-                    or not all(isinstance(t, int) for t in s["target_char_positions"]):
+            if (
+                not isinstance(s, dict)
+                or not all(f in s for f in SAMPLE_FIELDS)
+                or not isinstance(s["code"], str)
+                or not s["code"]
+                or not isinstance(s["marker_char_pos"], int)
+                or not isinstance(s["marker_pattern"], str)
+                or not s["marker_pattern"]
+                or not isinstance(s["target_char_positions"], list)
+                or not all(isinstance(t, int) for t in s["target_char_positions"])
+            ):
                 unfixable.append(f"{ref}: not a well-formed sample (fields {', '.join(SAMPLE_FIELDS)})")
                 fixed.append(s)
                 continue
@@ -398,11 +427,11 @@ def token_rows(sp: SamplePositions) -> list[dict[str, Any]]:
         roles.setdefault(sp.marker_token, []).append("marker" + ("~" if sp.marker_match == "fallback" else ""))
     for k, (t, how, after) in enumerate(zip(sp.target_tokens, sp.target_matches, sp.after_marker, strict=True)):
         if t is not None:
-            roles.setdefault(t, []).append(f"target {k}" + ("~" if how == "fallback" else "") + (" (after marker)"
-                                                                                                 if after else ""))
+            roles.setdefault(t, []).append(
+                f"target {k}" + ("~" if how == "fallback" else "") + (" (after marker)" if after else "")
+            )
     rows = []
     for i, (tid, (a, b)) in enumerate(zip(sp.input_ids, sp.offsets, strict=True)):
         text = "<bos>" if sp.bos and i == 0 else sp.sample.code[a:b]
-        rows.append({"index": i, "id": tid, "text": text,
-                     "start": a, "end": b, "role": ", ".join(roles.get(i, []))})  # fmt: skip
+        rows.append({"index": i, "id": tid, "text": text, "start": a, "end": b, "role": ", ".join(roles.get(i, []))})
     return rows

@@ -127,7 +127,6 @@ def table_bytes(rows: list[dict[str, Any]], fmt: str = "parquet") -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-
 def npz_bytes(arrays: dict[str, Any]) -> bytes:
     """Arrays as a compressed `.npz` (numpy's format, no pickles) whose bytes depend only on the arrays: numpy's own
     writer stamps the current time into the zip, which would make two identical runs differ."""

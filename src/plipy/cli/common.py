@@ -47,34 +47,71 @@ RESAMPLES = typer.Option(10000, "--resamples", help="Bootstrap / permutation res
 TABLE_FORMAT = typer.Option("parquet", "--table-format", help="Per-sample rows: parquet or csv.")
 RUNNER = typer.Option("auto", "--runner", help="auto | fast | naive (naive: one full forward per condition).")
 CONDITION_BATCH = typer.Option(32, "--condition-batch", help="Conditions per batched forward on the fast path.")
-SKIP_INVALID = typer.Option(False, "--skip-invalid", help="Leave out (and list) samples whose targets come after "
-                            "the marker.")  # fmt: skip
+SKIP_INVALID = typer.Option(
+    False, "--skip-invalid", help="Leave out (and list) samples whose targets come after the marker."
+)
 DTYPE = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
-BATCH_SIZE = typer.Option(None, "--batch-size", "-b", help="Samples per model forward, left-padded "
-                          "(default: 16 on CPU, 64 on GPU; results equal one-by-one runs within fp32 rounding).")
-DEVICE_MAP = typer.Option(None, "--device-map", help="Spread a model too big for one device: auto | balanced | "
-                          "sequential | a JSON file of module → device (accelerate).")
+BATCH_SIZE = typer.Option(
+    None,
+    "--batch-size",
+    "-b",
+    help="Samples per model forward, left-padded "
+    "(default: 16 on CPU, 64 on GPU; results equal one-by-one runs within fp32 rounding).",
+)
+DEVICE_MAP = typer.Option(
+    None,
+    "--device-map",
+    help="Spread a model too big for one device: auto | balanced | "
+    "sequential | a JSON file of module → device (accelerate).",
+)
 MAX_MEMORY = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB.")
-RAY = typer.Option(None, "--ray", is_flag=False, flag_value="", metavar="[ADDRESS]",
-                  help="Run the units on a Ray cluster: ADDRESS (auto | host:6379 | ray://host:10001), else "
-                  "$RAY_ADDRESS, else a local Ray instance. Same JSON as a local run.")  # fmt: skip
-WORKERS = typer.Option(None, "--workers", help="With --ray: Ray actors, each loading the model once (default: one "
-                       "per GPU, else one per node).")  # fmt: skip
-FRESH = typer.Option(False, "--fresh", help="Start over: discard the finished samples an interrupted run with the "
-                     "same settings left (a rerun resumes from them by default).")  # fmt: skip
+RAY = typer.Option(
+    None,
+    "--ray",
+    is_flag=False,
+    flag_value="",
+    metavar="[ADDRESS]",
+    help="Run the units on a Ray cluster: ADDRESS (auto | host:6379 | ray://host:10001), else "
+    "$RAY_ADDRESS, else a local Ray instance. Same JSON as a local run.",
+)
+WORKERS = typer.Option(
+    None,
+    "--workers",
+    help="With --ray: Ray actors, each loading the model once (default: one per GPU, else one per node).",
+)
+FRESH = typer.Option(
+    False,
+    "--fresh",
+    help="Start over: discard the finished samples an interrupted run with the "
+    "same settings left (a rerun resumes from them by default).",
+)
 
 
 # name → (type, option): what `@shared(...)` adds to a command
 SHARED: dict[str, tuple[Any, Any]] = {
-    "model": (str, MODEL), "corpus": (Path | None, CORPUS), "offsets": (str, OFFSETS), "out": (Path | None, OUT),
-    "plot": (bool, PLOT), "html": (bool, HTML), "table_format": (str, TABLE_FORMAT), "bos": (bool, BOS),
-    "seed": (int, SEED), "resamples": (int, RESAMPLES), "runner": (str, RUNNER),
-    "condition_batch": (int, CONDITION_BATCH), "skip_invalid": (bool, SKIP_INVALID), "dtype": (str, DTYPE),
-    "device": (str, DEVICE), "fresh": (bool, FRESH), "batch_size": (int | None, BATCH_SIZE),
-    "device_map": (str | None, DEVICE_MAP), "max_memory": (str | None, MAX_MEMORY), "ray": (str | None, RAY),
+    "model": (str, MODEL),
+    "corpus": (Path | None, CORPUS),
+    "offsets": (str, OFFSETS),
+    "out": (Path | None, OUT),
+    "plot": (bool, PLOT),
+    "html": (bool, HTML),
+    "table_format": (str, TABLE_FORMAT),
+    "bos": (bool, BOS),
+    "seed": (int, SEED),
+    "resamples": (int, RESAMPLES),
+    "runner": (str, RUNNER),
+    "condition_batch": (int, CONDITION_BATCH),
+    "skip_invalid": (bool, SKIP_INVALID),
+    "dtype": (str, DTYPE),
+    "device": (str, DEVICE),
+    "fresh": (bool, FRESH),
+    "batch_size": (int | None, BATCH_SIZE),
+    "device_map": (str | None, DEVICE_MAP),
+    "max_memory": (str | None, MAX_MEMORY),
+    "ray": (str | None, RAY),
     "workers": (int | None, WORKERS),
-}  # fmt: skip
+}
 
 
 def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -85,8 +122,10 @@ def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.name != "o"]
-        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=SHARED[n][1],
-                                   annotation=SHARED[n][0]) for n in names]  # fmt: skip
+        extra = [
+            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=SHARED[n][1], annotation=SHARED[n][0])
+            for n in names
+        ]
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
@@ -133,9 +172,15 @@ def batch_size_option(default: int, what: str = "samples") -> Any:
 
 # -- parameters → flags --------------------------------------------------------------------------------------------
 
-FLAGS = {"n_resamples": "--resamples", "mode": "--layer/--layers/--scan-layers/--scan-windows/--slide-window",
-         "random": "--random", "train_options": "options", "latent_means": "--latent-file",
-         "tokens": "--token/--token-id", "text": "TEXT"}  # fmt: skip
+FLAGS = {
+    "n_resamples": "--resamples",
+    "mode": "--layer/--layers/--scan-layers/--scan-windows/--slide-window",
+    "random": "--random",
+    "train_options": "options",
+    "latent_means": "--latent-file",
+    "tokens": "--token/--token-id",
+    "text": "TEXT",
+}
 
 
 def flag_for(param: str) -> str:
@@ -158,8 +203,13 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[], None]]]:
     """Yields `start(description, total) -> step()`; bars draw on stderr so stdout stays a clean table. The display
     starts with the first bar, so an error raised before any work prints its one line and nothing else."""
     prog = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=err_console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
     )
 
     def start(desc: str, total: int) -> Callable[[], None]:
@@ -202,12 +252,24 @@ def print_report(renderables: list[Any]) -> None:
     print_all(console, renderables, notes=err_console)
 
 
-def save_and_report(result: Any, out: Path | None, *, plot: bool = False, html: bool = False,
-                    table_format: str = "parquet", **save_options: Any) -> dict[str, Any]:
+def save_and_report(
+    result: Any,
+    out: Path | None,
+    *,
+    plot: bool = False,
+    html: bool = False,
+    table_format: str = "parquet",
+    **save_options: Any,
+) -> dict[str, Any]:
     """Write the result's files, print its console report and the list of files written."""
     files = result.save(out, plots=plot, html=html, table_format=table_format, **save_options)
     print_report(result.summary_renderables())
-    written = [files["json"], files["table"], *[files[k] for k in ("rows", "html") if k in files],
-               *files.get("npy", []), *files.get("plots", [])]
+    written = [
+        files["json"],
+        files["table"],
+        *[files[k] for k in ("rows", "html") if k in files],
+        *files.get("npy", []),
+        *files.get("plots", []),
+    ]
     console.print(Text("\nwrote " + ", ".join(written)), soft_wrap=True)
     return files

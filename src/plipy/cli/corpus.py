@@ -19,12 +19,14 @@ app = typer.Typer(
     help="Corpora of marked code samples: convert code to a corpus, check and repair positions, show tokens.",
     no_args_is_help=True,
 )
-MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, local dir, .gguf file or HF id; only its "
-                     "tokenizer loads.")
+MODEL = typer.Option(
+    "smollm2-135m", "--model", "-m", help="Model alias, local dir, .gguf file or HF id; only its tokenizer loads."
+)
 CORPUS = typer.Option(None, "--corpus", help="Corpus JSON file (default: the bundled PLIP universal corpus).")
 BOS = typer.Option(False, "--bos/--no-bos", help="Prepend the BOS token (PLIP adds none).")
-OFFSETS = typer.Option("chars", "--offsets", help="How the file counts positions: chars, or bytes (UTF-8, PLIP-rs "
-                       "files).")
+OFFSETS = typer.Option(
+    "chars", "--offsets", help="How the file counts positions: chars, or bytes (UTF-8, PLIP-rs files)."
+)
 
 
 @app.command()
@@ -35,10 +37,18 @@ def verify(
     bos: bool = BOS,
     offsets: str = OFFSETS,
     json_out: Path | None = typer.Option(None, "--out", "-o", help="Also write the report as JSON to this file."),
-    fix: bool = typer.Option(False, "--fix", help="Repair markers and targets a few characters off, list every "
-                             "change, write the corrected corpus (--fix-out) and verify that."),
-    fix_out: Path | None = typer.Option(None, "--fix-out", help="Where --fix writes (default: <corpus>.fixed.json "
-                                        "beside it; the input is never overwritten unless named here)."),
+    fix: bool = typer.Option(
+        False,
+        "--fix",
+        help="Repair markers and targets a few characters off, list every "
+        "change, write the corrected corpus (--fix-out) and verify that.",
+    ),
+    fix_out: Path | None = typer.Option(
+        None,
+        "--fix-out",
+        help="Where --fix writes (default: <corpus>.fixed.json "
+        "beside it; the input is never overwritten unless named here).",
+    ),
     window: int = typer.Option(8, "--window", help="--fix moves a position at most this many characters."),
 ) -> None:
     """Convert every sample's marker and targets to token positions and report how each converted.
@@ -81,8 +91,12 @@ def verify(
     if too_long:  # scan, knockout and steer refuse these: say so here, not after a model load there
         shown = ", ".join(f"{sp.sample.id} ({sp.seq_len})" for sp in too_long[:10])
         more = f" and {len(too_long) - 10} more" if len(too_long) > 10 else ""
-        renderables.append(Text(f"{len(too_long)} samples are longer than the model's context ({context} tokens): "
-                                f"{shown}{more}", style="bold red"))
+        renderables.append(
+            Text(
+                f"{len(too_long)} samples are longer than the model's context ({context} tokens): {shown}{more}",
+                style="bold red",
+            )
+        )
     console = Console() if sys.stdout.isatty() else Console(width=4096)
     print_all(console, renderables)
 
@@ -96,8 +110,9 @@ def verify(
             "provenance": prov,
             "summary": summary,
             "context_length": context,
-            "samples": [{**_sample_json(sp), "too_long": context is not None and sp.seq_len > context}
-                        for sp in positions],
+            "samples": [
+                {**_sample_json(sp), "too_long": context is not None and sp.seq_len > context} for sp in positions
+            ],
         }
         write_json(json_out, report)
         console.print(f"wrote {json_out}")
@@ -131,12 +146,21 @@ def _note_suspicious(corp: Any) -> None:
     """Say (on stderr) which targets look a few characters off; `--fix` would move them."""
     from plipy.corpus_tools import suspicious_target
 
-    odd = [f"{s.id}[{k}]" for s in corp.samples() for k, t in enumerate(s.target_char_positions)
-           if suspicious_target(s.code, t)]  # fmt: skip
+    odd = [
+        f"{s.id}[{k}]"
+        for s in corp.samples()
+        for k, t in enumerate(s.target_char_positions)
+        if suspicious_target(s.code, t)
+    ]
     if odd:
-        Console(stderr=True).print(Text(f"{len(odd)} targets sit on whitespace or inside an identifier ("
-                                        f"{', '.join(odd[:8])}{' …' if len(odd) > 8 else ''}): --fix would move "
-                                        "them to the identifier's start", style="yellow"))
+        Console(stderr=True).print(
+            Text(
+                f"{len(odd)} targets sit on whitespace or inside an identifier ("
+                f"{', '.join(odd[:8])}{' …' if len(odd) > 8 else ''}): --fix would move "
+                "them to the identifier's start",
+                style="yellow",
+            )
+        )
 
 
 def _fix(corpus: Path | None, offsets: str, fix_out: Path | None, window: int) -> Path:
@@ -159,8 +183,9 @@ def _fix(corpus: Path | None, offsets: str, fix_out: Path | None, window: int) -
     if not changes:
         con.print(f"{path}: nothing to fix")
         return path
-    out = fix_out or (path.with_name(path.stem + ".fixed.json") if corpus is not None
-                      else Path(path.stem + ".fixed.json"))
+    out = fix_out or (
+        path.with_name(path.stem + ".fixed.json") if corpus is not None else Path(path.stem + ".fixed.json")
+    )
     from plipy.cli.common import check_out
 
     check_out(out, "--fix-out")
@@ -171,19 +196,29 @@ def _fix(corpus: Path | None, offsets: str, fix_out: Path | None, window: int) -
 
 @app.command()
 def convert(
-    inputs: list[Path] = typer.Argument(..., help="Code files (.py, .rs, .go), folders of them, or JSON / JSON Lines "
-                                        "of snippets {code, id?, group?, rule?} (or a legacy PLIP corpus)."),
+    inputs: list[Path] = typer.Argument(
+        ...,
+        help="Code files (.py, .rs, .go), folders of them, or JSON / JSON Lines "
+        "of snippets {code, id?, group?, rule?} (or a legacy PLIP corpus).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="The universal corpus JSON to write."),
-    rule: str | None = typer.Option(None, "--rule", help="python | rust | rust-universal | rust-baseline | pytest | "
-                                    "go-test (default: by file suffix or group name)."),
+    rule: str | None = typer.Option(
+        None,
+        "--rule",
+        help="python | rust | rust-universal | rust-baseline | pytest | "
+        "go-test (default: by file suffix or group name).",
+    ),
     group: str | None = typer.Option(None, "--into", help="Put every sample in this group (default: the rule's)."),
-    marker: list[str] | None = typer.Option(None, "--marker", help="Marker text, tried in order (repeatable); "
-                                            "overrides the rule's."),
+    marker: list[str] | None = typer.Option(
+        None, "--marker", help="Marker text, tried in order (repeatable); overrides the rule's."
+    ),
     keyword: str | None = typer.Option(None, "--keyword", help="Definition keyword with its space, e.g. 'def '."),
-    params: str | None = typer.Option(None, "--params", help="Targets after the name: python | rust | go | paren | "
-                                      "none."),
-    skip: str | None = typer.Option(None, "--skip", help="Regex of function names that are not the target "
-                                    "(pytest: test_)."),
+    params: str | None = typer.Option(
+        None, "--params", help="Targets after the name: python | rust | go | paren | none."
+    ),
+    skip: str | None = typer.Option(
+        None, "--skip", help="Regex of function names that are not the target (pytest: test_)."
+    ),
 ) -> None:
     """Make a universal corpus from code by finding markers and function targets (PLIP-rs' convert_corpus rules;
     configurable for other test markers). Samples without a marker or a definition are listed and left out."""
@@ -200,12 +235,19 @@ def convert(
     for g, samples in doc.items():
         if not g.startswith("_"):
             for smp in samples:
-                con.print(Text(f"{g}: {smp['id']}: marker {smp['marker_pattern']!r} at {smp['marker_char_pos']}, "
-                               f"targets {smp['target_char_positions']}"), soft_wrap=True)
+                con.print(
+                    Text(
+                        f"{g}: {smp['id']}: marker {smp['marker_pattern']!r} at {smp['marker_char_pos']}, "
+                        f"targets {smp['target_char_positions']}"
+                    ),
+                    soft_wrap=True,
+                )
     err = Console(stderr=True)
     for sk in skipped:
-        err.print(Text(f"skipped {sk['id']} ({sk['origin']}, rule {sk['rule']}): {sk['reason']}", style="yellow"),
-                  soft_wrap=True)
+        err.print(
+            Text(f"skipped {sk['id']} ({sk['origin']}, rule {sk['rule']}): {sk['reason']}", style="yellow"),
+            soft_wrap=True,
+        )
     n = sum(len(v) for k, v in doc.items() if not k.startswith("_"))
     con.print(f"wrote {out}: {n} samples" + (f", {len(skipped)} skipped" if skipped else ""))
 
@@ -230,11 +272,17 @@ def show(
     smp = load_corpus(corpus, offsets=offsets).sample(sample)
     tokenizer, _ = load_tokenizer(model)
     sp = token_positions(smp, tokenizer, bos=bos)
-    t = Table(title=f"{smp.id} ({smp.group}) — {model}: {sp.seq_len} tokens, conversion {sp.status}",
-              title_justify="left")
+    t = Table(
+        title=f"{smp.id} ({smp.group}) — {model}: {sp.seq_len} tokens, conversion {sp.status}", title_justify="left"
+    )
     for col in ("index", "token", "id", "chars", "role"):
         t.add_column(col, justify="right" if col in ("index", "id") else "left")
     for r in token_rows(sp):
-        t.add_row(str(r["index"]), Text(repr(r["text"])), str(r["id"]), f"{r['start']}-{r['end']}",
-                  Text(r["role"], style="bold" if r["role"] else ""))
+        t.add_row(
+            str(r["index"]),
+            Text(repr(r["text"])),
+            str(r["id"]),
+            f"{r['start']}-{r['end']}",
+            Text(r["role"], style="bold" if r["role"] else ""),
+        )
     _out_console().print(t)

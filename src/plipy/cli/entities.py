@@ -32,15 +32,17 @@ def build(
 @c.shared("model", "dtype", "device", "ray", "workers")
 def label(
     types: str | None = typer.Option(None, "--types", help="Entity types, e.g. player,movie (default: all four)."),
-    limit: int | None = typer.Option(None, "--limit", help="First N entities per type (default: the pipeline "
-                                     "profile's; 0 = all, days on a CPU)."),
+    limit: int | None = typer.Option(
+        None, "--limit", help="First N entities per type (default: the pipeline profile's; 0 = all, days on a CPU)."
+    ),
     k: int | None = typer.Option(None, "--k", help="Samples at T=1 per query (default 10)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per completion (default 32)."),
     seed: int = typer.Option(42, "--seed", help="Sampling seed (the split always uses 42, as upstream)."),
     batch_size: int = c.batch_size_option(32, "attribute queries, each × (1+K) rows"),
     quick: bool = typer.Option(False, "--quick", help="Test profile: 2 entities per type, K=2, 8 new tokens."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Labels JSON (default results/entities-labels-"
-                                    "<model>.json)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Labels JSON (default results/entities-labels-<model>.json)."
+    ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache folder (default $PLIPY_CACHE/entities)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
     o: SimpleNamespace = None,
@@ -66,9 +68,20 @@ def label(
         lm = load_model(o.model, dtype=o.dtype, device=o.device)
     out = out or Path("results") / f"entities-labels-{lm.name}.json"
     with progress_bars() as start:
-        doc = label_entities(lm, types=chosen, limit=limit, k=k, seed=seed, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, cache_dir=cache_dir, progress=start, use_cache=not no_cache,
-                             cluster=cluster, load=ray_load(o.device, None, None))  # fmt: skip
+        doc = label_entities(
+            lm,
+            types=chosen,
+            limit=limit,
+            k=k,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            progress=start,
+            use_cache=not no_cache,
+            cluster=cluster,
+            load=ray_load(o.device, None, None),
+        )
     write_json(out, doc)
     from plipy.report.entities import labels_summary
 

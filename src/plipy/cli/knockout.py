@@ -9,9 +9,28 @@ import typer
 from plipy.cli import common as c
 
 
-@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "resamples", "runner",
-          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory", "ray",
-          "workers")
+@c.shared(
+    "model",
+    "corpus",
+    "offsets",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "bos",
+    "seed",
+    "resamples",
+    "runner",
+    "condition_batch",
+    "dtype",
+    "device",
+    "fresh",
+    "batch_size",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def knockout(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layer: int | None = typer.Option(None, "--layer", help="Knock out one layer (default mode; PLIP's default layer)."),
@@ -21,24 +40,47 @@ def knockout(
     center: int | None = typer.Option(None, "--center", help="Centre of --scan-windows (default: PLIP's layer)."),
     max_radius: int | None = typer.Option(None, "--max-radius", help="Largest radius of --scan-windows (5)."),
     slide_window: int | None = typer.Option(None, "--slide-window", help="Every window of W consecutive layers."),
-    edges: str = typer.Option("marker-to-targets", "--edges",
-                              help="marker-to-targets | to-marker (PLIP's --all-edges) | from-marker"),
+    edges: str = typer.Option(
+        "marker-to-targets", "--edges", help="marker-to-targets | to-marker (PLIP's --all-edges) | from-marker"
+    ),
     heads: str = typer.Option("all", "--heads", help="Query heads knocked out: all | none | A-B | a,b,c."),
-    include_baselines: bool = typer.Option(False, "--include-baselines",
-                                           help="Also measure the *_baseline groups (described, not tested)."),
+    include_baselines: bool = typer.Option(
+        False, "--include-baselines", help="Also measure the *_baseline groups (described, not tested)."
+    ),
     o: SimpleNamespace = None,
 ) -> None:
     """Knock out attention edges (PLIP-rs' ablation) on every sample; KL of the next-token distribution."""
     from plipy import api
 
-    modes = {"layer": layer, "layers": layers, "scan_layers": scan_layers, "scan_windows": scan_windows,
-             "slide_window": slide_window, "center": center, "max_radius": max_radius}  # fmt: skip
+    modes = {
+        "layer": layer,
+        "layers": layers,
+        "scan_layers": scan_layers,
+        "scan_windows": scan_windows,
+        "slide_window": slide_window,
+        "center": center,
+        "max_radius": max_radius,
+    }
     api.knockout_mode(**modes)  # before the model loads
     with c.progress_bars() as start:
-        result = api.knockout(o.model, o.corpus, **modes, edges=edges, heads=heads, groups=c.split_list(groups),
-                              include_baselines=include_baselines, bos=o.bos, offsets=o.offsets, seed=o.seed,
-                              resamples=o.resamples, condition_batch=o.condition_batch, runner=o.runner,
-                              fresh=o.fresh, progress=start, **c.load_options(o))  # fmt: skip
+        result = api.knockout(
+            o.model,
+            o.corpus,
+            **modes,
+            edges=edges,
+            heads=heads,
+            groups=c.split_list(groups),
+            include_baselines=include_baselines,
+            bos=o.bos,
+            offsets=o.offsets,
+            seed=o.seed,
+            resamples=o.resamples,
+            condition_batch=o.condition_batch,
+            runner=o.runner,
+            fresh=o.fresh,
+            progress=start,
+            **c.load_options(o),
+        )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
     if result["mode"] == "layer" and layer is None:
         c.console.print(f"no mode given: knocked out PLIP's default layer {result['runs'][0]['label']}")

@@ -22,9 +22,12 @@ class _DefaultRun(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-app = typer.Typer(cls=_DefaultRun, no_args_is_help=True,
-                  help="The logit lens: what each layer would predict. `plipy lens TEXT` (= `plipy lens run TEXT`) "
-                       "or `plipy lens emergence`.")  # fmt: skip
+app = typer.Typer(
+    cls=_DefaultRun,
+    no_args_is_help=True,
+    help="The logit lens: what each layer would predict. `plipy lens TEXT` (= `plipy lens run TEXT`) "
+    "or `plipy lens emergence`.",
+)
 
 TOP_K = "Tokens listed per layer (ranks beyond it are still reported for tracked tokens)."
 
@@ -35,11 +38,15 @@ def run(
     text: str | None = typer.Argument(None, help="The text (or use --file / --sample)."),
     file: Path | None = typer.Option(None, "--file", help="Read the text from this file (UTF-8)."),
     sample: str | None = typer.Option(None, "--sample", help="A corpus sample id instead of a text."),
-    positions: str = typer.Option("last", "--positions", help="last | all | marker (with --sample) | token indices "
-                                  "such as 0,5,-1 (negative: from the end)."),
+    positions: str = typer.Option(
+        "last",
+        "--positions",
+        help="last | all | marker (with --sample) | token indices such as 0,5,-1 (negative: from the end).",
+    ),
     top_k: int = typer.Option(10, "--top-k", "-k", help=TOP_K),
-    token: list[str] | None = typer.Option(None, "--token", help="A token to track (one token's text, e.g. ' test'; "
-                                           "repeatable)."),
+    token: list[str] | None = typer.Option(
+        None, "--token", help="A token to track (one token's text, e.g. ' test'; repeatable)."
+    ),
     token_id: list[int] | None = typer.Option(None, "--token-id", help="A token id to track (repeatable)."),
     layers: str = c.layers_option("all", "Layers to show"),
     o: SimpleNamespace = None,
@@ -59,19 +66,35 @@ def run(
         except UnicodeDecodeError as e:
             raise PlipyError(f"--file {file}: not UTF-8 text ({e.reason})") from None
     with c.progress_bars() as start:
-        result = api.lens(o.model, text, sample=sample, corpus=o.corpus, positions=positions, top_k=top_k,
-                          tokens=[*(token or []), *(token_id or [])], layers=layers, bos=o.bos, offsets=o.offsets,
-                          dtype=o.dtype, device=o.device, progress=start)  # fmt: skip
+        result = api.lens(
+            o.model,
+            text,
+            sample=sample,
+            corpus=o.corpus,
+            positions=positions,
+            top_k=top_k,
+            tokens=[*(token or []), *(token_id or [])],
+            layers=layers,
+            bos=o.bos,
+            offsets=o.offsets,
+            dtype=o.dtype,
+            device=o.device,
+            progress=start,
+        )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("emergence")
 @c.shared("model", "out", "plot", "html", "table_format", "bos", "dtype", "device")
 def emergence(
-    prompts: Path | None = typer.Option(None, "--prompts", help="JSON / JSON Lines of {id, prompt, expect: [...]} "
-                                        "(default: PLIP-rs' test_emergence prompts)."),
-    top_k: int = typer.Option(100, "--top-k", "-k", help="A string has emerged when a token containing it is in the "
-                              "top-k (PLIP-rs: 100)."),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="JSON / JSON Lines of {id, prompt, expect: [...]} (default: PLIP-rs' test_emergence prompts).",
+    ),
+    top_k: int = typer.Option(
+        100, "--top-k", "-k", help="A string has emerged when a token containing it is in the top-k (PLIP-rs: 100)."
+    ),
     layers: str = c.layers_option("all", "Layers to look at"),
     o: SimpleNamespace = None,
 ) -> None:
@@ -80,6 +103,7 @@ def emergence(
     from plipy import api
 
     with c.progress_bars() as start:
-        result = api.emergence(o.model, prompts, top_k=top_k, layers=layers, bos=o.bos, dtype=o.dtype,
-                               device=o.device, progress=start)  # fmt: skip
+        result = api.emergence(
+            o.model, prompts, top_k=top_k, layers=layers, bos=o.bos, dtype=o.dtype, device=o.device, progress=start
+        )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

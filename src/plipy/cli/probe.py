@@ -11,15 +11,18 @@ from plipy.cli import common as c
 
 @c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "dtype", "device")
 def probe(
-    groups: list[str] | None = c.groups_option("the groups (classes) to tell apart (default: python_doctest,"
-                                               "rust_test, else every group)."),
-    label: str = typer.Option("group", "--label", help="group (each group a class) | prefix (python_doctest and "
-                              "python_baseline → python)."),
+    groups: list[str] | None = c.groups_option(
+        "the groups (classes) to tell apart (default: python_doctest,rust_test, else every group)."
+    ),
+    label: str = typer.Option(
+        "group", "--label", help="group (each group a class) | prefix (python_doctest and python_baseline → python)."
+    ),
     feature: str = typer.Option("last", "--feature", help="last | marker: the token whose residual is probed."),
     layers: str = c.layers_option("all", "Layers to probe"),
     folds: int = typer.Option(5, "--folds", help="Stratified k-fold splits (≥ 2; fewer if a class is smaller)."),
-    permutations: int = typer.Option(20, "--permutations", help="Shuffled-label refits per layer (the control; 0: "
-                                     "none). p ≥ 1/(N+1)."),
+    permutations: int = typer.Option(
+        20, "--permutations", help="Shuffled-label refits per layer (the control; 0: none). p ≥ 1/(N+1)."
+    ),
     C: float = typer.Option(1.0, "--C", help="Inverse L2 regularisation strength of the logistic regression."),
     o: SimpleNamespace = None,
 ) -> None:
@@ -29,7 +32,21 @@ def probe(
     from plipy import api
 
     with c.progress_bars() as start:
-        result = api.probe(o.model, o.corpus, groups=c.split_list(groups), label=label, feature=feature,
-                           layers=layers, folds=folds, permutations=permutations, C=C, seed=o.seed, bos=o.bos,
-                           offsets=o.offsets, dtype=o.dtype, device=o.device, progress=start)  # fmt: skip
+        result = api.probe(
+            o.model,
+            o.corpus,
+            groups=c.split_list(groups),
+            label=label,
+            feature=feature,
+            layers=layers,
+            folds=folds,
+            permutations=permutations,
+            C=C,
+            seed=o.seed,
+            bos=o.bos,
+            offsets=o.offsets,
+            dtype=o.dtype,
+            device=o.device,
+            progress=start,
+        )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

@@ -10,10 +10,15 @@ from plipy.cli import common as c
 
 
 def report(
-    results: list[Path] = typer.Argument(..., help="Result JSON files written by plipy commands (--out).",
-                                         show_default=False),
-    out: Path | None = typer.Option(None, "--out", "-o", help="The HTML file (default: <first result>.html, or "
-                                    "<first result>-compare.html for several)."),
+    results: list[Path] = typer.Argument(
+        ..., help="Result JSON files written by plipy commands (--out).", show_default=False
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="The HTML file (default: <first result>.html, or <first result>-compare.html for several).",
+    ),
     title: str | None = typer.Option(None, "--title", help="Page title (default: kinds and models)."),
 ) -> None:
     """Write one self-contained interactive HTML report (plotly inlined, opens offline) of saved results."""
@@ -34,5 +39,8 @@ def report(
             c.err_console.print(f"note: {p}: no token view ({why})", highlight=False)
     write(loaded, path, title=title)
     kinds = ", ".join(dict.fromkeys(r.kind for r in loaded))
-    c.console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB: {len(loaded)} result(s), {kinds})",
-                    highlight=False, soft_wrap=True)
+    c.console.print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB: {len(loaded)} result(s), {kinds})",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -18,50 +18,80 @@ app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no
 
 
 @app.command("attention")
-@c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "device_map", "max_memory", "ray",
-          "workers")
+@c.shared(
+    "model", "out", "plot", "html", "table_format", "dtype", "device", "device_map", "max_memory", "ray", "workers"
+)
 def attention(
     latent: int = typer.Option(..., "--latent", "-l", help="Index of the SAE latent to steer with."),
-    sae: Path | None = typer.Option(None, "--sae", help="SAELens folder (cfg.json + sae_weights.safetensors) "
-                                    "or Gemma Scope params.npz."),
+    sae: Path | None = typer.Option(
+        None, "--sae", help="SAELens folder (cfg.json + sae_weights.safetensors) or Gemma Scope params.npz."
+    ),
     sae_release: str | None = typer.Option(None, "--sae-release", help="SAELens release (needs plipy[saelens])."),
     sae_id: str | None = typer.Option(None, "--sae-id", help="SAE id within --sae-release."),
     hook: str | None = typer.Option(None, "--hook", help="Override the SAE's hook, e.g. blocks.4.hook_resid_post."),
-    layer: int | None = typer.Option(None, "--layer", help="Steer at the input of this decoder layer "
-                                     "(default: from the SAE's hook; resid_post of L-1 = input of L)."),
-    prompts: Path | None = typer.Option(None, "--prompts", help="JSONL/JSON rows {prompt, entity, entity_type, "
-                                        "label}; rows without prompt use the template × base relations."),
-    entities: Path | None = typer.Option(None, "--entities", help="Entity list (one per line or JSON list), "
-                                         "expanded with the template; needs --entity-type."),
+    layer: int | None = typer.Option(
+        None,
+        "--layer",
+        help="Steer at the input of this decoder layer (default: from the SAE's hook; resid_post of L-1 = input of L).",
+    ),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="JSONL/JSON rows {prompt, entity, entity_type, "
+        "label}; rows without prompt use the template × base relations.",
+    ),
+    entities: Path | None = typer.Option(
+        None,
+        "--entities",
+        help="Entity list (one per line or JSON list), expanded with the template; needs --entity-type.",
+    ),
     entity_type: str | None = typer.Option(None, "--entity-type", help="Entity type of --entities."),
     label: str | None = typer.Option(None, "--label", help="Label of --entities (known / unknown)."),
     template: str = typer.Option("The {entity_type} {entity} {relation}", "--template", help="Prompt template."),
     labels: list[str] | None = typer.Option(None, "--labels", help="Keep only prompts with these labels."),
     limit: int | None = typer.Option(None, "--limit", help="First N prompts per (entity type, label); upstream 100."),
-    coeff: str = typer.Option("100", "--coeff", "-c", help="A number, 'norm' (× residual norm) or 'mean' "
-                              "(× the latent's mean activation from --latent-file)."),
+    coeff: str = typer.Option(
+        "100",
+        "--coeff",
+        "-c",
+        help="A number, 'norm' (× residual norm) or 'mean' (× the latent's mean activation from --latent-file).",
+    ),
     latent_file: Path | None = typer.Option(None, "--latent-file", help="Latent file with mean activations."),
     direction: str = typer.Option("decoder", "--direction", help="decoder (W_dec row) or encoder (W_enc column)."),
     ablate: list[str] | None = typer.Option(None, "--ablate", help="Latents to project out at the same positions."),
-    pos: str = typer.Option("entity_last", "--pos", help="entity_last | entity | entity_to_end | "
-                            "entity_last_to_end | all"),
-    measures: list[str] | None = typer.Option(None, "--measures", help="attn_weights, value_weighted, "
-                                              "output_value_weighted, distance_based (default: all)."),
+    pos: str = typer.Option(
+        "entity_last", "--pos", help="entity_last | entity | entity_to_end | entity_last_to_end | all"
+    ),
+    measures: list[str] | None = typer.Option(
+        None, "--measures", help="attn_weights, value_weighted, output_value_weighted, distance_based (default: all)."
+    ),
     ovw_norm: str = typer.Option("l1", "--ovw-norm", help="Norm of output_value_weighted: l1 (upstream) or l2."),
-    heads: str | None = typer.Option(None, "--heads", help="Saved/tested heads: L12H3,L14H0, or all | A-B | a,b,c "
-                                     "(those heads of every layer from the steering layer on; default: all of them)."),
-    expect: str = typer.Option("auto", "--expect", help="auto (known ↓, unknown ↑ as upstream) | increase | "
-                               "decrease | two-sided"),
+    heads: str | None = typer.Option(
+        None,
+        "--heads",
+        help="Saved/tested heads: L12H3,L14H0, or all | A-B | a,b,c "
+        "(those heads of every layer from the steering layer on; default: all of them).",
+    ),
+    expect: str = typer.Option(
+        "auto", "--expect", help="auto (known ↓, unknown ↑ as upstream) | increase | decrease | two-sided"
+    ),
     n_random: int = typer.Option(10, "--random", help="Random latents for the baseline (0: none)."),
-    random_candidates: Path | None = typer.Option(None, "--random-candidates", help="Candidate latents: JSON list, "
-                                                  "upstream {L..F..: score} dict (score 0 kept) or text."),
+    random_candidates: Path | None = typer.Option(
+        None,
+        "--random-candidates",
+        help="Candidate latents: JSON list, upstream {L..F..: score} dict (score 0 kept) or text.",
+    ),
     seed: int = typer.Option(42, "--seed", help="Seed of the random-latent draw."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the Welch tests."),
     batch_size: int = c.batch_size_option(16, "prompts, left-padded"),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Prepend BOS (TransformerLens does; on by default here)."),
     attn: str = typer.Option("eager", "--attn", help="eager (HF eager numerics) or sdpa (faster idle layers)."),
-    npy: bool = typer.Option(False, "--npy", help="Also write upstream-style .npy dicts {'L{l}H{h}': values} "
-                             "(pickled object arrays: load only files you trust)."),
+    npy: bool = typer.Option(
+        False,
+        "--npy",
+        help="Also write upstream-style .npy dicts {'L{l}H{h}': values} "
+        "(pickled object arrays: load only files you trust).",
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="Discard partial results of an earlier interrupted run."),
     keep_partial: bool = typer.Option(False, "--keep-partial", help="Keep the per-batch checkpoint folder."),
     o: SimpleNamespace = None,
@@ -98,12 +128,31 @@ def attention(
         shutil.rmtree(partial)
     with progress_bars() as start:
         result = api.sae_attention(
-            lm, the_sae, latent, items, layer=steer_at, coeff=coefficient, latent_means=means, direction=direction,
-            ablate=[int(a) for a in split_list(ablate) or []], pos=pos, measures=split_list(measures),
-            ovw_norm=ovw_norm, heads=heads, expect=expect, random=n_random, random_candidates=cands, seed=seed,
-            alpha=alpha, batch_size=batch_size, bos=bos, attn=attn, checkpoint_dir=partial, progress=start,
+            lm,
+            the_sae,
+            latent,
+            items,
+            layer=steer_at,
+            coeff=coefficient,
+            latent_means=means,
+            direction=direction,
+            ablate=[int(a) for a in split_list(ablate) or []],
+            pos=pos,
+            measures=split_list(measures),
+            ovw_norm=ovw_norm,
+            heads=heads,
+            expect=expect,
+            random=n_random,
+            random_candidates=cands,
+            seed=seed,
+            alpha=alpha,
+            batch_size=batch_size,
+            bos=bos,
+            attn=attn,
+            checkpoint_dir=partial,
+            progress=start,
             **c.load_options(o),
-        )  # fmt: skip
+        )
     c.save_and_report(result, out, plot=o.plot, html=o.html, table_format=o.table_format, npy=npy)
     if not keep_partial:
         shutil.rmtree(partial, ignore_errors=True)
@@ -155,8 +204,14 @@ def _metric_bars() -> Iterator[Callable[[str, int], Callable[..., None]]]:
     """Progress bars whose `step(n=1, **metrics)` also shows the latest metrics (fvu, L0, dead latents) beside them."""
     from rich import progress as rp
 
-    columns = (rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-               rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[metrics]}"))  # fmt: skip
+    columns = (
+        rp.TextColumn("[bold]{task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TimeElapsedColumn(),
+        rp.TimeRemainingColumn(),
+        rp.TextColumn("{task.fields[metrics]}"),
+    )
     with rp.Progress(*columns, console=err_console) as prog:
 
         def start(desc: str, total: int) -> Callable[..., None]:
@@ -174,8 +229,12 @@ def _metric_bars() -> Iterator[Callable[[str, int], Callable[..., None]]]:
 @app.command("train")
 @c.shared("model", "dtype", "device")
 def train(
-    layer: int = typer.Option(9, "--layer", help="Train on resid_post of this decoder layer (blocks.L.hook_resid_post;"
-                              " its latents steer at the input of L+1). Default 9: a third of SmolLM2's 30 layers."),
+    layer: int = typer.Option(
+        9,
+        "--layer",
+        help="Train on resid_post of this decoder layer (blocks.L.hook_resid_post;"
+        " its latents steer at the input of L+1). Default 9: a third of SmolLM2's 30 layers.",
+    ),
     arch: str = typer.Option("topk", "--arch", help="topk or jumprelu."),
     width: int = typer.Option(4096, "--width", help="Number of latents."),
     k: int = typer.Option(32, "--k", help="TopK: active latents per token."),
@@ -187,8 +246,11 @@ def train(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per text sequence (BOS included)."),
     model_batch: int = c.batch_size_option(16, "text sequences"),
     auxk: bool = typer.Option(True, "--auxk/--no-auxk", help="TopK: AuxK loss on dead latents."),
-    entity_text: int = typer.Option(500, "--entity-text", help="Entities per type whose attribute sentences join "
-                                    "the training text (0: standard library text only)."),
+    entity_text: int = typer.Option(
+        500,
+        "--entity-text",
+        help="Entities per type whose attribute sentences join the training text (0: standard library text only).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the text order, init and batches."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default saes/<model>-L<layer>-<arch>)."),
     o: SimpleNamespace = None,
@@ -197,8 +259,20 @@ def train(
     from plipy.models import load_model
     from plipy.sae import train as st
 
-    cfg = st.TrainConfig(arch=arch, width=width, k=k, lr=lr, n_tokens=tokens, epochs=epochs, batch_size=train_batch,
-                         seq_len=seq_len, model_batch=model_batch, seed=seed, auxk=auxk, l0_coeff=l0_coeff)  # fmt: skip
+    cfg = st.TrainConfig(
+        arch=arch,
+        width=width,
+        k=k,
+        lr=lr,
+        n_tokens=tokens,
+        epochs=epochs,
+        batch_size=train_batch,
+        seq_len=seq_len,
+        model_batch=model_batch,
+        seed=seed,
+        auxk=auxk,
+        l0_coeff=l0_coeff,
+    )
     cfg.check()
     lm = load_model(o.model, dtype=o.dtype, device=o.device)
     out = out or Path("saes") / f"{lm.name}-L{layer}-{arch}"
@@ -212,8 +286,11 @@ def train(
     from plipy.report import sae as report_sae
 
     c.print_report(report_sae.training_summary(result, lm.name, layer, width))
-    console.print(f"wrote {out} (cfg.json, sae_weights.safetensors, sparsity.safetensors, training.json)",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"wrote {out} (cfg.json, sae_weights.safetensors, sparsity.safetensors, training.json)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("latents")
@@ -223,8 +300,11 @@ def latents(
     labels: Path = typer.Option(..., "--labels", help="Labels JSON from `plipy entities label`."),
     hook: str | None = typer.Option(None, "--hook", help="Override the SAE's hook, e.g. blocks.9.hook_resid_post."),
     split: str = typer.Option("train", "--split", help="Entities to score: train (default) or all (upstream)."),
-    general_filter: bool = typer.Option(True, "--general-text-filter/--no-general-text-filter",
-                                        help="Drop latents active on ≥ --max-general-freq of general offline text."),
+    general_filter: bool = typer.Option(
+        True,
+        "--general-text-filter/--no-general-text-filter",
+        help="Drop latents active on ≥ --max-general-freq of general offline text.",
+    ),
     max_general_freq: float = typer.Option(0.02, "--max-general-freq", help="Threshold of the general-text filter."),
     general_tokens: int = typer.Option(4096, "--general-tokens", help="General-text tokens for the filter."),
     top_n: int = typer.Option(20, "--top", help="Top latents kept per label."),
@@ -245,10 +325,18 @@ def latents(
     the_sae = saes.load_sae(sae, hook_name=hook)
     lm = load_model(o.model, dtype=o.dtype, device=o.device)
     with _metric_bars() as start:
-        doc = sl.run_latents(lm, the_sae, doc_labels, split=None if split == "all" else split,
-                             general_filter=general_filter, general_tokens=general_tokens,
-                             max_general_freq=max_general_freq, top_n=top_n, batch_size=batch_size,
-                             progress=start)  # fmt: skip
+        doc = sl.run_latents(
+            lm,
+            the_sae,
+            doc_labels,
+            split=None if split == "all" else split,
+            general_filter=general_filter,
+            general_tokens=general_tokens,
+            max_general_freq=max_general_freq,
+            top_n=top_n,
+            batch_size=batch_size,
+            progress=start,
+        )
     out = out or Path("results") / f"sae-latents-{lm.name}-L{doc['layer']}.json"
     paths = sl.write_latents(doc, out)
     from plipy.report import sae as report_sae
@@ -275,13 +363,15 @@ def pipeline(
     from plipy.sae import pipeline as sp
 
     cfg = sp.profile("quick" if quick else "default")
-    over = {k: v for k, v in {"label_limit": limit, "layer": layer, "coeff": coeff, "n_random": n_random}.items()
-            if v is not None}  # fmt: skip
+    over = {
+        k: v
+        for k, v in {"label_limit": limit, "layer": layer, "coeff": coeff, "n_random": n_random}.items()
+        if v is not None
+    }
     cfg = replace(cfg, **over)
     lm = load_model(o.model, dtype=o.dtype, device=o.device)
     out = out or Path("results") / (f"sae-pipeline-{lm.name}" + ("-quick" if quick else ""))
     with _metric_bars() as start:
-        summary = sp.run_pipeline(lm, out, cfg, progress=start,
-                                  log=lambda s: err_console.print(s, highlight=False))  # fmt: skip
+        summary = sp.run_pipeline(lm, out, cfg, progress=start, log=lambda s: err_console.print(s, highlight=False))
     console.print(sp._markdown(summary), highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/summary.md, summary.json", highlight=False)

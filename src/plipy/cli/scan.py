@@ -9,8 +9,26 @@ import typer
 from plipy.cli import common as c
 
 
-@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "resamples", "dtype",
-          "device", "fresh", "batch_size", "device_map", "max_memory", "ray", "workers")
+@c.shared(
+    "model",
+    "corpus",
+    "offsets",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "bos",
+    "seed",
+    "resamples",
+    "dtype",
+    "device",
+    "fresh",
+    "batch_size",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def scan(
     groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
     layers: str = c.layers_option("all", "Layers to scan"),
@@ -23,10 +41,22 @@ def scan(
     from plipy import api
 
     with c.progress_bars() as start:
-        result = api.scan(o.model, o.corpus, groups=c.split_list(groups), layers=layers, heads=heads, bos=o.bos,
-                          offsets=o.offsets, seed=o.seed, resamples=o.resamples, fresh=o.fresh, progress=start,
-                          **c.load_options(o))  # fmt: skip
+        result = api.scan(
+            o.model,
+            o.corpus,
+            groups=c.split_list(groups),
+            layers=layers,
+            heads=heads,
+            bos=o.bos,
+            offsets=o.offsets,
+            seed=o.seed,
+            resamples=o.resamples,
+            fresh=o.fresh,
+            progress=start,
+            **c.load_options(o),
+        )
     if o.plot:
         result.token_layer(token_layer)  # a bad --token-layer fails before anything is written
-    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format, sample=token_sample,
-                      layer=token_layer)
+    c.save_and_report(
+        result, o.out, plot=o.plot, html=o.html, table_format=o.table_format, sample=token_sample, layer=token_layer
+    )

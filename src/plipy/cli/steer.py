@@ -16,8 +16,25 @@ HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A
 
 
 @app.command("calibrate")
-@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "dtype", "device",
-          "fresh", "batch_size", "device_map", "max_memory", "ray", "workers")
+@c.shared(
+    "model",
+    "corpus",
+    "offsets",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "skip_invalid",
+    "bos",
+    "dtype",
+    "device",
+    "fresh",
+    "batch_size",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def calibrate(
     layer: int | None = LAYER,
     groups: list[str] | None = c.groups_option("A,B — the scale brings B to A's level (python_doctest,rust_test)."),
@@ -27,24 +44,52 @@ def calibrate(
     from plipy import steer
 
     with c.progress_bars() as start:
-        result = steer.calibrate(o.model, o.corpus, layer=layer, groups=c.split_list(groups),
-                                 skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets, fresh=o.fresh,
-                                 progress=start, **c.load_options(o))  # fmt: skip
+        result = steer.calibrate(
+            o.model,
+            o.corpus,
+            layer=layer,
+            groups=c.split_list(groups),
+            skip_invalid=o.skip_invalid,
+            bos=o.bos,
+            offsets=o.offsets,
+            fresh=o.fresh,
+            progress=start,
+            **c.load_options(o),
+        )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("dose")
-@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "skip_invalid", "bos", "runner",
-          "condition_batch", "dtype", "device", "fresh", "batch_size", "device_map", "max_memory", "ray",
-          "workers")
+@c.shared(
+    "model",
+    "corpus",
+    "offsets",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "skip_invalid",
+    "bos",
+    "runner",
+    "condition_batch",
+    "dtype",
+    "device",
+    "fresh",
+    "batch_size",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def dose(
     groups: list[str] | None = c.groups_option("the groups to steer (rust_test)."),
     layer: int | None = LAYER,
     layers: str | None = c.layers_option(None, "Steer several layers at once"),
     doses: str = typer.Option("0.5,1,2,3,4,6", "--doses", help="Comma-separated scales α."),
     heads: str = HEADS,
-    target_attention: float | None = typer.Option(None, "--target-attention",
-                                                  help="Also find, per sample, the α reaching this attention."),
+    target_attention: float | None = typer.Option(
+        None, "--target-attention", help="Also find, per sample, the α reaching this attention."
+    ),
     o: SimpleNamespace = None,
 ) -> None:
     """Dose-response: KL(base ‖ steered) and attention achieved per dose and sample, group mean/std/n."""
@@ -52,17 +97,43 @@ def dose(
 
     dose_list = options.parse_floats(doses, param="doses")  # before the model loads
     with c.progress_bars() as start:
-        result = steer.dose(o.model, o.corpus, groups=c.split_list(groups), layer=layer, layers=layers,
-                            doses=dose_list, heads=heads, target_attention=target_attention,
-                            skip_invalid=o.skip_invalid, bos=o.bos, offsets=o.offsets,
-                            condition_batch=o.condition_batch, runner=o.runner, fresh=o.fresh, progress=start,
-                            **c.load_options(o))  # fmt: skip
+        result = steer.dose(
+            o.model,
+            o.corpus,
+            groups=c.split_list(groups),
+            layer=layer,
+            layers=layers,
+            doses=dose_list,
+            heads=heads,
+            target_attention=target_attention,
+            skip_invalid=o.skip_invalid,
+            bos=o.bos,
+            offsets=o.offsets,
+            condition_batch=o.condition_batch,
+            runner=o.runner,
+            fresh=o.fresh,
+            progress=start,
+            **c.load_options(o),
+        )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("generate")
-@c.shared("model", "out", "plot", "html", "table_format", "dtype", "device", "fresh", "batch_size", "device_map",
-          "max_memory", "ray", "workers")
+@c.shared(
+    "model",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "dtype",
+    "device",
+    "fresh",
+    "batch_size",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def generate(
     prompts: Path | None = typer.Option(None, "--prompts", help="Prompts JSON (default: bundled Rust prompts)."),
     layer: int | None = LAYER,
@@ -84,8 +155,24 @@ def generate(
     from plipy import steer
 
     with c.progress_bars() as start:
-        result = steer.generate(o.model, prompts, layer=layer, layers=layers, scale=scale, max_tokens=max_tokens,
-                                temperature=temperature, seed=seed, chat=chat, detect=detect, query_text=query_text,
-                                key_text=key_text, heads=heads, limit=limit, skip_invalid=skip_invalid,
-                                fresh=o.fresh, progress=start, **c.load_options(o))  # fmt: skip
+        result = steer.generate(
+            o.model,
+            prompts,
+            layer=layer,
+            layers=layers,
+            scale=scale,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            chat=chat,
+            detect=detect,
+            query_text=query_text,
+            key_text=key_text,
+            heads=heads,
+            limit=limit,
+            skip_invalid=skip_invalid,
+            fresh=o.fresh,
+            progress=start,
+            **c.load_options(o),
+        )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

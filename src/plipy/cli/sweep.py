@@ -13,12 +13,21 @@ SET_PER_MODEL = ("-m", "--model", "-o", "--out")
 
 def sweep(
     ctx: typer.Context,
-    experiment: str = typer.Argument(..., help="scan | knockout, followed by its own options (--ray included).",
-                                     show_default=False),
-    models: str = typer.Option(..., "--models", help="Model specs, comma-separated (aliases, local dirs, .gguf "
-                               "files, hub ids).", show_default=False),
-    out_dir: Path = typer.Option(Path("results/sweep"), "--out-dir", "-d", help="Where each model's result and "
-                                 "the comparison (sweep-<experiment>.json and its table) are written."),
+    experiment: str = typer.Argument(
+        ..., help="scan | knockout, followed by its own options (--ray included).", show_default=False
+    ),
+    models: str = typer.Option(
+        ...,
+        "--models",
+        help="Model specs, comma-separated (aliases, local dirs, .gguf files, hub ids).",
+        show_default=False,
+    ),
+    out_dir: Path = typer.Option(
+        Path("results/sweep"),
+        "--out-dir",
+        "-d",
+        help="Where each model's result and the comparison (sweep-<experiment>.json and its table) are written.",
+    ),
 ) -> None:
     """Run one experiment on each model in turn (each on its own Ray actor pool with --ray) and compare them."""
     from plipy.cli import app
@@ -45,8 +54,14 @@ def sweep(
             raise typer.Exit(rv)
         files.append(path)
     docs = [load_result(p).to_dict() for p in files]
-    result = sw.build(experiment, [{"spec": s, "file": str(p)} for s, p in zip(specs, files, strict=True)], docs,
-                      {"options": rest})  # fmt: skip
+    result = sw.build(
+        experiment, [{"spec": s, "file": str(p)} for s, p in zip(specs, files, strict=True)], docs, {"options": rest}
+    )
     table_format = rest[rest.index("--table-format") + 1] if "--table-format" in rest[:-1] else "parquet"
-    c.save_and_report(result, out_dir / f"sweep-{experiment}.json", plot="--plot" in rest, html="--html" in rest,
-                      table_format=table_format)
+    c.save_and_report(
+        result,
+        out_dir / f"sweep-{experiment}.json",
+        plot="--plot" in rest,
+        html="--html" in rest,
+        table_format=table_format,
+    )

@@ -82,8 +82,9 @@ def model_job_args(lm: Any, load: dict[str, Any]) -> dict[str, Any]:
     """How workers load the driver's model. A model plipy did not load (`wrap_model`) has no spec to load."""
     spec = getattr(lm, "spec", None)
     if not spec or getattr(lm, "provenance", {}).get("weights_sha256") is None:
-        raise PlipyError("ray: workers load the model from its spec; pass a model spec (alias, path, hub id), not a "
-                         "loaded HF model")
+        raise PlipyError(
+            "ray: workers load the model from its spec; pass a model spec (alias, path, hub id), not a loaded HF model"
+        )
     return model_args(spec, str(next(lm.model.parameters()).dtype).removeprefix("torch."), load)
 
 
@@ -99,8 +100,9 @@ def check(cluster: Cluster) -> Cluster:
     return Cluster(cluster.address, cluster.workers, cluster.threads, gpus)
 
 
-def driver_model(spec: str, dtype: str, device: str, cluster: Cluster, load: dict[str, Any] | None = None, *,
-                 prestart: bool = True) -> Any:
+def driver_model(
+    spec: str, dtype: str, device: str, cluster: Cluster, load: dict[str, Any] | None = None, *, prestart: bool = True
+) -> Any:
     """The driver's model under Ray: tokenizer, config and weight hashes, no weights (meta device) where the spec
     allows; "auto" device and dtype are the workers' (CUDA and bf16 when the cluster has GPUs). The workers start
     loading the model first, so their start overlaps the driver's own work."""
@@ -170,8 +172,13 @@ def connect(cluster: Cluster) -> Any:
         import logging
 
         try:
-            ray.init(address=cluster.address, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=False, namespace=NAMESPACE)  # fmt: skip
+            ray.init(
+                address=cluster.address,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+                namespace=NAMESPACE,
+            )
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = cluster.address or os.environ.get("RAY_ADDRESS") or "a local instance"
             raise PlipyError(f"ray: cannot connect to {where}: {str(e).splitlines()[0]}") from None
@@ -203,10 +210,12 @@ class RayPool:
         self.key = _key(ray, model, self.n, self.threads)
         actor = ray.remote(_Worker)
         self.names = [f"plipy-{uuid.uuid4().hex[:8]}-{i}" for i in range(self.n)]
-        self.actors = [actor.options(name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=-1,
-                                     max_task_retries=-1, namespace=NAMESPACE).remote(model, _driver_env(),
-                                                                                      self.threads)
-                       for name in self.names]  # fmt: skip
+        self.actors = [
+            actor.options(
+                name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1, namespace=NAMESPACE
+            ).remote(model, _driver_env(), self.threads)
+            for name in self.names
+        ]
         self.address = ray.get_runtime_context().gcs_address
         self.pids: list[int] | None = None
 
@@ -227,16 +236,19 @@ class RayPool:
                 short = free.get("CPU", 0) < self.cpus or free.get("GPU", 0) < self.gpus
                 if waited > limit:
                     self.close()
-                    raise PlipyError(f"ray: {len(waiting)} of {self.n} workers did not start within {limit:g} s "
-                                     "(placed nowhere, or still loading the model): check `ray status`, or raise "
-                                     "PLIPY_RAY_START_TIMEOUT if loading takes that long")
+                    raise PlipyError(
+                        f"ray: {len(waiting)} of {self.n} workers did not start within {limit:g} s "
+                        "(placed nowhere, or still loading the model): check `ray status`, or raise "
+                        "PLIPY_RAY_START_TIMEOUT if loading takes that long"
+                    )
                 if waited >= grace and short and (unplaced := self._unplaced()):
                     self.close()
                     raise PlipyError(
                         f"ray: {unplaced} of {self.n} workers cannot be placed: each needs {self.cpus} CPU(s)"
                         f"{f' and {self.gpus:g} GPU' if self.gpus else ''}, the cluster has "
                         f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free (another run's pool? "
-                        "plipy.cluster.shutdown() stops this process's); fewer --workers may fit")
+                        "plipy.cluster.shutdown() stops this process's); fewer --workers may fit"
+                    )
             self.pids = ray.get(refs)
         except ray.exceptions.RayActorError as e:
             self.close()
@@ -252,15 +264,22 @@ class RayPool:
 
             table = state.actors()
             ids = {a._actor_id.hex() for a in self.actors}
-            return sum(1 for k, v in table.items() if k in ids and v.get("State") == "PENDING_CREATION"
-                       and not (v.get("Address") or {}).get("Port"))  # fmt: skip
+            return sum(
+                1
+                for k, v in table.items()
+                if k in ids and v.get("State") == "PENDING_CREATION" and not (v.get("Address") or {}).get("Port")
+            )
         except Exception:  # noqa: BLE001 - a private API: never the reason a run fails
             return 0
 
     def describe(self) -> dict[str, Any]:
         """For provenance: where the units ran."""
-        return {"ray": self.ray.__version__, "address": self.address, "workers": self.n,
-                "threads_per_worker": self.threads}  # fmt: skip
+        return {
+            "ray": self.ray.__version__,
+            "address": self.address,
+            "workers": self.n,
+            "threads_per_worker": self.threads,
+        }
 
     def map(self, job: Job, batches: Sequence[list[int]]) -> Iterator[tuple[int, list]]:
         """Every batch of `job` once, spread over the actors; results as they finish (callers restore the order)."""
@@ -371,8 +390,14 @@ def stamp(prov: dict[str, Any], where: dict[str, Any] | None) -> dict[str, Any]:
 
 
 @contextmanager
-def executor(cluster: Cluster | None, lm: Any, load: dict[str, Any] | None, builder: str, args: tuple,
-             local: Callable[[], Callable[[list[int]], list]]) -> Iterator[Execution]:
+def executor(
+    cluster: Cluster | None,
+    lm: Any,
+    load: dict[str, Any] | None,
+    builder: str,
+    args: tuple,
+    local: Callable[[], Callable[[list[int]], list]],
+) -> Iterator[Execution]:
     """The local `compute` (built by `local()`) or, with a `cluster`, the warm pool for the driver's model spec
     (`load`: device and memory map), whose workers build theirs with `builder(worker_lm, *args)`. A failed run
     stops the pool (its actors may be mid-batch); a finished one leaves it warm."""

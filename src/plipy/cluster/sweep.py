@@ -38,10 +38,18 @@ def scan_row(d: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in d["layers"] if r.get("hedges_g") is not None]
     best = max(rows, key=lambda r: abs(r["hedges_g"])) if rows else d["layers"][0]
     ma, mb = best["groups"][ga]["mean"], best["groups"][gb]["mean"]
-    return {"effect": "attention", "max_effect_layer": best["layer"], "depth": _depth(best["layer"], n_layers(d)),
-            "mean_a": ma, "mean_b": mb, "ratio": _ratio(ma, mb), "null_ratio": d.get("null_ratio"),
-            "hedges_g": best.get("hedges_g"), "p_holm": best.get("p_holm"),
-            "best_holm_layer": d["best"]["holm"]["layer"]}  # fmt: skip
+    return {
+        "effect": "attention",
+        "max_effect_layer": best["layer"],
+        "depth": _depth(best["layer"], n_layers(d)),
+        "mean_a": ma,
+        "mean_b": mb,
+        "ratio": _ratio(ma, mb),
+        "null_ratio": d.get("null_ratio"),
+        "hedges_g": best.get("hedges_g"),
+        "p_holm": best.get("p_holm"),
+        "best_holm_layer": d["best"]["holm"]["layer"],
+    }
 
 
 def knockout_row(d: dict[str, Any]) -> dict[str, Any]:
@@ -60,18 +68,30 @@ def knockout_row(d: dict[str, Any]) -> dict[str, Any]:
     ma, mb = mean(best, ga), mean(best, gb)
     null = _ratio(mean(best, f"{ga}_baseline"), mean(best, f"{gb}_baseline"))
     layers = best["layers"]
-    return {"effect": "KL (nats)", "max_effect_layer": best["label"],
-            "depth": _depth(layers[0], n_layers(doc=d)) if len(layers) == 1 else None,
-            "mean_a": ma, "mean_b": mb, "ratio": _ratio(ma, mb), "null_ratio": null,
-            "hedges_g": best.get("hedges_g"), "p_holm": best.get("p_holm"), "best_holm_layer": None}  # fmt: skip
+    return {
+        "effect": "KL (nats)",
+        "max_effect_layer": best["label"],
+        "depth": _depth(layers[0], n_layers(doc=d)) if len(layers) == 1 else None,
+        "mean_a": ma,
+        "mean_b": mb,
+        "ratio": _ratio(ma, mb),
+        "null_ratio": null,
+        "hedges_g": best.get("hedges_g"),
+        "p_holm": best.get("p_holm"),
+        "best_holm_layer": None,
+    }
 
 
 def comparison_row(doc: dict[str, Any], kind: str) -> dict[str, Any]:
     """The comparison row of one model's result document."""
     model = doc["provenance"]["model"]
     row = scan_row(doc) if kind == "scan" else knockout_row(doc)
-    return {"model": model.get("spec") or model.get("name"), "n_layers": n_layers(doc),
-            "compared": "/".join(doc["groups_compared"]), **row}  # fmt: skip
+    return {
+        "model": model.get("spec") or model.get("name"),
+        "n_layers": n_layers(doc),
+        "compared": "/".join(doc["groups_compared"]),
+        **row,
+    }
 
 
 def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -83,21 +103,47 @@ def summary(result: dict[str, Any]) -> list[Any]:
     """The console report: one row per model."""
     rows = result["comparison"]
     unit = rows[0]["effect"] if rows else ""
-    t = Table(title=f"Sweep: {result['experiment']} over {len(rows)} models ({unit}; A/B beside the null A/B)",
-              header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
-    for col in ("model", "layers", "A/B groups", "max effect at", "depth", "mean A", "mean B", "A/B", "null A/B",
-                "g", "p Holm"):
+    t = Table(
+        title=f"Sweep: {result['experiment']} over {len(rows)} models ({unit}; A/B beside the null A/B)",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    for col in (
+        "model",
+        "layers",
+        "A/B groups",
+        "max effect at",
+        "depth",
+        "mean A",
+        "mean B",
+        "A/B",
+        "null A/B",
+        "g",
+        "p Holm",
+    ):
         t.add_column(col, justify="left" if col in ("model", "A/B groups") else "right")
     for r in rows:
-        t.add_row(str(r["model"]), str(r["n_layers"]), r["compared"], str(r["max_effect_layer"]),
-                  "—" if r["depth"] is None else f"{r['depth']:.2f}", fmt_num(r["mean_a"], ".4g"),
-                  fmt_num(r["mean_b"], ".4g"), fmt_num(r["ratio"]) + ("×" if r["ratio"] is not None else ""),
-                  fmt_num(r["null_ratio"]) + ("×" if r["null_ratio"] is not None else ""),
-                  fmt_num(r["hedges_g"]), fmt_p(r["p_holm"]))  # fmt: skip
+        t.add_row(
+            str(r["model"]),
+            str(r["n_layers"]),
+            r["compared"],
+            str(r["max_effect_layer"]),
+            "—" if r["depth"] is None else f"{r['depth']:.2f}",
+            fmt_num(r["mean_a"], ".4g"),
+            fmt_num(r["mean_b"], ".4g"),
+            fmt_num(r["ratio"]) + ("×" if r["ratio"] is not None else ""),
+            fmt_num(r["null_ratio"]) + ("×" if r["null_ratio"] is not None else ""),
+            fmt_num(r["hedges_g"]),
+            fmt_p(r["p_holm"]),
+        )
     out: list[Any] = [t]
     if result["experiment"] == "knockout" and any(r["null_ratio"] is None for r in rows):
-        out.append("null A/B —: no KLs on both _baseline groups (they need --include-baselines and baseline samples "
-                   "with an edge to knock out)")
+        out.append(
+            "null A/B —: no KLs on both _baseline groups (they need --include-baselines and baseline samples "
+            "with an edge to knock out)"
+        )
     out.append("files: " + ", ".join(m["file"] for m in result["models"] if m.get("file")))
     return out
 
@@ -108,10 +154,16 @@ def ratios_figure(result: dict[str, Any]) -> Any:
     rows = result["comparison"]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
     xs = range(len(rows))
-    ax.bar([x - 0.18 for x in xs], [r["ratio"] or float("nan") for r in rows], 0.36, label="A/B at max effect",
-           color="#3b6ea8")  # fmt: skip
-    ax.bar([x + 0.18 for x in xs], [r["null_ratio"] or float("nan") for r in rows], 0.36, label="null A/B",
-           color="#bbbbbb")  # fmt: skip
+    ax.bar(
+        [x - 0.18 for x in xs],
+        [r["ratio"] or float("nan") for r in rows],
+        0.36,
+        label="A/B at max effect",
+        color="#3b6ea8",
+    )
+    ax.bar(
+        [x + 0.18 for x in xs], [r["null_ratio"] or float("nan") for r in rows], 0.36, label="null A/B", color="#bbbbbb"
+    )
     ax.axhline(1.0, color="#444444", lw=0.8, ls=":")
     for x, r in zip(xs, rows, strict=True):
         if r["null_ratio"] is None:
@@ -147,10 +199,13 @@ def build(kind: str, models: list[dict[str, Any]], docs: list[dict[str, Any]], c
     from plipy import provenance
     from plipy.results import SweepResult
 
-    return SweepResult({
-        "provenance": provenance.build(config={"experiment": kind, "models": [m["spec"] for m in models],
-                                               **config}),
-        "experiment": kind,
-        "models": models,
-        "comparison": [comparison_row(d, kind) for d in docs],
-    })  # fmt: skip
+    return SweepResult(
+        {
+            "provenance": provenance.build(
+                config={"experiment": kind, "models": [m["spec"] for m in models], **config}
+            ),
+            "experiment": kind,
+            "models": models,
+            "comparison": [comparison_row(d, kind) for d in docs],
+        }
+    )

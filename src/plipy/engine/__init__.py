@@ -42,8 +42,9 @@ class Engine:
         attn_modules = [arch.attention(i) for i in range(self.n_layers)]
         missing = [i for i, m in enumerate(attn_modules) if getattr(m, "layer_idx", None) != i]
         if missing:
-            raise PlipyError(f"{type(model).__name__}: the attention modules of layers {missing} do not carry "
-                             "their layer index")
+            raise PlipyError(
+                f"{type(model).__name__}: the attention modules of layers {missing} do not carry their layer index"
+            )
         for m in [*attn_modules, *self.layers]:
             m._plipy_owner = id(model)  # a plan only applies to the model it was made for
         for m in attn_modules:

@@ -44,15 +44,51 @@ class Family:
 
 _LLAMA = Family("llama-like")
 FAMILIES: dict[str, Family] = {
-    **{t: Family(t) for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma",
-                              "gemma2", "gemma3_text", "phi3", "starcoder2", "olmo", "olmo2", "smollm3", "granite",
-                              "cohere", "cohere2", "helium", "glm", "exaone4")},
+    **{
+        t: Family(t)
+        for t in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "qwen2_moe",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "starcoder2",
+            "olmo",
+            "olmo2",
+            "smollm3",
+            "granite",
+            "cohere",
+            "cohere2",
+            "helium",
+            "glm",
+            "exaone4",
+        )
+    },
     # multimodal Gemma-3 nests the text stack one level deeper
     "gemma3": Family("gemma3", layers="model.language_model.layers", final_norm="model.language_model.norm"),
-    "gpt2": Family("gpt2", layers="transformer.h", attention="attn", o_proj="c_proj", o_proj_conv1d=True,
-                   final_norm="transformer.ln_f", softmax_upcast=False),
-    "gpt_neox": Family("gpt_neox", layers="gpt_neox.layers", attention="attention", o_proj="dense",
-                       final_norm="gpt_neox.final_layer_norm", unembed="embed_out"),
+    "gpt2": Family(
+        "gpt2",
+        layers="transformer.h",
+        attention="attn",
+        o_proj="c_proj",
+        o_proj_conv1d=True,
+        final_norm="transformer.ln_f",
+        softmax_upcast=False,
+    ),
+    "gpt_neox": Family(
+        "gpt_neox",
+        layers="gpt_neox.layers",
+        attention="attention",
+        o_proj="dense",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="embed_out",
+    ),
     "phi": Family("phi", o_proj="dense", final_norm="model.final_layernorm"),
 }
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -199,8 +235,10 @@ class Arch:
             from transformers.cache_utils import get_layer_types_and_kwargs
 
             types, kwargs = get_layer_types_and_kwargs(self.config)
-            out = [kw.get("sliding_window") if t == "sliding_attention" else None
-                   for t, kw in zip(types, kwargs, strict=False)]  # fmt: skip
+            out = [
+                kw.get("sliding_window") if t == "sliding_attention" else None
+                for t, kw in zip(types, kwargs, strict=False)
+            ]
         except Exception:  # noqa: BLE001 — configs without per-layer information: assume full attention
             out = []
         return (out + [None] * self.n_layers)[: self.n_layers]

@@ -91,8 +91,9 @@ def plipy_attention(
     out = None
     if masked:
         # Many knocked-out rows: SDPA itself with the edges removed from its mask (no T×T fp32 matrices).
-        idle = lambda: sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,  # noqa: E731
-                                              **kwargs)[0]
+        def idle() -> torch.Tensor:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)[0]
+
         out = _masked_sdpa(query, key, value, attention_mask, chunk_edits, offset, scaling, layer, idle)
         if rows is None:
             return out, None
@@ -127,8 +128,14 @@ def _causal_keys(
     return key, value, k_len - q_len  # offset: absolute position of query row 0 (dynamic cache)
 
 
-def _keys_dropped(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any], edits: Any,
-                  rows: torch.Tensor | None, layer: int | None) -> bool:
+def _keys_dropped(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    kwargs: dict[str, Any],
+    edits: Any,
+    rows: torch.Tensor | None,
+    layer: int | None,
+) -> bool:
     """True when a sliding-window cache dropped keys before this call (generate()'s default cache past the
     window) and no edit query or capture row can lie in it; such a call runs as if idle. Position ids never exceed
     the absolute index (left padding only lowers them), so one at or beyond the key count means keys are missing,
@@ -150,9 +157,7 @@ def _keys_dropped(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]
     return True
 
 
-def _capture_rows_in_chunk(
-    plan: ActivePlan, offset: int, q_len: int, device: torch.device
-) -> torch.Tensor | None:
+def _capture_rows_in_chunk(plan: ActivePlan, offset: int, q_len: int, device: torch.device) -> torch.Tensor | None:
     """The plan's capture rows local to this call's query chunk, or None when they are not all in it."""
     cap_rows = plan.rows.to(device) - offset
     if ((cap_rows < 0) | (cap_rows >= q_len)).any():
@@ -235,8 +240,9 @@ class ChunkEdit:
         return b, q, k
 
 
-def _edits_in_chunk(edits: list[LayerEdit], offset: int, q_len: int, batch: int, device: torch.device
-                    ) -> list[ChunkEdit]:
+def _edits_in_chunk(
+    edits: list[LayerEdit], offset: int, q_len: int, batch: int, device: torch.device
+) -> list[ChunkEdit]:
     """The edits whose query lies in this call's query chunk, as local-row tensors on the call's device."""
     out = []
     for e in edits:
@@ -246,8 +252,7 @@ def _edits_in_chunk(edits: list[LayerEdit], offset: int, q_len: int, batch: int,
         b = e.b[inside]
         if (b >= batch).any():
             raise MaskedRowError(f"edge for batch item {int(b.max())}, but the batch has {batch} items")
-        out.append(ChunkEdit(b.to(device), (e.q[inside] - offset).to(device), e.k[inside].to(device), e.heads,
-                             e.bias))
+        out.append(ChunkEdit(b.to(device), (e.q[inside] - offset).to(device), e.k[inside].to(device), e.heads, e.bias))
     return out
 
 
@@ -275,8 +280,9 @@ def _use_masked_sdpa(chunk_edits: list[ChunkEdit]) -> bool:
     return int(torch.unique(torch.cat([e.q for e in chunk_edits])).numel()) >= MASKED_SDPA_MIN_ROWS
 
 
-def _allowed(mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, offset: int, device: torch.device
-             ) -> torch.Tensor:
+def _allowed(
+    mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, offset: int, device: torch.device
+) -> torch.Tensor:
     """The keys each query may see under the model's own mask: `[batch, 1, q_len, k_len]` bool."""
     if mask is None:
         causal = torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
@@ -304,8 +310,10 @@ def _masked_sdpa(query, key, value, mask, chunk_edits, offset, scaling, layer, i
         dead = ~edited[bi, 0, qi].any(-1)
         if dead.any():
             j = int(dead.nonzero()[0, 0])
-            raise MaskedRowError(f"layer {layer}: the intervention removes every key of query row "
-                                 f"{int(qi[j]) + offset} (batch item {int(bi[j])}): softmax over no keys is undefined")
+            raise MaskedRowError(
+                f"layer {layer}: the intervention removes every key of query row "
+                f"{int(qi[j]) + offset} (batch item {int(bi[j])}): softmax over no keys is undefined"
+            )
     rows = torch.unique(torch.cat(rows_all))
     heads = chunk_edits[0].heads
     hs = torch.arange(n_heads, device=query.device) if heads is None else torch.tensor(heads, device=query.device)
@@ -325,8 +333,14 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
-def _check_allowed(allowed: torch.Tensor, bi: torch.Tensor, ri: torch.Tensor, ki: torch.Tensor,
-                   queries: torch.Tensor, layer: int | None) -> None:
+def _check_allowed(
+    allowed: torch.Tensor,
+    bi: torch.Tensor,
+    ri: torch.Tensor,
+    ki: torch.Tensor,
+    queries: torch.Tensor,
+    layer: int | None,
+) -> None:
     """CausalEdgeError unless every edge is a key its query can see under the model's own mask (`allowed`
     `[batch or 1, 1, rows, keys]`, indexed by row `ri`; `queries` are the absolute positions, for the message)."""
     ok = ki < allowed.shape[-1]

@@ -94,8 +94,7 @@ class RunnerStats:
 class ConditionRunner:
     """Evaluates interventions against a cached baseline; `path` is "auto" (fast when safe), "fast" or "naive"."""
 
-    def __init__(self, model: torch.nn.Module, engine: Engine | None = None, path: str = "auto",
-                 max_batch: int = 32):
+    def __init__(self, model: torch.nn.Module, engine: Engine | None = None, path: str = "auto", max_batch: int = 32):
         if path not in ("auto", "fast", "naive"):
             raise PlipyError(f"runner path must be auto, fast or naive, got {path!r}")
         if max_batch < 1:
@@ -141,8 +140,13 @@ class ConditionRunner:
         rows = None if capture is None else [torch.as_tensor(capture.rows).reshape(-1).tolist()]
         return self.baselines([ids], rows=rows, layers=None if capture is None else capture.layers)[0]
 
-    def baselines(self, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]] | None = None,
-                  layers: Any = None, pad_token: int = 0) -> list[Baseline]:
+    def baselines(
+        self,
+        seqs: Sequence[Sequence[int]],
+        rows: Sequence[Sequence[int]] | None = None,
+        layers: Any = None,
+        pad_token: int = 0,
+    ) -> list[Baseline]:
         """Baselines of several sequences from one left-padded forward (`plipy.engine.batch`): each equals its own
         `baseline()` within fp32 rounding (matmuls of another shape may round differently) and is what conditions
         on that sequence reuse. `rows`: per sequence, query rows to capture (at `layers`; None = all)."""
@@ -189,8 +193,16 @@ class ConditionRunner:
         resid = [o.detach() for o in outputs]
         return [self._item(padded, i, out, rec, rows, kv, resid) for i in range(len(seqs))]
 
-    def _item(self, padded: Any, i: int, out: Any, rec: Any, rows: Sequence[Sequence[int]] | None,
-              kv: list | None = None, resid: list | None = None) -> Baseline:
+    def _item(
+        self,
+        padded: Any,
+        i: int,
+        out: Any,
+        rec: Any,
+        rows: Sequence[Sequence[int]] | None,
+        kv: list | None = None,
+        resid: list | None = None,
+    ) -> Baseline:
         """Item i of a batched baseline, its padding cut off: what a forward of the sequence alone gives."""
         pad = padded.pads[i]
         ids = padded.ids[i : i + 1, pad:]
@@ -208,8 +220,9 @@ class ConditionRunner:
 
     # -- conditions ----------------------------------------------------------------------------------------------
 
-    def run(self, base: Baseline, conditions: Sequence[ConditionEdits], capture: Capture | None = None
-            ) -> list[Outcome]:
+    def run(
+        self, base: Baseline, conditions: Sequence[ConditionEdits], capture: Capture | None = None
+    ) -> list[Outcome]:
         """One Outcome per condition (a list of EdgeEdits with `(query, key)` edges on this one sequence).
 
         `capture` (the same one given to `baseline()`): each Outcome's `attn` holds its post-edit rows; rows a
@@ -226,19 +239,26 @@ class ConditionRunner:
         self._run_plans(base, plans, capture, outcomes)
         return outcomes  # type: ignore[return-value]
 
-    def _plan_condition(self, base: Baseline, i: int, edits: ConditionEdits, capture: Capture | None
-                        ) -> _Plan | Outcome:
+    def _plan_condition(
+        self, base: Baseline, i: int, edits: ConditionEdits, capture: Capture | None
+    ) -> _Plan | Outcome:
         """Condition i as a plan to run, or its Outcome already when it needs no forward (identity, masked)."""
         # materialise iterables: the edits are read again when batched
-        edits = [EdgeEdit(list(e.layers), edge_tensor(e.edges), e.scale, None if e.heads is None else list(e.heads))
-                 for e in edits]
+        edits = [
+            EdgeEdit(list(e.layers), edge_tensor(e.edges), e.scale, None if e.heads is None else list(e.heads))
+            for e in edits
+        ]
         try:
             compiled = compile_edits(edits, self.n_layers, self.n_heads)
         except CausalEdgeError as e:
             return Outcome(None, "edge-masked", str(e))
         if not compiled:
-            return Outcome(base.logits, "identity", "no edit left (no edges, no heads or scale 1)",
-                           attn=base.attn if capture is not None else None)
+            return Outcome(
+                base.logits,
+                "identity",
+                "no edit left (no edges, no heads or scale 1)",
+                attn=base.attn if capture is not None else None,
+            )
         first_layer = min(compiled)
         first_query = min(int(le.q.min()) for les in compiled.values() for le in les)
         _check_single_sequence(i, compiled, base.input_ids.shape[1])
@@ -246,16 +266,25 @@ class ConditionRunner:
         if dead is not None:
             return Outcome(None, "row-fully-masked", dead, first_layer, first_query)
         last = base.input_ids.shape[1] - 1
-        if capture is None and first_layer == self.n_layers - 1 and not any(
-                bool((le.q == last).any()) for le in compiled[first_layer]):
+        if (
+            capture is None
+            and first_layer == self.n_layers - 1
+            and not any(bool((le.q == last).any()) for le in compiled[first_layer])
+        ):
             # In the last layer a row feeds only its own position's output, so the last position's logits are the
             # baseline's exactly; a forward would only add rounding noise (~1e-13 nats) as a spurious "effect".
-            return Outcome(base.logits, "identity", "edits only in the last layer and not on the last position's "
-                           "row: the next-token logits cannot change", first_layer, first_query)
+            return Outcome(
+                base.logits,
+                "identity",
+                "edits only in the last layer and not on the last position's row: the next-token logits cannot change",
+                first_layer,
+                first_query,
+            )
         return _Plan(i, edits, first_layer, first_query)
 
-    def _run_plans(self, base: Baseline, plans: list[_Plan], capture: Capture | None,
-                   outcomes: list[Outcome | None]) -> None:
+    def _run_plans(
+        self, base: Baseline, plans: list[_Plan], capture: Capture | None, outcomes: list[Outcome | None]
+    ) -> None:
         """Run the plans, fast (batched by earliest query) where possible, filling in their outcomes."""
         # captured rows before q0 are outside the suffix call: such conditions run in full
         min_row = int(capture_rows(capture).min()) if capture is not None else None
@@ -273,7 +302,7 @@ class ConditionRunner:
                 continue
             group.sort(key=lambda p: p.first_layer)
             for start in range(0, len(group), self.max_batch):
-                chunk = group[start:start + self.max_batch]
+                chunk = group[start : start + self.max_batch]
                 for p, o in zip(chunk, self._fast_safe(base, chunk, q0, capture), strict=True):
                     outcomes[p.index] = o
 
@@ -291,8 +320,7 @@ class ConditionRunner:
         attn = _item_attn(rec, 0) if capture is not None else None
         return Outcome(self._last(out), "ok", None, p.first_layer, p.first_query, attn)
 
-    def _fast_safe(self, base: Baseline, chunk: list[_Plan], q0: int, capture: Capture | None = None
-                   ) -> list[Outcome]:
+    def _fast_safe(self, base: Baseline, chunk: list[_Plan], q0: int, capture: Capture | None = None) -> list[Outcome]:
         try:
             logits, attn = self._fast(base, chunk, q0, capture)
         except (MaskedRowError, CausalEdgeError) as e:
@@ -303,11 +331,14 @@ class ConditionRunner:
             # one item's problem must not sink the batch: run each alone
             self.stats.fallbacks += 1
             return [o for p in chunk for o in self._fast_safe(base, [p], q0, capture)]
-        return [Outcome(lg, "ok", None, p.first_layer, p.first_query, at)
-                for p, lg, at in zip(chunk, logits, attn, strict=True)]
+        return [
+            Outcome(lg, "ok", None, p.first_layer, p.first_query, at)
+            for p, lg, at in zip(chunk, logits, attn, strict=True)
+        ]
 
-    def _fast(self, base: Baseline, chunk: list[_Plan], q0: int, capture: Capture | None = None
-              ) -> tuple[list[torch.Tensor], list[dict[int, torch.Tensor] | None]]:
+    def _fast(
+        self, base: Baseline, chunk: list[_Plan], q0: int, capture: Capture | None = None
+    ) -> tuple[list[torch.Tensor], list[dict[int, torch.Tensor] | None]]:
         """One batched suffix forward for conditions sharing their earliest query q0 (sorted by first layer)."""
         from transformers import DynamicCache
 
@@ -330,8 +361,11 @@ class ConditionRunner:
                     for (k, v), n in zip(base.kv, active, strict=True)
                 ]
             )
-        with (torch.inference_mode(), self._staircase(base, q0, active, n_items),
-              self.engine.run(capture=capture, edits=edits) as rec):
+        with (
+            torch.inference_mode(),
+            self._staircase(base, q0, active, n_items),
+            self.engine.run(capture=capture, edits=edits) as rec,
+        ):
             out = self.model(suffix, **{self._cache_arg: cache}, use_cache=cache is not None, **self._keep)
         self.stats.calls += 1
         self.stats.layer_tokens += sum(active) * suffix.shape[1]
@@ -379,8 +413,10 @@ def _check_single_sequence(i: int, compiled: dict[int, list[LayerEdit]], seq: in
             if bad.any():
                 j = int(bad.nonzero()[0, 0])
                 b, q, k = int(le.b[j]), int(le.q[j]), int(le.k[j])
-                raise PlipyError(f"condition {i}: edge ({b}, {q}, {k}) names batch item {b}; "
-                                 "the runner runs one sequence, give (query, key) edges")
+                raise PlipyError(
+                    f"condition {i}: edge ({b}, {q}, {k}) names batch item {b}; "
+                    "the runner runs one sequence, give (query, key) edges"
+                )
             if int(le.q.max()) >= seq:
                 raise PlipyError(f"condition {i}: edge query {int(le.q.max())} is past the sequence ({seq} tokens)")
 
@@ -445,8 +481,10 @@ def dead_row(compiled: dict[int, list[LayerEdit]]) -> str | None:
             for h in [h for h in per_head if h is not None] or [None]:
                 if len(common | per_head.get(h, set())) >= q + 1:
                     head = "every head" if h is None else f"head {h}"
-                    return (f"layer {layer}: the knockout removes every key of query row {q} ({head}): "
-                            "softmax over no keys is undefined")
+                    return (
+                        f"layer {layer}: the knockout removes every key of query row {q} ({head}): "
+                        "softmax over no keys is undefined"
+                    )
     return None
 
 
@@ -489,11 +527,14 @@ def fast_path_blockers(model: torch.nn.Module) -> list[str]:
     # A sliding-window layer is run with a full cache instead (`full_cache`): the window is the mask's job (built
     # from the config), so keeping every position changes nothing but memory. Chunked, shared-KV, linear-attention
     # or quantized layers keep state a full cache cannot stand in for.
-    odd = sorted({type(layer).__name__ for layer in cache.layers
-                  if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})  # fmt: skip
+    odd = sorted(
+        {type(layer).__name__ for layer in cache.layers if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)}
+    )
     if odd:
-        reasons.append(f"cache layers of type {', '.join(odd)} (chunked / shared KV / linear attention) cannot be "
-                       "sliced to a prefix safely")
+        reasons.append(
+            f"cache layers of type {', '.join(odd)} (chunked / shared KV / linear attention) cannot be "
+            "sliced to a prefix safely"
+        )
     return reasons
 
 

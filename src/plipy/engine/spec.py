@@ -113,8 +113,10 @@ class LayerEdit:
     @property
     def edges(self) -> list[tuple[int | None, int, int]]:
         """The edges as (batch or None, query, key) tuples."""
-        return [(None if b < 0 else b, q, k) for b, q, k in zip(self.b.tolist(), self.q.tolist(), self.k.tolist(),
-                                                                 strict=True)]
+        return [
+            (None if b < 0 else b, q, k)
+            for b, q, k in zip(self.b.tolist(), self.q.tolist(), self.k.tolist(), strict=True)
+        ]
 
 
 def edge_tensor(edges: Sequence[Edge] | torch.Tensor) -> torch.Tensor:

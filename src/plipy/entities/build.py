@@ -22,15 +22,41 @@ ENTITY_TYPES: tuple[str, ...] = ("player", "movie", "city", "song")
 
 # Raw field → attribute name, so that f"{type}_{attribute}" equals upstream's prompt_type names.
 RAW_FIELDS: dict[str, tuple[str, dict[str, str]]] = {
-    "player": ("humanLabel", {"placebirthLabel": "place_birth", "datebirthyearLabel": "date_birth",
-                              "teamslist": "teams_list", "recent_mass": "weight", "recent_height": "height"}),
-    "movie": ("filmLabel", {"directors": "directors", "cast_list": "cast", "screenwriters": "screenwriters",
-                            "genres": "genres", "release_year": "release_year", "durations": "durations"}),
-    "city": ("cityLabel", {"countryLabel": "country", "loc": "location", "recent_population": "population",
-                           "above_sea_meters": "elevation"}),
-    "song": ("songLabel", {"albumLabel": "album", "publicationYear": "publication_year", "genres": "genres",
-                           "performers": "performers"}),
-}  # fmt: skip
+    "player": (
+        "humanLabel",
+        {
+            "placebirthLabel": "place_birth",
+            "datebirthyearLabel": "date_birth",
+            "teamslist": "teams_list",
+            "recent_mass": "weight",
+            "recent_height": "height",
+        },
+    ),
+    "movie": (
+        "filmLabel",
+        {
+            "directors": "directors",
+            "cast_list": "cast",
+            "screenwriters": "screenwriters",
+            "genres": "genres",
+            "release_year": "release_year",
+            "durations": "durations",
+        },
+    ),
+    "city": (
+        "cityLabel",
+        {
+            "countryLabel": "country",
+            "loc": "location",
+            "recent_population": "population",
+            "above_sea_meters": "elevation",
+        },
+    ),
+    "song": (
+        "songLabel",
+        {"albumLabel": "album", "publicationYear": "publication_year", "genres": "genres", "performers": "performers"},
+    ),
+}
 
 UPSTREAM_COUNTS = {"player": 7487, "movie": 10895, "city": 7904, "song": 8448}
 
@@ -70,8 +96,9 @@ def build_type(raw_dir: str | os.PathLike, entity_type: str) -> list[dict[str, A
         label = r.get(label_key)
         if label is None or counts[label] != 1 or any(k not in r for k in fields):
             continue
-        out.append({"entity": label, "entity_type": entity_type,
-                    "attributes": {name: r[k] for k, name in fields.items()}})  # fmt: skip
+        out.append(
+            {"entity": label, "entity_type": entity_type, "attributes": {name: r[k] for k, name in fields.items()}}
+        )
     return out
 
 

@@ -62,8 +62,14 @@ def generate(
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     per_batch = max(1, batch_size)
-    cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)  # fmt: skip
+    cfg = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     old_side = tok.padding_side
     tok.padding_side = "left"  # decoder-only batches must end at the same position
     results: list[dict[str, Any]] = []
@@ -76,8 +82,13 @@ def generate(
             if share_prefill and ids.shape[1] > 1:  # a 1-token batch has nothing to prefill
                 ids, mask, cache = _shared_prefill(lm, chunk, k + 1)
             with torch.inference_mode():
-                out = lm.model.generate(input_ids=ids, attention_mask=mask, **_cache_kw(lm.model, cache),
-                                        generation_config=cfg, logits_processor=LogitsProcessorList([sampler]))
+                out = lm.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    **_cache_kw(lm.model, cache),
+                    generation_config=cfg,
+                    logits_processor=LogitsProcessorList([sampler]),
+                )
             texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             for i in range(len(chunk)):
                 block = texts[i * (k + 1) : (i + 1) * (k + 1)]
@@ -103,8 +114,14 @@ def _shared_prefill(lm: Any, prompts: list[str], copies: int) -> tuple[torch.Ten
     pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     cache = DynamicCache(config=lm.model.config)
     with torch.inference_mode():
-        lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                 **_cache_kw(lm.model, cache), use_cache=True, logits_to_keep=1)  # fmt: skip
+        lm.model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=pos[:, :-1],
+            **_cache_kw(lm.model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
     cache.batch_repeat_interleave(copies)
     return ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0), cache
 

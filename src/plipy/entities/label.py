@@ -58,8 +58,11 @@ def three_way_split(items: Sequence[Any], seed: int = 42) -> dict[str, list[Any]
     tr, rest = split_indices(len(items), 0.5, seed)
     rest_items = [items[i] for i in rest]
     va, te = split_indices(len(rest_items), 0.8, seed)
-    return {"train": [items[i] for i in tr], "validation": [rest_items[i] for i in va],
-            "test": [rest_items[i] for i in te]}  # fmt: skip
+    return {
+        "train": [items[i] for i in tr],
+        "validation": [rest_items[i] for i in va],
+        "test": [rest_items[i] for i in te],
+    }
 
 
 def balanced_test(known_test: Sequence[str], unknown_test: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -97,11 +100,12 @@ def assign_labels(records: list[dict[str, Any]], seed: int = 42) -> tuple[dict, 
         bk, bu = balanced_test(tests["known"], tests["unknown"])
         balanced[t] = bk + bu
         summary[t] = {
-            "n": len(rows), **{lab: len(groups[lab]) for lab in LABELS},
+            "n": len(rows),
+            **{lab: len(groups[lab]) for lab in LABELS},
             "test": {lab: len(tests[lab]) for lab in ("known", "unknown")},
             "test_balanced_per_label": len(bk),
             "attributes_known": {a: sum(a in r["known_attributes"] for r in rows) for a in QUERIED_ATTRIBUTES[t]},
-        }  # fmt: skip
+        }
     return summary, balanced
 
 
@@ -117,8 +121,11 @@ def _data_sha() -> str:
 
 def _model_key(lm: Any) -> dict[str, Any]:
     prov = getattr(lm, "provenance", {}) or {}
-    return {"weights_sha256": prov.get("weights_sha256"), "spec": prov.get("spec") or getattr(lm, "spec", None),
-            "dtype": prov.get("dtype") or str(getattr(lm.model, "dtype", ""))}  # fmt: skip
+    return {
+        "weights_sha256": prov.get("weights_sha256"),
+        "spec": prov.get("spec") or getattr(lm, "spec", None),
+        "dtype": prov.get("dtype") or str(getattr(lm.model, "dtype", "")),
+    }
 
 
 def _key(obj: Any) -> str:
@@ -165,11 +172,26 @@ def label_entities(
         raise PlipyError("k, max_new_tokens and batch_size must be at least 1")
     ents = load_entities(chosen, limit)
     threshold = known_threshold(k)
-    gen_cfg = {"k": k, "seed": seed, "max_new_tokens": max_new_tokens, "temperature": 1.0, "top_k": None,
-               "top_p": None, "sampling": "per-row seeded inverse-CDF (plipy.entities.generate)"}  # fmt: skip
-    config = {"types": list(chosen), "limit": limit, **gen_cfg, "batch_size": batch_size,
-              "known_threshold": threshold, "min_known_attributes": MIN_KNOWN_ATTRIBUTES, "split_seed": 42,
-              "data_sha256": _data_sha(), "format": FORMAT}  # fmt: skip
+    gen_cfg = {
+        "k": k,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "temperature": 1.0,
+        "top_k": None,
+        "top_p": None,
+        "sampling": "per-row seeded inverse-CDF (plipy.entities.generate)",
+    }
+    config = {
+        "types": list(chosen),
+        "limit": limit,
+        **gen_cfg,
+        "batch_size": batch_size,
+        "known_threshold": threshold,
+        "min_known_attributes": MIN_KNOWN_ATTRIBUTES,
+        "split_seed": 42,
+        "data_sha256": _data_sha(),
+        "format": FORMAT,
+    }
     mkey = _model_key(lm)
     cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     doc_path = cdir / f"labels-{_key([mkey, config])}.json"
@@ -186,10 +208,19 @@ def label_entities(
     n_generated = sum(map(len, shards))
     step = progress("generate", n_generated) if progress and shards else (lambda: None)
     gen_args = (k, seed, max_new_tokens, batch_size)
-    with cp.executor(cluster, lm, load, f"{__name__}:shard_units", (shards, *gen_args),
-                     lambda: _shard_compute(lm, shards, *gen_args, step)) as ex:  # fmt: skip
-        done = (ex.map([[i] for i in range(len(shards))]) if ex.pool is not None
-                else ((i, ex.compute([i])) for i in range(len(shards))))  # fmt: skip
+    with cp.executor(
+        cluster,
+        lm,
+        load,
+        f"{__name__}:shard_units",
+        (shards, *gen_args),
+        lambda: _shard_compute(lm, shards, *gen_args, step),
+    ) as ex:
+        done = (
+            ex.map([[i] for i in range(len(shards))])
+            if ex.pool is not None
+            else ((i, ex.compute([i])) for i in range(len(shards)))
+        )
         for i, out in done:
             gens.update(zip(shards[i], out[0][0], strict=True))
             if ex.pool is not None:
@@ -206,13 +237,25 @@ def label_entities(
                 g = gens[q.prompt]
                 labels = [grade(q.prompt_type, s, q.answer) for s in g["samples"]]
                 n_ok = labels.count("correct")
-                attrs[q.attribute] = {"value": q.answer, "greedy": g["greedy"],
-                                      "greedy_label": grade(q.prompt_type, g["greedy"], q.answer),
-                                      "correct_samples": n_ok, "known": n_ok >= threshold,
-                                      "samples": g["samples"], "sample_labels": labels}  # fmt: skip
-            records.append({"entity": e["entity"], "entity_type": t, "label": None, "split": None,
-                            "known_attributes": [a for a, v in attrs.items() if v["known"]],
-                            "attributes": attrs})  # fmt: skip
+                attrs[q.attribute] = {
+                    "value": q.answer,
+                    "greedy": g["greedy"],
+                    "greedy_label": grade(q.prompt_type, g["greedy"], q.answer),
+                    "correct_samples": n_ok,
+                    "known": n_ok >= threshold,
+                    "samples": g["samples"],
+                    "sample_labels": labels,
+                }
+            records.append(
+                {
+                    "entity": e["entity"],
+                    "entity_type": t,
+                    "label": None,
+                    "split": None,
+                    "known_attributes": [a for a, v in attrs.items() if v["known"]],
+                    "attributes": attrs,
+                }
+            )
     summary, balanced = assign_labels(records, seed=42)
     doc = {
         "format": FORMAT,
@@ -222,8 +265,12 @@ def label_entities(
         "notes": _notes(summary, k, threshold),
         "entities": records,
         "test_balanced": balanced,
-        "cache": {"hit": False, "path": str(doc_path), "generated_queries": n_generated,
-                  "generation_seconds": round(time.time() - t0, 1)},  # fmt: skip
+        "cache": {
+            "hit": False,
+            "path": str(doc_path),
+            "generated_queries": n_generated,
+            "generation_seconds": round(time.time() - t0, 1),
+        },
     }
     if use_cache:
         write_json(doc_path, doc)
@@ -242,31 +289,51 @@ def _shards(chosen: Sequence[str], ents: dict[str, list], gens: dict[str, Any], 
     return shards
 
 
-def _shard_compute(lm: Any, shards: list[list[str]], k: int, seed: int, max_new_tokens: int, batch_size: int,
-                   step: Callable[[], None] | None = None) -> Callable[[list[int]], list]:
+def _shard_compute(
+    lm: Any,
+    shards: list[list[str]],
+    k: int,
+    seed: int,
+    max_new_tokens: int,
+    batch_size: int,
+    step: Callable[[], None] | None = None,
+) -> Callable[[list[int]], list]:
     from plipy.entities.generate import generate
 
     cb = (lambda n: [step() for _ in range(n)]) if step else None
-    return lambda b: [(generate(lm, shards[b[0]], k=k, seed=seed, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, progress=cb), None)]  # fmt: skip
+    return lambda b: [
+        (
+            generate(
+                lm, shards[b[0]], k=k, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=cb
+            ),
+            None,
+        )
+    ]
 
 
-def shard_units(lm: Any, shards: list[list[str]], k: int, seed: int, max_new_tokens: int, batch_size: int
-                ) -> Callable[[list[int]], list]:
+def shard_units(
+    lm: Any, shards: list[list[str]], k: int, seed: int, max_new_tokens: int, batch_size: int
+) -> Callable[[list[int]], list]:
     """A Ray worker's `compute([shard])` (`plipy.cluster`): the local path's own generation on its model."""
     return _shard_compute(lm, shards, k, seed, max_new_tokens, batch_size)
 
 
 def _notes(summary: dict[str, Any], k: int, threshold: int) -> list[str]:
     """Plain statements for the reader: how many entities the model knows, and groups too small to test."""
-    notes = [f"attribute known = at least {threshold} of {k} samples correct; entity known = at least "
-             f"{MIN_KNOWN_ATTRIBUTES} known attributes, unknown = none, otherwise dropped"]  # fmt: skip
+    notes = [
+        f"attribute known = at least {threshold} of {k} samples correct; entity known = at least "
+        f"{MIN_KNOWN_ATTRIBUTES} known attributes, unknown = none, otherwise dropped"
+    ]
     for t, s in summary.items():
-        notes.append(f"{t}: the model knows {s['known']} of {s['n']} entities ({s['unknown']} unknown, "
-                     f"{s['dropped']} dropped); balanced test set: {s['test_balanced_per_label']} per label")
+        notes.append(
+            f"{t}: the model knows {s['known']} of {s['n']} entities ({s['unknown']} unknown, "
+            f"{s['dropped']} dropped); balanced test set: {s['test_balanced_per_label']} per label"
+        )
         if s["test_balanced_per_label"] < 2:
-            notes.append(f"{t}: balanced test group too small ({s['test_balanced_per_label']} per label) for a "
-                         "known-vs-unknown test; report counts, not p-values")  # fmt: skip
+            notes.append(
+                f"{t}: balanced test group too small ({s['test_balanced_per_label']} per label) for a "
+                "known-vs-unknown test; report counts, not p-values"
+            )
     return notes
 
 

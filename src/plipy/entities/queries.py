@@ -14,38 +14,66 @@ from plipy.errors import PlipyError
 
 # (question, answer prefix) per prompt type, verbatim from create_wikidata_entity_queries.py WIKIDATA_QUERIES_BASE.
 QUERY_TEMPLATES: dict[str, tuple[str, str]] = {
-    "player_place_birth": ("What is the place of birth for the player '{entity}'?",
-                           "The city of birth for the player '{entity}' is"),
-    "player_date_birth": ("What is the year of birth for the player '{entity}'?",
-                          "The year of birth for the player '{entity}' is"),
-    "player_teams_list": ("What team (name at least one) signed the player '{entity}'?",
-                          "The team that signed the player '{entity}' is"),
+    "player_place_birth": (
+        "What is the place of birth for the player '{entity}'?",
+        "The city of birth for the player '{entity}' is",
+    ),
+    "player_date_birth": (
+        "What is the year of birth for the player '{entity}'?",
+        "The year of birth for the player '{entity}' is",
+    ),
+    "player_teams_list": (
+        "What team (name at least one) signed the player '{entity}'?",
+        "The team that signed the player '{entity}' is",
+    ),
     "movie_directors": ("Who is the director of the movie '{entity}'?", "The director of the movie '{entity}' is"),
-    "movie_cast": ("What is the name of an actor starring in the movie '{entity}'?",
-                   "The actor starring in the movie '{entity}' is"),
-    "movie_screenwriters": ("Who is the screenwriter of the movie '{entity}'?",
-                            "The screenwriter of the movie '{entity}' is"),
-    "movie_genres": ("What genre label best describes the movie '{entity}'?",
-                     "The genre label that best describes the movie '{entity}' is"),
-    "movie_release_year": ("What was the release year for the movie '{entity}'?",
-                           "The release year for the movie '{entity}' is"),
-    "movie_durations": ("What is the duration, in minutes, of the movie '{entity}'?",
-                        "The duration of the movie '{entity}' is"),
-    "city_country": ("What country contains the city of '{entity}'?",
-                     "The country that contains the city '{entity}' is"),
-    "city_location": ("What geographic coordinates correspond to the city of '{entity}'?",
-                      "The geographic coordinates that correspond to the city '{entity}' are"),
-    "city_population": ("How large, in number, is the population of the city '{entity}'?",
-                        "The population of the city '{entity}' is"),
-    "city_elevation": ("What is the altitude, in meters, of the city '{entity}'?",
-                       "The altitude of the city '{entity}' is"),
+    "movie_cast": (
+        "What is the name of an actor starring in the movie '{entity}'?",
+        "The actor starring in the movie '{entity}' is",
+    ),
+    "movie_screenwriters": (
+        "Who is the screenwriter of the movie '{entity}'?",
+        "The screenwriter of the movie '{entity}' is",
+    ),
+    "movie_genres": (
+        "What genre label best describes the movie '{entity}'?",
+        "The genre label that best describes the movie '{entity}' is",
+    ),
+    "movie_release_year": (
+        "What was the release year for the movie '{entity}'?",
+        "The release year for the movie '{entity}' is",
+    ),
+    "movie_durations": (
+        "What is the duration, in minutes, of the movie '{entity}'?",
+        "The duration of the movie '{entity}' is",
+    ),
+    "city_country": (
+        "What country contains the city of '{entity}'?",
+        "The country that contains the city '{entity}' is",
+    ),
+    "city_location": (
+        "What geographic coordinates correspond to the city of '{entity}'?",
+        "The geographic coordinates that correspond to the city '{entity}' are",
+    ),
+    "city_population": (
+        "How large, in number, is the population of the city '{entity}'?",
+        "The population of the city '{entity}' is",
+    ),
+    "city_elevation": (
+        "What is the altitude, in meters, of the city '{entity}'?",
+        "The altitude of the city '{entity}' is",
+    ),
     "song_album": ("What is the album of the song '{entity}'?", "The album of the song '{entity}' is"),
-    "song_publication_year": ("What is the publication year of the song '{entity}'?",
-                              "The publication year for the song '{entity}' is"),
-    "song_genres": ("What is the genre of the song '{entity}'?",
-                    "The genre label that best describes the song '{entity}' is"),
+    "song_publication_year": (
+        "What is the publication year of the song '{entity}'?",
+        "The publication year for the song '{entity}' is",
+    ),
+    "song_genres": (
+        "What is the genre of the song '{entity}'?",
+        "The genre label that best describes the song '{entity}' is",
+    ),
     "song_performers": ("Who is the performer of the song '{entity}'?", "The performer of the song '{entity}' is"),
-}  # fmt: skip
+}
 
 # Queried attributes per type, in upstream's `prompt_types_to_include` order.
 QUERIED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -77,8 +105,10 @@ RELATIONS: dict[str, str] = {
     "song_performers": "is sung by",
     "song_publication_year": "was released in",
 }
-UPSTREAM_SWAPPED_RELATIONS = {"player_date_birth": "was born in the city of",
-                              "player_place_birth": "was born in the year"}  # fmt: skip
+UPSTREAM_SWAPPED_RELATIONS = {
+    "player_date_birth": "was born in the city of",
+    "player_place_birth": "was born in the year",
+}
 
 
 @dataclass(frozen=True)
@@ -116,8 +146,15 @@ def make_queries(entity: dict[str, Any]) -> list[Query]:
     for attr in QUERIED_ATTRIBUTES[etype]:
         if attr not in entity["attributes"]:
             raise PlipyError(f"{etype} {entity['entity']!r} lacks attribute {attr!r}")
-        out.append(Query(entity["entity"], etype, attr, query_prompt(entity["entity"], etype, attr),
-                         str(entity["attributes"][attr])))  # fmt: skip
+        out.append(
+            Query(
+                entity["entity"],
+                etype,
+                attr,
+                query_prompt(entity["entity"], etype, attr),
+                str(entity["attributes"][attr]),
+            )
+        )
     return out
 
 
@@ -131,6 +168,14 @@ def relation_prompts(entity: dict[str, Any]) -> list[dict[str, str]]:
         if rel is None:
             continue
         answer = " " + str(entity["attributes"][attr]).split(",")[-1].strip()
-        out.append({"prompt": f"The {etype} {name} {rel}", "entity": name, "entity_type": etype,
-                    "attribute": attr, "relation": rel, "answer": answer})  # fmt: skip
+        out.append(
+            {
+                "prompt": f"The {etype} {name} {rel}",
+                "entity": name,
+                "entity_type": etype,
+                "attribute": attr,
+                "relation": rel,
+                "answer": answer,
+            }
+        )
     return out

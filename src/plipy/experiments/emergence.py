@@ -103,12 +103,21 @@ def vocab_texts(tokenizer: Any, n: int) -> list[str]:
 
 
 def _expected_record(s: str, matches: list[int]) -> dict[str, Any]:
-    return {"string": s, "n_vocab_matches": len(matches), "ranks": [], "probs": [], "masses": [],
-            "best_ids": [], "first_layer_in_top_k": None, "at_first_layer": None}
+    return {
+        "string": s,
+        "n_vocab_matches": len(matches),
+        "ranks": [],
+        "probs": [],
+        "masses": [],
+        "best_ids": [],
+        "first_layer_in_top_k": None,
+        "at_first_layer": None,
+    }
 
 
-def measure_prompt(lm: Any, engine: Engine, item: dict[str, Any], texts: list[str], layers: list[int],
-                   config: EmergenceConfig) -> dict[str, Any]:
+def measure_prompt(
+    lm: Any, engine: Engine, item: dict[str, Any], texts: list[str], layers: list[int], config: EmergenceConfig
+) -> dict[str, Any]:
     """One prompt: per expected string and layer, the best-ranked matching token, its probability, the matches'
     total probability; the first layer where a match is in the top-k."""
     ids = encode(lm.tokenizer, item["prompt"], config.bos)
@@ -133,8 +142,12 @@ def measure_prompt(lm: Any, engine: Engine, item: dict[str, Any], texts: list[st
             rec["best_ids"].append(best)
             if rec["first_layer_in_top_k"] is None and rank <= config.top_k:
                 rec["first_layer_in_top_k"] = layer
-                rec["at_first_layer"] = {"id": best, "token": _decode(lm.tokenizer, best), "prob": float(probs[best]),
-                                         "rank": rank}
+                rec["at_first_layer"] = {
+                    "id": best,
+                    "token": _decode(lm.tokenizer, best),
+                    "prob": float(probs[best]),
+                    "rank": rank,
+                }
     for rec in expected:
         if not rec["n_vocab_matches"]:
             rec["note"] = "no vocabulary entry contains this string"
@@ -143,14 +156,26 @@ def measure_prompt(lm: Any, engine: Engine, item: dict[str, Any], texts: list[st
     p_own = torch.softmax(own, -1)
     top = own.topk(min(FINAL_TOP, own.numel())).indices.tolist()
     firsts = [r["first_layer_in_top_k"] for r in expected if r["first_layer_in_top_k"] is not None]
-    return {"id": item["id"], "language": item["language"], "prompt": item["prompt"], "n_tokens": len(ids),
-            "expected": expected, "earliest_layer": min(firsts) if firsts else None,
-            "final_top": [{"id": t, "token": _decode(lm.tokenizer, t), "prob": float(p_own[t])} for t in top],
-            "check": lp.check}  # fmt: skip
+    return {
+        "id": item["id"],
+        "language": item["language"],
+        "prompt": item["prompt"],
+        "n_tokens": len(ids),
+        "expected": expected,
+        "earliest_layer": min(firsts) if firsts else None,
+        "final_top": [{"id": t, "token": _decode(lm.tokenizer, t), "prob": float(p_own[t])} for t in top],
+        "check": lp.check,
+    }
 
 
-def run_emergence(lm: Any, prompts: list[dict[str, Any]], config: EmergenceConfig, *, source: str = "",
-                  progress: Callable[[str, int], Callable[[], None]] | None = None) -> EmergenceResult:
+def run_emergence(
+    lm: Any,
+    prompts: list[dict[str, Any]],
+    config: EmergenceConfig,
+    *,
+    source: str = "",
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> EmergenceResult:
     """Every prompt through the lens; per expected string, the first layer where a matching token is in the top-k."""
     from plipy.options import check_positive, parse_layers
 
@@ -164,14 +189,21 @@ def run_emergence(lm: Any, prompts: list[dict[str, Any]], config: EmergenceConfi
     for item in prompts:
         rows.append(measure_prompt(lm, engine, item, texts, layers, config))
         step()
-    settings = {"command": "lens emergence", "prompts": source, "top_k": config.top_k, "layers": layers,
-                "bos": config.bos, "match": "a vocabulary entry whose decoded text contains the expected string",
-                "rank": "of the best-ranked match: 1 + entries with a strictly larger float32 logit",
-                **config.extra}  # fmt: skip
+    settings = {
+        "command": "lens emergence",
+        "prompts": source,
+        "top_k": config.top_k,
+        "layers": layers,
+        "bos": config.bos,
+        "match": "a vocabulary entry whose decoded text contains the expected string",
+        "rank": "of the best-ranked match: 1 + entries with a strictly larger float32 logit",
+        **config.extra,
+    }
     prov = provenance.build(model=lm, config=settings)
     prov["timing"] = {"seconds": time.perf_counter() - t0}
-    return EmergenceResult({"provenance": prov, "top_k": config.top_k, "n_layers": lm.n_layers,
-                            "layers_shown": layers, "prompts": rows})
+    return EmergenceResult(
+        {"provenance": prov, "top_k": config.top_k, "n_layers": lm.n_layers, "layers_shown": layers, "prompts": rows}
+    )
 
 
 def emergence_rows(result: dict) -> list[dict[str, Any]]:
@@ -181,7 +213,17 @@ def emergence_rows(result: dict) -> list[dict[str, Any]]:
     for p in result["prompts"]:
         for e in p["expected"]:
             for i, layer in enumerate(result["layers_shown"] if e["ranks"] else []):
-                rows.append({"prompt": p["id"], "language": p["language"], "expected": e["string"], "layer": layer,
-                             "rank": e["ranks"][i], "best_token": e["best_tokens"][i], "prob": e["probs"][i],
-                             "mass": e["masses"][i], "in_top_k": e["ranks"][i] <= k})  # fmt: skip
+                rows.append(
+                    {
+                        "prompt": p["id"],
+                        "language": p["language"],
+                        "expected": e["string"],
+                        "layer": layer,
+                        "rank": e["ranks"][i],
+                        "best_token": e["best_tokens"][i],
+                        "prob": e["probs"][i],
+                        "mass": e["masses"][i],
+                        "in_top_k": e["ranks"][i] <= k,
+                    }
+                )
     return rows

@@ -205,8 +205,9 @@ def _check_config(config: KnockoutConfig, n_layers: int, n_heads: int) -> list[i
     return heads
 
 
-def prepare_samples(lm: Any, corpus: Corpus, config: KnockoutConfig, groups: list[str], pair: tuple[str, str],
-                    heads: list[int] | None) -> tuple[list[dict[str, Any]], list[SamplePositions]]:
+def prepare_samples(
+    lm: Any, corpus: Corpus, config: KnockoutConfig, groups: list[str], pair: tuple[str, str], heads: list[int] | None
+) -> tuple[list[dict[str, Any]], list[SamplePositions]]:
     """Sample records with their edge sets and statuses; refuses a run that could give no statistics."""
     samples: list[dict[str, Any]] = []
     positions: list[SamplePositions] = []
@@ -226,19 +227,29 @@ def prepare_samples(lm: Any, corpus: Corpus, config: KnockoutConfig, groups: lis
         raise PlipyError(f"no usable sample for {config.edges} knockout: " + "; ".join(reasons))
     for g in pair:
         if sum(1 for s in usable if s["group"] == g) < 2:
-            raise PlipyError(f"group {g!r} has fewer than 2 usable samples for {config.edges} knockout: "
-                             "no statistics possible")
+            raise PlipyError(
+                f"group {g!r} has fewer than 2 usable samples for {config.edges} knockout: no statistics possible"
+            )
     return samples, positions
 
 
 def status_rows(rec: dict[str, Any], config: KnockoutConfig) -> list[dict[str, Any]]:
     """The rows of a sample that cannot run: its status under every condition."""
-    return [{"id": rec["id"], "group": rec["group"], "kl": None, "status": rec["status"], "note": rec.get("note")}
-            for _ in config.conditions]
+    return [
+        {"id": rec["id"], "group": rec["group"], "kl": None, "status": rec["status"], "note": rec.get("note")}
+        for _ in config.conditions
+    ]
 
 
-def run_sample(lm: Any, runner: ConditionRunner, rec: dict[str, Any], base: Baseline, config: KnockoutConfig,
-               heads: list[int] | None, windows: list[int | None]) -> list[dict[str, Any]]:
+def run_sample(
+    lm: Any,
+    runner: ConditionRunner,
+    rec: dict[str, Any],
+    base: Baseline,
+    config: KnockoutConfig,
+    heads: list[int] | None,
+    windows: list[int | None],
+) -> list[dict[str, Any]]:
     """One sample under every condition, from its baseline: one measure row per condition (or a status row)."""
     edges = [tuple(e) for e in rec["edges"]]
     conds = [condition_edits(edges, c.layers, heads, windows) for c in config.conditions]
@@ -251,8 +262,11 @@ def run_sample(lm: Any, runner: ConditionRunner, rec: dict[str, Any], base: Base
             row.update(status="ok", **measures.compare_logits(base.logits, out.logits, lm.tokenizer, config.top_k))
             if out.status == "identity":
                 # a planned condition (first_layer set) the logits cannot see, or one with nothing left to edit
-                why = out.note if out.first_layer is not None else \
-                    "nothing left to knock out (no heads, or edges outside a window)"
+                why = (
+                    out.note
+                    if out.first_layer is not None
+                    else "nothing left to knock out (no heads, or edges outside a window)"
+                )
                 row["note"] = "identity: " + why
         rows.append(row)
     return rows
@@ -265,18 +279,29 @@ def _batches(indices: list[int], positions: list[SamplePositions], batch_size: i
 
 def _excluded(samples: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Samples left out of the statistics, before running (statuses) or while running (a condition failed)."""
-    excluded = [{"id": s["id"], "group": s["group"], "status": s["status"], "note": s.get("note")}
-                for s in samples if s["status"] != "ok"]  # fmt: skip
+    excluded = [
+        {"id": s["id"], "group": s["group"], "status": s["status"], "note": s.get("note")}
+        for s in samples
+        if s["status"] != "ok"
+    ]
     for run in runs:
         for r in run["samples"]:
             if r["status"] != "ok" and not any(e["id"] == r["id"] for e in excluded):
-                excluded.append({"id": r["id"], "group": r["group"], "status": r["status"], "note": r.get("note"),
-                                 "condition": run["label"]})
+                excluded.append(
+                    {
+                        "id": r["id"],
+                        "group": r["group"],
+                        "status": r["status"],
+                        "note": r.get("note"),
+                        "condition": run["label"],
+                    }
+                )
     return excluded
 
 
-def _prepare(lm: Any, corpus: Corpus, config: KnockoutConfig) -> tuple[list[int] | None, list[str], tuple[str, str],
-                                                                       list[dict[str, Any]], list[SamplePositions]]:
+def _prepare(
+    lm: Any, corpus: Corpus, config: KnockoutConfig
+) -> tuple[list[int] | None, list[str], tuple[str, str], list[dict[str, Any]], list[SamplePositions]]:
     """(heads, groups, compared pair, sample records, positions): alike on the driver and on every Ray worker."""
     heads = _check_config(config, lm.n_layers, lm.n_heads)
     groups, pair = choose_groups(corpus, config.groups)
@@ -286,14 +311,22 @@ def _prepare(lm: Any, corpus: Corpus, config: KnockoutConfig) -> tuple[list[int]
     return heads, groups, pair, samples, positions
 
 
-def _compute(lm: Any, runner: ConditionRunner, samples: list[dict[str, Any]], positions: list[SamplePositions],
-             config: KnockoutConfig, heads: list[int] | None) -> Callable[[list[int]], list]:
+def _compute(
+    lm: Any,
+    runner: ConditionRunner,
+    samples: list[dict[str, Any]],
+    positions: list[SamplePositions],
+    config: KnockoutConfig,
+    heads: list[int] | None,
+) -> Callable[[list[int]], list]:
     windows = layer_windows(lm.model, lm.n_layers)
 
     def compute(batch: list[int]) -> list[tuple[list[dict[str, Any]], None]]:
         bases = runner.baselines([positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
-        return [(run_sample(lm, runner, samples[i], b, config, heads, windows), None)
-                for i, b in zip(batch, bases, strict=True)]
+        return [
+            (run_sample(lm, runner, samples[i], b, config, heads, windows), None)
+            for i, b in zip(batch, bases, strict=True)
+        ]
 
     return compute
 
@@ -305,10 +338,16 @@ def unit_compute(lm: Any, corpus: Corpus, config: KnockoutConfig) -> Callable[[l
     return _compute(lm, runner, samples, positions, config, heads)
 
 
-def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
-                 progress: Callable[[str, int], Callable[[], None]] | None = None,
-                 runner: ConditionRunner | None = None, cluster: Any = None,
-                 load: dict[str, Any] | None = None) -> KnockoutResult:
+def run_knockout(
+    lm: Any,
+    corpus: Corpus,
+    config: KnockoutConfig,
+    *,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    runner: ConditionRunner | None = None,
+    cluster: Any = None,
+    load: dict[str, Any] | None = None,
+) -> KnockoutResult:
     """Every condition on every sample of the chosen groups; returns samples, per-condition runs and statistics.
     With a `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load`."""
     from plipy.cluster import pool as cp
@@ -317,18 +356,36 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
     runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
     batch_size = config.batch_size or default_batch_size(lm.device)
     all_heads = heads if heads is not None else list(range(lm.n_heads))
-    runs = [{"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges, "heads": all_heads,
-             "samples": []} for c in config.conditions]  # fmt: skip
+    runs = [
+        {"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges, "heads": all_heads, "samples": []}
+        for c in config.conditions
+    ]
     settings = {
-        "mode": config.mode, "conditions": [c.layers for c in config.conditions], "edges": config.edges,
-        "heads": all_heads, "groups": groups, "compared": list(pair), "include_baselines": config.include_baselines,
-        "bos": config.bos, "n_resamples": config.n_resamples, "top_k": config.top_k,
+        "mode": config.mode,
+        "conditions": [c.layers for c in config.conditions],
+        "edges": config.edges,
+        "heads": all_heads,
+        "groups": groups,
+        "compared": list(pair),
+        "include_baselines": config.include_baselines,
+        "bos": config.bos,
+        "n_resamples": config.n_resamples,
+        "top_k": config.top_k,
         "kl": "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms",
         "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64",
-        "batch_size": batch_size, **config.extra}
-    units = checkpoint.open_run("knockout", lm, corpus, settings, resume=config.resume, fresh=config.fresh,
-                                runner=config.path,  # fast and naive agree to rounding, not bit for bit
-                                runner_rules=RULES_VERSION)
+        "batch_size": batch_size,
+        **config.extra,
+    }
+    units = checkpoint.open_run(
+        "knockout",
+        lm,
+        corpus,
+        settings,
+        resume=config.resume,
+        fresh=config.fresh,
+        runner=config.path,  # fast and naive agree to rounding, not bit for bit
+        runner_rules=RULES_VERSION,
+    )
     step = progress(units.label("knockout"), len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
     rows_of: dict[int, list[dict[str, Any]]] = {}
@@ -338,8 +395,14 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
             step()
 
     ok = [i for i, rec in enumerate(samples) if rec["status"] == "ok"]
-    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config),
-                     lambda: _compute(lm, runner, samples, positions, config, heads)) as ex:  # fmt: skip
+    with cp.executor(
+        cluster,
+        lm,
+        load,
+        f"{__name__}:unit_compute",
+        (corpus, config),
+        lambda: _compute(lm, runner, samples, positions, config, heads),
+    ) as ex:
         for i, got in units.batched(_batches(ok, positions, batch_size), ex.compute, ex.remote):
             rows_of[i] = got[0]
             step()
@@ -351,23 +414,29 @@ def run_knockout(lm: Any, corpus: Corpus, config: KnockoutConfig, *,
     for run in runs:
         run["groups"] = {g: stats.describe(_kls(run, g)) for g in groups}
     _compare(runs, pair, config.seed, config.n_resamples)
-    prov = provenance.build(model=lm, corpus=corpus, seed=config.seed,
-                            config={**settings, "runner": runner.describe()})
+    prov = provenance.build(model=lm, corpus=corpus, seed=config.seed, config={**settings, "runner": runner.describe()})
     # wall-clock time is provenance: it differs between two runs that give the same numbers
-    prov["timing"] = {"seconds": elapsed, "path": runner.path, "samples": sum(s["status"] == "ok" for s in samples),
-                      "conditions": len(config.conditions), "resumed_samples": units.resumed}
+    prov["timing"] = {
+        "seconds": elapsed,
+        "path": runner.path,
+        "samples": sum(s["status"] == "ok" for s in samples),
+        "conditions": len(config.conditions),
+        "resumed_samples": units.resumed,
+    }
     if where is not None:
         prov["cluster"] = where
-    result = KnockoutResult({
-        "provenance": prov,
-        "mode": config.mode,
-        "edges": config.edges,
-        "heads": all_heads,
-        "groups_compared": list(pair),
-        "samples": samples,
-        "excluded": _excluded(samples, runs),
-        "runs": runs,
-    })
+    result = KnockoutResult(
+        {
+            "provenance": prov,
+            "mode": config.mode,
+            "edges": config.edges,
+            "heads": all_heads,
+            "groups_compared": list(pair),
+            "samples": samples,
+            "excluded": _excluded(samples, runs),
+            "runs": runs,
+        }
+    )
     units.finish()
     return result
 
@@ -380,8 +449,9 @@ def _compare(runs: list[dict], pair: tuple[str, str], seed: int, n_resamples: in
     """Welch, Hedges' g, bootstrap CI and the group ratio per condition; Holm/BH across the conditions."""
     ga, gb = pair
     ok = [i for i, r in enumerate(runs) if len(_kls(r, ga)) >= 2 and len(_kls(r, gb)) >= 2]
-    results = stats.compare_conditions([(_kls(runs[i], ga), _kls(runs[i], gb)) for i in ok], seed=seed,
-                                       n_resamples=n_resamples, names=pair)
+    results = stats.compare_conditions(
+        [(_kls(runs[i], ga), _kls(runs[i], gb)) for i in ok], seed=seed, n_resamples=n_resamples, names=pair
+    )
     for i, res in zip(ok, results, strict=True):
         res = dict(res)
         res.pop("groups", None)  # every group is described in run["groups"] already
@@ -400,21 +470,23 @@ def sample_rows(result: dict) -> list[dict[str, Any]]:
     rows = []
     for i, run in enumerate(result["runs"]):
         for r in run["samples"]:
-            rows.append({
-                "condition": i,
-                "label": run["label"],
-                "layers": run["layers"],
-                "edges": run["edges"],
-                "id": r["id"],
-                "group": r["group"],
-                "status": r["status"],
-                "kl": r.get("kl"),
-                "kl_plip": r.get("kl_plip"),
-                "entropy_base": r.get("entropy_base"),
-                "entropy_intervened": r.get("entropy_intervened"),
-                "entropy_change": r.get("entropy_change"),
-                "top1_changed": r.get("top1_changed"),
-                "top1_base_token": r.get("top1_base_token"),
-                "top1_intervened_token": r.get("top1_intervened_token"),
-            })
+            rows.append(
+                {
+                    "condition": i,
+                    "label": run["label"],
+                    "layers": run["layers"],
+                    "edges": run["edges"],
+                    "id": r["id"],
+                    "group": r["group"],
+                    "status": r["status"],
+                    "kl": r.get("kl"),
+                    "kl_plip": r.get("kl_plip"),
+                    "entropy_base": r.get("entropy_base"),
+                    "entropy_intervened": r.get("entropy_intervened"),
+                    "entropy_change": r.get("entropy_change"),
+                    "top1_changed": r.get("top1_changed"),
+                    "top1_base_token": r.get("top1_base_token"),
+                    "top1_intervened_token": r.get("top1_intervened_token"),
+                }
+            )
     return rows

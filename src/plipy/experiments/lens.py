@@ -55,6 +55,7 @@ def logit_transform(model: torch.nn.Module) -> tuple[Callable[[torch.Tensor], to
     scaling = getattr(arch.config, "logits_scaling", None)
     scale = getattr(model, "logit_scale", None)
     if cap is not None:
+
         def softcap(x: torch.Tensor) -> torch.Tensor:
             return torch.tanh(x / cap) * cap  # HF: logits / cap; tanh; * cap
 
@@ -96,20 +97,25 @@ def resolve_positions(spec: Any, n_tokens: int, marker: int | None = None) -> li
         if word == "all":
             return list(range(n_tokens))
         if marker is None:
-            raise ParameterError("positions", "'marker' needs a corpus sample (sample=…, --sample) whose marker "
-                                 "has a token")
+            raise ParameterError(
+                "positions", "'marker' needs a corpus sample (sample=…, --sample) whose marker has a token"
+            )
         return [marker]
     if isinstance(spec, str) and not spec.strip():
         raise ParameterError("positions", "is empty: use last | all | marker | token indices such as 0,5,-1")
     try:
         raw = _ints(spec, "positions", "position")
     except ParameterError:
-        raise ParameterError("positions", f"cannot read {spec!r}: use last | all | marker | token indices such as "
-                             "0,5,-1") from None
+        raise ParameterError(
+            "positions", f"cannot read {spec!r}: use last | all | marker | token indices such as 0,5,-1"
+        ) from None
     bad = [p for p in raw if not -n_tokens <= p < n_tokens]
     if bad:
-        raise ParameterError("positions", f"position {bad[0]} does not exist: the text has {n_tokens} tokens "
-                             f"(0-{n_tokens - 1}, or -{n_tokens}…-1 from the end)")
+        raise ParameterError(
+            "positions",
+            f"position {bad[0]} does not exist: the text has {n_tokens} tokens "
+            f"(0-{n_tokens - 1}, or -{n_tokens}…-1 from the end)",
+        )
     out: list[int] = []
     for p in raw:
         p = p % n_tokens
@@ -132,8 +138,11 @@ def token_ids(tokenizer: Any, tokens: Sequence[int | str], vocab: int, *, param:
             ids = tokenizer(t, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
                 pieces = [tokenizer.decode([i]) for i in ids]
-                raise ParameterError(param, f"{t!r} is {len(ids)} tokens {pieces}, not one: give a single token "
-                                     "(e.g. one of those pieces) or its id")
+                raise ParameterError(
+                    param,
+                    f"{t!r} is {len(ids)} tokens {pieces}, not one: give a single token "
+                    "(e.g. one of those pieces) or its id",
+                )
             tid = int(ids[0])
         else:
             raise ParameterError(param, f"expected token ids or non-empty strings, got {t!r}")
@@ -207,9 +216,11 @@ def run_pass(lm: Any, ids: list[int], positions: list[int], engine: Engine | Non
     _, transform = logit_transform(model)
     lp.check = {"last_layer_vs_model_logits_max_abs": diff, "tolerance": tol, "logit_transform": transform}
     if not diff <= tol:
-        raise PlipyError(f"the lens of the last layer does not reproduce {type(model).__name__}'s own logits "
-                         f"(max |Δ| {diff:.3g} > {tol:.3g}; logit transform applied: {transform}): this family's "
-                         "head does something the lens does not know")
+        raise PlipyError(
+            f"the lens of the last layer does not reproduce {type(model).__name__}'s own logits "
+            f"(max |Δ| {diff:.3g} > {tol:.3g}; logit transform applied: {transform}): this family's "
+            "head does something the lens does not know"
+        )
     return lp
 
 
@@ -228,12 +239,21 @@ def _tracked(tokenizer: Any, given: list[int], final_top: int, next_id: int | No
     out.setdefault(final_top, []).append("final-top1")
     if next_id is not None:
         out.setdefault(next_id, []).append("next-token")
-    return [{"id": tid, "token": _decode(tokenizer, tid), "source": src, "ranks": [], "probs": []}
-            for tid, src in out.items()]
+    return [
+        {"id": tid, "token": _decode(tokenizer, tid), "source": src, "ranks": [], "probs": []}
+        for tid, src in out.items()
+    ]
 
 
-def lens_positions(lm: Any, lp: LensPass, ids: list[int], layers: list[int], top_k: int, given: list[int],
-                   step: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+def lens_positions(
+    lm: Any,
+    lp: LensPass,
+    ids: list[int],
+    layers: list[int],
+    top_k: int,
+    given: list[int],
+    step: Callable[[], None] = lambda: None,
+) -> list[dict[str, Any]]:
     """Per position: the top-k tokens of every layer and the tracked tokens' rank and probability per layer."""
     tok = lm.tokenizer
     P = len(lp.positions)
@@ -241,9 +261,16 @@ def lens_positions(lm: Any, lp: LensPass, ids: list[int], layers: list[int], top
     out = []
     for i, pos in enumerate(lp.positions):
         nxt = ids[pos + 1] if pos + 1 < len(ids) else None
-        out.append({"position": pos, "token_id": ids[pos], "token": _decode(tok, ids[pos]),
-                    "next_token": None if nxt is None else _decode(tok, nxt), "layers": [],
-                    "tracked": _tracked(tok, given, final_top[i], nxt)})  # fmt: skip
+        out.append(
+            {
+                "position": pos,
+                "token_id": ids[pos],
+                "token": _decode(tok, ids[pos]),
+                "next_token": None if nxt is None else _decode(tok, nxt),
+                "layers": [],
+                "tracked": _tracked(tok, given, final_top[i], nxt),
+            }
+        )
     for layer in layers:
         logits = lp.logits(layer)  # [P, V]
         probs = torch.softmax(logits, -1)
@@ -251,8 +278,14 @@ def lens_positions(lm: Any, lp: LensPass, ids: list[int], layers: list[int], top
         top_ids = logits.topk(k, dim=-1).indices  # by logit: the order ranks use
         for i in range(P):
             rec = out[i]
-            rec["layers"].append({"layer": layer, "top": [
-                {"id": int(t), "token": _decode(tok, int(t)), "prob": float(probs[i, t])} for t in top_ids[i]]})
+            rec["layers"].append(
+                {
+                    "layer": layer,
+                    "top": [
+                        {"id": int(t), "token": _decode(tok, int(t)), "prob": float(probs[i, t])} for t in top_ids[i]
+                    ],
+                }
+            )
             tids = torch.tensor([t["id"] for t in rec["tracked"]], device=logits.device)
             ranks = rank_of(logits[i : i + 1], tids)[0].tolist()
             for t, r, p in zip(rec["tracked"], ranks, probs[i, tids].tolist(), strict=True):
@@ -261,13 +294,21 @@ def lens_positions(lm: Any, lp: LensPass, ids: list[int], layers: list[int], top
         step()
     for rec in out:
         for t in rec["tracked"]:
-            t["first_layer_in_top_k"] = next((lay for lay, r in zip(layers, t["ranks"], strict=True) if r <= top_k),
-                                             None)
+            t["first_layer_in_top_k"] = next(
+                (lay for lay, r in zip(layers, t["ranks"], strict=True) if r <= top_k), None
+            )
     return out
 
 
-def run_lens(lm: Any, text: str, config: LensConfig, *, marker: int | None = None, source: dict | None = None,
-             progress: Callable[[str, int], Callable[[], None]] | None = None) -> LensResult:
+def run_lens(
+    lm: Any,
+    text: str,
+    config: LensConfig,
+    *,
+    marker: int | None = None,
+    source: dict | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> LensResult:
     """The logit lens of one text at the chosen positions and layers (`plipy lens`)."""
     from plipy.options import check_positive, parse_layers
 
@@ -282,24 +323,33 @@ def run_lens(lm: Any, text: str, config: LensConfig, *, marker: int | None = Non
     lp = run_pass(lm, ids, positions)
     step = progress("logit lens", len(layers)) if progress else (lambda: None)
     rows = lens_positions(lm, lp, ids, layers, config.top_k, given, step)
-    settings = {"command": "lens", "positions": config.positions if isinstance(config.positions, str)
-                else list(config.positions), "top_k": config.top_k, "tokens": list(config.tokens), "layers": layers,
-                "bos": config.bos, "softmax": "float32, full vocabulary",
-                "rank": "1 + number of vocabulary entries with a strictly larger float32 logit", **config.extra}
+    settings = {
+        "command": "lens",
+        "positions": config.positions if isinstance(config.positions, str) else list(config.positions),
+        "top_k": config.top_k,
+        "tokens": list(config.tokens),
+        "layers": layers,
+        "bos": config.bos,
+        "softmax": "float32, full vocabulary",
+        "rank": "1 + number of vocabulary entries with a strictly larger float32 logit",
+        **config.extra,
+    }
     prov = provenance.build(model=lm, config=settings)
     prov["timing"] = {"seconds": time.perf_counter() - t0}
-    return LensResult({
-        "provenance": prov,
-        "text": text,
-        "source": source or {"kind": "text"},
-        "input_ids": ids,
-        "tokens": [_decode(lm.tokenizer, t) for t in ids],
-        "n_layers": lm.n_layers,
-        "layers_shown": layers,
-        "top_k": config.top_k,
-        "check": lp.check,
-        "positions": rows,
-    })
+    return LensResult(
+        {
+            "provenance": prov,
+            "text": text,
+            "source": source or {"kind": "text"},
+            "input_ids": ids,
+            "tokens": [_decode(lm.tokenizer, t) for t in ids],
+            "n_layers": lm.n_layers,
+            "layers_shown": layers,
+            "top_k": config.top_k,
+            "check": lp.check,
+            "positions": rows,
+        }
+    )
 
 
 def lens_rows(result: dict) -> list[dict[str, Any]]:
@@ -312,14 +362,33 @@ def lens_rows(result: dict) -> list[dict[str, Any]]:
             seen = set()
             for r, t in enumerate(lay["top"], 1):
                 tr = tracked.get(t["id"])
-                rows.append({"position": pos["position"], "position_token": pos["token"], "layer": lay["layer"],
-                             "token_id": t["id"], "token": t["token"], "prob": t["prob"], "rank": r,
-                             "in_top_k": True, "tracked": ",".join(tr["source"]) if tr else None})  # fmt: skip
+                rows.append(
+                    {
+                        "position": pos["position"],
+                        "position_token": pos["token"],
+                        "layer": lay["layer"],
+                        "token_id": t["id"],
+                        "token": t["token"],
+                        "prob": t["prob"],
+                        "rank": r,
+                        "in_top_k": True,
+                        "tracked": ",".join(tr["source"]) if tr else None,
+                    }
+                )
                 seen.add(t["id"])
             for tid, tr in tracked.items():
                 if tid not in seen:
-                    rows.append({"position": pos["position"], "position_token": pos["token"], "layer": lay["layer"],
-                                 "token_id": tid, "token": tr["token"], "prob": tr["probs"][li],
-                                 "rank": tr["ranks"][li], "in_top_k": tr["ranks"][li] <= result["top_k"],
-                                 "tracked": ",".join(tr["source"])})  # fmt: skip
+                    rows.append(
+                        {
+                            "position": pos["position"],
+                            "position_token": pos["token"],
+                            "layer": lay["layer"],
+                            "token_id": tid,
+                            "token": tr["token"],
+                            "prob": tr["probs"][li],
+                            "rank": tr["ranks"][li],
+                            "in_top_k": tr["ranks"][li] <= result["top_k"],
+                            "tracked": ",".join(tr["source"]),
+                        }
+                    )
     return rows

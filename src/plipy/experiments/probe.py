@@ -80,10 +80,19 @@ def from_corpus(corpus: Corpus, groups: Sequence[str] | None = None, label_by: s
     if groups is None:
         names = corpus.group_names
         groups = list(DEFAULT_GROUPS) if all(g in names for g in DEFAULT_GROUPS) else names
-    items = [ProbeItem(s.id, s.group, _label(s.group, label_by), s.code, s.marker_char_pos)
-             for s in corpus.samples(groups)]  # fmt: skip
-    return ProbeData(items, {"kind": "corpus", "path": str(corpus.path), "sha256": corpus.sha256,
-                             "groups": list(groups), "label_by": label_by})  # fmt: skip
+    items = [
+        ProbeItem(s.id, s.group, _label(s.group, label_by), s.code, s.marker_char_pos) for s in corpus.samples(groups)
+    ]
+    return ProbeData(
+        items,
+        {
+            "kind": "corpus",
+            "path": str(corpus.path),
+            "sha256": corpus.sha256,
+            "groups": list(groups),
+            "label_by": label_by,
+        },
+    )
 
 
 def _labelled_rows(text: str, where: str) -> list[Any] | None:
@@ -113,19 +122,21 @@ def from_labelled(path: str | Path, groups: Sequence[str] | None = None) -> Prob
     for i, r in enumerate(rows):
         label = next((r.get(k) for k in ("label", "language", "group") if isinstance(r, dict) and r.get(k)), None)
         if not isinstance(r, dict) or not isinstance(r.get("code"), str) or not r["code"] or label is None:
-            raise PlipyError(f"{p}: sample {i} needs a non-empty \"code\" and a \"label\" (or \"language\"/\"group\")")
+            raise PlipyError(f'{p}: sample {i} needs a non-empty "code" and a "label" (or "language"/"group")')
         items.append(ProbeItem(str(r.get("id", i)), str(label), str(label), r["code"]))
     if groups:
         unknown = sorted(set(groups) - {it.label for it in items})
         if unknown:
             raise PlipyError(f"{p}: no sample labelled {', '.join(unknown)}")
         items = [it for it in items if it.label in groups]
-    return ProbeData(items, {"kind": "labelled-snippets", "path": str(p), "groups": list(groups or []),
-                             "label_by": "label"})  # fmt: skip
+    return ProbeData(
+        items, {"kind": "labelled-snippets", "path": str(p), "groups": list(groups or []), "label_by": "label"}
+    )
 
 
-def load_data(data: Any = None, *, groups: Sequence[str] | None = None, label_by: str = "group",
-              offsets: str = "chars") -> ProbeData:
+def load_data(
+    data: Any = None, *, groups: Sequence[str] | None = None, label_by: str = "group", offsets: str = "chars"
+) -> ProbeData:
     """A corpus (path, `Corpus` or None: the bundled one) or a labelled-snippet file, as probe items."""
     if label_by not in LABELS:
         raise ParameterError("label", f"must be one of {', '.join(LABELS)}, got {label_by!r}")
@@ -156,8 +167,9 @@ def check_classes(labels: Sequence[str], folds: int) -> tuple[list[str], int]:
     small = int(counts.min())
     if small < 2:
         which = [str(c) for c, n in zip(classes, counts, strict=True) if n < 2]
-        raise PlipyError(f"class {which[0]!r} has {small} sample: stratified cross-validation needs at least 2 per "
-                         "class")
+        raise PlipyError(
+            f"class {which[0]!r} has {small} sample: stratified cross-validation needs at least 2 per class"
+        )
     if folds < 2:
         raise ParameterError("folds", f"must be ≥ 2, got {folds}")
     return [str(c) for c in classes], min(folds, small)
@@ -166,8 +178,9 @@ def check_classes(labels: Sequence[str], folds: int) -> tuple[list[str], int]:
 # -- features --------------------------------------------------------------------------------------------------------
 
 
-def _position(tokenizer: Any, item: ProbeItem, ids: list[int], offs: list[tuple[int, int]], feature: str,
-              shift: int) -> tuple[int | None, str | None]:
+def _position(
+    tokenizer: Any, item: ProbeItem, ids: list[int], offs: list[tuple[int, int]], feature: str, shift: int
+) -> tuple[int | None, str | None]:
     """The token position of the feature, or (None, why)."""
     if feature == "last":
         return len(ids) - 1, None
@@ -179,8 +192,9 @@ def _position(tokenizer: Any, item: ProbeItem, ids: list[int], offs: list[tuple[
     return tok + shift, None
 
 
-def features(lm: Any, data: ProbeData, config: ProbeConfig, layers: list[int],
-             step: Callable[[], None] = lambda: None) -> tuple[dict[int, np.ndarray], list[dict], list[dict]]:
+def features(
+    lm: Any, data: ProbeData, config: ProbeConfig, layers: list[int], step: Callable[[], None] = lambda: None
+) -> tuple[dict[int, np.ndarray], list[dict], list[dict]]:
     """Per layer, the resid_post vector of every usable item at its feature position `[n, d]` (float64); the
     sample records and the excluded ones."""
     from plipy.corpus import _encode
@@ -209,8 +223,16 @@ def features(lm: Any, data: ProbeData, config: ProbeConfig, layers: list[int],
             lm.model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
         for layer in layers:
             rows[layer].append(rec.resid[(layer, "post")][0, 0].double().cpu().numpy())
-        samples.append({"id": it.id, "group": it.group, "label": it.label, "position": pos, "n_tokens": len(ids),
-                        "token": tok.decode([ids[pos]], skip_special_tokens=False)})  # fmt: skip
+        samples.append(
+            {
+                "id": it.id,
+                "group": it.group,
+                "label": it.label,
+                "position": pos,
+                "n_tokens": len(ids),
+                "token": tok.decode([ids[pos]], skip_special_tokens=False),
+            }
+        )
         step()
     return {layer: np.stack(v) if v else np.zeros((0, 0)) for layer, v in rows.items()}, samples, excluded
 
@@ -227,8 +249,9 @@ def estimator(C: float = 1.0, max_iter: int = 1000) -> Any:
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
 
 
-def probe_layer(X: np.ndarray, y: np.ndarray, folds: int, permutations: int, C: float, max_iter: int,
-                seed: int) -> dict[str, Any]:
+def probe_layer(
+    X: np.ndarray, y: np.ndarray, folds: int, permutations: int, C: float, max_iter: int, seed: int
+) -> dict[str, Any]:
     """Cross-validated accuracy of one layer's probe, its shuffled-label control and permutation p."""
     import warnings
 
@@ -242,20 +265,28 @@ def probe_layer(X: np.ndarray, y: np.ndarray, folds: int, permutations: int, C: 
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)  # recorded below as `converged`
         fold_acc = cross_val_score(est, X, y, cv=cv)
-        out = {"accuracy": float(fold_acc.mean()), "accuracy_std": float(fold_acc.std(ddof=1)),
-               "fold_accuracies": fold_acc.tolist()}
+        out = {
+            "accuracy": float(fold_acc.mean()),
+            "accuracy_std": float(fold_acc.std(ddof=1)),
+            "fold_accuracies": fold_acc.tolist(),
+        }
         if permutations > 0:
             _, perm, p = permutation_test_score(est, X, y, cv=cv, n_permutations=permutations, random_state=seed)
-            out.update(shuffled_mean=float(perm.mean()), shuffled_std=float(perm.std(ddof=1)) if len(perm) > 1
-                       else 0.0, shuffled_p95=float(np.quantile(perm, 0.95)), p_perm=float(p))
+            out.update(
+                shuffled_mean=float(perm.mean()),
+                shuffled_std=float(perm.std(ddof=1)) if len(perm) > 1 else 0.0,
+                shuffled_p95=float(np.quantile(perm, 0.95)),
+                p_perm=float(p),
+            )
         fit = estimator(C, max_iter).fit(X, y)
     out["converged"] = bool(fit[-1].n_iter_.max() < max_iter)
     out["train_accuracy"] = float(fit.score(X, y))
     return out
 
 
-def run_probe(lm: Any, data: ProbeData, config: ProbeConfig, *,
-              progress: Callable[[str, int], Callable[[], None]] | None = None) -> ProbeResult:
+def run_probe(
+    lm: Any, data: ProbeData, config: ProbeConfig, *, progress: Callable[[str, int], Callable[[], None]] | None = None
+) -> ProbeResult:
     """One probe per layer on the chosen feature; accuracies beside the shuffled control and the majority baseline."""
     from plipy.options import parse_layers
 
@@ -275,39 +306,63 @@ def run_probe(lm: Any, data: ProbeData, config: ProbeConfig, *,
     step = progress("probes", len(layers)) if progress else (lambda: None)
     per_layer = []
     for layer in layers:
-        per_layer.append({"layer": layer, **probe_layer(X[layer], y, folds, config.permutations, config.C,
-                                                         config.max_iter, config.seed)})
+        per_layer.append(
+            {
+                "layer": layer,
+                **probe_layer(X[layer], y, folds, config.permutations, config.C, config.max_iter, config.seed),
+            }
+        )
         step()
     if config.permutations > 0:
         for rec, ph in zip(per_layer, stats.holm([r["p_perm"] for r in per_layer]), strict=True):
             rec["p_holm"] = ph
-    settings = {"command": "probe", "feature": config.feature, "layers": layers, "folds": folds,
-                "folds_asked": config.folds, "permutations": config.permutations, "C": config.C,
-                "max_iter": config.max_iter, "bos": config.bos, "data": data.source,
-                "estimator": f"StandardScaler + LogisticRegression(C={config.C}, lbfgs, L2), refitted per fold",
-                "cv": f"StratifiedKFold(n_splits={folds}, shuffle=True, random_state={config.seed})",
-                "control": "permutation_test_score: the same CV on shuffled labels", **config.extra}  # fmt: skip
+    settings = {
+        "command": "probe",
+        "feature": config.feature,
+        "layers": layers,
+        "folds": folds,
+        "folds_asked": config.folds,
+        "permutations": config.permutations,
+        "C": config.C,
+        "max_iter": config.max_iter,
+        "bos": config.bos,
+        "data": data.source,
+        "estimator": f"StandardScaler + LogisticRegression(C={config.C}, lbfgs, L2), refitted per fold",
+        "cv": f"StratifiedKFold(n_splits={folds}, shuffle=True, random_state={config.seed})",
+        "control": "permutation_test_score: the same CV on shuffled labels",
+        **config.extra,
+    }
     prov = provenance.build(model=lm, seed=config.seed, config=settings)
     prov["timing"] = {"seconds": time.perf_counter() - t0}
-    return ProbeResult({
-        "provenance": prov,
-        "feature": config.feature,
-        "classes": classes,
-        "counts": counts,
-        "n_samples": len(samples),
-        "n_features": int(X[layers[0]].shape[1]),
-        "folds": folds,
-        "majority_baseline": max(counts.values()) / len(samples),
-        "chance": 1.0 / len(classes),
-        "layers": per_layer,
-        "samples": samples,
-        "excluded": excluded,
-    })
+    return ProbeResult(
+        {
+            "provenance": prov,
+            "feature": config.feature,
+            "classes": classes,
+            "counts": counts,
+            "n_samples": len(samples),
+            "n_features": int(X[layers[0]].shape[1]),
+            "folds": folds,
+            "majority_baseline": max(counts.values()) / len(samples),
+            "chance": 1.0 / len(classes),
+            "layers": per_layer,
+            "samples": samples,
+            "excluded": excluded,
+        }
+    )
 
 
 def probe_rows(result: dict) -> list[dict[str, Any]]:
     """One row per layer."""
-    keys = ("layer", "accuracy", "accuracy_std", "shuffled_mean", "shuffled_p95", "p_perm", "p_holm",
-            "train_accuracy", "converged")
-    return [{**{k: r.get(k) for k in keys}, "majority_baseline": result["majority_baseline"]}
-            for r in result["layers"]]
+    keys = (
+        "layer",
+        "accuracy",
+        "accuracy_std",
+        "shuffled_mean",
+        "shuffled_p95",
+        "p_perm",
+        "p_holm",
+        "train_accuracy",
+        "converged",
+    )
+    return [{**{k: r.get(k) for k in keys}, "majority_baseline": result["majority_baseline"]} for r in result["layers"]]

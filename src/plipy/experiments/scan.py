@@ -49,8 +49,10 @@ def choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[st
     chosen, pair = _choose_groups(corpus, groups)
     for g in pair:
         if len(corpus.groups[g]) < 2:
-            raise PlipyError(f"group {g!r} has {len(corpus.groups[g])} sample(s): comparing groups needs at least 2 "
-                             "each; add samples or name other --groups")
+            raise PlipyError(
+                f"group {g!r} has {len(corpus.groups[g])} sample(s): comparing groups needs at least 2 "
+                "each; add samples or name other --groups"
+            )
     return chosen, pair
 
 
@@ -92,8 +94,14 @@ def measure_sample(sp: SamplePositions, rows: torch.Tensor, heads: Sequence[int]
 
 def identity(sp: SamplePositions) -> dict[str, Any]:
     """The fields that name a sample and its token positions in every result."""
-    return {"id": sp.sample.id, "group": sp.sample.group, "n_tokens": sp.seq_len, "marker_token": sp.marker_token,
-            "marker_text": sp.marker_text, "target_tokens": sp.target_tokens}  # fmt: skip
+    return {
+        "id": sp.sample.id,
+        "group": sp.sample.group,
+        "n_tokens": sp.seq_len,
+        "marker_token": sp.marker_token,
+        "marker_text": sp.marker_text,
+        "target_tokens": sp.target_tokens,
+    }
 
 
 def after_marker(sp: SamplePositions) -> list[int | None]:
@@ -124,8 +132,10 @@ def marker_rows(lm: Any, engine: Engine, sps: Sequence[SamplePositions], layers:
     """Each sample's marker row at every scanned layer, `[layers, heads, keys]` float32 on the CPU, from one
     left-padded forward (only the last position's logits are computed: the scan needs none)."""
     padded = pad_left([sp.input_ids for sp in sps], pad_id(lm.tokenizer), lm.device)
-    with torch.inference_mode(), engine.run(capture=Capture(rows=padded.shift([[sp.marker_token] for sp in sps]),
-                                                            layers=layers)) as cap:
+    with (
+        torch.inference_mode(),
+        engine.run(capture=Capture(rows=padded.shift([[sp.marker_token] for sp in sps]), layers=layers)) as cap,
+    ):
         lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
     att = torch.stack([cap.attn[layer][:, :, 0] for layer in layers], 1).cpu()  # [B, L, H, T]
     return [att[i, :, :, pad:] for i, pad in enumerate(padded.pads)]
@@ -155,11 +165,19 @@ def _plan(lm: Any, corpus: Corpus, config: ScanConfig) -> _Plan:
     layers = list(config.layers) if config.layers is not None else list(range(lm.n_layers))
     heads = list(config.heads) if config.heads is not None else list(range(lm.n_heads))
     groups, pair = choose_groups(corpus, config.groups)
-    settings = {"groups": groups, "compared": list(pair), "layers": layers, "heads": heads, "bos": config.bos,
-                "n_resamples": config.n_resamples, "batch_size": config.batch_size or default_batch_size(lm.device),
-                **config.extra}  # fmt: skip
-    positions = [token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions)
-                 for s in corpus.samples(groups)]  # fmt: skip
+    settings = {
+        "groups": groups,
+        "compared": list(pair),
+        "layers": layers,
+        "heads": heads,
+        "bos": config.bos,
+        "n_resamples": config.n_resamples,
+        "batch_size": config.batch_size or default_batch_size(lm.device),
+        **config.extra,
+    }
+    positions = [
+        token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions) for s in corpus.samples(groups)
+    ]
     return _Plan(layers, heads, groups, pair, settings, positions, [sample_record(sp) for sp in positions])
 
 
@@ -179,9 +197,15 @@ def unit_compute(lm: Any, corpus: Corpus, config: ScanConfig) -> Callable[[list[
     return _compute(lm, _plan(lm, corpus, config))
 
 
-def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
-             progress: Callable[[str, int], Callable[[], None]] | None = None, cluster: Any = None,
-             load: dict[str, Any] | None = None) -> ScanResult:
+def run_scan(
+    lm: Any,
+    corpus: Corpus,
+    config: ScanConfig,
+    *,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    cluster: Any = None,
+    load: dict[str, Any] | None = None,
+) -> ScanResult:
     """Scan every sample of the chosen groups: per-sample measures, per-layer statistics, provenance.
 
     Finished samples are kept (`plipy.checkpoint`) until the result is complete: a killed run resumes. With a
@@ -200,8 +224,7 @@ def run_scan(lm: Any, corpus: Corpus, config: ScanConfig, *,
     for _ in range(len(positions) - len(measurable)):
         step()
     batches = plan_batches([positions[i].seq_len for i in measurable], settings["batch_size"])
-    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config),
-                     lambda: _compute(lm, plan)) as ex:  # fmt: skip
+    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config), lambda: _compute(lm, plan)) as ex:
         for i, got in units.batched([[measurable[j] for j in b] for b in batches], ex.compute, ex.remote):
             samples[i].update(got[0])
             rows_by_id[positions[i].sample.id] = got[1]["rows"]
@@ -228,8 +251,13 @@ def _values(samples: list[dict], group: str, key: str, i: int) -> list[float]:
 
 
 def layer_statistics(
-    samples: list[dict], groups: list[str], pair: tuple[str, str], layers: list[int], heads: list[int],
-    seed: int, n_resamples: int,
+    samples: list[dict],
+    groups: list[str],
+    pair: tuple[str, str],
+    layers: list[int],
+    heads: list[int],
+    seed: int,
+    n_resamples: int,
 ) -> dict[str, Any]:
     """Per-layer group statistics on `attention` and on `excess`, per-head tests, best layers."""
     ga, gb = pair
@@ -241,11 +269,15 @@ def layer_statistics(
     null_ratio = stats.plip_ratio(null[ga]["mean"], null[gb]["mean"])
     att = stats.compare_conditions(
         [(_values(measured, ga, "attention", i), _values(measured, gb, "attention", i)) for i in range(len(layers))],
-        seed=seed, n_resamples=n_resamples, names=pair,
+        seed=seed,
+        n_resamples=n_resamples,
+        names=pair,
     )
     exc = stats.compare_conditions(
         [(_values(measured, ga, "excess", i), _values(measured, gb, "excess", i)) for i in range(len(layers))],
-        seed=seed, n_resamples=n_resamples, names=pair,
+        seed=seed,
+        n_resamples=n_resamples,
+        names=pair,
     )
     rows = []
     for i, layer in enumerate(layers):
@@ -328,11 +360,19 @@ def sample_rows(result: dict) -> list[dict[str, Any]]:
         if "attention" not in s:
             continue
         for i, layer in enumerate(result["layers_scanned"]):
-            rows.append({
-                "id": s["id"], "group": s["group"], "layer": layer, "marker_token": s["marker_token"],
-                "n_tokens": s["n_tokens"], "attention": s["attention"][i],
-                "first_token_share": s["first_token_share"][i], "uniform_null": s["uniform_null"],
-                "excess": s["excess"][i], "attention_per_head": s["attention_per_head"][i],
-                "attention_per_target": s["attention_per_target"][i],
-            })
+            rows.append(
+                {
+                    "id": s["id"],
+                    "group": s["group"],
+                    "layer": layer,
+                    "marker_token": s["marker_token"],
+                    "n_tokens": s["n_tokens"],
+                    "attention": s["attention"][i],
+                    "first_token_share": s["first_token_share"][i],
+                    "uniform_null": s["uniform_null"],
+                    "excess": s["excess"][i],
+                    "attention_per_head": s["attention_per_head"][i],
+                    "attention_per_target": s["attention_per_target"][i],
+                }
+            )
     return rows

@@ -73,7 +73,7 @@ class SteerSample:
 
 
 def _tok(sp: SamplePositions, i: int) -> str:
-    return repr(sp.sample.code[sp.offsets[i][0]:sp.offsets[i][1]]) if sp.offsets[i] != (0, 0) else "<bos>"
+    return repr(sp.sample.code[sp.offsets[i][0] : sp.offsets[i][1]]) if sp.offsets[i] != (0, 0) else "<bos>"
 
 
 def steer_sample(sp: SamplePositions) -> SteerSample:
@@ -84,12 +84,15 @@ def steer_sample(sp: SamplePositions) -> SteerSample:
     late = [(t, i) for i, (t, after) in enumerate(zip(sp.target_tokens, sp.after_marker, strict=True)) if after]
     if late:
         t, i = late[0]
-        note = (f"sample {sp.sample.id!r}: edge from query token {m} ({_tok(sp, m)}, the marker) to key token {t} "
-                f"({_tok(sp, t)}, target {i}) is causally masked — the key comes after the query, so there is no "
-                f"attention to steer ({len(late)} of {len(sp.target_tokens)} targets are after the marker)")
+        note = (
+            f"sample {sp.sample.id!r}: edge from query token {m} ({_tok(sp, m)}, the marker) to key token {t} "
+            f"({_tok(sp, t)}, target {i}) is causally masked — the key comes after the query, so there is no "
+            f"attention to steer ({len(late)} of {len(sp.target_tokens)} targets are after the marker)"
+        )
         return SteerSample(sp, "causal-invalid", note=note)
-    targets = [t for t, how in zip(sp.target_tokens, sp.target_matches, strict=True)
-               if t is not None and how == "exact"]
+    targets = [
+        t for t, how in zip(sp.target_tokens, sp.target_matches, strict=True) if t is not None and how == "exact"
+    ]
     if not targets:
         return SteerSample(sp, "no-targets", note="no target converts to an exact token")
     return SteerSample(sp, "ok", edges=[(m, t) for t in sorted(set(targets))], targets=targets)
@@ -102,12 +105,15 @@ def prepare_check_groups(corpus: Corpus, groups: Sequence[str]) -> None:
         raise PlipyError(f"unknown group(s) {', '.join(unknown)}; the corpus has: {', '.join(corpus.group_names)}")
 
 
-def prepare(lm: Any, corpus: Corpus, groups: Sequence[str], bos: bool = False, skip_invalid: bool = False
-            ) -> list[SteerSample]:
+def prepare(
+    lm: Any, corpus: Corpus, groups: Sequence[str], bos: bool = False, skip_invalid: bool = False
+) -> list[SteerSample]:
     """Steerable samples of the groups. A causally invalid sample is an error unless `skip_invalid`."""
     prepare_check_groups(corpus, groups)
-    out = [steer_sample(token_positions(s, lm.tokenizer, bos=bos, max_length=lm.max_positions))
-           for s in corpus.samples(groups)]
+    out = [
+        steer_sample(token_positions(s, lm.tokenizer, bos=bos, max_length=lm.max_positions))
+        for s in corpus.samples(groups)
+    ]
     bad = [s for s in out if s.status == "causal-invalid"]
     if bad and not skip_invalid:
         more = f" (and {len(bad) - 1} more sample(s))" if len(bad) > 1 else ""
@@ -136,8 +142,9 @@ def attention_metric(rows: torch.Tensor, targets: Sequence[int]) -> float:
     return float(rows.double()[:, list(targets)].mean())
 
 
-def steered_rows(rows: torch.Tensor, keys: Sequence[int], alpha: float, heads: Sequence[int] | None = None
-                 ) -> torch.Tensor:
+def steered_rows(
+    rows: torch.Tensor, keys: Sequence[int], alpha: float, heads: Sequence[int] | None = None
+) -> torch.Tensor:
     """The explicit post-softmax edit of a marker row `[heads, keys]` (float64): ×α on `keys`, renormalise."""
     p = rows.double().clone()
     hs = list(range(p.shape[0])) if heads is None else list(heads)
@@ -147,8 +154,9 @@ def steered_rows(rows: torch.Tensor, keys: Sequence[int], alpha: float, heads: S
     return torch.where(factor.ne(1).any(-1, keepdim=True), p / p.sum(-1, keepdim=True), p)
 
 
-def _achieved_fn(rows: torch.Tensor, targets: Sequence[int], keys: Sequence[int], heads: Sequence[int] | None
-                 ) -> tuple[Callable[[float], float], float, float]:
+def _achieved_fn(
+    rows: torch.Tensor, targets: Sequence[int], keys: Sequence[int], heads: Sequence[int] | None
+) -> tuple[Callable[[float], float], float, float]:
     """A(α) on one pre-edit row in closed form, and its limits A(0), A(∞).
 
     Per head h with target mass P_h (distinct keys) the edited weights are α·p / (1 − P_h + α·P_h), so
@@ -172,8 +180,9 @@ def _achieved_fn(rows: torch.Tensor, targets: Sequence[int], keys: Sequence[int]
     return f, float(lo.mean()), float(lim_inf.mean())
 
 
-def scale_for_attention(rows: torch.Tensor, targets: Sequence[int], keys: Sequence[int], v: float,
-                        heads: Sequence[int] | None = None) -> tuple[float | None, str | None]:
+def scale_for_attention(
+    rows: torch.Tensor, targets: Sequence[int], keys: Sequence[int], v: float, heads: Sequence[int] | None = None
+) -> tuple[float | None, str | None]:
     """The α ≥ 0 whose steered metric on this pre-edit row equals v (bisection in log α on the closed form).
 
     For one head this is the closed form α = v(1−P)/(W − vP); head means need the search. Returns (α, None) or
@@ -204,8 +213,9 @@ def scale_for_attention(rows: torch.Tensor, targets: Sequence[int], keys: Sequen
     return math.exp((a + b) / 2), None
 
 
-def scale_for_group(rows: Sequence[torch.Tensor], targets: Sequence[Sequence[int]], keys: Sequence[Sequence[int]],
-                    v: float) -> float | None:
+def scale_for_group(
+    rows: Sequence[torch.Tensor], targets: Sequence[Sequence[int]], keys: Sequence[Sequence[int]], v: float
+) -> float | None:
     """The one α (all heads) whose steered group mean of the metric equals v (bisection in log α), or None."""
     fs = [_achieved_fn(r, t, k, None) for r, t, k in zip(rows, targets, keys, strict=True)]
 
@@ -267,9 +277,15 @@ def calibrate_units(lm: Any, corpus: Corpus, config: CalibrateConfig) -> Callabl
     return _calibrate_compute(lm, *_calibrate_plan(lm, corpus, config))
 
 
-def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
-                  progress: Callable[[str, int], Callable[[], None]] | None = None, cluster: Any = None,
-                  load: dict[str, Any] | None = None) -> CalibrateResult:
+def run_calibrate(
+    lm: Any,
+    corpus: Corpus,
+    config: CalibrateConfig,
+    *,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    cluster: Any = None,
+    load: dict[str, Any] | None = None,
+) -> CalibrateResult:
     """Baseline attention at one layer per sample and group, the ratio, and the scale that brings B to A. With a
     `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load` options."""
     from plipy.cluster import pool as cp
@@ -277,11 +293,16 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
     layer, samples = _calibrate_plan(lm, corpus, config)
     ga, gb = config.groups
     settings = {
-        "command": "steer calibrate", "layer": layer, "groups": [ga, gb], "bos": config.bos,
+        "command": "steer calibrate",
+        "layer": layer,
+        "groups": [ga, gb],
+        "bos": config.bos,
         "skip_invalid": config.skip_invalid,
         "metric": "mean over targets (duplicates kept) of the head-mean post-softmax weight of the marker row",
         "scale_rule": "the α whose steered mean of group B equals group A's mean (exact on B's baseline rows)",
-        "batch_size": config.batch_size or default_batch_size(lm.device), **config.extra}
+        "batch_size": config.batch_size or default_batch_size(lm.device),
+        **config.extra,
+    }
     units = checkpoint.open_run("calibrate", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
     step = progress(units.label("calibrating"), len(samples)) if progress else (lambda: None)
     recs: list[dict[str, Any]] = [{"id": s.id, "group": s.group, "status": s.status} for s in samples]
@@ -292,14 +313,24 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
             step()
 
     ok = [i for i, s in enumerate(samples) if s.status == "ok"]
-    with cp.executor(cluster, lm, load, f"{__name__}:calibrate_units", (corpus, config),
-                     lambda: _calibrate_compute(lm, layer, samples)) as ex:  # fmt: skip
+    with cp.executor(
+        cluster,
+        lm,
+        load,
+        f"{__name__}:calibrate_units",
+        (corpus, config),
+        lambda: _calibrate_compute(lm, layer, samples),
+    ) as ex:
         for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.remote):
             s, m = samples[i], samples[i].positions.marker_token
             row = torch.from_numpy(got[1]["row"])
             rows[s.id] = row
-            recs[i].update(marker_token=m, targets=s.targets, attention=attention_metric(row, s.targets),
-                           uniform_null=1.0 / (m + 1))
+            recs[i].update(
+                marker_token=m,
+                targets=s.targets,
+                attention=attention_metric(row, s.targets),
+                uniform_null=1.0 / (m + 1),
+            )
             step()
         where = ex.describe()
     ok = {g: [r for r in recs if r["group"] == g and r["status"] == "ok"] for g in (ga, gb)}
@@ -310,8 +341,12 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
     ma, mb = desc[ga]["mean"], desc[gb]["mean"]
     by_id = {s.id: s for s in samples}
     # The rule: the α whose steered mean over B equals mean(A), exactly on B's baseline rows (layer L only).
-    group_scale = scale_for_group([rows[r["id"]] for r in ok[gb]], [by_id[r["id"]].targets for r in ok[gb]],
-                                  [[k for _, k in by_id[r["id"]].edges] for r in ok[gb]], ma)
+    group_scale = scale_for_group(
+        [rows[r["id"]] for r in ok[gb]],
+        [by_id[r["id"]].targets for r in ok[gb]],
+        [[k for _, k in by_id[r["id"]].edges] for r in ok[gb]],
+        ma,
+    )
     for r in ok[gb]:
         s = by_id[r["id"]]
         alpha, why = scale_for_attention(rows[s.id], s.targets, [k for _, k in s.edges], ma)
@@ -319,22 +354,37 @@ def run_calibrate(lm: Any, corpus: Corpus, config: CalibrateConfig, *,
         if why:
             r["scale_note"] = why
     units.finish()
-    return CalibrateResult({
-        "provenance": cp.stamp(provenance.build(model=lm, corpus=corpus, config=settings), where),
-        "layer": layer,
-        "groups_compared": [ga, gb],
-        "samples": recs,
-        "excluded": excluded(samples),
-        "groups": desc,
-        "ratio": ma / mb if mb else None,
-        "scale_to_a": group_scale,
-        "scale_plip": stats.plip_ratio(ma, mb) if mb > 1e-10 else 1.0,
-        "recommended_target": ma,
-        "dose_table": [{"scale": d, "plip_attention": d * mb,
-                        "attention": float(np.mean([_achieved_fn(rows[r["id"]], by_id[r["id"]].targets,
-                                                                 [k for _, k in by_id[r["id"]].edges], None)[0](d)
-                                                    for r in ok[gb]]))} for d in DOSES],
-    })
+    return CalibrateResult(
+        {
+            "provenance": cp.stamp(provenance.build(model=lm, corpus=corpus, config=settings), where),
+            "layer": layer,
+            "groups_compared": [ga, gb],
+            "samples": recs,
+            "excluded": excluded(samples),
+            "groups": desc,
+            "ratio": ma / mb if mb else None,
+            "scale_to_a": group_scale,
+            "scale_plip": stats.plip_ratio(ma, mb) if mb > 1e-10 else 1.0,
+            "recommended_target": ma,
+            "dose_table": [
+                {
+                    "scale": d,
+                    "plip_attention": d * mb,
+                    "attention": float(
+                        np.mean(
+                            [
+                                _achieved_fn(
+                                    rows[r["id"]], by_id[r["id"]].targets, [k for _, k in by_id[r["id"]].edges], None
+                                )[0](d)
+                                for r in ok[gb]
+                            ]
+                        )
+                    ),
+                }
+                for d in DOSES
+            ],
+        }
+    )
 
 
 # -- dose-response -------------------------------------------------------------------------------------------------
@@ -387,25 +437,40 @@ def _dose_checks(config: DoseConfig, n_layers: int, n_heads: int) -> tuple[list[
     v = config.target_attention
     if v is not None:
         if len(layers) != 1:
-            raise PlipyError("--target-attention needs a single layer: with several, each layer's pre-edit row "
-                             "depends on α")
+            raise PlipyError(
+                "--target-attention needs a single layer: with several, each layer's pre-edit row depends on α"
+            )
         if not 0 < v < 1:
             raise PlipyError(f"--target-attention must be in (0, 1), got {v}")
     return layers, heads, doses
 
 
-def _dose_sample(lm: Any, runner: ConditionRunner, s: SteerSample, base: Baseline, config: DoseConfig,
-                 layers: list[int], heads: list[int] | None, doses: list[float]
-                 ) -> tuple[dict[str, Any], list[dict], dict | None]:
+def _dose_sample(
+    lm: Any,
+    runner: ConditionRunner,
+    s: SteerSample,
+    base: Baseline,
+    config: DoseConfig,
+    layers: list[int],
+    heads: list[int] | None,
+    doses: list[float],
+) -> tuple[dict[str, Any], list[dict], dict | None]:
     """One steerable sample from its baseline (marker rows captured at `layers`): its record, one measure row per
     dose, and the target-attention row (or None)."""
     m = s.positions.marker_token
     cap = Capture(rows=[m], layers=layers)
     base_rows = {layer: base.attn[layer][:, 0].cpu() for layer in layers}
     base_att = [attention_metric(base_rows[layer], s.targets) for layer in layers]
-    rec = {"id": s.id, "group": s.group, "n_tokens": s.positions.seq_len, "marker_token": m, "targets": s.targets,
-           "edges": [list(e) for e in s.edges], "attention_baseline": float(np.mean(base_att)),
-           "attention_baseline_per_layer": base_att}  # fmt: skip
+    rec = {
+        "id": s.id,
+        "group": s.group,
+        "n_tokens": s.positions.seq_len,
+        "marker_token": m,
+        "targets": s.targets,
+        "edges": [list(e) for e in s.edges],
+        "attention_baseline": float(np.mean(base_att)),
+        "attention_baseline_per_layer": base_att,
+    }
     conds = [_edits(s, layers, d, heads) for d in doses]
     v = config.target_attention
     t_alpha, t_note = None, None
@@ -418,24 +483,42 @@ def _dose_sample(lm: Any, runner: ConditionRunner, s: SteerSample, base: Baselin
     if v is None:
         return rec, rows, None
     if t_alpha is None:
-        return rec, rows, {"id": s.id, "group": s.group, "scale": None, "kl": None, "attention_achieved": None,
-                           "status": "unreachable", "note": t_note}
+        return (
+            rec,
+            rows,
+            {
+                "id": s.id,
+                "group": s.group,
+                "scale": None,
+                "kl": None,
+                "attention_achieved": None,
+                "status": "unreachable",
+                "note": t_note,
+            },
+        )
     trow = {"scale": t_alpha, **_measure(s, outs[-1], base, layers, lm.tokenizer, config.top_k)}
     if trow["status"] == "ok" and abs(trow["attention_achieved"] - v) > TARGET_TOLERANCE:
         trow["status"], trow["note"] = "missed", f"achieved {trow['attention_achieved']:.6g}, asked {v:g}"
     return rec, rows, trow
 
 
-def _dose_compute(lm: Any, runner: ConditionRunner, samples: list[SteerSample], config: DoseConfig
-                  ) -> Callable[[list[int]], list]:
+def _dose_compute(
+    lm: Any, runner: ConditionRunner, samples: list[SteerSample], config: DoseConfig
+) -> Callable[[list[int]], list]:
     layers, heads, doses = _dose_checks(config, lm.n_layers, lm.n_heads)
 
     def compute(batch: list[int]) -> list[tuple[list[Any], None]]:
         sps = [samples[i].positions for i in batch]
-        bases = runner.baselines([sp.input_ids for sp in sps], rows=[[sp.marker_token] for sp in sps], layers=layers,
-                                 pad_token=pad_id(lm.tokenizer))
-        return [(list(_dose_sample(lm, runner, samples[i], b, config, layers, heads, doses)), None)
-                for i, b in zip(batch, bases, strict=True)]
+        bases = runner.baselines(
+            [sp.input_ids for sp in sps],
+            rows=[[sp.marker_token] for sp in sps],
+            layers=layers,
+            pad_token=pad_id(lm.tokenizer),
+        )
+        return [
+            (list(_dose_sample(lm, runner, samples[i], b, config, layers, heads, doses)), None)
+            for i, b in zip(batch, bases, strict=True)
+        ]
 
     return compute
 
@@ -447,10 +530,16 @@ def dose_units(lm: Any, corpus: Corpus, config: DoseConfig) -> Callable[[list[in
     return _dose_compute(lm, runner, samples, config)
 
 
-def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
-             progress: Callable[[str, int], Callable[[], None]] | None = None,
-             runner: ConditionRunner | None = None, cluster: Any = None,
-             load: dict[str, Any] | None = None) -> DoseResult:
+def run_dose(
+    lm: Any,
+    corpus: Corpus,
+    config: DoseConfig,
+    *,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    runner: ConditionRunner | None = None,
+    cluster: Any = None,
+    load: dict[str, Any] | None = None,
+) -> DoseResult:
     """Every dose (and the target attention, if asked) on every steerable sample: KL and attention achieved.
     With a `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load`."""
     from plipy.cluster import pool as cp
@@ -465,17 +554,26 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
     sample_recs: list[dict[str, Any]] = []
     all_heads = heads if heads is not None else list(range(n_heads))
     settings = {
-        "command": "steer dose", "groups": list(config.groups), "layers": layers, "doses": doses,
-        "heads": all_heads, "target_attention": v,
-        "bos": config.bos, "skip_invalid": config.skip_invalid, "top_k": config.top_k,
+        "command": "steer dose",
+        "groups": list(config.groups),
+        "layers": layers,
+        "doses": doses,
+        "heads": all_heads,
+        "target_attention": v,
+        "bos": config.bos,
+        "skip_invalid": config.skip_invalid,
+        "top_k": config.top_k,
         "mechanism": "post-softmax ×α on marker→target edges of the chosen heads and layers, row renormalised "
-                     "(≡ +log α pre-softmax); a duplicated target is one edge",
+        "(≡ +log α pre-softmax); a duplicated target is one edge",
         "kl": "KL(P_base || P_steered), nats, last input position, full vocabulary, float64, all terms",
         "attention_achieved": "mean over targets (duplicates kept) of the head-mean (all heads) post-softmax "
-                              "weight of the steered marker row; several layers: the mean over the layers",
-        "batch_size": config.batch_size or default_batch_size(lm.device), **config.extra}
-    units = checkpoint.open_run("dose", lm, corpus, settings, resume=config.resume, fresh=config.fresh,
-                                runner=config.path)  # fast and naive agree to rounding, not bit for bit
+        "weight of the steered marker row; several layers: the mean over the layers",
+        "batch_size": config.batch_size or default_batch_size(lm.device),
+        **config.extra,
+    }
+    units = checkpoint.open_run(
+        "dose", lm, corpus, settings, resume=config.resume, fresh=config.fresh, runner=config.path
+    )  # fast and naive agree to rounding, not bit for bit
     step = progress(units.label("steering"), len(samples)) if progress else (lambda: None)
     t0 = time.perf_counter()
     for s in samples:
@@ -484,8 +582,14 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
 
     ok = [i for i, s in enumerate(samples) if s.status == "ok"]
     done = {}
-    with cp.executor(cluster, lm, load, f"{__name__}:dose_units", (corpus, config),
-                     lambda: _dose_compute(lm, runner, samples, config)) as ex:  # fmt: skip
+    with cp.executor(
+        cluster,
+        lm,
+        load,
+        f"{__name__}:dose_units",
+        (corpus, config),
+        lambda: _dose_compute(lm, runner, samples, config),
+    ) as ex:
         for i, got in units.batched(_batches(ok, samples, settings["batch_size"]), ex.compute, ex.remote):
             done[i] = got
             step()
@@ -504,11 +608,15 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
         target_run.update(_summary(target_run["samples"]))
         scales = [r["scale"] for r in target_run["samples"] if r["status"] == "ok"]
         target_run["mean_scale"] = float(np.mean(scales)) if scales else None
-    prov = cp.stamp(provenance.build(model=lm, corpus=corpus, config={**settings, "runner": runner.describe()}),
-                    where)  # fmt: skip
+    prov = cp.stamp(provenance.build(model=lm, corpus=corpus, config={**settings, "runner": runner.describe()}), where)
     # wall-clock time is provenance: it differs between two runs that give the same numbers
-    prov["timing"] = {"seconds": elapsed, "path": runner.path, "samples": len(sample_recs), "doses": len(doses),
-                      "resumed_samples": units.resumed}
+    prov["timing"] = {
+        "seconds": elapsed,
+        "path": runner.path,
+        "samples": len(sample_recs),
+        "doses": len(doses),
+        "resumed_samples": units.resumed,
+    }
     result = {
         "provenance": prov,
         "layers": layers,
@@ -525,15 +633,18 @@ def run_dose(lm: Any, corpus: Corpus, config: DoseConfig, *,
     return DoseResult(result)
 
 
-def _measure(s: SteerSample, out: Any, base: Any, layers: Sequence[int], tokenizer: Any, top_k: int
-             ) -> dict[str, Any]:
+def _measure(s: SteerSample, out: Any, base: Any, layers: Sequence[int], tokenizer: Any, top_k: int) -> dict[str, Any]:
     row: dict[str, Any] = {"id": s.id, "group": s.group}
     if out.logits is None:
         row.update(kl=None, attention_achieved=None, status=out.status, note=out.note)
         return row
     per_layer = [attention_metric(out.attn[layer][:, 0], s.targets) for layer in layers]
-    row.update(status="ok", attention_achieved=float(np.mean(per_layer)), attention_achieved_per_layer=per_layer,
-               **measures.compare_logits(base.logits, out.logits, tokenizer, top_k))
+    row.update(
+        status="ok",
+        attention_achieved=float(np.mean(per_layer)),
+        attention_achieved_per_layer=per_layer,
+        **measures.compare_logits(base.logits, out.logits, tokenizer, top_k),
+    )
     if out.status == "identity":
         row["note"] = "identity: scale 1 (or no heads) is the baseline computation, KL exactly 0"
     return row
@@ -543,17 +654,27 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok"]
     kl = stats.describe([r["kl"] for r in ok]) if ok else {"mean": None, "std": None}
     att = [r["attention_achieved"] for r in ok]
-    return {"mean_kl": kl["mean"], "std_kl": kl["std"], "mean_attention_achieved": float(np.mean(att)) if att else None,
-            "std_attention_achieved": float(np.std(att, ddof=1)) if len(att) > 1 else None, "n": len(ok)}
+    return {
+        "mean_kl": kl["mean"],
+        "std_kl": kl["std"],
+        "mean_attention_achieved": float(np.mean(att)) if att else None,
+        "std_attention_achieved": float(np.std(att, ddof=1)) if len(att) > 1 else None,
+        "n": len(ok),
+    }
 
 
 def monotonicity(dose_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Does the group mean move the right way with the dose? Attention achieved must rise with α; KL is 0 at
     α = 1 and should rise with |log α| on each side (it need not be monotone in α itself)."""
     if sum(1 for r in dose_runs if r["n"]) < 2:  # one dose shows no trend: say so rather than "True"
-        return {"scales": [r["scale"] for r in dose_runs if r["n"]], "attention_increasing": None,
-                "kl_increasing_above_1": None, "kl_increasing_below_1": None, "samples_attention_increasing": None,
-                "note": "fewer than two doses: no monotonicity to judge"}
+        return {
+            "scales": [r["scale"] for r in dose_runs if r["n"]],
+            "attention_increasing": None,
+            "kl_increasing_above_1": None,
+            "kl_increasing_below_1": None,
+            "samples_attention_increasing": None,
+            "note": "fewer than two doses: no monotonicity to judge",
+        }
     runs = sorted((r for r in dose_runs if r["n"]), key=lambda r: r["scale"])
     att = [r["mean_attention_achieved"] for r in runs]
     above = [r["mean_kl"] for r in runs if r["scale"] >= 1]
@@ -580,9 +701,18 @@ def sample_rows(result: dict) -> list[dict[str, Any]]:
         runs.append(("target", result["target"]))
     for label, run in runs:
         for r in run["samples"]:
-            rows.append({"dose": label, "scale": r.get("scale", run.get("scale")), "id": r["id"],
-                         "group": r["group"], "status": r["status"], "kl": r.get("kl"),
-                         "attention_achieved": r.get("attention_achieved"), "top1_changed": r.get("top1_changed")})
+            rows.append(
+                {
+                    "dose": label,
+                    "scale": r.get("scale", run.get("scale")),
+                    "id": r["id"],
+                    "group": r["group"],
+                    "status": r["status"],
+                    "kl": r.get("kl"),
+                    "attention_achieved": r.get("attention_achieved"),
+                    "top1_changed": r.get("top1_changed"),
+                }
+            )
     return rows
 
 
@@ -631,17 +761,18 @@ def load_prompts(path: Any = None) -> tuple[list[dict[str, Any]], str]:
         raise PlipyError(f"{where}: invalid JSON at line {e.lineno}: {e.msg}") from None
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
-        raise PlipyError(f"{where}: expected {{\"prompts\": [{{\"id\", \"prompt\"}}, …]}}")
+        raise PlipyError(f'{where}: expected {{"prompts": [{{"id", "prompt"}}, …]}}')
     out = []
     for i, it in enumerate(items):
         if not isinstance(it, dict) or not isinstance(it.get("prompt"), str):
-            raise PlipyError(f"{where}: prompt {i} has no \"prompt\" string")
+            raise PlipyError(f'{where}: prompt {i} has no "prompt" string')
         out.append({"id": str(it.get("id", i)), "category": it.get("category"), "prompt": it["prompt"]})
     return out, where
 
 
-def prompt_edge(tokenizer: Any, text: str, pid: str, query_text: str, key_text: str,
-                span: tuple[int, int] | None = None) -> tuple[list[int], tuple[int, int] | None, str | None]:
+def prompt_edge(
+    tokenizer: Any, text: str, pid: str, query_text: str, key_text: str, span: tuple[int, int] | None = None
+) -> tuple[list[int], tuple[int, int] | None, str | None]:
     """Token ids of a prompt and its steering edge (query = token of the last `query_text`, key = token of the
     first `key_text`, both searched within `span`: the prompt inside a chat template), or (ids, None, why). A key
     after its query raises SteerCausalError."""
@@ -657,9 +788,10 @@ def prompt_edge(tokenizer: Any, text: str, pid: str, query_text: str, key_text: 
         return ids, None, f"prompt {pid!r}: no exact token for the query or key text"
     if k > q:
         raise SteerCausalError(
-            f"prompt {pid!r}: edge from query token {q} ({text[offs[q][0]:offs[q][1]]!r}) to key token {k} "
-            f"({text[offs[k][0]:offs[k][1]]!r}) is causally masked — the key comes after the query, so there is "
-            "no attention to steer")
+            f"prompt {pid!r}: edge from query token {q} ({text[offs[q][0] : offs[q][1]]!r}) to key token {k} "
+            f"({text[offs[k][0] : offs[k][1]]!r}) is causally masked — the key comes after the query, so there is "
+            "no attention to steer"
+        )
     return ids, (q, k), None
 
 
@@ -672,8 +804,13 @@ def _chat_text(tokenizer: Any, prompt: str) -> Any:
     return chat.apply(tokenizer, prompt, system=CHAT_SYSTEM, user=CHAT_USER)
 
 
-def generate_pairs(lm: Any, engine: Engine, items: Sequence[tuple[list[int], tuple[int, int]]], layers: list[int],
-                   config: GenerateConfig) -> list[tuple[list[int], list[int]]]:
+def generate_pairs(
+    lm: Any,
+    engine: Engine,
+    items: Sequence[tuple[list[int], tuple[int, int]]],
+    layers: list[int],
+    config: GenerateConfig,
+) -> list[tuple[list[int], list[int]]]:
     """Baseline and steered continuations of several prompts `(ids, (query, key))`, each pair by the very same
     call (`model.generate` on the left-padded batch, KV cache, same seed): only the steering differs. Greedy
     decoding gives each prompt what it gives alone (up to fp32 rounding of near-ties); sampling draws from one
@@ -683,9 +820,16 @@ def generate_pairs(lm: Any, engine: Engine, items: Sequence[tuple[list[int], tup
     tok = lm.tokenizer
     sample = config.temperature > 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    gc = GenerationConfig(max_new_tokens=config.max_tokens, min_new_tokens=0, do_sample=sample,
-                          temperature=config.temperature if sample else None, top_k=None if sample else None,
-                          top_p=None, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+    gc = GenerationConfig(
+        max_new_tokens=config.max_tokens,
+        min_new_tokens=0,
+        do_sample=sample,
+        temperature=config.temperature if sample else None,
+        top_k=None if sample else None,
+        top_p=None,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+    )
     padded = pad_left([ids for ids, _ in items], pad if pad is not None else 0, lm.device)
     width = padded.ids.shape[1]
     edges = [(j, q + p, k + p) for j, ((_, (q, k)), p) in enumerate(zip(items, padded.pads, strict=True))]
@@ -697,8 +841,9 @@ def generate_pairs(lm: Any, engine: Engine, items: Sequence[tuple[list[int], tup
     for e in ([], steer):
         torch.manual_seed(config.seed)  # the same draws for both: only the steering differs
         with torch.inference_mode(), engine.run(edits=e):
-            out = lm.model.generate(padded.ids, attention_mask=padded.mask, generation_config=gc,
-                                    **{cache_arg: full_cache()})
+            out = lm.model.generate(
+                padded.ids, attention_mask=padded.mask, generation_config=gc, **{cache_arg: full_cache()}
+            )
         outs.append([_until_eos(out[j, width:].tolist(), tok.eos_token_id) for j in range(len(items))])
     return list(zip(outs[0], outs[1], strict=True))
 
@@ -716,27 +861,39 @@ def fisher_one_sided(baseline_yes: int, steered_yes: int, n: int) -> float:
     """One-sided Fisher exact p that the steered rate is higher (PLIP-rs: P(X ≥ steered_yes), hypergeometric)."""
     from scipy.stats import fisher_exact
 
-    return float(fisher_exact([[steered_yes, n - steered_yes], [baseline_yes, n - baseline_yes]],
-                              alternative="greater")[1])
+    return float(
+        fisher_exact([[steered_yes, n - steered_yes], [baseline_yes, n - baseline_yes]], alternative="greater")[1]
+    )
 
 
-def _generate_row(lm: Any, p: dict[str, Any], edge: tuple[int, int], b_ids: list[int], s_ids: list[int],
-                  patterns: list[re.Pattern]) -> dict[str, Any]:
+def _generate_row(
+    lm: Any, p: dict[str, Any], edge: tuple[int, int], b_ids: list[int], s_ids: list[int], patterns: list[re.Pattern]
+) -> dict[str, Any]:
     """One prompt's baseline and steered continuation, and which test markers each contains."""
     b_txt = lm.tokenizer.decode(b_ids, skip_special_tokens=True)
     s_txt = lm.tokenizer.decode(s_ids, skip_special_tokens=True)
     b_has, s_has = (any(pt.search(t) for pt in patterns) for t in (b_txt, s_txt))
     change = {(False, True): "gained", (True, False): "lost", (True, True): "kept", (False, False): "none"}
-    return {"id": p["id"], "category": p["category"], "edge": list(edge), "baseline": b_txt,
-            "steered": s_txt, "baseline_tokens": len(b_ids), "steered_tokens": len(s_ids),
-            "identical": b_ids == s_ids, "baseline_has_test": b_has, "steered_has_test": s_has,
-            "baseline_matches": [pt.pattern for pt in patterns if pt.search(b_txt)],
-            "steered_matches": [pt.pattern for pt in patterns if pt.search(s_txt)],
-            "change": change[(b_has, s_has)]}
+    return {
+        "id": p["id"],
+        "category": p["category"],
+        "edge": list(edge),
+        "baseline": b_txt,
+        "steered": s_txt,
+        "baseline_tokens": len(b_ids),
+        "steered_tokens": len(s_ids),
+        "identical": b_ids == s_ids,
+        "baseline_has_test": b_has,
+        "steered_has_test": s_has,
+        "baseline_matches": [pt.pattern for pt in patterns if pt.search(b_txt)],
+        "steered_matches": [pt.pattern for pt in patterns if pt.search(s_txt)],
+        "change": change[(b_has, s_has)],
+    }
 
 
-def _generate_plan(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig
-                   ) -> tuple[list[int], list[re.Pattern], list[tuple], list[dict[str, Any]]]:
+def _generate_plan(
+    lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig
+) -> tuple[list[int], list[re.Pattern], list[tuple], list[dict[str, Any]]]:
     """(layers, detection patterns, prepared (prompt, ids, edge), skipped): alike on the driver and on workers."""
     layers = sorted({_layer(x, lm.n_layers) for x in (config.layers or [None])})
     if config.max_tokens < 1:
@@ -768,14 +925,17 @@ def _generate_plan(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfi
     return layers, patterns, prepared, skipped
 
 
-def _generate_compute(lm: Any, layers: list[int], patterns: list[re.Pattern], prepared: list[tuple],
-                      config: GenerateConfig) -> Callable[[list[int]], list]:
+def _generate_compute(
+    lm: Any, layers: list[int], patterns: list[re.Pattern], prepared: list[tuple], config: GenerateConfig
+) -> Callable[[list[int]], list]:
     engine = Engine(lm.model)
 
     def compute(batch: list[int]) -> list[tuple[dict[str, Any], None]]:
         pairs = generate_pairs(lm, engine, [(prepared[i][1], prepared[i][2]) for i in batch], layers, config)
-        return [(_generate_row(lm, prepared[i][0], prepared[i][2], b, s, patterns), None)
-                for i, (b, s) in zip(batch, pairs, strict=True)]
+        return [
+            (_generate_row(lm, prepared[i][0], prepared[i][2], b, s, patterns), None)
+            for i, (b, s) in zip(batch, pairs, strict=True)
+        ]
 
     return compute
 
@@ -786,31 +946,61 @@ def generate_units(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfi
     return _generate_compute(lm, layers, patterns, prepared, config)
 
 
-def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig, *, source: str = "",
-                 progress: Callable[[str, int], Callable[[], None]] | None = None, cluster: Any = None,
-                 load: dict[str, Any] | None = None) -> GenerateResult:
+def run_generate(
+    lm: Any,
+    prompts: list[dict[str, Any]],
+    config: GenerateConfig,
+    *,
+    source: str = "",
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    cluster: Any = None,
+    load: dict[str, Any] | None = None,
+) -> GenerateResult:
     """Baseline vs steered generation per prompt; detection of test markers; Fisher's exact test across prompts.
     With a `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load`."""
     from plipy.cluster import pool as cp
 
     layers, patterns, prepared, skipped = _generate_plan(lm, prompts, config)
     settings = {
-        "command": "steer generate", "prompts": source, "layers": layers, "scale": config.scale,
-        "heads": config.heads, "max_tokens": config.max_tokens, "temperature": config.temperature,
-        "chat": config.chat, "detect": list(config.detect), "query_text": config.query_text,
+        "command": "steer generate",
+        "prompts": source,
+        "layers": layers,
+        "scale": config.scale,
+        "heads": config.heads,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+        "chat": config.chat,
+        "detect": list(config.detect),
+        "query_text": config.query_text,
         "key_text": config.key_text,
         "decoding": "both by model.generate() with KV cache, same GenerationConfig and seed; "
-                    + ("sampling" if config.temperature > 0 else "greedy"),
-        "batch_size": config.batch_size or default_batch_size(lm.device), **config.extra}
-    units = checkpoint.open_run("generate", lm, None, settings, resume=config.resume, fresh=config.fresh,
-                                seed=config.seed, prompt_texts=[(p["id"], p["prompt"]) for p, _, _ in prepared])
+        + ("sampling" if config.temperature > 0 else "greedy"),
+        "batch_size": config.batch_size or default_batch_size(lm.device),
+        **config.extra,
+    }
+    units = checkpoint.open_run(
+        "generate",
+        lm,
+        None,
+        settings,
+        resume=config.resume,
+        fresh=config.fresh,
+        seed=config.seed,
+        prompt_texts=[(p["id"], p["prompt"]) for p, _, _ in prepared],
+    )
     step = progress(units.label("generating"), len(prepared)) if progress else (lambda: None)
     t0 = time.perf_counter()
 
     batches = plan_batches([len(ids) for _, ids, _ in prepared], settings["batch_size"])
     done = {}
-    with cp.executor(cluster, lm, load, f"{__name__}:generate_units", (prompts, config),
-                     lambda: _generate_compute(lm, layers, patterns, prepared, config)) as ex:  # fmt: skip
+    with cp.executor(
+        cluster,
+        lm,
+        load,
+        f"{__name__}:generate_units",
+        (prompts, config),
+        lambda: _generate_compute(lm, layers, patterns, prepared, config),
+    ) as ex:
         for i, got in units.batched(batches, ex.compute, ex.remote):
             done[i] = got[0]
             step()
@@ -829,17 +1019,26 @@ def run_generate(lm: Any, prompts: list[dict[str, Any]], config: GenerateConfig,
     prov = cp.stamp(provenance.build(model=lm, seed=config.seed, config=settings), where)
     prov["timing"] = {"seconds": time.perf_counter() - t0, "resumed_prompts": units.resumed}
     units.finish()
-    return GenerateResult({
-        "provenance": prov,
-        "samples": rows,
-        "skipped": skipped,
-        "summary": {"total": n, "baseline_preserved": by, "steered_preserved": sy, "improvement": sy - by,
-                    "baseline_rate": by / n, "steered_rate": sy / n,
-                    "gained": sum(r["change"] == "gained" for r in rows),
-                    "lost": sum(r["change"] == "lost" for r in rows),
-                    "identical": sum(r["identical"] for r in rows), "fisher_exact_p": p_fisher},
-        "by_category": cats,
-    })
+    return GenerateResult(
+        {
+            "provenance": prov,
+            "samples": rows,
+            "skipped": skipped,
+            "summary": {
+                "total": n,
+                "baseline_preserved": by,
+                "steered_preserved": sy,
+                "improvement": sy - by,
+                "baseline_rate": by / n,
+                "steered_rate": sy / n,
+                "gained": sum(r["change"] == "gained" for r in rows),
+                "lost": sum(r["change"] == "lost" for r in rows),
+                "identical": sum(r["identical"] for r in rows),
+                "fisher_exact_p": p_fisher,
+            },
+            "by_category": cats,
+        }
+    )
 
 
 def calibrate_rows(result: dict) -> list[dict[str, Any]]:
@@ -850,6 +1049,16 @@ def calibrate_rows(result: dict) -> list[dict[str, Any]]:
 
 def generate_rows(result: dict) -> list[dict[str, Any]]:
     """One flat row per prompt of a steered generation."""
-    keys = ("id", "category", "baseline", "steered", "baseline_tokens", "steered_tokens", "identical",
-            "baseline_has_test", "steered_has_test", "change")
+    keys = (
+        "id",
+        "category",
+        "baseline",
+        "steered",
+        "baseline_tokens",
+        "steered_tokens",
+        "identical",
+        "baseline_has_test",
+        "steered_has_test",
+        "change",
+    )
     return [{k: s.get(k) for k in keys} for s in result["samples"]]

@@ -10,8 +10,13 @@ from rich.text import Text
 
 from plipy.corpus import STATUSES, SamplePositions
 
-STATUS_STYLE = {"perfect": "green", "ok": "cyan", "fallback": "yellow", "causal-violation": "magenta",
-                "failed": "bold red"}  # fmt: skip
+STATUS_STYLE = {
+    "perfect": "green",
+    "ok": "cyan",
+    "fallback": "yellow",
+    "causal-violation": "magenta",
+    "failed": "bold red",
+}
 
 
 def verify_summary(positions: list[SamplePositions], model: str) -> tuple[dict[str, int], list[Any]]:
@@ -22,12 +27,21 @@ def verify_summary(positions: list[SamplePositions], model: str) -> tuple[dict[s
     parts = [f"{n} {s}" for s, n in summary.items() if n]
     out.append(f"{len(positions)} samples: " + ", ".join(parts))
     if summary["causal-violation"]:
-        out.append(Text(
-            f"{summary['causal-violation']} samples have targets after the marker (marked !): attention to those "
-            "is causally impossible; scans report them, knockout/steering refuse those edges", style="magenta"))
+        out.append(
+            Text(
+                f"{summary['causal-violation']} samples have targets after the marker (marked !): attention to those "
+                "is causally impossible; scans report them, knockout/steering refuse those edges",
+                style="magenta",
+            )
+        )
     if summary["fallback"]:
-        out.append(Text(f"{summary['fallback']} samples have positions no token covers (marked ~): mapped to "
-                        "the token with the nearest midpoint", style="yellow"))
+        out.append(
+            Text(
+                f"{summary['fallback']} samples have positions no token covers (marked ~): mapped to "
+                "the token with the nearest midpoint",
+                style="yellow",
+            )
+        )
     if summary["failed"]:
         out.append(Text(f"{summary['failed']} samples failed: a position has no token", style="bold red"))
     return summary, out

@@ -12,13 +12,23 @@ from plipy.report.base import Note
 def labels_summary(doc: dict) -> list[Any]:
     """The console report of `plipy entities label`: known / unknown / dropped per type and the test split."""
     cfg = doc["config"]
-    t = Table(title=f"Known / unknown entities (K={cfg['k']}, attribute known at ≥{cfg['known_threshold']} correct)",
-              header_style="bold")  # fmt: skip
+    t = Table(
+        title=f"Known / unknown entities (K={cfg['k']}, attribute known at ≥{cfg['known_threshold']} correct)",
+        header_style="bold",
+    )
     for col in ("type", "entities", "known", "unknown", "dropped", "test known", "test unknown", "balanced/label"):
         t.add_column(col, justify="right")
     for name, s in doc["summary"].items():
-        t.add_row(name, str(s["n"]), str(s["known"]), str(s["unknown"]), str(s["dropped"]), str(s["test"]["known"]),
-                  str(s["test"]["unknown"]), str(s["test_balanced_per_label"]))  # fmt: skip
+        t.add_row(
+            name,
+            str(s["n"]),
+            str(s["known"]),
+            str(s["unknown"]),
+            str(s["dropped"]),
+            str(s["test"]["known"]),
+            str(s["test"]["unknown"]),
+            str(s["test_balanced_per_label"]),
+        )
     out: list[Any] = [t]
     for note in doc.get("notes", [])[1:]:
         if "too small" in note:

@@ -23,18 +23,30 @@ def heads_label(heads: list[int]) -> str:
 def summary(result: dict) -> list[Any]:
     """The console report of a knockout: per-condition KL table, described groups, the runner, exclusions."""
     ga, gb = result["groups_compared"]
-    t = Table(title=f"Knockout ({result['edges']}, {heads_label(result['heads'])}): mean KL(base ‖ knockout) in nats\n"
-                    f"A = {ga}, B = {gb}; flips = samples whose top-1 token changed", header_style="bold",
-              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    t = Table(
+        title=f"Knockout ({result['edges']}, {heads_label(result['heads'])}): mean KL(base ‖ knockout) in nats\n"
+        f"A = {ga}, B = {gb}; flips = samples whose top-1 token changed",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
     for col in ("layers", "n A", "KL A", "n B", "KL B", "A/B", "p", "", "p Holm", "flips"):
         t.add_column(col, justify="right")
     for r in result["runs"]:
         a, b = r["groups"][ga], r["groups"][gb]
         flips = {g: sum(1 for s in r["samples"] if s["group"] == g and s.get("top1_changed")) for g in (ga, gb)}
         t.add_row(
-            r["label"], str(a["n"]), fmt_kl(a["mean"]), str(b["n"]), fmt_kl(b["mean"]),
-            "—" if r.get("ratio") is None else fmt_num(r["ratio"]) + "×", fmt_p(r.get("p")),
-            r.get("stars", ""), fmt_p(r.get("p_holm")), f"{flips[ga]}/{flips[gb]}",
+            r["label"],
+            str(a["n"]),
+            fmt_kl(a["mean"]),
+            str(b["n"]),
+            fmt_kl(b["mean"]),
+            "—" if r.get("ratio") is None else fmt_num(r["ratio"]) + "×",
+            fmt_p(r.get("p")),
+            r.get("stars", ""),
+            fmt_p(r.get("p_holm")),
+            f"{flips[ga]}/{flips[gb]}",
         )
     out: list[Any] = [t]
     others = [g for g in result["provenance"]["config"]["groups"] if g not in (ga, gb)]
@@ -43,9 +55,14 @@ def summary(result: dict) -> list[Any]:
         more = " …" if len(result["runs"]) > 8 else ""
         out.append(f"{g} (described, not tested; n={result['runs'][0]['groups'][g]['n']}): {means}{more}")
     rn = result["provenance"]["config"]["runner"]
-    how = ("fast path: baseline once per sample, suffix-only reruns from its cache, layers below the first "
-           "knocked-out layer not recomputed") if rn["path"] == "fast" else "naive path: " + "; ".join(
-        rn["fallback_reasons"])
+    how = (
+        (
+            "fast path: baseline once per sample, suffix-only reruns from its cache, layers below the first "
+            "knocked-out layer not recomputed"
+        )
+        if rn["path"] == "fast"
+        else "naive path: " + "; ".join(rn["fallback_reasons"])
+    )
     out.append(f"{how} — {run_seconds(result):.1f} s")
     for e in result["excluded"]:
         where = f" (condition {e['condition']})" if e.get("condition") else ""
@@ -65,8 +82,10 @@ def heatmap_figure(result: dict) -> Any:
     order = _samples_order(result)
     runs = result["runs"]
     kl = {(i, s["id"]): s["kl"] for i, r in enumerate(runs) for s in r["samples"]}
-    grid = np.array([[np.nan if kl.get((i, sid)) is None else kl[(i, sid)] for sid, _ in order]
-                     for i in range(len(runs))], dtype=float)
+    grid = np.array(
+        [[np.nan if kl.get((i, sid)) is None else kl[(i, sid)] for sid, _ in order] for i in range(len(runs))],
+        dtype=float,
+    )
     positive = grid[np.isfinite(grid) & (grid > 0)]
     floor = float(positive.min()) if positive.size else 1e-12
     vals = np.log10(np.where(np.isfinite(grid), np.maximum(grid, floor), np.nan))
@@ -79,8 +98,7 @@ def heatmap_figure(result: dict) -> Any:
         if prev is not None and g != prev:
             ax.axvline(j - 0.5, color="white", lw=1.5)
         prev = g
-    ax.set(xlabel="sample", ylabel="layers knocked out",
-           title=f"log10 KL(base ‖ knockout), {result['edges']}")
+    ax.set(xlabel="sample", ylabel="layers knocked out", title=f"log10 KL(base ‖ knockout), {result['edges']}")
     fig.colorbar(im, ax=ax, fraction=0.04, label="log10 KL (nats)")
     return fig
 
@@ -101,11 +119,22 @@ def means_figure(result: dict) -> Any:
         if np.isnan(m[:, 0]).all():
             continue
         off = (gi - (len(groups) - 1) / 2) * 0.12
-        ax.errorbar(x + off, m[:, 0], yerr=[m[:, 0] - m[:, 1], m[:, 2] - m[:, 0]], fmt="-o", ms=3, capsize=2,
-                    color=COLORS[gi % len(COLORS)], label=g)
+        ax.errorbar(
+            x + off,
+            m[:, 0],
+            yerr=[m[:, 0] - m[:, 1], m[:, 2] - m[:, 0]],
+            fmt="-o",
+            ms=3,
+            capsize=2,
+            color=COLORS[gi % len(COLORS)],
+            label=g,
+        )
     ax.set_xticks(x, [r["label"] for r in runs], rotation=90 if len(runs) > 12 else 0, fontsize=7)
     ax.set_xlim(-0.5, len(runs) - 0.5)
-    ax.set(xlabel="layers knocked out", ylabel="mean KL (nats)",
-           title=f"Mean KL per condition with 95% CI ({result['edges']})")
+    ax.set(
+        xlabel="layers knocked out",
+        ylabel="mean KL (nats)",
+        title=f"Mean KL per condition with 95% CI ({result['edges']})",
+    )
     ax.legend(fontsize=7)
     return fig

@@ -26,8 +26,7 @@ def _pct(p: float) -> str:
 def _position_table(result: dict, pos: dict) -> Table:
     k = min(TOP_SHOWN, result["top_k"])
     nxt = f", next token {show(pos['next_token'])}" if pos["next_token"] is not None else ""
-    t = Table(title=f"Logit lens at position {pos['position']} (token {show(pos['token'])}{nxt})",
-              header_style="bold")
+    t = Table(title=f"Logit lens at position {pos['position']} (token {show(pos['token'])}{nxt})", header_style="bold")
     t.add_column("layer", justify="right")
     for i in range(k):
         t.add_column(f"top {i + 1}")
@@ -41,31 +40,60 @@ def _position_table(result: dict, pos: dict) -> Table:
 def _tracked_table(result: dict, pos: dict) -> Table:
     layers = result["layers_shown"]
     marks = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
-    t = Table(title=f"Tracked tokens at position {pos['position']} (rank 1 = top; top-k = {result['top_k']})",
-              header_style="bold")
-    for col in ("token", "id", "why", f"first layer in top-{result['top_k']}",
-                *(f"rank L{m}" for m in marks), f"p L{layers[-1]}"):
+    t = Table(
+        title=f"Tracked tokens at position {pos['position']} (rank 1 = top; top-k = {result['top_k']})",
+        header_style="bold",
+    )
+    for col in (
+        "token",
+        "id",
+        "why",
+        f"first layer in top-{result['top_k']}",
+        *(f"rank L{m}" for m in marks),
+        f"p L{layers[-1]}",
+    ):
         t.add_column(col, justify="left" if col in ("token", "why") else "right")
     for tr in pos["tracked"]:
         ranks = [tr["ranks"][layers.index(m)] for m in marks]
         first = tr["first_layer_in_top_k"]
-        t.add_row(show(tr["token"]), str(tr["id"]), ",".join(tr["source"]), "—" if first is None else str(first),
-                  *map(str, ranks), _pct(tr["probs"][-1]))
+        t.add_row(
+            show(tr["token"]),
+            str(tr["id"]),
+            ",".join(tr["source"]),
+            "—" if first is None else str(first),
+            *map(str, ranks),
+            _pct(tr["probs"][-1]),
+        )
     return t
 
 
 def _compact_table(result: dict) -> Table:
-    t = Table(title=f"Logit lens at {len(result['positions'])} positions: the final prediction and where it appears",
-              header_style="bold")
-    for col in ("position", "token", "next token", "final top-1", "p", f"first layer in top-{result['top_k']}",
-                "next token: first layer"):
+    t = Table(
+        title=f"Logit lens at {len(result['positions'])} positions: the final prediction and where it appears",
+        header_style="bold",
+    )
+    for col in (
+        "position",
+        "token",
+        "next token",
+        "final top-1",
+        "p",
+        f"first layer in top-{result['top_k']}",
+        "next token: first layer",
+    ):
         t.add_column(col, justify="right" if col in ("position", "p") else "left")
     for pos in result["positions"]:
         final = next(tr for tr in pos["tracked"] if "final-top1" in tr["source"])
         nxt = next((tr for tr in pos["tracked"] if "next-token" in tr["source"]), None)
-        t.add_row(str(pos["position"]), show(pos["token"]), "—" if nxt is None else show(nxt["token"]),
-                  show(final["token"]), _pct(final["probs"][-1]), str(final["first_layer_in_top_k"]),
-                  "—" if nxt is None else str(nxt["first_layer_in_top_k"]))
+        t.add_row(
+            str(pos["position"]),
+            show(pos["token"]),
+            "—" if nxt is None else show(nxt["token"]),
+            show(final["token"]),
+            _pct(final["probs"][-1]),
+            str(final["first_layer_in_top_k"]),
+            "—" if nxt is None else str(nxt["first_layer_in_top_k"]),
+        )
     return t
 
 
@@ -78,8 +106,10 @@ def lens_summary(result: dict) -> list[Any]:
         for pos in result["positions"]:
             out += [_position_table(result, pos), _tracked_table(result, pos)]
     c = result["check"]
-    out.append(f"layer L = after decoder layer L; last layer = the model's own logits (max |Δ| "
-               f"{c['last_layer_vs_model_logits_max_abs']:.2g}; logit transform: {c['logit_transform']})")
+    out.append(
+        f"layer L = after decoder layer L; last layer = the model's own logits (max |Δ| "
+        f"{c['last_layer_vs_model_logits_max_abs']:.2g}; logit transform: {c['logit_transform']})"
+    )
     return out
 
 
@@ -94,12 +124,22 @@ def grid_figure(result: dict) -> Any:
     fs = 7 if len(positions) < 12 else 5
     for j, pos in enumerate(positions):
         for i, lay in enumerate(pos["layers"]):
-            ax.text(j, i, show(lay["top"][0]["token"])[:12], ha="center", va="center", fontsize=fs,
-                    color="white" if prob[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                show(lay["top"][0]["token"])[:12],
+                ha="center",
+                va="center",
+                fontsize=fs,
+                color="white" if prob[i, j] > 0.6 else "black",
+            )
     ax.set_yticks(range(len(layers)), layers, fontsize=6)
     ax.set_xticks(range(len(positions)), [f"{p['position']}\n{show(p['token'])[:10]}" for p in positions], fontsize=6)
-    ax.set(xlabel="position (input token)", ylabel="layer (after decoder layer L)",
-           title="logit lens: top-1 token per layer (colour: its probability)")
+    ax.set(
+        xlabel="position (input token)",
+        ylabel="layer (after decoder layer L)",
+        title="logit lens: top-1 token per layer (colour: its probability)",
+    )
     fig.colorbar(im, ax=ax, fraction=0.04)
     return fig
 
@@ -112,8 +152,14 @@ def tracked_figure(result: dict) -> Any:
     fig, axes = plt.subplots(1, len(positions), figsize=(5.2 * len(positions), 3.8), squeeze=False)
     for ax, pos in zip(axes[0], positions, strict=False):
         for i, tr in enumerate(pos["tracked"]):
-            ax.plot(layers, tr["ranks"], "-o", ms=3, color=COLORS[i % len(COLORS)],
-                    label=f"{show(tr['token'])} ({','.join(tr['source'])})")
+            ax.plot(
+                layers,
+                tr["ranks"],
+                "-o",
+                ms=3,
+                color=COLORS[i % len(COLORS)],
+                label=f"{show(tr['token'])} ({','.join(tr['source'])})",
+            )
         ax.axhline(result["top_k"], color="grey", ls="--", lw=1, label=f"top-{result['top_k']}")
         ax.set_yscale("log")
         ax.invert_yaxis()
@@ -129,19 +175,35 @@ def emergence_summary(result: dict) -> list[Any]:
     """Per prompt and expected string: the first layer in the top-k, the token found there, the final rank."""
     k = result["top_k"]
     last = result["layers_shown"][-1]
-    t = Table(title=f"Test-marker emergence: first layer where a token containing the string is in the top-{k}",
-              header_style="bold")
-    for col in ("prompt", "expected", "first layer", "token there", "p there", f"rank L{last}", f"p L{last}",
-                "matches in vocab"):
+    t = Table(
+        title=f"Test-marker emergence: first layer where a token containing the string is in the top-{k}",
+        header_style="bold",
+    )
+    for col in (
+        "prompt",
+        "expected",
+        "first layer",
+        "token there",
+        "p there",
+        f"rank L{last}",
+        f"p L{last}",
+        "matches in vocab",
+    ):
         t.add_column(col, justify="left" if col in ("prompt", "expected", "token there") else "right")
     out: list[Any] = [t]
     for p in result["prompts"]:
         for e in p["expected"]:
             at = e["at_first_layer"]
-            t.add_row(p["id"], show(e["string"]), "—" if at is None else str(e["first_layer_in_top_k"]),
-                      "—" if at is None else show(at["token"]), "—" if at is None else _pct(at["prob"]),
-                      str(e["ranks"][-1]) if e["ranks"] else "—", _pct(e["probs"][-1]) if e["probs"] else "—",
-                      str(e["n_vocab_matches"]))
+            t.add_row(
+                p["id"],
+                show(e["string"]),
+                "—" if at is None else str(e["first_layer_in_top_k"]),
+                "—" if at is None else show(at["token"]),
+                "—" if at is None else _pct(at["prob"]),
+                str(e["ranks"][-1]) if e["ranks"] else "—",
+                _pct(e["probs"][-1]) if e["probs"] else "—",
+                str(e["n_vocab_matches"]),
+            )
     for p in result["prompts"]:
         top = ", ".join(show(x["token"]) for x in p["final_top"][:5])
         first = p["earliest_layer"]
@@ -169,7 +231,7 @@ def emergence_figure(result: dict) -> Any:
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylabel("rank of best match", fontsize=8)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(prompts):]:
+    for ax in list(axes.flat)[len(prompts) :]:
         ax.axis("off")
     fig.suptitle(f"emergence: rank by layer (dashed: top-{result['top_k']})", fontsize=10)
     fig.tight_layout()

@@ -17,8 +17,11 @@ def _pct(x: float | None) -> str:
 def summary(result: dict) -> list[Any]:
     """Per layer: CV accuracy ± sd, the shuffled control, permutation p (Holm), training accuracy."""
     counts = ", ".join(f"{c} {n}" for c, n in result["counts"].items())
-    t = Table(title=f"Linear probe on the {result['feature']} token's residual ({result['n_samples']} samples: "
-                    f"{counts}; {result['folds']}-fold stratified CV)", header_style="bold")
+    t = Table(
+        title=f"Linear probe on the {result['feature']} token's residual ({result['n_samples']} samples: "
+        f"{counts}; {result['folds']}-fold stratified CV)",
+        header_style="bold",
+    )
     perms = result["provenance"]["config"].get("permutations", 0)
     cols = ["layer", "accuracy", "± sd", "shuffled", "shuffled 95%", "p perm", "p Holm", "train acc."]
     for col in cols if perms else [c for c in cols if not c.startswith(("shuffled", "p "))]:
@@ -28,17 +31,27 @@ def summary(result: dict) -> list[Any]:
         if perms:
             cells += [_pct(r["shuffled_mean"]), _pct(r["shuffled_p95"]), fmt_p(r["p_perm"]), fmt_p(r.get("p_holm"))]
         t.add_row(*cells, _pct(r["train_accuracy"]))
-    out: list[Any] = [t, f"majority-class baseline {_pct(result['majority_baseline'])}, chance "
-                         f"{_pct(result['chance'])}; {result['n_features']} features per sample"]
+    out: list[Any] = [
+        t,
+        f"majority-class baseline {_pct(result['majority_baseline'])}, chance "
+        f"{_pct(result['chance'])}; {result['n_features']} features per sample",
+    ]
     if perms:
-        out.append(f"shuffled: the same probe and folds on {perms} label permutations; the smallest possible p is "
-                   f"1/{perms + 1} = {1 / (perms + 1):.3f}")
+        out.append(
+            f"shuffled: the same probe and folds on {perms} label permutations; the smallest possible p is "
+            f"1/{perms + 1} = {1 / (perms + 1):.3f}"
+        )
     if result["n_features"] >= result["n_samples"]:
-        out.append(f"{result['n_samples']} samples in {result['n_features']} dimensions: any labelling of a training "
-                   "set is separable (train accuracy says nothing); only held-out accuracy above the control does")
+        out.append(
+            f"{result['n_samples']} samples in {result['n_features']} dimensions: any labelling of a training "
+            "set is separable (train accuracy says nothing); only held-out accuracy above the control does"
+        )
     out += [Note(f"excluded {e['id']} ({e['label']}): {e['note']}") for e in result["excluded"]]
-    out += [Note(f"layer {r['layer']}: the logistic regression did not converge") for r in result["layers"]
-            if not r["converged"]]
+    out += [
+        Note(f"layer {r['layer']}: the logistic regression did not converge")
+        for r in result["layers"]
+        if not r["converged"]
+    ]
     return out
 
 
@@ -51,15 +64,18 @@ def accuracy_figure(result: dict) -> Any:
     sd = np.array([r["accuracy_std"] for r in rows])
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for r in rows:
-        ax.plot([r["layer"]] * len(r["fold_accuracies"]), r["fold_accuracies"], ".", color=COLORS[0], alpha=0.25,
-                ms=4)
+        ax.plot([r["layer"]] * len(r["fold_accuracies"]), r["fold_accuracies"], ".", color=COLORS[0], alpha=0.25, ms=4)
     ax.plot(layers, acc, "-o", ms=3, color=COLORS[0], label="probe (CV accuracy, mean ± sd)")
     ax.fill_between(layers, acc - sd, np.minimum(acc + sd, 1), color=COLORS[0], alpha=0.15)
     if "shuffled_mean" in rows[0]:
         ax.plot(layers, [r["shuffled_mean"] for r in rows], "-", color=COLORS[1], label="shuffled labels (mean)")
         ax.plot(layers, [r["shuffled_p95"] for r in rows], ":", color=COLORS[1], label="shuffled labels (95%)")
     ax.axhline(result["majority_baseline"], color="grey", ls="--", lw=1, label="majority class")
-    ax.set(xlabel="layer (residual after decoder layer L)", ylabel="accuracy", ylim=(0, 1.05),
-           title=f"linear probe: {' vs '.join(result['classes'])} ({result['feature']} token, n={result['n_samples']})")
+    ax.set(
+        xlabel="layer (residual after decoder layer L)",
+        ylabel="accuracy",
+        ylim=(0, 1.05),
+        title=f"linear probe: {' vs '.join(result['classes'])} ({result['feature']} token, n={result['n_samples']})",
+    )
     ax.legend(fontsize=7, loc="lower right")
     return fig

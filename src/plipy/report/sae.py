@@ -31,8 +31,15 @@ def bars(result: dict, arrays: dict, measure: str) -> Any:
     width = 6 if len(heads) <= 12 else min(50, 20 if len(heads) <= 300 else 50)
     fig, ax = plt.subplots(figsize=(width, 6))
     x = np.arange(len(heads))
-    ax.bar(x, mean, yerr=std, capsize=5 if len(heads) <= 40 else 1.5, color="#1f77b4", alpha=0.8,
-           error_kw={"lw": 1 if len(heads) <= 40 else 0.6})
+    ax.bar(
+        x,
+        mean,
+        yerr=std,
+        capsize=5 if len(heads) <= 40 else 1.5,
+        color="#1f77b4",
+        alpha=0.8,
+        error_kw={"lw": 1 if len(heads) <= 40 else 0.6},
+    )
     every = 1 if len(heads) <= 40 else 5
     ax.set_xticks(x[::every], [f"L{la}H{h}" for la, h in heads][::every], rotation=45, fontsize=12)
     lim = float(np.max(np.abs(np.concatenate([mean + std, mean - std])))) + 0.02
@@ -64,8 +71,16 @@ def scatter(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure
             rows = np.array([p.entity_type == t for p in prompts])
             xs, ys = orig[rows, la, h], steered[rows, la, h]
             hi = max(hi, float(xs.max(initial=0)), float(ys.max(initial=0)))
-            ax.scatter(xs, ys, s=30, c=HEAD_COLORS[ci % len(HEAD_COLORS)], marker=MARKERS[ti % len(MARKERS)],
-                       edgecolors="black", linewidths=0.5, label=f"L{la}H{h} · {t or '—'}")  # fmt: skip
+            ax.scatter(
+                xs,
+                ys,
+                s=30,
+                c=HEAD_COLORS[ci % len(HEAD_COLORS)],
+                marker=MARKERS[ti % len(MARKERS)],
+                edgecolors="black",
+                linewidths=0.5,
+                label=f"L{la}H{h} · {t or '—'}",
+            )
     top = max(hi * 1.05, 1.0 if measure == "attn_weights" else hi * 1.05) or 1.0
     ax.plot([0, top], [0, top], ls="--", color="lightgrey", zorder=0)
     ax.set(xlim=(0, top), ylim=(0, top), xlabel=f"Original {measure}", ylabel=f"Steered {measure}")
@@ -112,12 +127,16 @@ def boxes(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: 
     return fig
 
 
-def figures(result: dict[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], measure: str | None = None
-            ) -> dict[str, Any]:
+def figures(
+    result: dict[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], measure: str | None = None
+) -> dict[str, Any]:
     """The plots of one measure (default: the run's first) by kind: bars, scatter, heatmap, boxes (two labels)."""
     m = measure or next(iter(result["measures"]))
-    figs = {"bars": bars(result, arrays, m), "scatter": scatter(result, arrays, prompts, m),
-            "heatmap": heatmap(result, m)}  # fmt: skip
+    figs = {
+        "bars": bars(result, arrays, m),
+        "scatter": scatter(result, arrays, prompts, m),
+        "heatmap": heatmap(result, m),
+    }
     box = boxes(result, arrays, prompts, m)
     if box is not None:
         figs["boxes"] = box
@@ -131,18 +150,28 @@ def summary(result: dict) -> list[Any]:
     out: list[Any] = []
     for m, r in result["measures"].items():
         top = sorted(r["per_head"], key=lambda h: -abs(h["mean_difference"]))[:8]
-        t = Table(title=f"{m}: latent {result['latent']} at the input of layer {result['layer']} "
-                  "(largest mean differences, steered − original)", header_style="bold")  # fmt: skip
+        t = Table(
+            title=f"{m}: latent {result['latent']} at the input of layer {result['layer']} "
+            "(largest mean differences, steered − original)",
+            header_style="bold",
+        )
         for col in ("head", "original", "steered", "difference", "std"):
             t.add_column(col, justify="right")
         for h in top:
-            t.add_row(h["head"], fmt_num(h["mean_original"], ".4f"), fmt_num(h["mean_steered"], ".4f"),
-                      fmt_num(h["mean_difference"], "+.4f"), fmt_num(h["std_difference"], ".4f"))  # fmt: skip
+            t.add_row(
+                h["head"],
+                fmt_num(h["mean_original"], ".4f"),
+                fmt_num(h["mean_steered"], ".4f"),
+                fmt_num(h["mean_difference"], "+.4f"),
+                fmt_num(h["std_difference"], ".4f"),
+            )
         out.append(t)
         for lab, g in r["by_label"].items():
             ps = ", ".join(f"{x['latent']}: p={fmt_p(x['p'])}, g={fmt_num(x['hedges_g'])}" for x in g["random"])
-            out.append(f"  label {lab} (n={g['n_prompts']}, expected {g['expected']}): mean difference "
-                       f"{fmt_num(g['mean_difference'], '+.4f')}; {g['summary']}" + (f"\n    {ps}" if ps else ""))
+            out.append(
+                f"  label {lab} (n={g['n_prompts']}, expected {g['expected']}): mean difference "
+                f"{fmt_num(g['mean_difference'], '+.4f')}; {g['summary']}" + (f"\n    {ps}" if ps else "")
+            )
     return out
 
 
@@ -151,18 +180,27 @@ def training_summary(result: dict, model_name: str, layer: int, width: int) -> l
     from rich.table import Table
 
     m, tr = result["metrics"], result["training"]
-    t = Table(title=f"SAE on {result['hook_name']} of {model_name} (steers at the input of layer {layer + 1})",
-              header_style="bold")  # fmt: skip
+    t = Table(
+        title=f"SAE on {result['hook_name']} of {model_name} (steers at the input of layer {layer + 1})",
+        header_style="bold",
+    )
     t.add_column("metric")
     t.add_column("value", justify="right")
-    rows = [("explained variance (held out)", f"{m['explained_variance']:.4f}"), ("MSE per element", f"{m['mse']:.4g}"),
-            ("L0", f"{m['l0']:.1f}"), ("dead latents (whole last epoch)", f"{tr['dead_latents']} of {width}"),
-            ("next-token loss clean", f"{m['ce_clean']:.4f}"), ("… with the SAE spliced in", f"{m['ce_spliced']:.4f}"),
-            ("loss increase (nats)", f"{m['ce_increase']:+.4f}"),
-            ("… mean-ablated", f"{m.get('ce_mean_ablated', float('nan')):.4f}"),
-            ("loss recovered", "—" if m.get("ce_loss_recovered") is None else f"{m['ce_loss_recovered']:.3f}"),
-            ("seconds (collect / train / eval)", " / ".join(f"{result['timings_s'][x]:.0f}"
-                                                          for x in ("collect", "train", "eval")))]  # fmt: skip
+    rows = [
+        ("explained variance (held out)", f"{m['explained_variance']:.4f}"),
+        ("MSE per element", f"{m['mse']:.4g}"),
+        ("L0", f"{m['l0']:.1f}"),
+        ("dead latents (whole last epoch)", f"{tr['dead_latents']} of {width}"),
+        ("next-token loss clean", f"{m['ce_clean']:.4f}"),
+        ("… with the SAE spliced in", f"{m['ce_spliced']:.4f}"),
+        ("loss increase (nats)", f"{m['ce_increase']:+.4f}"),
+        ("… mean-ablated", f"{m.get('ce_mean_ablated', float('nan')):.4f}"),
+        ("loss recovered", "—" if m.get("ce_loss_recovered") is None else f"{m['ce_loss_recovered']:.3f}"),
+        (
+            "seconds (collect / train / eval)",
+            " / ".join(f"{result['timings_s'][x]:.0f}" for x in ("collect", "train", "eval")),
+        ),
+    ]
     for r in rows:
         t.add_row(*r)
     return [t]
@@ -172,16 +210,24 @@ def latents_summary(doc: dict, split: str) -> list[Any]:
     """The console report of `plipy sae latents`: the top latents per label with their activation frequencies."""
     from rich.table import Table
 
-    t = Table(title=f"Top latents at the input of layer {doc['layer']} ({doc['n_entities']} entities, split {split})",
-              header_style="bold")  # fmt: skip
+    t = Table(
+        title=f"Top latents at the input of layer {doc['layer']} ({doc['n_entities']} entities, split {split})",
+        header_style="bold",
+    )
     for col in ("label", "latent", "min score", "f known", "f unknown", "f general"):
         t.add_column(col, justify="right")
     for lab in ("known", "unknown"):
         by_idx = {e["latent_idx"]: e for e in doc[lab].values()}
         for i in doc["top"][lab][:5]:
             e = by_idx[i]
-            t.add_row(lab, str(i), f"{e['score']:+.3f}", f"{e['freq_acts_known']:.3f}", f"{e['freq_acts_unknown']:.3f}",
-                      "—" if e.get("freq_general") is None else f"{e['freq_general']:.4f}")  # fmt: skip
+            t.add_row(
+                lab,
+                str(i),
+                f"{e['score']:+.3f}",
+                f"{e['freq_acts_known']:.3f}",
+                f"{e['freq_acts_unknown']:.3f}",
+                "—" if e.get("freq_general") is None else f"{e['freq_general']:.4f}",
+            )
     out: list[Any] = [t]
     if doc["skipped_types"]:
         out.append(f"types without both labels (left out): {', '.join(doc['skipped_types'])}")

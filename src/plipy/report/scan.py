@@ -82,9 +82,16 @@ def token_row_figure(tokens: list[str], weights: list[float], marker: int, targe
             shown = part.replace(" ", "·") if i <= marker else part
             color = cmap(0.1 + 0.9 * w[i] / top) if i <= marker else (1, 1, 1, 1)
             ec = "blue" if i == marker else ("green" if i in targets else "none")
-            t = ax.text(x, y, shown, family="monospace", fontsize=8, va="top",
-                        color="black" if i <= marker else "#aaaaaa",
-                        bbox=dict(boxstyle="square,pad=0.1", fc=color, ec=ec, lw=1))
+            t = ax.text(
+                x,
+                y,
+                shown,
+                family="monospace",
+                fontsize=8,
+                va="top",
+                color="black" if i <= marker else "#aaaaaa",
+                bbox=dict(boxstyle="square,pad=0.1", fc=color, ec=ec, lw=1),
+            )
             bb = t.get_window_extent(renderer=renderer).transformed(ax.transData.inverted())
             x += bb.width + 0.004
     ax.set_ylim(y - line_h, 1.02)
@@ -93,21 +100,44 @@ def token_row_figure(tokens: list[str], weights: list[float], marker: int, targe
     return fig
 
 
-
 def summary(result: dict) -> list[Any]:
     """The console report of a scan: the per-layer table, the null line, best layers, samples not measured."""
     ga, gb = result["groups_compared"]
     t = Table(title=f"Layer scan: {ga} vs {gb} (attention marker → targets, head mean)", header_style="bold")
-    for col in ("layer", f"{ga}", f"{gb}", "ratio", "t", "df", "p", "", "p Holm", "null ratio", "excess ratio",
-                "p excess Holm", f"tok0 {ga}", f"tok0 {gb}"):
+    for col in (
+        "layer",
+        f"{ga}",
+        f"{gb}",
+        "ratio",
+        "t",
+        "df",
+        "p",
+        "",
+        "p Holm",
+        "null ratio",
+        "excess ratio",
+        "p excess Holm",
+        f"tok0 {ga}",
+        f"tok0 {gb}",
+    ):
         t.add_column(col, justify="right")
     for r in result["layers"]:
         e = r["excess"]
         t.add_row(
-            str(r["layer"]), fmt_pct(r["groups"][ga]["mean"]), fmt_pct(r["groups"][gb]["mean"]),
-            fmt_num(r["ratio"]) + "×", fmt_num(r["t"]), fmt_num(r["df"], ".1f"), fmt_p(r["p"]), r["stars"],
-            fmt_p(r["p_holm"]), fmt_num(r["null_ratio"]) + "×", fmt_num(e["ratio"]) + "×", fmt_p(e["p_holm"]),
-            fmt_pct(r["first_token_share"][ga]), fmt_pct(r["first_token_share"][gb]),
+            str(r["layer"]),
+            fmt_pct(r["groups"][ga]["mean"]),
+            fmt_pct(r["groups"][gb]["mean"]),
+            fmt_num(r["ratio"]) + "×",
+            fmt_num(r["t"]),
+            fmt_num(r["df"], ".1f"),
+            fmt_p(r["p"]),
+            r["stars"],
+            fmt_p(r["p_holm"]),
+            fmt_num(r["null_ratio"]) + "×",
+            fmt_num(e["ratio"]) + "×",
+            fmt_p(e["p_holm"]),
+            fmt_pct(r["first_token_share"][ga]),
+            fmt_pct(r["first_token_share"][gb]),
         )
     out: list[Any] = [t]
     nr = result["null_ratio"]

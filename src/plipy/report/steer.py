@@ -15,66 +15,94 @@ from plipy.report.base import COLORS, Note, fmt_num, fmt_p, mean_ci, pyplot, run
 
 def excluded_lines(result: dict) -> list[str]:
     """One line per sample or prompt left out, with why."""
-    return [Note(f"excluded {e['id']}: {e['status']} — {e.get('note') or ''}")
-            for e in result.get("excluded", []) + result.get("skipped", [])]
+    return [
+        Note(f"excluded {e['id']}: {e['status']} — {e.get('note') or ''}")
+        for e in result.get("excluded", []) + result.get("skipped", [])
+    ]
 
 
 def calibrate_summary(result: dict) -> list[Any]:
     """The console report of a calibration."""
     ga, gb = result["groups_compared"]
-    t = Table(title=f"Calibration at layer {result['layer']}: attention marker → targets (head mean)",
-              box=box.SIMPLE_HEAD, header_style="bold")
+    t = Table(
+        title=f"Calibration at layer {result['layer']}: attention marker → targets (head mean)",
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+    )
     for col in ("group", "n", "mean", "std"):
         t.add_column(col, justify="right")
     for g in (ga, gb):
         d = result["groups"][g]
         t.add_row(g, str(d["n"]), f"{d['mean']:.5f}", fmt_num(d["std"], ".5f"))
-    line = (f"ratio {ga}/{gb} = {fmt_num(result['ratio'], '.3f')}; scale that brings {gb}'s steered mean "
-            f"to {ga}'s: α = {fmt_num(result['scale_to_a'], '.4f')} (PLIP's ratio rule: "
-            f"{fmt_num(result['scale_plip'], '.4f')})")
+    line = (
+        f"ratio {ga}/{gb} = {fmt_num(result['ratio'], '.3f')}; scale that brings {gb}'s steered mean "
+        f"to {ga}'s: α = {fmt_num(result['scale_to_a'], '.4f')} (PLIP's ratio rule: "
+        f"{fmt_num(result['scale_plip'], '.4f')})"
+    )
     return [t, line, *excluded_lines(result)]
 
 
 def generate_summary(result: dict) -> list[Any]:
     """The console report of steered generation: side-by-side texts and the Fisher test."""
     cfg = result["provenance"]["config"]
-    t = Table(title=f"Generation, layers {cfg['layers']}, α = {cfg['scale']:g}",
-              box=box.SIMPLE_HEAD, header_style="bold", show_lines=True)
+    t = Table(
+        title=f"Generation, layers {cfg['layers']}, α = {cfg['scale']:g}",
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+        show_lines=True,
+    )
     for col in ("id", "baseline", "steered", "change"):
         t.add_column(col, overflow="fold")
     for r in result["samples"]:
         # generated code is full of `[...]` (`#[test]`): Text, not rich markup
-        t.add_row(Text(r["id"]), Text(r["baseline"]), Text("(identical)" if r["identical"] else r["steered"]),
-                  r["change"])
+        t.add_row(
+            Text(r["id"]), Text(r["baseline"]), Text("(identical)" if r["identical"] else r["steered"]), r["change"]
+        )
     s = result["summary"]
-    line = (f"tests preserved: baseline {s['baseline_preserved']}/{s['total']}, steered "
-            f"{s['steered_preserved']}/{s['total']} (gained {s['gained']}, lost {s['lost']}, identical "
-            f"{s['identical']}); one-sided Fisher p = {fmt_p(s['fisher_exact_p'])}")
+    line = (
+        f"tests preserved: baseline {s['baseline_preserved']}/{s['total']}, steered "
+        f"{s['steered_preserved']}/{s['total']} (gained {s['gained']}, lost {s['lost']}, identical "
+        f"{s['identical']}); one-sided Fisher p = {fmt_p(s['fisher_exact_p'])}"
+    )
     return [t, line, *excluded_lines(result)]
 
 
 def dose_summary(result: dict) -> list[Any]:
     """The console report of a dose-response run."""
-    t = Table(title=f"Steering layers {result['layers']} ({len(result['heads'])} heads), groups "
-                    f"{', '.join(result['groups'])}: KL(base ‖ steered) in nats, attention achieved (head mean)",
-              box=box.SIMPLE_HEAD, header_style="bold")
+    t = Table(
+        title=f"Steering layers {result['layers']} ({len(result['heads'])} heads), groups "
+        f"{', '.join(result['groups'])}: KL(base ‖ steered) in nats, attention achieved (head mean)",
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+    )
     for col in ("scale", "n", "mean KL", "std KL", "attention"):
         t.add_column(col, justify="right")
     for r in result["doses"]:
-        t.add_row(f"{r['scale']:g}", str(r["n"]), fmt_e(r["mean_kl"]), fmt_e(r["std_kl"]),
-                  fmt_num(r["mean_attention_achieved"], ".5f"))
+        t.add_row(
+            f"{r['scale']:g}",
+            str(r["n"]),
+            fmt_e(r["mean_kl"]),
+            fmt_e(r["std_kl"]),
+            fmt_num(r["mean_attention_achieved"], ".5f"),
+        )
     if "target" in result:
         r = result["target"]
-        t.add_row(f"v={r['target_attention']:g} (α̅={fmt_num(r['mean_scale'], '.3g')})", str(r["n"]),
-                  fmt_e(r["mean_kl"]), fmt_e(r["std_kl"]), fmt_num(r["mean_attention_achieved"], ".5f"))
+        t.add_row(
+            f"v={r['target_attention']:g} (α̅={fmt_num(r['mean_scale'], '.3g')})",
+            str(r["n"]),
+            fmt_e(r["mean_kl"]),
+            fmt_e(r["std_kl"]),
+            fmt_num(r["mean_attention_achieved"], ".5f"),
+        )
     out: list[Any] = [t]
     mono = result["monotonicity"]
-    out.append(f"monotonic: attention rises with α: {mono['attention_increasing']} "
-                  f"(samples {mono['samples_attention_increasing']}); KL rises with α above 1: "
-                  f"{mono['kl_increasing_above_1']}, as α falls below 1: {mono['kl_increasing_below_1']}")
+    out.append(
+        f"monotonic: attention rises with α: {mono['attention_increasing']} "
+        f"(samples {mono['samples_attention_increasing']}); KL rises with α above 1: "
+        f"{mono['kl_increasing_above_1']}, as α falls below 1: {mono['kl_increasing_below_1']}"
+    )
     rn = result["provenance"]["config"]["runner"]
-    out.append(f"runner: {rn['path']} path ({rn['forward_calls']} forward calls) — "
-                  f"{run_seconds(result):.1f} s")
+    out.append(f"runner: {rn['path']} path ({rn['forward_calls']} forward calls) — {run_seconds(result):.1f} s")
     return out + excluded_lines(result)
 
 
@@ -111,8 +139,6 @@ def dose_figure(result: dict) -> Any:
     return fig
 
 
-
-
 def calibrate_figure(result: dict) -> Any:
     """Each sample's baseline attention per group (dots), the group means with 95% CIs, and the scale's target."""
     plt = pyplot()
@@ -124,13 +150,22 @@ def calibrate_figure(result: dict) -> Any:
         col = COLORS[gi % len(COLORS)]
         ax.scatter(gi + rng.uniform(-0.12, 0.12, len(vals)), vals, s=18, color=col, alpha=0.7)
         m, lo, hi = mean_ci(vals)
-        ax.errorbar([gi + 0.25], [m], yerr=[[m - lo], [hi - m]], fmt="o", color=col, capsize=4,
-                    label=f"{g}: mean {m:.4f} (n={len(vals)})")
+        ax.errorbar(
+            [gi + 0.25],
+            [m],
+            yerr=[[m - lo], [hi - m]],
+            fmt="o",
+            color=col,
+            capsize=4,
+            label=f"{g}: mean {m:.4f} (n={len(vals)})",
+        )
     ax.axhline(result["recommended_target"], color="grey", ls="--", lw=1, label="target (mean of A)")
     ax.set_xticks(range(len(groups)), groups)
     scale = result["scale_to_a"]
-    ax.set(ylabel="attention marker → targets (head mean)",
-           title=f"Calibration at layer {result['layer']}" + (f": α = {scale:.3f} brings B to A" if scale else ""))
+    ax.set(
+        ylabel="attention marker → targets (head mean)",
+        title=f"Calibration at layer {result['layer']}" + (f": α = {scale:.3f} brings B to A" if scale else ""),
+    )
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     return fig

@@ -62,20 +62,32 @@ def make_batch(items: Sequence[Tokenized], pos_type: str, pad_id: int, device: A
     return Batch(p.ids, p.mask, p.positions, steer)
 
 
-def forward_measures(engine: Engine, model: torch.nn.Module, batch: Batch, w_o: dict[int, torch.Tensor],
-                     measures: Sequence[str], ovw_norm: str, adds: Sequence[ResidualAdd] = (),
-                     resid_layer: int | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:  # fmt: skip
+def forward_measures(
+    engine: Engine,
+    model: torch.nn.Module,
+    batch: Batch,
+    w_o: dict[int, torch.Tensor],
+    measures: Sequence[str],
+    ovw_norm: str,
+    adds: Sequence[ResidualAdd] = (),
+    resid_layer: int | None = None,
+) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """One forward: `{measure: [batch, layers, heads]}` and, if asked, the residual entering `resid_layer`."""
     length = batch.ids.shape[1]
     keys, kmask = key_index(batch.steer_positions)
     rc = ResidualCapture(layers=[resid_layer], where=("pre",)) if resid_layer is not None else None
-    with torch.inference_mode(), engine.run(capture=Capture(rows=[length - 1], values=True), residual_adds=adds,
-                                            residual_capture=rc) as rec:  # fmt: skip
+    with (
+        torch.inference_mode(),
+        engine.run(capture=Capture(rows=[length - 1], values=True), residual_adds=adds, residual_capture=rc) as rec,
+    ):
         # The decoder stack only: logits are not needed (the vocabulary projection is the costliest matmul).
-        model.base_model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.position_ids,
-                         use_cache=False)  # fmt: skip
-    per_layer = [layer_measures(rec.attn[layer][:, :, 0], rec.values[layer], keys, kmask, w_o.get(layer), measures,
-                                ovw_norm) for layer in range(engine.n_layers)]  # fmt: skip
+        model.base_model(
+            input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.position_ids, use_cache=False
+        )
+    per_layer = [
+        layer_measures(rec.attn[layer][:, :, 0], rec.values[layer], keys, kmask, w_o.get(layer), measures, ovw_norm)
+        for layer in range(engine.n_layers)
+    ]
     out = {m: torch.stack([pl[m] for pl in per_layer], dim=1).cpu().numpy() for m in measures}
     resid = rec.resid.get((resid_layer, "pre")) if resid_layer is not None else None
     return out, resid
@@ -200,20 +212,25 @@ class _Run:
     pad_id: int
 
 
-def _batch_arrays(lm: Any, sae: SAE, run: _Run, config: AttentionConfig, toks: Sequence[Tokenized],
-                  step: Callable[[], None]) -> dict[str, np.ndarray]:
+def _batch_arrays(
+    lm: Any, sae: SAE, run: _Run, config: AttentionConfig, toks: Sequence[Tokenized], step: Callable[[], None]
+) -> dict[str, np.ndarray]:
     """The original and every latent's steered measures of one batch: `{"original/m" | "steered/lat/m": [b, L, H]}`."""
     batch = make_batch(toks, config.pos_type, run.pad_id, lm.device)
     arrays: dict[str, np.ndarray] = {}
-    orig, resid = forward_measures(run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm,
-                                   resid_layer=run.resid_layer)  # fmt: skip
+    orig, resid = forward_measures(
+        run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm, resid_layer=run.resid_layer
+    )
     step()
     for m, v in orig.items():
         arrays[f"original/{m}"] = v
     for lat in run.latents:
         adds = steering_adds(sae, run.layer, run.steerings[lat], batch.steer_positions, resid)
-        steered = orig if not adds else forward_measures(run.engine, lm.model, batch, run.w_o, config.measures,
-                                                         config.ovw_norm, adds)[0]  # fmt: skip
+        steered = (
+            orig
+            if not adds
+            else forward_measures(run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm, adds)[0]
+        )
         for m, v in steered.items():
             arrays[f"steered/{lat}/{m}"] = v
         step()
@@ -253,21 +270,31 @@ def _plan(lm: Any, sae: SAE, prompts: Sequence[EntityPrompt], config: AttentionC
     w_o = {}
     if {"output_value_weighted", "distance_based"} & set(config.measures):
         w_o = {la: head_output_weights(model, la, n_heads) for la in range(n_layers)}
-    steerings = {lat: Steering(lat, config.coeff, config.direction, tuple(config.ablate),
-                               config.latent_means.get(lat)) for lat in latents}  # fmt: skip
-    run = _Run(Engine(model, idle=config.attn_impl), layer, latents, steerings, w_o,
-               layer if any(needs_residual(s) for s in steerings.values()) else None,
-               tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+    steerings = {
+        lat: Steering(lat, config.coeff, config.direction, tuple(config.ablate), config.latent_means.get(lat))
+        for lat in latents
+    }
+    run = _Run(
+        Engine(model, idle=config.attn_impl),
+        layer,
+        latents,
+        steerings,
+        w_o,
+        layer if any(needs_residual(s) for s in steerings.values()) else None,
+        tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
+    )
     return _Plan(run, toks, layer, list(heads), randoms)
 
 
-def unit_compute(lm: Any, sae: SAE, prompts: Sequence[EntityPrompt], config: AttentionConfig
-                 ) -> Callable[[list[int]], list]:
+def unit_compute(
+    lm: Any, sae: SAE, prompts: Sequence[EntityPrompt], config: AttentionConfig
+) -> Callable[[list[int]], list]:
     """A Ray worker's `compute([batch index])` (`plipy.cluster`): the local path's own code on its model."""
     plan = _plan(lm, sae, prompts, config)
     bs = config.batch_size
-    return lambda b: [(None, _batch_arrays(lm, sae, plan.run, config, plan.toks[b[0] * bs : (b[0] + 1) * bs],
-                                           lambda: None))]
+    return lambda b: [
+        (None, _batch_arrays(lm, sae, plan.run, config, plan.toks[b[0] * bs : (b[0] + 1) * bs], lambda: None))
+    ]
 
 
 def run_attention(
@@ -292,10 +319,17 @@ def run_attention(
     plan = _plan(lm, sae, prompts, config)
     run, toks, layer, heads, randoms = plan.run, plan.toks, plan.layer, plan.heads, plan.randoms
     latents = run.latents
-    fp = fingerprint({
-        "config": asdict(config), "randoms": randoms, "layer": layer, "sae": sae.describe(), "model": lm.spec,
-        "dtype": str(next(model.parameters()).dtype), "prompts": [asdict(p) for p in prompts],
-    })  # fmt: skip
+    fp = fingerprint(
+        {
+            "config": asdict(config),
+            "randoms": randoms,
+            "layer": layer,
+            "sae": sae.describe(),
+            "model": lm.spec,
+            "dtype": str(next(model.parameters()).dtype),
+            "prompts": [asdict(p) for p in prompts],
+        }
+    )
     ckpt = Units(checkpoint_dir, fp)  # per-batch units beside the output: an interrupted run resumes
     bs = config.batch_size
     n_batches = -(-len(prompts) // bs)
@@ -308,8 +342,9 @@ def run_attention(
 
     parts: list[dict[str, np.ndarray]] = []
     # the SAE's weights travel to the workers as data; the model's never do (each worker loads its spec)
-    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (sae, list(prompts), config),
-                     lambda: compute) as ex:  # fmt: skip
+    with cp.executor(
+        cluster, lm, load, f"{__name__}:unit_compute", (sae, list(prompts), config), lambda: compute
+    ) as ex:
         for bi, (_, arrays) in ckpt.batched([[b] for b in range(n_batches)], ex.compute, ex.remote):
             for _ in range(0 if bi in here else 1 + len(latents)):
                 step()
@@ -322,10 +357,17 @@ def run_attention(
     }
     result = summarise(out_arrays, prompts, toks, config, layer, heads, randoms, n_layers, n_heads)
     result["sae"] = sae.describe()
-    result["provenance"] = provenance.build(model=lm, seed=config.seed, config={
-        **asdict(config), "layer": layer, "random_latents": randoms, "fingerprint": fp,
-        "latent_means": {str(k): v for k, v in config.latent_means.items() if k in latents},
-    })  # fmt: skip
+    result["provenance"] = provenance.build(
+        model=lm,
+        seed=config.seed,
+        config={
+            **asdict(config),
+            "layer": layer,
+            "random_latents": randoms,
+            "fingerprint": fp,
+            "latent_means": {str(k): v for k, v in config.latent_means.items() if k in latents},
+        },
+    )
     if where is not None:
         result["provenance"]["cluster"] = where
     return SaeAttentionResult(result, arrays=out_arrays)
@@ -357,15 +399,30 @@ def significance(top: np.ndarray, rand: np.ndarray, direction: str, alpha: float
     alt = "two-sided" if direction == "two-sided" else "greater"
     w = stats.welch(s1, s2, alternative=alt)
     p = w["p"]
-    return {"t": w["t"], "df": w["df"], "p": p, "significant": bool(p is not None and p < alpha),
-            "hedges_g": stats.hedges_g(s1, s2), "mean_top": float(np.mean(top)), "mean_random": float(np.mean(rand)),
-            "std_top": float(np.std(top, ddof=1)) if top.size > 1 else None,
-            "std_random": float(np.std(rand, ddof=1)) if rand.size > 1 else None}  # fmt: skip
+    return {
+        "t": w["t"],
+        "df": w["df"],
+        "p": p,
+        "significant": bool(p is not None and p < alpha),
+        "hedges_g": stats.hedges_g(s1, s2),
+        "mean_top": float(np.mean(top)),
+        "mean_random": float(np.mean(rand)),
+        "std_top": float(np.std(top, ddof=1)) if top.size > 1 else None,
+        "std_random": float(np.std(rand, ddof=1)) if rand.size > 1 else None,
+    }
 
 
-def summarise(arrays: dict[str, Any], prompts: Sequence[EntityPrompt], toks: Sequence[Tokenized],
-              config: AttentionConfig, layer: int, heads: list[tuple[int, int]], randoms: list[int],
-              n_layers: int, n_heads: int) -> dict[str, Any]:  # fmt: skip
+def summarise(
+    arrays: dict[str, Any],
+    prompts: Sequence[EntityPrompt],
+    toks: Sequence[Tokenized],
+    config: AttentionConfig,
+    layer: int,
+    heads: list[tuple[int, int]],
+    randoms: list[int],
+    n_layers: int,
+    n_heads: int,
+) -> dict[str, Any]:
     """Per-head summaries for the top latent and the random-latent significance, per measure and label."""
     labels = [p.label for p in prompts]
     groups = list(dict.fromkeys(labels))
@@ -374,10 +431,18 @@ def summarise(arrays: dict[str, Any], prompts: Sequence[EntityPrompt], toks: Seq
         diff = difference(arrays, config.latent, m)
         orig, steered = arrays["original"][m], arrays["steered"][config.latent][m]
         hv = head_values(diff, heads)
-        per_head = [{"head": f"L{la}H{h}", "layer": la, "head_index": h,
-                     "mean_original": float(orig[:, la, h].mean()), "mean_steered": float(steered[:, la, h].mean()),
-                     "mean_difference": float(hv[:, i].mean()), "std_difference": float(hv[:, i].std())}
-                    for i, (la, h) in enumerate(heads)]  # fmt: skip
+        per_head = [
+            {
+                "head": f"L{la}H{h}",
+                "layer": la,
+                "head_index": h,
+                "mean_original": float(orig[:, la, h].mean()),
+                "mean_steered": float(steered[:, la, h].mean()),
+                "mean_difference": float(hv[:, i].mean()),
+                "std_difference": float(hv[:, i].std()),
+            }
+            for i, (la, h) in enumerate(heads)
+        ]
         by_label = {}
         for g in groups:
             rows = np.array([lab == g for lab in labels])
@@ -389,24 +454,37 @@ def summarise(arrays: dict[str, Any], prompts: Sequence[EntityPrompt], toks: Seq
                 tests.append({"latent": r, **significance(top, rv, direction, config.alpha)})
             k = sum(t["significant"] for t in tests)
             by_label[str(g)] = {
-                "n_prompts": int(rows.sum()), "expected": direction, "mean_difference": float(top.mean()),
+                "n_prompts": int(rows.sum()),
+                "expected": direction,
+                "mean_difference": float(top.mean()),
                 "std_difference": float(top.std(ddof=1)) if top.size > 1 else None,
-                "random": tests, "k_significant": k, "K": len(tests),
+                "random": tests,
+                "k_significant": k,
+                "K": len(tests),
                 "summary": f"top vs random latents: {k} of {len(tests)} significant (Welch, H1: {_phrase(direction)}, "
-                           f"p < {config.alpha})" if tests else "no random latents",
-            }  # fmt: skip
+                f"p < {config.alpha})"
+                if tests
+                else "no random latents",
+            }
         measures[m] = {
             "per_head": per_head,
             "mean_difference_layer_head": diff.mean(0).tolist(),  # [layers, heads] for the heatmap
             "by_label": by_label,
         }
     return {
-        "latent": config.latent, "layer": layer, "hook": f"blocks.{layer}.hook_resid_pre",
-        "random_latents": randoms, "heads": [f"L{la}H{h}" for la, h in heads], "n_layers": n_layers,
-        "n_heads": n_heads, "measures": measures,
-        "prompts": [{**asdict(p), "n_tokens": len(t.input_ids), "entity_tokens": t.entity_tokens}
-                    for p, t in zip(prompts, toks, strict=True)],
-    }  # fmt: skip
+        "latent": config.latent,
+        "layer": layer,
+        "hook": f"blocks.{layer}.hook_resid_pre",
+        "random_latents": randoms,
+        "heads": [f"L{la}H{h}" for la, h in heads],
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "measures": measures,
+        "prompts": [
+            {**asdict(p), "n_tokens": len(t.input_ids), "entity_tokens": t.entity_tokens}
+            for p, t in zip(prompts, toks, strict=True)
+        ],
+    }
 
 
 def _phrase(direction: str) -> str:
@@ -481,13 +559,16 @@ def arrays_from_table(path: str | Path, result: dict[str, Any]) -> dict[str, Any
     shape = (n, n_layers, n_heads)
     return {
         "original": {m: cols[m][0][:per].astype(np.float64).reshape(shape) for m in measures},
-        "steered": {lt: {m: cols[m][1][i * per:(i + 1) * per].astype(np.float64).reshape(shape) for m in measures}
-                    for i, lt in enumerate(latents)},
+        "steered": {
+            lt: {m: cols[m][1][i * per : (i + 1) * per].astype(np.float64).reshape(shape) for m in measures}
+            for i, lt in enumerate(latents)
+        },
     }
 
 
-def npy_bytes(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int],
-              stem: Path) -> dict[Path, bytes]:  # fmt: skip
+def npy_bytes(
+    arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int], stem: Path
+) -> dict[Path, bytes]:
     """Upstream-compatible `.npy` dicts `{'L{l}H{h}': differences}` per measure (+ a list of dicts for the random
     latents), loadable with `np.load(path, allow_pickle=True).item()` (random: `.tolist()`). These are pickled
     object arrays: load them only from a source you trust."""
@@ -498,15 +579,15 @@ def npy_bytes(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int
             d = difference(arrays, lat, m)
             return {f"L{la}H{h}": d[:, la, h] for la, h in heads}
 
-        for name, obj in ((f"{stem}-{m}.npy", as_dict(top)),
-                          (f"{stem}-{m}-random.npy", [as_dict(r) for r in randoms])):  # fmt: skip
+        for name, obj in ((f"{stem}-{m}.npy", as_dict(top)), (f"{stem}-{m}-random.npy", [as_dict(r) for r in randoms])):
             buf = io.BytesIO()
             np.save(buf, np.array(obj, dtype=object), allow_pickle=True)
             out[Path(name)] = buf.getvalue()
     return out
 
 
-def save_npy(arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int],
-             stem: Path) -> list[Path]:  # fmt: skip
+def save_npy(
+    arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int], stem: Path
+) -> list[Path]:
     """Write the `.npy` dicts of `npy_bytes`, atomically."""
     return [atomic_write_bytes(p, b) for p, b in npy_bytes(arrays, heads, top, randoms, stem).items()]

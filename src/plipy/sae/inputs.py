@@ -17,11 +17,17 @@ TEMPLATE = "The {entity_type} {entity} {relation}"
 # swapped upstream (date_birth ↔ place_birth); the sentences are what matter for attention, so they are kept.
 BASE_RELATIONS: dict[str, list[str]] = {
     "city": ["is located in", "is at an elevation of", "has a population of"],
-    "movie": ["has starring", "is directed by", "has a duration of", "has the genre", "was released in",
-              "is written by"],
+    "movie": [
+        "has starring",
+        "is directed by",
+        "has a duration of",
+        "has the genre",
+        "was released in",
+        "is written by",
+    ],
     "player": ["was born in the city of", "was born in the year", "has played for"],
     "song": ["appears in the album", "has the genre", "is sung by", "was released in"],
-}  # fmt: skip
+}
 
 # ---------------------------------------------------------------------------------------------- prompts
 
@@ -37,8 +43,9 @@ class EntityPrompt:
     relation: str | None = None
 
 
-def template_prompts(entities: Sequence[dict[str, Any]], template: str = TEMPLATE,
-                     relations: dict[str, list[str]] | None = None) -> list[EntityPrompt]:  # fmt: skip
+def template_prompts(
+    entities: Sequence[dict[str, Any]], template: str = TEMPLATE, relations: dict[str, list[str]] | None = None
+) -> list[EntityPrompt]:
     """`The {entity_type} {entity} {relation}` for every entity × every base relation of its type."""
     rels = BASE_RELATIONS if relations is None else relations
     out = []
@@ -47,8 +54,10 @@ def template_prompts(entities: Sequence[dict[str, Any]], template: str = TEMPLAT
         if "entity" not in e:
             raise PlipyError(f"entity row {i}: no 'entity' field")
         if etype not in rels:
-            raise PlipyError(f"entity row {i} ({e['entity']!r}): no relations for entity type {etype!r} "
-                             f"(known: {', '.join(rels)}); give full prompts instead")  # fmt: skip
+            raise PlipyError(
+                f"entity row {i} ({e['entity']!r}): no relations for entity type {etype!r} "
+                f"(known: {', '.join(rels)}); give full prompts instead"
+            )
         for r in rels[etype]:
             text = template.format(entity_type=etype, entity=e["entity"], relation=r)
             out.append(EntityPrompt(text, str(e["entity"]), etype, e.get("label"), r))
@@ -64,8 +73,11 @@ def load_prompts(path: str | Path, template: str = TEMPLATE) -> list[EntityPromp
     except OSError as e:
         raise PlipyError(f"cannot read prompts {p}: {e}") from e
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]  # fmt: skip
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except ValueError as e:
         raise PlipyError(f"{p}: not JSON or JSONL: {e}") from e
     if not isinstance(rows, list):
@@ -80,8 +92,15 @@ def prompts_from_rows(rows: list[Any], template: str = TEMPLATE, where: str = "p
         if not isinstance(r, dict) or "entity" not in r:
             raise PlipyError(f"{where} row {i}: needs at least an 'entity' field")
         if "prompt" in r:
-            out.append(EntityPrompt(str(r["prompt"]), str(r["entity"]), str(r.get("entity_type") or ""),
-                                    r.get("label"), r.get("relation")))  # fmt: skip
+            out.append(
+                EntityPrompt(
+                    str(r["prompt"]),
+                    str(r["entity"]),
+                    str(r.get("entity_type") or ""),
+                    r.get("label"),
+                    r.get("relation"),
+                )
+            )
         else:
             out.extend(template_prompts([r], template))
     return out

@@ -23,8 +23,12 @@ _RUNTIME_NORMS = ("constant_norm_rescale", "layer_norm")
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             hook_name: str | None = None) -> SAE:  # fmt: skip
+def load_sae(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hook_name: str | None = None,
+) -> SAE:
     """Load an SAE from a SAELens folder (`cfg.json` + `sae_weights.safetensors`) or a Gemma Scope `params.npz`
     (a file, or a folder holding one). `hook_name` overrides/sets the hook (npz files carry none; a Gemma Scope
     path `layer_{i}/…` implies `blocks.{i}.hook_resid_post`)."""
@@ -76,8 +80,13 @@ def _normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if arch in (None, "standard"):
         arch = "topk" if act == "topk" else "jumprelu" if act == "jumprelu" else arch or "standard"
-    return {**cfg, "architecture": arch, "hook_name": hook, "k": k,
-            "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}  # fmt: skip
+    return {
+        **cfg,
+        "architecture": arch,
+        "hook_name": hook,
+        "k": k,
+        "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
+    }
 
 
 def _from_state(state: dict[str, Any], cfg: dict[str, Any], source: str, sha: str | None) -> SAE:
@@ -93,10 +102,17 @@ def _from_state(state: dict[str, Any], cfg: dict[str, Any], source: str, sha: st
         return None
 
     sae = SAE(
-        W_enc=get("W_enc").float(), W_dec=get("W_dec").float(), b_enc=get("b_enc").float(), b_dec=get("b_dec").float(),
+        W_enc=get("W_enc").float(),
+        W_dec=get("W_dec").float(),
+        b_enc=get("b_enc").float(),
+        b_dec=get("b_dec").float(),
         threshold=_threshold(get),
-        architecture=cfg["architecture"], k=None if cfg.get("k") is None else int(cfg["k"]),
-        hook_name=cfg.get("hook_name"), apply_b_dec_to_input=cfg["apply_b_dec_to_input"], source=source, cfg=cfg,
+        architecture=cfg["architecture"],
+        k=None if cfg.get("k") is None else int(cfg["k"]),
+        hook_name=cfg.get("hook_name"),
+        apply_b_dec_to_input=cfg["apply_b_dec_to_input"],
+        source=source,
+        cfg=cfg,
         sha256=sha,
     )
     if sae.architecture != "jumprelu":
@@ -145,8 +161,9 @@ def _load_npz(p: Path) -> SAE:
     return _from_state(state, cfg, str(p), sha256_file(p))
 
 
-def load_saelens_release(release: str, sae_id: str, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32) -> SAE:  # fmt: skip
+def load_saelens_release(
+    release: str, sae_id: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> SAE:
     """Load a pretrained SAE by SAELens release name (needs `pip install 'plipy[saelens]'` and network access)."""
     try:
         from sae_lens import SAE as SaeLensSAE
@@ -191,16 +208,26 @@ def save_saelens(sae: SAE, folder: str | Path, model_name: str | None = None) ->
         state["threshold"] = sae.threshold
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     old = sae.cfg.get("metadata") if isinstance(sae.cfg.get("metadata"), dict) else {}
-    metadata = {**old, "sae_lens_version": SAELENS_LAYOUT_VERSION,
-                "sae_lens_training_version": old.get("sae_lens_training_version"),  # None: not trained by SAELens
-                "hook_name": sae.hook_name, "model_name": model_name or old.get("model_name"),
-                "hook_head_index": old.get("hook_head_index"), "prepend_bos": old.get("prepend_bos", True),
-                "written_by": "plipy"}  # fmt: skip
+    metadata = {
+        **old,
+        "sae_lens_version": SAELENS_LAYOUT_VERSION,
+        "sae_lens_training_version": old.get("sae_lens_training_version"),  # None: not trained by SAELens
+        "hook_name": sae.hook_name,
+        "model_name": model_name or old.get("model_name"),
+        "hook_head_index": old.get("hook_head_index"),
+        "prepend_bos": old.get("prepend_bos", True),
+        "written_by": "plipy",
+    }
     cfg: dict[str, Any] = {
-        "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
-        "reshape_activations": "none", "metadata": metadata,
-    }  # fmt: skip
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
     if sae.architecture == "topk":  # TopKSAEConfig fields; plipy's TopK ranks raw pre-activations
         cfg |= {"k": int(sae.k), "rescale_acts_by_decoder_norm": False}
     cfg["architecture"] = sae.architecture
@@ -221,12 +248,26 @@ def save_npz(sae: SAE, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def random_sae(d_in: int, d_sae: int, hook_name: str | None = None, architecture: str = "jumprelu",
-               seed: int = 0, k: int | None = None) -> SAE:  # fmt: skip
+def random_sae(
+    d_in: int,
+    d_sae: int,
+    hook_name: str | None = None,
+    architecture: str = "jumprelu",
+    seed: int = 0,
+    k: int | None = None,
+) -> SAE:
     """A random SAE with unit-norm decoder rows (tests, demos)."""
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
     thr = torch.rand(d_sae, generator=g) * 0.1 if architecture == "jumprelu" else None
-    return SAE(W_enc=W_dec.T.clone(), W_dec=W_dec, b_enc=torch.zeros(d_sae), b_dec=torch.zeros(d_in),
-               architecture=architecture, threshold=thr, k=k, hook_name=hook_name)  # fmt: skip
+    return SAE(
+        W_enc=W_dec.T.clone(),
+        W_dec=W_dec,
+        b_enc=torch.zeros(d_sae),
+        b_dec=torch.zeros(d_in),
+        architecture=architecture,
+        threshold=thr,
+        k=k,
+        hook_name=hook_name,
+    )

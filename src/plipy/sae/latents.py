@@ -46,8 +46,9 @@ def capture_layer(sae: SAE, layer: int | None = None) -> int:
 
 def labelled_rows(labels: dict[str, Any], split: str | None = "train") -> list[dict[str, Any]]:
     """Known/unknown entities of a labels document (`split=None`: every split, as upstream scored)."""
-    rows = [e for e in labels.get("entities", []) if e.get("label") in LABELS
-            and (split is None or e.get("split") == split)]  # fmt: skip
+    rows = [
+        e for e in labels.get("entities", []) if e.get("label") in LABELS and (split is None or e.get("split") == split)
+    ]
     if not rows:
         raise PlipyError(f"the labels contain no known/unknown entities in split {split!r}")
     return rows
@@ -70,9 +71,15 @@ def last_entity_token(tokenizer: Any, entity: str, entity_type: str, bos: bool =
 
 
 @torch.inference_mode()
-def latent_activations(lm: Any, sae: SAE, layer: int, items: Sequence[tuple[list[int], int]], batch_size: int = 32,
-                       progress: Callable[[str, int], Callable[..., None]] | None = None,
-                       desc: str = "entity latents") -> torch.Tensor:  # fmt: skip
+def latent_activations(
+    lm: Any,
+    sae: SAE,
+    layer: int,
+    items: Sequence[tuple[list[int], int]],
+    batch_size: int = 32,
+    progress: Callable[[str, int], Callable[..., None]] | None = None,
+    desc: str = "entity latents",
+) -> torch.Tensor:
     """SAE latents `[n, d_sae]` of resid_post of `layer` at one position per sequence (right-padded batches:
     causal attention never looks at the padding after a position, so each row computes what it would alone)."""
     from plipy.sae.train import resid_post
@@ -98,14 +105,22 @@ def latent_activations(lm: Any, sae: SAE, layer: int, items: Sequence[tuple[list
     return torch.cat(out) if out else torch.zeros((0, sae.d_sae))
 
 
-def general_frequency(lm: Any, sae: SAE, layer: int, n_tokens: int = 4096, seq_len: int = 64, seed: int = 1,
-                      progress: Callable[[str, int], Callable[..., None]] | None = None) -> np.ndarray:  # fmt: skip
+def general_frequency(
+    lm: Any,
+    sae: SAE,
+    layer: int,
+    n_tokens: int = 4096,
+    seq_len: int = 64,
+    seed: int = 1,
+    progress: Callable[[str, int], Callable[..., None]] | None = None,
+) -> np.ndarray:
     """Per-latent activation frequency on offline general text (standard library sources and prose docs, BOS
     excluded) — plipy's stand-in for upstream's Pile filter."""
     from plipy.sae.train import collect_activations, text_chunks
 
-    acts = collect_activations(lm, layer, text_chunks(lm.tokenizer, seq_len, seed=seed), n_tokens, batch=16,
-                               progress=progress)  # fmt: skip
+    acts = collect_activations(
+        lm, layer, text_chunks(lm.tokenizer, seq_len, seed=seed), n_tokens, batch=16, progress=progress
+    )
     fired = torch.zeros(sae.d_sae)
     with torch.no_grad():
         for i in range(0, acts.shape[0], 4096):
@@ -130,23 +145,38 @@ def score_latents(acts: np.ndarray | torch.Tensor, types: Sequence[str], labels:
             skipped.append(t)
             continue
         fk, fu = active[k].mean(0), active[u].mean(0)
-        per_type[t] = {"n_known": int(k.sum()), "n_unknown": int(u.sum()), "freq_known": fk, "freq_unknown": fu,
-                       "score_known": fk - fu, "score_unknown": fu - fk}  # fmt: skip
+        per_type[t] = {
+            "n_known": int(k.sum()),
+            "n_unknown": int(u.sum()),
+            "freq_known": fk,
+            "freq_unknown": fu,
+            "score_known": fk - fu,
+            "score_unknown": fu - fk,
+        }
     if not per_type:
         raise PlipyError("no entity type has both known and unknown entities: latents cannot be scored")
     kn, un = labels_a == "known", labels_a == "unknown"
     return {
-        "per_type": per_type, "skipped_types": skipped,
+        "per_type": per_type,
+        "skipped_types": skipped,
         "min_known": np.min([v["score_known"] for v in per_type.values()], axis=0),
         "min_unknown": np.min([v["score_unknown"] for v in per_type.values()], axis=0),
-        "freq_known": active[kn].mean(0), "freq_unknown": active[un].mean(0),
-        "mean_known": a[kn].mean(0), "mean_unknown": a[un].mean(0), "mean_all": a.mean(0),
+        "freq_known": active[kn].mean(0),
+        "freq_unknown": active[un].mean(0),
+        "mean_known": a[kn].mean(0),
+        "mean_unknown": a[un].mean(0),
+        "mean_all": a.mean(0),
         "mean_active": np.where(active.any(0), (a * active).sum(0) / np.maximum(active.sum(0), 1), 0.0),
-    }  # fmt: skip
+    }
 
 
-def select_latents(scores: dict[str, Any], steer_at: int, general_freq: np.ndarray | None = None,
-                   max_general_freq: float = 0.02, top_n: int = 20) -> dict[str, Any]:  # fmt: skip
+def select_latents(
+    scores: dict[str, Any],
+    steer_at: int,
+    general_freq: np.ndarray | None = None,
+    max_general_freq: float = 0.02,
+    top_n: int = 20,
+) -> dict[str, Any]:
     """The latent document: per label every latent sorted by its minimum score (upstream layer-file entries),
     the top latents (after the general-text filter if given) and the random candidates (minimum score exactly 0)."""
     d_sae = len(scores["min_known"])
@@ -156,16 +186,20 @@ def select_latents(scores: dict[str, Any], steer_at: int, general_freq: np.ndarr
         order = sorted(range(d_sae), key=lambda i: (-s[i], i))
         entries = {}
         for rank, i in enumerate(order):
-            e = {"layer": steer_at, "latent_idx": i, "score": float(s[i]),
-                 "scores_by_type": {t: float(v[f"score_{label}"][i]) for t, v in scores["per_type"].items()},
-                 "freq_acts_known": float(scores["freq_known"][i]),
-                 "freq_acts_unknown": float(scores["freq_unknown"][i]),
-                 # `--coeff mean` reads this: the mean over every scored entity prompt (both labels), so it is
-                 # useful for known and unknown latents alike (upstream's 'unknown'-label mean is ~0 for a known one)
-                 "mean_features_acts": float(scores["mean_all"][i]),
-                 "mean_acts_known": float(scores["mean_known"][i]),
-                 "mean_acts_unknown": float(scores["mean_unknown"][i]),
-                 "mean_act_when_active": float(scores["mean_active"][i])}  # fmt: skip
+            e = {
+                "layer": steer_at,
+                "latent_idx": i,
+                "score": float(s[i]),
+                "scores_by_type": {t: float(v[f"score_{label}"][i]) for t, v in scores["per_type"].items()},
+                "freq_acts_known": float(scores["freq_known"][i]),
+                "freq_acts_unknown": float(scores["freq_unknown"][i]),
+                # `--coeff mean` reads this: the mean over every scored entity prompt (both labels), so it is
+                # useful for known and unknown latents alike (upstream's 'unknown'-label mean is ~0 for a known one)
+                "mean_features_acts": float(scores["mean_all"][i]),
+                "mean_acts_known": float(scores["mean_known"][i]),
+                "mean_acts_unknown": float(scores["mean_unknown"][i]),
+                "mean_act_when_active": float(scores["mean_active"][i]),
+            }
             if general_freq is not None:
                 e["freq_general"] = float(general_freq[i])
             entries[str(rank)] = e
@@ -177,10 +211,19 @@ def select_latents(scores: dict[str, Any], steer_at: int, general_freq: np.ndarr
     return doc
 
 
-def run_latents(lm: Any, sae: SAE, labels: dict[str, Any], split: str | None = "train",
-                general_filter: bool = True, general_tokens: int = 4096, max_general_freq: float = 0.02,
-                top_n: int = 20, batch_size: int = 32, bos: bool = True,
-                progress: Callable[[str, int], Callable[..., None]] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_latents(
+    lm: Any,
+    sae: SAE,
+    labels: dict[str, Any],
+    split: str | None = "train",
+    general_filter: bool = True,
+    general_tokens: int = 4096,
+    max_general_freq: float = 0.02,
+    top_n: int = 20,
+    batch_size: int = 32,
+    bos: bool = True,
+    progress: Callable[[str, int], Callable[..., None]] | None = None,
+) -> dict[str, Any]:
     """Score every latent of `sae` on the labelled entities and return the latent document (JSON-ready)."""
     from plipy import provenance
     from plipy.sae.model import check_model
@@ -196,15 +239,29 @@ def run_latents(lm: Any, sae: SAE, labels: dict[str, Any], split: str | None = "
     counts: dict[str, dict[str, int]] = {}
     for r in rows:
         counts.setdefault(r["entity_type"], {"known": 0, "unknown": 0})[r["label"]] += 1
-    config = {"split": split, "template": LATENT_TEMPLATE, "general_filter": general_filter,
-              "general_tokens": general_tokens if general_filter else 0, "max_general_freq": max_general_freq,
-              "top_n": top_n, "bos": bos, "active_threshold": ACTIVE}  # fmt: skip
+    config = {
+        "split": split,
+        "template": LATENT_TEMPLATE,
+        "general_filter": general_filter,
+        "general_tokens": general_tokens if general_filter else 0,
+        "max_general_freq": max_general_freq,
+        "top_n": top_n,
+        "bos": bos,
+        "active_threshold": ACTIVE,
+    }
     return {
-        "format": FORMAT, "hook_name": sae.hook_name, "capture_layer": layer, **doc,
-        "counts": counts, "scored_types": list(scores["per_type"]), "skipped_types": scores["skipped_types"],
-        "n_entities": len(rows), "sae": sae.describe(), "config": config,
+        "format": FORMAT,
+        "hook_name": sae.hook_name,
+        "capture_layer": layer,
+        **doc,
+        "counts": counts,
+        "scored_types": list(scores["per_type"]),
+        "skipped_types": scores["skipped_types"],
+        "n_entities": len(rows),
+        "sae": sae.describe(),
+        "config": config,
         "provenance": provenance.build(model=lm, config=config),
-    }  # fmt: skip
+    }
 
 
 def candidate_paths(out: str | Path) -> dict[str, Path]:

@@ -18,8 +18,15 @@ from plipy.errors import PlipyError
 MEASURES = ("attn_weights", "value_weighted", "output_value_weighted", "distance_based")
 
 
-def layer_measures(attn: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, kmask: torch.Tensor,
-                   w_o: torch.Tensor | None, measures: Sequence[str], ovw_norm: str = "l1") -> dict[str, torch.Tensor]:
+def layer_measures(
+    attn: torch.Tensor,
+    values: torch.Tensor,
+    keys: torch.Tensor,
+    kmask: torch.Tensor,
+    w_o: torch.Tensor | None,
+    measures: Sequence[str],
+    ovw_norm: str = "l1",
+) -> dict[str, torch.Tensor]:
     """The measures of one layer, `{measure: [batch, heads]}` (float64).
 
     `attn` `[batch, heads, keys]` is the last position's post-softmax row, `values` `[batch, kv_heads, keys, d]`

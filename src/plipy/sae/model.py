@@ -46,8 +46,11 @@ class SAE:
                 f"SAE {self.source}: architecture {self.architecture!r} is not supported ({', '.join(ARCHITECTURES)})"
             )
         d_in, d_sae = self.W_enc.shape
-        shapes = {"W_dec": (self.W_dec.shape, (d_sae, d_in)), "b_enc": (self.b_enc.shape, (d_sae,)),
-                  "b_dec": (self.b_dec.shape, (d_in,))}  # fmt: skip
+        shapes = {
+            "W_dec": (self.W_dec.shape, (d_sae, d_in)),
+            "b_enc": (self.b_enc.shape, (d_sae,)),
+            "b_dec": (self.b_dec.shape, (d_in,)),
+        }
         if self.threshold is not None and self.threshold.numel() == 1:
             self.threshold = self.threshold.reshape(1).expand(d_sae).clone()  # Llama Scope: one scalar threshold
         if self.threshold is not None:
@@ -111,8 +114,12 @@ class SAE:
     def norm_summary(self) -> dict[str, float | bool]:
         """Min/mean/max decoder row norm and whether all rows are unit norm (±1e-3): steering scales with them."""
         n = self.decoder_norms()
-        return {"min": float(n.min()), "mean": float(n.mean()), "max": float(n.max()),
-                "unit_norm": bool(((n - 1).abs() < 1e-3).all())}  # fmt: skip
+        return {
+            "min": float(n.min()),
+            "mean": float(n.mean()),
+            "max": float(n.max()),
+            "unit_norm": bool(((n - 1).abs() < 1e-3).all()),
+        }
 
     def hook_point(self) -> tuple[int, str] | None:
         """(layer, "pre"|"post") of the hook name, or None when the SAE names no hook."""
@@ -120,11 +127,18 @@ class SAE:
 
     def describe(self) -> dict[str, Any]:
         """Identity of the SAE for provenance."""
-        return {"source": self.source, "sha256": self.sha256, "architecture": self.architecture, "d_in": self.d_in,
-                "d_sae": self.d_sae, "k": self.k, "hook_name": self.hook_name,
-                "apply_b_dec_to_input": self.apply_b_dec_to_input,
-                "normalize_activations": self.cfg.get("normalize_activations"),
-                "decoder_norms": self.norm_summary()}  # fmt: skip
+        return {
+            "source": self.source,
+            "sha256": self.sha256,
+            "architecture": self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "hook_name": self.hook_name,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": self.cfg.get("normalize_activations"),
+            "decoder_norms": self.norm_summary(),
+        }
 
 
 def parse_hook(name: str, source: str = "SAE") -> tuple[int, str]:

@@ -58,11 +58,27 @@ def profile(name: str) -> PipelineConfig:
         return PipelineConfig()
     if name == "quick":
         return PipelineConfig(
-            label_limit=2, label_k=2, label_max_new_tokens=8, entity_text_limit=10,
-            sae=TrainConfig(width=256, k=8, n_tokens=1024, epochs=2, batch_size=128, seq_len=32, model_batch=8,
-                            eval_seqs=2, dead_window=512),
-            general_tokens=256, measures=("attn_weights",), n_random=2, attention_limit=4, min_entities=5,
-        )  # fmt: skip
+            label_limit=2,
+            label_k=2,
+            label_max_new_tokens=8,
+            entity_text_limit=10,
+            sae=TrainConfig(
+                width=256,
+                k=8,
+                n_tokens=1024,
+                epochs=2,
+                batch_size=128,
+                seq_len=32,
+                model_batch=8,
+                eval_seqs=2,
+                dead_window=512,
+            ),
+            general_tokens=256,
+            measures=("attn_weights",),
+            n_random=2,
+            attention_limit=4,
+            min_entities=5,
+        )
     raise PlipyError(f"unknown profile {name!r} (default, quick)")
 
 
@@ -75,8 +91,9 @@ def _stage_done(path: Path, fp: str) -> bool:
         return False
 
 
-def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progress | None = None,
-                 log: Log = print) -> dict[str, Any]:  # fmt: skip
+def run_pipeline(
+    lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progress | None = None, log: Log = print
+) -> dict[str, Any]:
     """Run (or resume) every stage into `out`; returns the summary document (also written as JSON + markdown)."""
     from plipy import entities
     from plipy import sae as saes
@@ -90,17 +107,29 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
 
     # 1. labels ------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    label_cfg = {"limit": cfg.label_limit, "k": cfg.label_k, "max_new_tokens": cfg.label_max_new_tokens,
-                 "seed": cfg.seed, "model": model_key}  # fmt: skip
+    label_cfg = {
+        "limit": cfg.label_limit,
+        "k": cfg.label_k,
+        "max_new_tokens": cfg.label_max_new_tokens,
+        "seed": cfg.seed,
+        "model": model_key,
+    }
     fp_labels = fingerprint(label_cfg)
     labels_path = out / "labels.json"
     if _stage_done(labels_path, fp_labels):
         labels = entities.read_labels(labels_path)
         log(f"labels: reusing {labels_path}")
     else:
-        labels = entities.label_entities(lm, limit=cfg.label_limit, k=cfg.label_k, seed=cfg.seed,
-                                         max_new_tokens=cfg.label_max_new_tokens, batch_size=cfg.batch_size * 2,
-                                         cache_dir=out / "cache", progress=progress)  # fmt: skip
+        labels = entities.label_entities(
+            lm,
+            limit=cfg.label_limit,
+            k=cfg.label_k,
+            seed=cfg.seed,
+            max_new_tokens=cfg.label_max_new_tokens,
+            batch_size=cfg.batch_size * 2,
+            cache_dir=out / "cache",
+            progress=progress,
+        )
         labels = {**labels, "pipeline_fingerprint": fp_labels}
         write_json(labels_path, labels)
     timings["labels"] = time.perf_counter() - t0
@@ -125,8 +154,13 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
     # 3. latents -----------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     latents_path = out / "latents.json"
-    lat_cfg = {"split": cfg.latent_split, "general_filter": cfg.general_filter, "general_tokens": cfg.general_tokens,
-               "sae": fp_sae, "labels": fp_labels}  # fmt: skip
+    lat_cfg = {
+        "split": cfg.latent_split,
+        "general_filter": cfg.general_filter,
+        "general_tokens": cfg.general_tokens,
+        "sae": fp_sae,
+        "labels": fp_labels,
+    }
     fp_lat = fingerprint(lat_cfg)
     latents_error = None
     if _stage_done(latents_path, fp_lat):
@@ -138,16 +172,25 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
         # then score on every split as upstream did, and say so
         for split in dict.fromkeys([cfg.latent_split, None]):
             try:
-                latents = sl.run_latents(lm, sae, labels, split=split, general_filter=cfg.general_filter,
-                                         general_tokens=cfg.general_tokens, batch_size=cfg.batch_size * 2,
-                                         progress=progress)  # fmt: skip
+                latents = sl.run_latents(
+                    lm,
+                    sae,
+                    labels,
+                    split=split,
+                    general_filter=cfg.general_filter,
+                    general_tokens=cfg.general_tokens,
+                    batch_size=cfg.batch_size * 2,
+                    progress=progress,
+                )
             except PlipyError as e:
                 latents_error = f"split {split or 'all'}: {e}"
                 log(f"latents: {latents_error}")
                 continue
             if split != cfg.latent_split:
-                latents["split_note"] = (f"scored on every split (upstream's choice): {latents_error}; test "
-                                         "entities then also took part in choosing the latents")  # fmt: skip
+                latents["split_note"] = (
+                    f"scored on every split (upstream's choice): {latents_error}; test "
+                    "entities then also took part in choosing the latents"
+                )
             latents_error = None
             latents["pipeline_fingerprint"] = fp_lat
             sl.write_latents(latents, latents_path)
@@ -159,8 +202,9 @@ def run_pipeline(lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progre
     attention: dict[str, Any] = {}
     if latents is not None:
         for label in ("known", "unknown"):
-            attention[label] = _attention_stage(lm, sae, labels, latents, latents_path, label, cfg, out, fp_lat,
-                                                progress, log)  # fmt: skip
+            attention[label] = _attention_stage(
+                lm, sae, labels, latents, latents_path, label, cfg, out, fp_lat, progress, log
+            )
     timings["attention"] = time.perf_counter() - t0
 
     summary = _summary(lm, cfg, labels, training, latents, latents_error, attention, timings, out)
@@ -174,8 +218,12 @@ def _test_prompts(labels: dict[str, Any], label: str, limit: int | None) -> tupl
     from plipy.sae.inputs import template_prompts
 
     lab = {(e["entity_type"], e["entity"]): e["label"] for e in labels["entities"]}
-    rows = [{"entity": n, "entity_type": t, "label": label} for t, names in labels["test_balanced"].items()
-            for n in names if lab.get((t, n)) == label]  # fmt: skip
+    rows = [
+        {"entity": n, "entity_type": t, "label": label}
+        for t, names in labels["test_balanced"].items()
+        for n in names
+        if lab.get((t, n)) == label
+    ]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["entity_type"]] = counts.get(r["entity_type"], 0) + 1
@@ -191,9 +239,19 @@ def _test_prompts(labels: dict[str, Any], label: str, limit: int | None) -> tupl
     return prompts, counts
 
 
-def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[str, Any], latents_path: Path,
-                     label: str, cfg: PipelineConfig, out: Path, fp_lat: str, progress: Progress | None,
-                     log: Log) -> dict[str, Any]:  # fmt: skip
+def _attention_stage(
+    lm: Any,
+    sae: Any,
+    labels: dict[str, Any],
+    latents: dict[str, Any],
+    latents_path: Path,
+    label: str,
+    cfg: PipelineConfig,
+    out: Path,
+    fp_lat: str,
+    progress: Progress | None,
+    log: Log,
+) -> dict[str, Any]:
     """Steer `label` prompts with the opposite label's top latent (upstream); the test only with enough entities."""
     from plipy import sae as sa
     from plipy.sae import inputs as si
@@ -203,8 +261,13 @@ def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[st
     tops = latents.get("top", {}).get(other) or []
     prompts, counts = _test_prompts(labels, label, cfg.attention_limit)
     n_entities = sum(counts.values())
-    base = {"prompts_label": label, "latent_label": other, "n_entities": n_entities, "entities_per_type": counts,
-            "n_prompts": len(prompts)}  # fmt: skip
+    base = {
+        "prompts_label": label,
+        "latent_label": other,
+        "n_entities": n_entities,
+        "entities_per_type": counts,
+        "n_prompts": len(prompts),
+    }
     if not tops:
         return {**base, "status": f"no {other} latent with a positive score: nothing to steer with"}
     if not prompts:
@@ -216,10 +279,17 @@ def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[st
     n_random = min(cfg.n_random, max(0, len(set(cands) - {latent}))) if enough else 0
     means = si.read_latent_means(latents_path, layer=steer_at) if cfg.coeff == "mean" else {}
     acfg = sa.AttentionConfig(
-        latent=latent, layer=steer_at, coeff=sa.parse_coeff(cfg.coeff), pos_type=cfg.pos_type,
-        measures=tuple(cfg.measures), n_random=n_random, random_candidates=cands, seed=cfg.seed,
-        batch_size=cfg.batch_size, latent_means=means,
-    )  # fmt: skip
+        latent=latent,
+        layer=steer_at,
+        coeff=sa.parse_coeff(cfg.coeff),
+        pos_type=cfg.pos_type,
+        measures=tuple(cfg.measures),
+        n_random=n_random,
+        random_candidates=cands,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        latent_means=means,
+    )
     stem = out / f"attention-{label}"
     json_path = stem.with_suffix(".json")
     fp = fingerprint({"attention": asdict(acfg), "latents": fp_lat, "n": len(prompts)})
@@ -236,48 +306,95 @@ def _attention_stage(lm: Any, sae: Any, labels: dict[str, Any], latents: dict[st
     m0 = cfg.measures[0]
     g = result["measures"][m0]["by_label"].get(label, {})
     if not enough:
-        status = (f"too few samples: {n_entities} test entities labelled {label} (need ≥ {cfg.min_entities}); "
-                  "differences reported, no p-value")  # fmt: skip
+        status = (
+            f"too few samples: {n_entities} test entities labelled {label} (need ≥ {cfg.min_entities}); "
+            "differences reported, no p-value"
+        )
     else:
         status = "tested" if n_random else "no random-latent candidates (score exactly 0): no test"
-    return {**base, "status": status, "latent": latent, "layer": steer_at, "coeff": cfg.coeff,
-            "mean_difference": g.get("mean_difference"), "expected": g.get("expected"),
-            "k_significant": g.get("k_significant") if n_random else None, "K": g.get("K") if n_random else None,
-            "test_summary": g.get("summary") if n_random else None, "measure": m0,
-            "file": str(json_path), "plots": result.get("files", {}).get("plots", [])}  # fmt: skip
+    return {
+        **base,
+        "status": status,
+        "latent": latent,
+        "layer": steer_at,
+        "coeff": cfg.coeff,
+        "mean_difference": g.get("mean_difference"),
+        "expected": g.get("expected"),
+        "k_significant": g.get("k_significant") if n_random else None,
+        "K": g.get("K") if n_random else None,
+        "test_summary": g.get("summary") if n_random else None,
+        "measure": m0,
+        "file": str(json_path),
+        "plots": result.get("files", {}).get("plots", []),
+    }
 
 
-def _summary(lm: Any, cfg: PipelineConfig, labels: dict[str, Any], training: dict[str, Any],
-             latents: dict[str, Any] | None, latents_error: str | None, attention: dict[str, Any],
-             timings: dict[str, float], out: Path) -> dict[str, Any]:  # fmt: skip
+def _summary(
+    lm: Any,
+    cfg: PipelineConfig,
+    labels: dict[str, Any],
+    training: dict[str, Any],
+    latents: dict[str, Any] | None,
+    latents_error: str | None,
+    attention: dict[str, Any],
+    timings: dict[str, float],
+    out: Path,
+) -> dict[str, Any]:
     from plipy import provenance
 
-    known = {t: {k: s.get(k) for k in ("n", "known", "unknown", "dropped", "test_balanced_per_label")}
-             for t, s in labels["summary"].items()}  # fmt: skip
+    known = {
+        t: {k: s.get(k) for k in ("n", "known", "unknown", "dropped", "test_balanced_per_label")}
+        for t, s in labels["summary"].items()
+    }
     lat = None
     if latents is not None:
+
         def entry(label: str, i: int) -> dict[str, Any]:
             e = next(v for v in latents[label].values() if v["latent_idx"] == i)
-            return {k: e.get(k) for k in ("latent_idx", "score", "scores_by_type", "freq_acts_known",
-                                           "freq_acts_unknown", "freq_general")}  # fmt: skip
+            return {
+                k: e.get(k)
+                for k in (
+                    "latent_idx",
+                    "score",
+                    "scores_by_type",
+                    "freq_acts_known",
+                    "freq_acts_unknown",
+                    "freq_general",
+                )
+            }
 
-        lat = {"layer": latents["layer"], "hook_name": latents["hook_name"], "counts": latents["counts"],
-               "scored_types": latents["scored_types"], "skipped_types": latents["skipped_types"],
-               "split": f"the {latents['config']['split']} split" if latents["config"]["split"] else "every split",
-               "split_note": latents.get("split_note"),
-               "top": {lab: [entry(lab, i) for i in latents["top"][lab][:3]]
-                       for lab in ("known", "unknown")}}  # fmt: skip
+        lat = {
+            "layer": latents["layer"],
+            "hook_name": latents["hook_name"],
+            "counts": latents["counts"],
+            "scored_types": latents["scored_types"],
+            "skipped_types": latents["skipped_types"],
+            "split": f"the {latents['config']['split']} split" if latents["config"]["split"] else "every split",
+            "split_note": latents.get("split_note"),
+            "top": {lab: [entry(lab, i) for i in latents["top"][lab][:3]] for lab in ("known", "unknown")},
+        }
     return {
-        "model": lm.name, "folder": str(out), "config": asdict(cfg),
-        "entities": known, "label_notes": labels.get("notes", []),
-        "sae": {"hook_name": training.get("hook_name"), "steer_layer": training.get("steer_layer"),
-                "architecture": training.get("architecture"), "d_sae": training.get("d_sae"), "k": training.get("k"),
-                "metrics": training.get("metrics"), "dead_latents": training.get("training", {}).get("dead_latents"),
-                "seconds": training.get("timings_s", {}).get("total")},  # fmt: skip
-        "latents": lat, "latents_error": latents_error, "attention": attention,
+        "model": lm.name,
+        "folder": str(out),
+        "config": asdict(cfg),
+        "entities": known,
+        "label_notes": labels.get("notes", []),
+        "sae": {
+            "hook_name": training.get("hook_name"),
+            "steer_layer": training.get("steer_layer"),
+            "architecture": training.get("architecture"),
+            "d_sae": training.get("d_sae"),
+            "k": training.get("k"),
+            "metrics": training.get("metrics"),
+            "dead_latents": training.get("training", {}).get("dead_latents"),
+            "seconds": training.get("timings_s", {}).get("total"),
+        },
+        "latents": lat,
+        "latents_error": latents_error,
+        "attention": attention,
         "timings_s": timings,
         "provenance": provenance.build(model=lm, seed=cfg.seed, config=asdict(cfg)),
-    }  # fmt: skip
+    }
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
@@ -286,44 +403,66 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 
 def _markdown(s: dict[str, Any]) -> str:
     """The summary as a short report a reader can trust: counts first, tests only where the groups allow."""
-    lines = [f"# Do I know this entity? — {s['model']}", "", "## What the model knows", "",
-             "| type | labelled | known | unknown | dropped | balanced test per label |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Do I know this entity? — {s['model']}",
+        "",
+        "## What the model knows",
+        "",
+        "| type | labelled | known | unknown | dropped | balanced test per label |",
+        "|---|---|---|---|---|---|",
+    ]
     for t, c in s["entities"].items():
-        lines.append(f"| {t} | {c['n']} | {c['known']} | {c['unknown']} | {c['dropped']} | "
-                     f"{c.get('test_balanced_per_label')} |")  # fmt: skip
+        lines.append(
+            f"| {t} | {c['n']} | {c['known']} | {c['unknown']} | {c['dropped']} | {c.get('test_balanced_per_label')} |"
+        )
     lines += ["", *[f"- {n}" for n in s.get("label_notes", [])], "", "## SAE", ""]
     m = s["sae"].get("metrics") or {}
-    lines.append(f"{s['sae']['architecture']} SAE, {s['sae']['d_sae']} latents (k={s['sae']['k']}) on "
-                 f"`{s['sae']['hook_name']}` (steers at the input of layer {s['sae']['steer_layer']}); held-out "
-                 f"explained variance {_fmt(m.get('explained_variance'), '.3f')}, L0 {_fmt(m.get('l0'), '.1f')}, "
-                 f"dead latents {s['sae'].get('dead_latents')}, next-token loss {_fmt(m.get('ce_clean'), '.3f')} → "
-                 f"{_fmt(m.get('ce_spliced'), '.3f')} with the SAE spliced in (+{_fmt(m.get('ce_increase'), '.3f')} "
-                 "nats).")  # fmt: skip
+    lines.append(
+        f"{s['sae']['architecture']} SAE, {s['sae']['d_sae']} latents (k={s['sae']['k']}) on "
+        f"`{s['sae']['hook_name']}` (steers at the input of layer {s['sae']['steer_layer']}); held-out "
+        f"explained variance {_fmt(m.get('explained_variance'), '.3f')}, L0 {_fmt(m.get('l0'), '.1f')}, "
+        f"dead latents {s['sae'].get('dead_latents')}, next-token loss {_fmt(m.get('ce_clean'), '.3f')} → "
+        f"{_fmt(m.get('ce_spliced'), '.3f')} with the SAE spliced in (+{_fmt(m.get('ce_increase'), '.3f')} "
+        "nats)."
+    )
     lines += ["", "## Latents", ""]
     if s["latents"] is None:
         lines.append(f"Not scored: {s.get('latents_error')}")
     else:
         la = s["latents"]
-        lines.append(f"Scored on {la['split']}: {json.dumps(la['counts'])}; types without both labels "
-                     f"(left out of the minimum): {', '.join(la['skipped_types']) or 'none'}.")  # fmt: skip
+        lines.append(
+            f"Scored on {la['split']}: {json.dumps(la['counts'])}; types without both labels "
+            f"(left out of the minimum): {', '.join(la['skipped_types']) or 'none'}."
+        )
         if la.get("split_note"):
             lines.append(f"Note: {la['split_note']}.")
         scored = [la["counts"][t] for t in la["scored_types"]]
         n_k, n_u = sum(c["known"] for c in scored), sum(c["unknown"] for c in scored)
         if min(n_k, n_u) < s["config"]["min_entities"]:
-            lines.append(f"Caution: the scores rest on {n_k} known and {n_u} unknown entities; with so few, a "
-                         "frequency difference of 1.0 can be chance, so the chosen latents are not evidence.")
+            lines.append(
+                f"Caution: the scores rest on {n_k} known and {n_u} unknown entities; with so few, a "
+                "frequency difference of 1.0 can be chance, so the chosen latents are not evidence."
+            )
         for lab in ("known", "unknown"):
             tops = la["top"][lab]
-            lines.append(f"- top {lab} latents: " + (", ".join(
-                f"{e['latent_idx']} (min score {e['score']:+.2f})" for e in tops) or "none with a positive score"))
+            lines.append(
+                f"- top {lab} latents: "
+                + (
+                    ", ".join(f"{e['latent_idx']} (min score {e['score']:+.2f})" for e in tops)
+                    or "none with a positive score"
+                )
+            )
     lines += ["", "## Attention to the entity after steering", ""]
     for lab, a in s["attention"].items():
-        lines.append(f"- {lab} prompts ({a['n_entities']} entities, {a['n_prompts']} prompts) steered with the "
-                     f"{a['latent_label']} latent {a.get('latent', '—')}: {a['status']}")  # fmt: skip
+        lines.append(
+            f"- {lab} prompts ({a['n_entities']} entities, {a['n_prompts']} prompts) steered with the "
+            f"{a['latent_label']} latent {a.get('latent', '—')}: {a['status']}"
+        )
         if a.get("mean_difference") is not None:
-            lines.append(f"  mean {a['measure']} difference (steered − original) {a['mean_difference']:+.4f}"
-                         + (f"; {a['test_summary']}" if a.get("test_summary") else ""))
+            lines.append(
+                f"  mean {a['measure']} difference (steered − original) {a['mean_difference']:+.4f}"
+                + (f"; {a['test_summary']}" if a.get("test_summary") else "")
+            )
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["timings_s"].items()), ""]
     return "\n".join(lines)
 

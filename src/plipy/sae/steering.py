@@ -49,8 +49,9 @@ def needs_residual(s: Steering) -> bool:
     return s.coeff == "norm" or bool(s.ablate)
 
 
-def steering_adds(sae: SAE, layer: int, steering: Steering, positions: Sequence[Sequence[int]],
-                  resid: torch.Tensor | None = None) -> list[ResidualAdd]:  # fmt: skip
+def steering_adds(
+    sae: SAE, layer: int, steering: Steering, positions: Sequence[Sequence[int]], resid: torch.Tensor | None = None
+) -> list[ResidualAdd]:
     """ResidualAdds at the input of `layer` for one batch; `positions[b]` are absolute (padded) positions of item b.
 
     One add per absolute position with a `[batch, d]` vector (zero rows for items not steered there: x + 0 is x),
@@ -85,5 +86,6 @@ def steering_adds(sae: SAE, layer: int, steering: Steering, positions: Sequence[
             else:
                 vec += float(coeff) * d.cpu()
             per_pos.setdefault(int(p), torch.zeros(batch, sae.d_in))[b] = vec
-    return [ResidualAdd(layer, v, positions=[p], where="pre", skip_single_token=True)
-            for p, v in sorted(per_pos.items())]  # fmt: skip
+    return [
+        ResidualAdd(layer, v, positions=[p], where="pre", skip_single_token=True) for p, v in sorted(per_pos.items())
+    ]

@@ -99,13 +99,24 @@ def stdlib_documents(seed: int = 0) -> Iterator[str]:
 
 def entity_sentences(entities: dict[str, list[dict[str, Any]]], seed: int = 0) -> list[str]:
     """Natural sentences about the entities (`The movie 'X' is directed by Y.`), a few per document."""
-    rel = {"city_country": "is located in", "city_elevation": "is at an elevation of",
-           "city_population": "has a population of", "movie_cast": "has starring",
-           "movie_directors": "is directed by", "movie_durations": "has a duration of", "movie_genres": "has the genre",
-           "movie_release_year": "was released in", "movie_screenwriters": "is written by",
-           "player_place_birth": "was born in the city of", "player_date_birth": "was born in the year",
-           "player_teams_list": "has played for", "song_album": "appears in the album", "song_genres": "has the genre",
-           "song_performers": "is sung by", "song_publication_year": "was released in"}  # fmt: skip
+    rel = {
+        "city_country": "is located in",
+        "city_elevation": "is at an elevation of",
+        "city_population": "has a population of",
+        "movie_cast": "has starring",
+        "movie_directors": "is directed by",
+        "movie_durations": "has a duration of",
+        "movie_genres": "has the genre",
+        "movie_release_year": "was released in",
+        "movie_screenwriters": "is written by",
+        "player_place_birth": "was born in the city of",
+        "player_date_birth": "was born in the year",
+        "player_teams_list": "has played for",
+        "song_album": "appears in the album",
+        "song_genres": "has the genre",
+        "song_performers": "is sung by",
+        "song_publication_year": "was released in",
+    }
     lines = []
     for etype, rows in entities.items():
         for e in rows:
@@ -122,8 +133,9 @@ def entity_sentences(entities: dict[str, list[dict[str, Any]]], seed: int = 0) -
     return ["\n".join(lines[i : i + 20]) for i in range(0, len(lines), 20)]
 
 
-def text_chunks(tokenizer: Any, seq_len: int, extra_documents: Sequence[str] = (), seed: int = 0,
-                stdlib: bool = True) -> Iterator[list[int]]:  # fmt: skip
+def text_chunks(
+    tokenizer: Any, seq_len: int, extra_documents: Sequence[str] = (), seed: int = 0, stdlib: bool = True
+) -> Iterator[list[int]]:
     """Endless-as-available sequences of `seq_len` token ids: BOS + `seq_len − 1` tokens of one document, taken
     round-robin from the extra documents (e.g. entity sentences) and the standard library."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -164,8 +176,9 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def resid_post(model: torch.nn.Module, layer: int, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def resid_post(
+    model: torch.nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Output of decoder layer `layer` (`blocks.L.hook_resid_post`) `[batch, seq, d]`; later layers never run."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
@@ -186,8 +199,15 @@ def resid_post(model: torch.nn.Module, layer: int, input_ids: torch.Tensor,
     return got["h"]
 
 
-def collect_activations(lm: Any, layer: int, chunks: Iterable[list[int]], n_tokens: int, batch: int = 16,
-                        progress: Progress | None = None, skip_first: bool = True) -> torch.Tensor:  # fmt: skip
+def collect_activations(
+    lm: Any,
+    layer: int,
+    chunks: Iterable[list[int]],
+    n_tokens: int,
+    batch: int = 16,
+    progress: Progress | None = None,
+    skip_first: bool = True,
+) -> torch.Tensor:
     """`[≥ n_tokens, d]` float32 residual vectors (resid_post of `layer`) from equal-length token sequences;
     position 0 (BOS, an outlier the SAE is never asked about) is left out when `skip_first`."""
     it = iter(chunks)
@@ -302,14 +322,23 @@ class _Trainable(torch.nn.Module):
     def export(self, scale: float, hook_name: str | None) -> SAE:
         """The SAE on raw residual vectors: biases (and threshold) divided by the input scale."""
         thr = self.log_threshold.exp() / scale if self.cfg.arch == "jumprelu" else None
-        return SAE(W_enc=self.W_enc.detach().clone(), W_dec=self.W_dec.detach().clone(),
-                   b_enc=self.b_enc.detach() / scale, b_dec=self.b_dec.detach() / scale,
-                   architecture=self.cfg.arch, threshold=thr, k=self.cfg.k if self.cfg.arch == "topk" else None,
-                   hook_name=hook_name, apply_b_dec_to_input=True, source="<trained>")  # fmt: skip
+        return SAE(
+            W_enc=self.W_enc.detach().clone(),
+            W_dec=self.W_dec.detach().clone(),
+            b_enc=self.b_enc.detach() / scale,
+            b_dec=self.b_dec.detach() / scale,
+            architecture=self.cfg.arch,
+            threshold=thr,
+            k=self.cfg.k if self.cfg.arch == "topk" else None,
+            hook_name=hook_name,
+            apply_b_dec_to_input=True,
+            source="<trained>",
+        )
 
 
-def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str | None = None,
-              progress: Progress | None = None) -> tuple[SAE, dict[str, Any]]:  # fmt: skip
+def train_sae(
+    acts: torch.Tensor, cfg: TrainConfig, hook_name: str | None = None, progress: Progress | None = None
+) -> tuple[SAE, dict[str, Any]]:
     """Train on `acts` `[N, d]` (rows shuffled each epoch); returns the SAE (raw units) and training statistics."""
     cfg.check()
     torch.manual_seed(cfg.seed)
@@ -343,8 +372,10 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str | None = None
             if cfg.arch == "topk":  # decode from the k indices (embedding_bag), not a dense [B, width] @ W_dec
                 top = torch.topk(pre, cfg.k, dim=-1)
                 vals = torch.relu(top.values)
-                recon = torch.nn.functional.embedding_bag(top.indices, model.W_dec, per_sample_weights=vals,
-                                                          mode="sum") + model.b_dec  # fmt: skip
+                recon = (
+                    torch.nn.functional.embedding_bag(top.indices, model.W_dec, per_sample_weights=vals, mode="sum")
+                    + model.b_dec
+                )
                 active = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, top.indices, vals.detach() > 0)
             else:
                 a = model.acts(pre)
@@ -380,8 +411,11 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str | None = None
             opt.step()
             model.normalise_decoder()
             var = (x - x.mean(0)).pow(2).sum(-1).mean()
-            cur = {"fvu": float(mse.detach() / var), "l0": float(active.sum(-1).float().mean()),
-                   "dead": int((since_fired > cfg.dead_window).sum())}  # fmt: skip
+            cur = {
+                "fvu": float(mse.detach() / var),
+                "l0": float(active.sum(-1).float().mean()),
+                "dead": int((since_fired > cfg.dead_window).sum()),
+            }
             ema = cur if not ema else {k: 0.9 * ema[k] + 0.1 * v for k, v in cur.items()}
             if s % max(1, total // 50) == 0 or s == total - 1:
                 history.append({"step": s, "tokens": (s + 1) * cfg.batch_size, **cur, "aux": float(aux.detach())})
@@ -390,11 +424,14 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str | None = None
         fired_last_epoch = fired_epoch
     sae = model.export(scale, hook_name)
     stats = {
-        "train_tokens": n, "steps": total, "seconds": time.perf_counter() - t0, "input_scale": scale,
+        "train_tokens": n,
+        "steps": total,
+        "seconds": time.perf_counter() - t0,
+        "input_scale": scale,
         "dead_latents": int((~fired_last_epoch).sum()),  # never active during the whole last epoch
         "dead_latents_window": int((since_fired > cfg.dead_window).sum()),
         "history": history,
-    }  # fmt: skip
+    }
     return sae, stats
 
 
@@ -415,13 +452,20 @@ def reconstruction_metrics(sae: SAE, acts: torch.Tensor, batch: int = 4096) -> d
         fired |= (a > 0).any(0)
     n, d = acts.shape
     total_var = float((acts - acts.mean(0)).pow(2).sum())
-    return {"explained_variance": 1 - se / total_var, "mse": se / (n * d), "fvu": se / total_var,
-            "l0": l0 / n, "active_latents_eval": int(fired.sum()), "eval_tokens": n}  # fmt: skip
+    return {
+        "explained_variance": 1 - se / total_var,
+        "mse": se / (n * d),
+        "fvu": se / total_var,
+        "l0": l0 / n,
+        "active_latents_eval": int(fired.sum()),
+        "eval_tokens": n,
+    }
 
 
 @torch.no_grad()
-def spliced_loss(lm: Any, sae: SAE, layer: int, seqs: Sequence[list[int]], mean: torch.Tensor | None = None,
-                 batch: int = 8) -> dict[str, float]:  # fmt: skip
+def spliced_loss(
+    lm: Any, sae: SAE, layer: int, seqs: Sequence[list[int]], mean: torch.Tensor | None = None, batch: int = 8
+) -> dict[str, float]:
     """Next-token cross-entropy with the clean model, with resid_post of `layer` replaced by the SAE reconstruction
     (every position but BOS, which the SAE never saw), and with it replaced by `mean` (mean ablation, a floor)."""
     layers = decoder_layers(lm.model)
@@ -449,8 +493,11 @@ def spliced_loss(lm: Any, sae: SAE, layer: int, seqs: Sequence[list[int]], mean:
             for m in modes:
                 mode["m"] = m
                 logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                totals[m] += float(torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))  # fmt: skip
+                totals[m] += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"
+                    )
+                )
             count += tgt.numel()
     finally:
         h.remove()
@@ -466,9 +513,15 @@ def spliced_loss(lm: Any, sae: SAE, layer: int, seqs: Sequence[list[int]], mean:
 # ---------------------------------------------------------------------------------------------- one call
 
 
-def train_on_model(lm: Any, layer: int, cfg: TrainConfig, out: str | Path | None = None,
-                   extra_documents: Sequence[str] = (), progress: Progress | None = None,
-                   stdlib: bool = True) -> tuple[SAE, dict[str, Any]]:  # fmt: skip
+def train_on_model(
+    lm: Any,
+    layer: int,
+    cfg: TrainConfig,
+    out: str | Path | None = None,
+    extra_documents: Sequence[str] = (),
+    progress: Progress | None = None,
+    stdlib: bool = True,
+) -> tuple[SAE, dict[str, Any]]:
     """Collect activations of `layer`'s resid_post, train, evaluate on held-out text, and (if `out`) save the SAE
     in SAELens format with `training.json` (config, metrics, provenance) and `sparsity.safetensors` beside it."""
     from plipy import provenance
@@ -476,8 +529,10 @@ def train_on_model(lm: Any, layer: int, cfg: TrainConfig, out: str | Path | None
 
     cfg.check()
     if not 0 <= layer < lm.n_layers - 1:
-        raise PlipyError(f"--layer must be in 0..{lm.n_layers - 2}: the SAE reads resid_post of that layer and "
-                         "its latents steer at the input of the next one")  # fmt: skip
+        raise PlipyError(
+            f"--layer must be in 0..{lm.n_layers - 2}: the SAE reads resid_post of that layer and "
+            "its latents steer at the input of the next one"
+        )
     hook_name = f"blocks.{layer}.hook_resid_post"
     t0 = time.perf_counter()
     chunks = text_chunks(lm.tokenizer, cfg.seq_len, extra_documents, seed=cfg.seed, stdlib=stdlib)
@@ -489,21 +544,39 @@ def train_on_model(lm: Any, layer: int, cfg: TrainConfig, out: str | Path | None
     sae, stats = train_sae(acts, cfg, hook_name, progress)
     eval_acts = collect_activations(lm, layer, eval_seqs, len(eval_seqs) * (cfg.seq_len - 1), cfg.model_batch)
     t1 = time.perf_counter()
-    metrics = {**reconstruction_metrics(sae, eval_acts),
-               **spliced_loss(lm, sae, layer, eval_seqs, mean=acts.mean(0), batch=cfg.model_batch)}  # fmt: skip
+    metrics = {
+        **reconstruction_metrics(sae, eval_acts),
+        **spliced_loss(lm, sae, layer, eval_seqs, mean=acts.mean(0), batch=cfg.model_batch),
+    }
     t_eval = time.perf_counter() - t1
     sae.source = str(out) if out is not None else "<trained>"
     result = {
-        "hook_name": hook_name, "layer": layer, "steer_layer": layer + 1, "d_in": sae.d_in, "d_sae": sae.d_sae,
-        "architecture": sae.architecture, "k": sae.k, "config": asdict(cfg), "metrics": metrics,
-        "training": {k: v for k, v in stats.items() if k != "history"}, "history": stats["history"],
-        "timings_s": {"collect": t_collect, "train": stats["seconds"], "eval": t_eval,
-                      "total": time.perf_counter() - t0},
+        "hook_name": hook_name,
+        "layer": layer,
+        "steer_layer": layer + 1,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "architecture": sae.architecture,
+        "k": sae.k,
+        "config": asdict(cfg),
+        "metrics": metrics,
+        "training": {k: v for k, v in stats.items() if k != "history"},
+        "history": stats["history"],
+        "timings_s": {
+            "collect": t_collect,
+            "train": stats["seconds"],
+            "eval": t_eval,
+            "total": time.perf_counter() - t0,
+        },
         "decoder_norms": sae.norm_summary(),
-        "text": {"sources": (["extra documents"] if extra_documents else []) + (["python stdlib"] if stdlib else []),
-                 "stdlib": str(stdlib_root()), "seq_len": cfg.seq_len, "eval_sequences": len(eval_seqs),
-                 "bos_excluded": True},
-    }  # fmt: skip
+        "text": {
+            "sources": (["extra documents"] if extra_documents else []) + (["python stdlib"] if stdlib else []),
+            "stdlib": str(stdlib_root()),
+            "seq_len": cfg.seq_len,
+            "eval_sequences": len(eval_seqs),
+            "bos_excluded": True,
+        },
+    }
     result["provenance"] = provenance.build(model=lm, seed=cfg.seed, config=asdict(cfg))
     if out is not None:
         save_saelens(sae, out, model_name=lm.name)

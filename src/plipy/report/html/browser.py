@@ -16,8 +16,17 @@ from typing import Any
 from plipy.errors import PlipyError
 
 # Without the background-networking flags Chromium itself calls Google hosts at start (and logs refused connections).
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-default-apps", "--disable-extensions"]  # fmt: skip
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+]
 
 
 def find_chromium() -> str | None:
@@ -64,8 +73,15 @@ class Opened:
         return [u for u in self.requests if u != self.url and not u.startswith(("data:", "blob:"))]
 
 
-def open_report(browser: Any, path: str | Path, *, width: int = 1400, height: int = 900,
-                timeout_ms: int = 60000, metrics: bool = False) -> Opened:
+def open_report(
+    browser: Any,
+    path: str | Path,
+    *,
+    width: int = 1400,
+    height: int = 900,
+    timeout_ms: int = 60000,
+    metrics: bool = False,
+) -> Opened:
     """Load a report file in a new page and wait until page.js says every figure is drawn. `metrics`: also read
     Chromium's performance counters (`ThreadTime`: CPU seconds of the page's main thread, which a busy machine
     inflates far less than wall time)."""
@@ -93,8 +109,9 @@ def _console(opened: Opened, kind: str, text: str) -> None:
         opened.errors.append(f"console: {text}")
 
 
-def screenshot(browser: Any, report: str | Path, png: str | Path, *, width: int = 1400, height: int = 900,
-               full_page: bool = True) -> Opened:
+def screenshot(
+    browser: Any, report: str | Path, png: str | Path, *, width: int = 1400, height: int = 900, full_page: bool = True
+) -> Opened:
     """A PNG of a report (the whole page by default)."""
     opened = open_report(browser, report, width=width, height=height)
     opened.page.screenshot(path=str(png), full_page=full_page)

@@ -19,10 +19,13 @@ def go() -> Any:
 
 def layout(title: str | None = None, *, height: int = 380, **more: Any) -> dict[str, Any]:
     """Compact layout defaults for a figure in a report column."""
-    out: dict[str, Any] = {"height": height, "margin": {"l": 60, "r": 20, "t": 40 if title else 20, "b": 50},
-                           "font": {"size": 11}, "hovermode": "closest",
-                           "legend": {"font": {"size": 10}, "orientation": "h", "x": 0, "y": 1.0,
-                                      "xanchor": "left", "yanchor": "bottom"}}  # fmt: skip
+    out: dict[str, Any] = {
+        "height": height,
+        "margin": {"l": 60, "r": 20, "t": 40 if title else 20, "b": 50},
+        "font": {"size": 11},
+        "hovermode": "closest",
+        "legend": {"font": {"size": 10}, "orientation": "h", "x": 0, "y": 1.0, "xanchor": "left", "yanchor": "bottom"},
+    }
     if title:
         out["title"] = {"text": title, "font": {"size": 13}, "x": 0.01}
     out.update(more)
@@ -36,30 +39,63 @@ def color(i: int) -> str:
 
 def rgba(hex_color: str, alpha: float) -> str:
     """`#rrggbb` as an rgba() string (CI bands)."""
-    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def ci_traces(x: list[Any], values: list[list[float]], *, name: str, col: str, unit: str = "",
-              legendgroup: str | None = None, fmt: str = ".4g") -> list[Any]:
+def ci_traces(
+    x: list[Any],
+    values: list[list[float]],
+    *,
+    name: str,
+    col: str,
+    unit: str = "",
+    legendgroup: str | None = None,
+    fmt: str = ".4g",
+) -> list[Any]:
     """A mean line with its t-based 95% CI as a band: three traces (upper edge, lower edge filled to it, mean).
     `values[i]` are the samples at x[i] (an empty list leaves a gap)."""
     g = go()
     m = [mean_ci(v) if v else (None, None, None) for v in values]
     n = [len(v) for v in values]
     lg = legendgroup or name
-    hover = (f"{esc(name)}<br>%{{x}}: mean %{{y:{fmt}}}{unit}<br>95% CI [%{{customdata[0]:{fmt}}}, "
-             f"%{{customdata[1]:{fmt}}}]<br>n = %{{customdata[2]}}<extra></extra>")  # fmt: skip
+    hover = (
+        f"{esc(name)}<br>%{{x}}: mean %{{y:{fmt}}}{unit}<br>95% CI [%{{customdata[0]:{fmt}}}, "
+        f"%{{customdata[1]:{fmt}}}]<br>n = %{{customdata[2]}}<extra></extra>"
+    )
     return [
-        g.Scatter(x=x, y=[r[2] for r in m], mode="lines", line={"width": 0}, showlegend=False, legendgroup=lg,
-                  hoverinfo="skip"),
-        g.Scatter(x=x, y=[r[1] for r in m], mode="lines", line={"width": 0}, fill="tonexty",
-                  fillcolor=rgba(col, 0.18), showlegend=False, legendgroup=lg, hoverinfo="skip"),
-        g.Scatter(x=x, y=[r[0] for r in m], mode="lines+markers", name=name, legendgroup=lg,
-                  line={"color": col}, marker={"size": 5},
-                  customdata=[[r[1], r[2], k] for r, k in zip(m, n, strict=True)],
-                  hovertemplate=hover),
-    ]  # fmt: skip
+        g.Scatter(
+            x=x,
+            y=[r[2] for r in m],
+            mode="lines",
+            line={"width": 0},
+            showlegend=False,
+            legendgroup=lg,
+            hoverinfo="skip",
+        ),
+        g.Scatter(
+            x=x,
+            y=[r[1] for r in m],
+            mode="lines",
+            line={"width": 0},
+            fill="tonexty",
+            fillcolor=rgba(col, 0.18),
+            showlegend=False,
+            legendgroup=lg,
+            hoverinfo="skip",
+        ),
+        g.Scatter(
+            x=x,
+            y=[r[0] for r in m],
+            mode="lines+markers",
+            name=name,
+            legendgroup=lg,
+            line={"color": col},
+            marker={"size": 5},
+            customdata=[[r[1], r[2], k] for r, k in zip(m, n, strict=True)],
+            hovertemplate=hover,
+        ),
+    ]
 
 
 def summary_block(sec: Section) -> None:

@@ -17,18 +17,31 @@ def view(result: Any, sec: Section) -> None:
     """Heatmap and means (both open the detail of a sample under a condition), statuses, the detail panel."""
     order = samples_order(result)
     panel = sec.id("changed")
-    sec.figure("heatmap", heatmap(result, order), click={"target": panel, "fields": ["key"]},
-               title="log10 KL(base ‖ knockout) per condition and sample",
-               note="Samples grouped (white lines between groups); KL = 0 drawn at the colour floor; blank: not "
-                    "measured (hover for the status). Click a cell for the tokens that changed most.")
-    sec.figure("means", means(result), click={"target": panel, "fields": ["key"]},
-               title="Group mean KL per condition (95% CI)",
-               note="Mean ± t-based 95% CI of the mean; faint points: each sample (click for its changed tokens).")
+    sec.figure(
+        "heatmap",
+        heatmap(result, order),
+        click={"target": panel, "fields": ["key"]},
+        title="log10 KL(base ‖ knockout) per condition and sample",
+        note="Samples grouped (white lines between groups); KL = 0 drawn at the colour floor; blank: not "
+        "measured (hover for the status). Click a cell for the tokens that changed most.",
+    )
+    sec.figure(
+        "means",
+        means(result),
+        click={"target": panel, "fields": ["key"]},
+        title="Group mean KL per condition (95% CI)",
+        note="Mean ± t-based 95% CI of the mean; faint points: each sample (click for its changed tokens).",
+    )
     statuses(result, sec)
     panels = {key(ci, s["id"]): sample_panel(r, s) for ci, r in enumerate(result["runs"]) for s in r["samples"]}
-    sec.detail("changed", panels, initial=largest(result), title="Top changed tokens",
-               note="The next-token probabilities that moved most (|p_base − p_knockout|), for the clicked sample "
-                    "and condition (first shown: the largest KL).")
+    sec.detail(
+        "changed",
+        panels,
+        initial=largest(result),
+        title="Top changed tokens",
+        note="The next-token probabilities that moved most (|p_base − p_knockout|), for the clicked sample "
+        "and condition (first shown: the largest KL).",
+    )
 
 
 def key(ci: int, sid: str) -> str:
@@ -48,8 +61,11 @@ def _cell(s: dict | None) -> tuple[float | None, str]:
         return None, "not run"
     if s.get("status") != "ok" or s.get("kl") is None:
         return None, f"{s.get('status')}: {s.get('note') or ''}"
-    flip = (f"top-1 '{s.get('top1_base_token')}' → '{s.get('top1_intervened_token')}'" if s.get("top1_changed")
-            else f"top-1 unchanged ('{s.get('top1_base_token')}')")  # fmt: skip
+    flip = (
+        f"top-1 '{s.get('top1_base_token')}' → '{s.get('top1_intervened_token')}'"
+        if s.get("top1_changed")
+        else f"top-1 unchanged ('{s.get('top1_base_token')}')"
+    )
     return float(s["kl"]), flip
 
 
@@ -63,23 +79,35 @@ def heatmap(result: Any, order: list[tuple[str, str]]) -> Any:
     positive = kl[np.isfinite(kl) & (kl > 0)]
     floor = float(positive.min()) if positive.size else 1e-12
     z = np.log10(np.where(np.isfinite(kl), np.maximum(kl, floor), np.nan))
-    cd = [[[key(ci, sid), fmt_kl(v), note] for (sid, _), (v, note) in zip(order, row, strict=True)]
-          for ci, row in enumerate(cells)]  # fmt: skip
-    fig = g.Figure(g.Heatmap(
-        z=[[None if not np.isfinite(v) else float(v) for v in row] for row in z],
-        x=[sid for sid, _ in order], y=[r["label"] for r in runs], customdata=cd, colorscale="Viridis",
-        colorbar={"title": {"text": "log10 KL", "side": "right"}, "thickness": 12}, hoverongaps=True,
-        hovertemplate="%{x}, layers %{y}<br>KL %{customdata[1]} nats<br>%{customdata[2]}<extra></extra>",
-    ))  # fmt: skip
+    cd = [
+        [[key(ci, sid), fmt_kl(v), note] for (sid, _), (v, note) in zip(order, row, strict=True)]
+        for ci, row in enumerate(cells)
+    ]
+    fig = g.Figure(
+        g.Heatmap(
+            z=[[None if not np.isfinite(v) else float(v) for v in row] for row in z],
+            x=[sid for sid, _ in order],
+            y=[r["label"] for r in runs],
+            customdata=cd,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "log10 KL", "side": "right"}, "thickness": 12},
+            hoverongaps=True,
+            hovertemplate="%{x}, layers %{y}<br>KL %{customdata[1]} nats<br>%{customdata[2]}<extra></extra>",
+        )
+    )
     prev = None
     for j, (_, grp) in enumerate(order):
         if prev is not None and grp != prev:
             fig.add_vline(x=j - 0.5, line={"color": "white", "width": 2})
         prev = grp
-    fig.update_layout(**layout(height=max(280, 160 + 22 * len(runs)), margin={"l": 70, "r": 20, "t": 20, "b": 130},
-                               xaxis={"type": "category", "tickangle": -60, "tickfont": {"size": 9}},
-                               yaxis={"type": "category", "title": {"text": "layers knocked out"},
-                                      "autorange": "reversed"}))
+    fig.update_layout(
+        **layout(
+            height=max(280, 160 + 22 * len(runs)),
+            margin={"l": 70, "r": 20, "t": 20, "b": 130},
+            xaxis={"type": "category", "tickangle": -60, "tickfont": {"size": 9}},
+            yaxis={"type": "category", "title": {"text": "layers knocked out"}, "autorange": "reversed"},
+        )
+    )
     return fig
 
 
@@ -91,28 +119,59 @@ def means(result: Any) -> Any:
     groups = result.provenance["config"]["groups"]
     fig = g.Figure()
     for gi, grp in enumerate(groups):
-        vals = [[s["kl"] for s in r["samples"] if s["group"] == grp and s["status"] == "ok" and s["kl"] is not None]
-                for r in runs]  # fmt: skip
+        vals = [
+            [s["kl"] for s in r["samples"] if s["group"] == grp and s["status"] == "ok" and s["kl"] is not None]
+            for r in runs
+        ]
         if not any(vals):
             continue
         m = [mean_ci(v) if v else (None, None, None) for v in vals]
         col = color(gi)
-        fig.add_trace(g.Scatter(
-            x=labels, y=[r[0] for r in m], mode="lines+markers", name=grp, line={"color": col},
-            error_y={"type": "data", "symmetric": False, "array": [None if r[0] is None else r[2] - r[0] for r in m],
-                     "arrayminus": [None if r[0] is None else r[0] - r[1] for r in m], "width": 3},
-            customdata=[[None, len(v)] for v in vals],
-            hovertemplate=f"{grp}, layers %{{x}}<br>mean KL %{{y:.3e}} nats (n = %{{customdata[1]}})<extra></extra>",
-        ))  # fmt: skip
-        pts = [(r["label"], s["kl"], key(ci, s["id"]), s["id"]) for ci, r in enumerate(runs) for s in r["samples"]
-               if s["group"] == grp and s["status"] == "ok" and s["kl"] is not None]  # fmt: skip
-        fig.add_trace(g.Scatter(
-            x=[p[0] for p in pts], y=[p[1] for p in pts], customdata=[[p[2]] for p in pts], text=[p[3] for p in pts],
-            mode="markers", marker={"color": col, "size": 5, "opacity": 0.3}, showlegend=False, legendgroup=grp,
-            hovertemplate=f"%{{text}} ({grp}), layers %{{x}}<br>KL %{{y:.3e}}<extra></extra>",
-        ))  # fmt: skip
-    fig.update_layout(**layout(height=400, xaxis={"type": "category", "title": {"text": "layers knocked out"}},
-                               yaxis={"title": {"text": "KL (nats)"}, "exponentformat": "e"}))
+        fig.add_trace(
+            g.Scatter(
+                x=labels,
+                y=[r[0] for r in m],
+                mode="lines+markers",
+                name=grp,
+                line={"color": col},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [None if r[0] is None else r[2] - r[0] for r in m],
+                    "arrayminus": [None if r[0] is None else r[0] - r[1] for r in m],
+                    "width": 3,
+                },
+                customdata=[[None, len(v)] for v in vals],
+                hovertemplate=f"{grp}, layers %{{x}}<br>mean KL %{{y:.3e}} nats "
+                f"(n = %{{customdata[1]}})<extra></extra>",
+            )
+        )
+        pts = [
+            (r["label"], s["kl"], key(ci, s["id"]), s["id"])
+            for ci, r in enumerate(runs)
+            for s in r["samples"]
+            if s["group"] == grp and s["status"] == "ok" and s["kl"] is not None
+        ]
+        fig.add_trace(
+            g.Scatter(
+                x=[p[0] for p in pts],
+                y=[p[1] for p in pts],
+                customdata=[[p[2]] for p in pts],
+                text=[p[3] for p in pts],
+                mode="markers",
+                marker={"color": col, "size": 5, "opacity": 0.3},
+                showlegend=False,
+                legendgroup=grp,
+                hovertemplate=f"%{{text}} ({grp}), layers %{{x}}<br>KL %{{y:.3e}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        **layout(
+            height=400,
+            xaxis={"type": "category", "title": {"text": "layers knocked out"}},
+            yaxis={"title": {"text": "KL (nats)"}, "exponentformat": "e"},
+        )
+    )
     return fig
 
 
@@ -124,27 +183,53 @@ def statuses(result: Any, sec: Section) -> None:
     excl = result["excluded"]
     n = len(result["samples"])
     if not rows and not excl:
-        sec.text("statuses", f"All {n} samples measured (status ok) in each of the {len(counts)} conditions.",
-                 title="Statuses")
+        sec.text(
+            "statuses",
+            f"All {n} samples measured (status ok) in each of the {len(counts)} conditions.",
+            title="Statuses",
+        )
         return
-    note = f"{len(excl)} exclusion(s): " + "; ".join(
-        f"{e['id']} ({e['group']}" + (f", condition {e['condition']}" if e.get("condition") else "")
-        + f"): {e['status']} — {e.get('note') or ''}" for e in excl[:20]) + (" …" if len(excl) > 20 else "")
-    sec.table("statuses", ["layers", *names], rows, title="Statuses (conditions where a sample was not measured)",
-              note=note)
+    note = (
+        f"{len(excl)} exclusion(s): "
+        + "; ".join(
+            f"{e['id']} ({e['group']}"
+            + (f", condition {e['condition']}" if e.get("condition") else "")
+            + f"): {e['status']} — {e.get('note') or ''}"
+            for e in excl[:20]
+        )
+        + (" …" if len(excl) > 20 else "")
+    )
+    sec.table(
+        "statuses", ["layers", *names], rows, title="Statuses (conditions where a sample was not measured)", note=note
+    )
 
 
 def largest(result: Any) -> str | None:
     """The key of the sample and condition with the largest KL (the detail shown first)."""
-    best = max(((s["kl"], key(ci, s["id"])) for ci, r in enumerate(result["runs"]) for s in r["samples"]
-                if s.get("kl") is not None), default=None)  # fmt: skip
+    best = max(
+        (
+            (s["kl"], key(ci, s["id"]))
+            for ci, r in enumerate(result["runs"])
+            for s in r["samples"]
+            if s.get("kl") is not None
+        ),
+        default=None,
+    )
     return best[1] if best else None
 
 
 def changed_table(top: list[dict[str, Any]], after: str = "p after") -> str:
     """The top changed tokens as an HTML table."""
-    rows = [[f"'{t.get('token')}'", t.get("token_id"), f"{t['p_base']:.4g}", f"{t['p_intervened']:.4g}",
-             f"{t['diff']:+.3e}"] for t in top]  # fmt: skip
+    rows = [
+        [
+            f"'{t.get('token')}'",
+            t.get("token_id"),
+            f"{t['p_base']:.4g}",
+            f"{t['p_intervened']:.4g}",
+            f"{t['diff']:+.3e}",
+        ]
+        for t in top
+    ]
     return table_html(["token", "id", "p base", after, "difference"], rows)
 
 
@@ -154,7 +239,9 @@ def sample_panel(run: dict, s: dict, after: str = "p knockout", what: str = "lay
     if s.get("status") != "ok":
         return head + f"<p>status <b>{esc(s.get('status'))}</b>: {esc(s.get('note') or '')}</p>"
     flip = "changed" if s.get("top1_changed") else "unchanged"
-    facts = (f"<p>KL {esc(fmt_kl(s.get('kl')))} nats (PLIP's truncated: {esc(fmt_kl(s.get('kl_plip')))}); entropy "
-             f"{s['entropy_base']:.4f} → {s['entropy_intervened']:.4f} nats; top-1 '{esc(s['top1_base_token'])}'"
-             f" → '{esc(s['top1_intervened_token'])}' ({flip})</p>")  # fmt: skip
+    facts = (
+        f"<p>KL {esc(fmt_kl(s.get('kl')))} nats (PLIP's truncated: {esc(fmt_kl(s.get('kl_plip')))}); entropy "
+        f"{s['entropy_base']:.4f} → {s['entropy_intervened']:.4f} nats; top-1 '{esc(s['top1_base_token'])}'"
+        f" → '{esc(s['top1_intervened_token'])}' ({flip})</p>"
+    )
     return head + facts + changed_table(s.get("top_changed") or [], after)

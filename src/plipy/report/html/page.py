@@ -13,8 +13,7 @@ from importlib import resources
 from typing import Any
 
 # `default-src 'none'`: no request of any kind leaves the page; inline scripts and styles and data: images only.
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
-       "font-src data:")  # fmt: skip
+CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:"
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
 
 
@@ -31,7 +30,7 @@ class Block:
     note: str | None = None
 
     def render(self) -> str:
-        head = f'<h3>{esc(self.title)}</h3>' if self.title else ""
+        head = f"<h3>{esc(self.title)}</h3>" if self.title else ""
         note = f'<p class="note">{esc(self.note)}</p>' if self.note else ""
         return f'<div class="block" data-key="{esc(self.key)}">{head}{self.body}{note}</div>'
 
@@ -52,8 +51,15 @@ class Section:
             raise ValueError(f"block {key!r} drawn twice")
         self.blocks.append(Block(key, title, body, note))
 
-    def figure(self, key: str, fig: Any, *, title: str | None = None, note: str | None = None,
-               click: dict[str, Any] | None = None) -> str:
+    def figure(
+        self,
+        key: str,
+        fig: Any,
+        *,
+        title: str | None = None,
+        note: str | None = None,
+        click: dict[str, Any] | None = None,
+    ) -> str:
         """A plotly figure. `click={"target": id, "fields": [...]}`: clicking a point sends its `customdata`,
         named by `fields`, to the token view or detail panel `id` (a None field is left as it is)."""
         import plotly.io as pio
@@ -61,13 +67,17 @@ class Section:
         fid = self.id(key)
         spec = json.loads(pio.to_json(fig, validate=False))
         spec.get("layout", {}).pop("template", None)  # one template for the whole page (see Page.render)
-        self.page.data["figures"][fid] = {"data": spec.get("data", []), "layout": spec.get("layout", {}),
-                                          "click": click}  # fmt: skip
+        self.page.data["figures"][fid] = {
+            "data": spec.get("data", []),
+            "layout": spec.get("layout", {}),
+            "click": click,
+        }
         self._add(key, f'<div class="plot" id="{fid}"></div>', title, note)
         return fid
 
-    def table(self, key: str, columns: list[str], rows: list[list[Any]], *, title: str | None = None,
-              note: str | None = None) -> None:
+    def table(
+        self, key: str, columns: list[str], rows: list[list[Any]], *, title: str | None = None, note: str | None = None
+    ) -> None:
         """A plain table (cells are text; numbers are formatted by the caller)."""
         self._add(key, table_html(columns, rows), title, note)
 
@@ -86,8 +96,15 @@ class Section:
         self._add(key, f'<div class="tokens" id="{tid}"></div>', title, note)
         return tid
 
-    def detail(self, key: str, panels: dict[str, str], initial: str | None = None, *, title: str | None = None,
-               note: str | None = None) -> str:
+    def detail(
+        self,
+        key: str,
+        panels: dict[str, str],
+        initial: str | None = None,
+        *,
+        title: str | None = None,
+        note: str | None = None,
+    ) -> str:
         """A panel showing one of `panels` (key → HTML); a click with field `key` switches it. Returns its id."""
         did = self.id(key)
         first = initial if initial in panels else next(iter(panels), None)
@@ -181,5 +198,7 @@ def result_heading(result: Any) -> str:
     model = prov.get("model", {})
     name = model.get("name") or model.get("spec") or "?"
     cmd = prov.get("command", "")
-    return (f"<h3>{esc(type(result).__name__)} — {esc(name)}</h3>"
-            f'<p class="note">{esc(cmd)} · {esc(prov.get("timestamp", ""))}</p>')  # fmt: skip
+    return (
+        f"<h3>{esc(type(result).__name__)} — {esc(name)}</h3>"
+        f'<p class="note">{esc(cmd)} · {esc(prov.get("timestamp", ""))}</p>'
+    )

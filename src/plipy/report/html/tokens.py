@@ -37,8 +37,15 @@ def encode_rows(rows: Any, marker: int) -> str:
     return base64.b64encode(a.tobytes()).decode("ascii")
 
 
-def payload(samples: Sequence[TokenSample], layers: Sequence[int], metric_heads: Sequence[int], *,
-            initial_sample: int = 0, initial_layer: int | None = None, value_name: str = "attention") -> dict[str, Any]:
+def payload(
+    samples: Sequence[TokenSample],
+    layers: Sequence[int],
+    metric_heads: Sequence[int],
+    *,
+    initial_sample: int = 0,
+    initial_layer: int | None = None,
+    value_name: str = "attention",
+) -> dict[str, Any]:
     """The token view's JSON: per sample its tokens, marker, targets and encoded rows; the layer/head choices."""
     if not samples:
         raise ValueError("a token view needs at least one sample")
@@ -49,11 +56,22 @@ def payload(samples: Sequence[TokenSample], layers: Sequence[int], metric_heads:
         "metric_heads": [int(h) for h in metric_heads],
         "value_name": value_name,
         "samples": [
-            {"id": s.id, "group": s.group, "tokens": list(s.tokens), "marker": int(s.marker),
-             "targets": [int(t) for t in s.targets], "after": [int(t) for t in s.after],
-             "values": s.values, "keys": int(s.marker) + 1, "rows": encode_rows(s.rows, s.marker)}
+            {
+                "id": s.id,
+                "group": s.group,
+                "tokens": list(s.tokens),
+                "marker": int(s.marker),
+                "targets": [int(t) for t in s.targets],
+                "after": [int(t) for t in s.after],
+                "values": s.values,
+                "keys": int(s.marker) + 1,
+                "rows": encode_rows(s.rows, s.marker),
+            }
             for s in samples
-        ],  # fmt: skip
-        "initial": {"sample": int(initial_sample),
-                    "layer": int(initial_layer if initial_layer is not None else layers[-1]), "head": "mean"},
+        ],
+        "initial": {
+            "sample": int(initial_sample),
+            "layer": int(initial_layer if initial_layer is not None else layers[-1]),
+            "head": "mean",
+        },
     }
