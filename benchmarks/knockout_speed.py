@@ -16,10 +16,10 @@ import time
 import torch
 
 from plipy.corpus import load_corpus, token_positions
+from plipy.divergence import kl_divergence
 from plipy.engine import Engine
 from plipy.engine.runner import ConditionRunner, RunnerStats, layer_windows
 from plipy.experiments import knockout as ko
-from plipy.measures import kl_divergence
 from plipy.models import load_model
 
 

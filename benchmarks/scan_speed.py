@@ -19,8 +19,9 @@ import time
 
 import torch
 
+import plipy
 from plipy.corpus import load_corpus, token_positions
-from plipy.experiments.scan import ScanConfig, choose_groups, run_scan
+from plipy.experiments.samples import choose_groups
 from plipy.models import load_model
 
 CONFIGS = ("plain SDPA forwards", "plipy scan (forwards + statistics)", "HF eager + output_attentions")
@@ -40,7 +41,7 @@ def _runners(lm, corpus, ids, resamples: int, with_eager: bool = True):
             lm.model(x)
 
     def scan():
-        run_scan(lm, corpus, ScanConfig(n_resamples=resamples))
+        plipy.scan(lm, corpus, resamples=resamples)
 
     eager_model = copy.deepcopy(lm.model) if with_eager else None
     if eager_model is not None:

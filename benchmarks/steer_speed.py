@@ -16,11 +16,11 @@ import time
 import torch
 
 from plipy.corpus import load_corpus, token_positions
+from plipy.divergence import kl_divergence
 from plipy.engine import Capture, Engine
 from plipy.engine.runner import ConditionRunner, RunnerStats
 from plipy.experiments import steer as st
 from plipy.experiments.knockout import plip_default_layer
-from plipy.measures import kl_divergence
 from plipy.models import load_model
 
 

@@ -24,10 +24,11 @@ from collections.abc import Callable
 
 import torch
 
+import plipy
 from plipy.corpus import load_corpus, token_positions
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine.batch import pad_left, plan_batches
-from plipy.experiments import scan as sc
+from plipy.experiments import samples as sc
 from plipy.models import load_model
 
 LENGTHS = (512, 2048, 4096, 8192)
@@ -98,8 +99,8 @@ def short(args) -> None:
             "scan forwards, one by one": lambda: scan_forwards(lm, engine, sps, 1, layers),
             "plain SDPA, batches of 16": lambda: plain(lm, sps, 16),
             "scan forwards, batches of 16": lambda: scan_forwards(lm, engine, sps, 16, layers),
-            "plipy.scan (all: forwards, measures, statistics), batches of 16": lambda: sc.run_scan(
-                lm, corpus, sc.ScanConfig(batch_size=16, resume=False)
+            "plipy.scan (all: forwards, measures, statistics), batches of 16": lambda: plipy.scan(
+                lm, corpus, batch_size=16, resume=False
             ),
         },
         args.rounds,

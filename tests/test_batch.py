@@ -11,15 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import plipy
 from conftest import corpus_subset
 from plipy.corpus import token_positions
+from plipy.divergence import kl_divergence
 from plipy.engine import Capture, Engine
 from plipy.engine.batch import MAX_BATCH_TOKENS, pad_left, plan_batches
 from plipy.engine.runner import ConditionRunner
 from plipy.experiments import knockout as ko
-from plipy.experiments import scan as sc
 from plipy.experiments import steer as st
-from plipy.measures import kl_divergence
 from tiny_models import build, float64, fp32_bound, variant
 
 ARCHS3 = ["llama", "gpt2", "gemma3"]  # RoPE + GQA, absolute positions, sliding windows + global layers
@@ -123,8 +123,8 @@ def smollm64(smollm):
 
 
 def test_scan_batched_equals_one_by_one(smollm, smollm64, corpus):
-    one = sc.run_scan(smollm, corpus, sc.ScanConfig(n_resamples=200, batch_size=1, resume=False))
-    many = sc.run_scan(smollm, corpus, sc.ScanConfig(n_resamples=200, batch_size=4, resume=False))
+    one = plipy.scan(smollm, corpus, resamples=200, batch_size=1, resume=False)
+    many = plipy.scan(smollm, corpus, resamples=200, batch_size=4, resume=False)
     assert one["provenance"]["config"]["batch_size"] == 1 and many["provenance"]["config"]["batch_size"] == 4
     eager = variant(smollm.model, "eager")
     for s1, s4 in zip(one["samples"], many["samples"], strict=True):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from plipy.divergence import kl_divergence
 from plipy.engine import Capture, EdgeEdit, Engine
 from plipy.engine.runner import ConditionRunner
 from plipy.engine.runner import layer_windows as runner_windows
 from plipy.experiments.knockout import condition_edits
-from plipy.measures import kl_divergence
 from tiny_models import (
     ARCHS,
     NO_SDPA,

@@ -9,8 +9,7 @@ import json
 
 import pytest
 
-from plipy import chat
-from plipy.corpus import load_corpus, token_positions
+from plipy.corpus import chat, load_corpus, token_positions
 from plipy.errors import PlipyError
 from plipy.models import load_tokenizer, wrap_model
 from tiny_models import build

@@ -12,7 +12,7 @@ import pytest
 from plipy.corpus import (
     CorpusError,
     Sample,
-    _char_to_token,
+    char_to_token,
     corpus_positions,
     default_corpus_path,
     load_corpus,
@@ -222,16 +222,16 @@ def test_duplicated_targets_are_kept(tok):
 
 def test_char_to_token_rule():
     offs = [(0, 3), (3, 3), (4, 7), (7, 8)]
-    assert _char_to_token(offs, 0) == (0, "exact")
-    assert _char_to_token(offs, 5) == (2, "exact")
+    assert char_to_token(offs, 0) == (0, "exact")
+    assert char_to_token(offs, 5) == (2, "exact")
     # No token covers char 3 (a zero-width token never matches exactly); nearest midpoint: (3+3)//2 = 3, token 1.
-    assert _char_to_token(offs, 3) == (1, "fallback")
-    assert _char_to_token([(0, 0), (0, 2)], 0) == (1, "exact")  # zero-width token skipped
-    assert _char_to_token([(0, 4), (2, 6)], 3) == (0, "exact")  # overlap: first wins
-    assert _char_to_token([(0, 2), (4, 6)], 3) == (0, "fallback")  # midpoints 1 and 5: tie -> first
-    assert _char_to_token([(0, 3), (5, 8)], 4) == (1, "fallback")  # midpoints 1 and 6: 6 is closer
-    assert _char_to_token([(0, 2), (5, 7)], 20) == (1, "fallback")  # past the end: last token
-    assert _char_to_token([], 0) == (None, "failed")
+    assert char_to_token(offs, 3) == (1, "fallback")
+    assert char_to_token([(0, 0), (0, 2)], 0) == (1, "exact")  # zero-width token skipped
+    assert char_to_token([(0, 4), (2, 6)], 3) == (0, "exact")  # overlap: first wins
+    assert char_to_token([(0, 2), (4, 6)], 3) == (0, "fallback")  # midpoints 1 and 5: tie -> first
+    assert char_to_token([(0, 3), (5, 8)], 4) == (1, "fallback")  # midpoints 1 and 6: 6 is closer
+    assert char_to_token([(0, 2), (5, 7)], 20) == (1, "fallback")  # past the end: last token
+    assert char_to_token([], 0) == (None, "failed")
 
 
 class FakeTok:

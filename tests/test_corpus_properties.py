@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plipy.corpus import CorpusError, Sample, _char_to_token, byte_to_char, load_corpus, token_positions
+from plipy.corpus import CorpusError, Sample, byte_to_char, char_to_token, load_corpus, token_positions
 
 SETTINGS = settings(
     derandomize=True, deadline=None, max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -38,7 +38,7 @@ def test_byte_to_char_inverts_utf8_offsets(code, data):
 @SETTINGS
 @given(SPANS, st.integers(-5, 100))
 def test_char_to_token_is_plip_rule(spans, c):
-    got, how = _char_to_token(spans, c)
+    got, how = char_to_token(spans, c)
     if not spans:
         assert (got, how) == (None, "failed")
         return

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from plipy import cli
-from plipy import corpus_tools as ct
 from plipy.corpus import load_corpus, token_positions
+from plipy.corpus import tools as ct
 from plipy.errors import PlipyError
 
 BUNDLED_RULES = {

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 
+import plipy
 from plipy.corpus import Sample, load_corpus, token_positions
+from plipy.divergence import kl_divergence
 from plipy.engine import Capture, Engine
 from plipy.engine.runner import ConditionRunner, fast_path_blockers, layer_windows
 from plipy.experiments import knockout as ko
-from plipy.experiments import scan as sc
 from plipy.experiments import steer as st
-from plipy.measures import kl_divergence
 from plipy.models import find_alias_file, load_model
 from tiny_models import REF, REF_EDITS, float64, fp32_bound, register_reference, variant
 
@@ -249,7 +249,7 @@ def test_marker_rows_equal_attention_from_the_weights(gemma, positions, refs):
 
 @pytest.fixture(scope="module")
 def scan_result(gemma, corpus):
-    return sc.run_scan(gemma, corpus, sc.ScanConfig(n_resamples=500))
+    return plipy.scan(gemma, corpus, resamples=500)
 
 
 def test_scan_equals_hf_eager_and_float64_reference(gemma, positions, refs, scan_result):

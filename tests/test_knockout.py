@@ -16,12 +16,12 @@ from conftest import corpus_subset
 from plipy import cli
 from plipy.cli import knockout as ko_cli
 from plipy.corpus import load_corpus, token_positions
+from plipy.divergence import compare_logits, entropy, kl_divergence, kl_plip, top_changed
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine import runner as runner_mod
 from plipy.engine.runner import ConditionRunner
 from plipy.errors import PlipyError
 from plipy.experiments import knockout as ko
-from plipy.measures import compare_logits, entropy, kl_divergence, kl_plip, top_changed
 from tiny_models import ARCHS, REF, REF_EDITS, SLIDING, build, register_reference, variant
 
 PICK = {"python_doctest": 2, "rust_test": 2, "python_baseline": 1, "rust_baseline": 1}

@@ -242,8 +242,8 @@ def test_a_killed_driver_resumes_on_the_cluster(cluster, corpus, tmp_path):
 def test_a_ray_driver_holds_no_weights_and_its_runs_resume_locally(smollm):
     """The driver's model is on the meta device (tokenizer, config and weight hashes only); its run identity is a
     local run's, so units a Ray run left resume without Ray and vice versa."""
-    from plipy.checkpoint import run_identity
     from plipy.cluster.pool import Cluster, driver_model
+    from plipy.runtime.checkpoint import run_identity
 
     lm = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=0), prestart=False)
     assert next(lm.model.parameters()).device.type == "meta" and lm.device == torch.device("cpu")

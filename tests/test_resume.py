@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import corpus_subset
-from plipy.checkpoint import Units, fingerprint
+from plipy.runtime.checkpoint import Units, fingerprint
 
 
 def _units(runs: Path) -> int:
@@ -146,8 +146,8 @@ def test_a_wrapped_model_keeps_no_units(tmp_path, monkeypatch):
     )
     model = LlamaForCausalLM(cfg).eval()
     corpus = corpus_subset(tmp_path, {"python_doctest": 2, "rust_test": 2})
-    from plipy.checkpoint import open_run
     from plipy.models import wrap_model
+    from plipy.runtime.checkpoint import open_run
 
     units = open_run("scan", wrap_model(model, tok), corpus, {})
     assert units.folder is None

@@ -9,16 +9,16 @@ import pytest
 import scipy.stats
 import torch
 
+import plipy
 from plipy.cli import main
 from plipy.corpus import load_corpus, token_positions
 from plipy.errors import PlipyError
-from plipy.experiments import scan as sc
 from tiny_models import variant
 
 
 @pytest.fixture(scope="module")
 def result(smollm):
-    return sc.run_scan(smollm, load_corpus(), sc.ScanConfig(n_resamples=2000))
+    return plipy.scan(smollm, load_corpus(), resamples=2000)
 
 
 def test_attention_equals_hf_eager_output_attentions(smollm, result):
@@ -120,7 +120,7 @@ def test_any_groups_unicode_and_causally_impossible_samples(smollm, tmp_path):
     }
     path = tmp_path / "c.json"
     path.write_text(json.dumps(samples, ensure_ascii=False))
-    res = sc.run_scan(smollm, load_corpus(path), sc.ScanConfig(layers=[0, 5], n_resamples=500))
+    res = plipy.scan(smollm, load_corpus(path), layers=[0, 5], resamples=500)
     assert res["groups_compared"] == ["alpha", "beta"]
     by_id = {s["id"]: s for s in res["samples"]}
     assert by_id["b_after"]["status"] == "no-valid-targets" and "attention" not in by_id["b_after"]

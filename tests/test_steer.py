@@ -14,11 +14,11 @@ import torch
 from conftest import corpus_subset
 from plipy import cli
 from plipy.corpus import load_corpus, token_positions
+from plipy.divergence import kl_divergence
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine.runner import ConditionRunner
 from plipy.errors import PlipyError
 from plipy.experiments import steer as st
-from plipy.measures import kl_divergence
 from tiny_models import REF, REF_EDITS, build, register_reference, variant
 
 PICK = {"python_doctest": 2, "rust_test": 2, "rust_baseline": 1}  # rust_baseline: every target after the marker

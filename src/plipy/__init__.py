@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 from plipy.errors import CausalEdgeError, MaskedRowError, ParameterError, PlipyError  # noqa: E402
 
+# Public names → the module that defines them, imported on first use (PEP 562): `import plipy` stays cheap.
 _LAZY = {
     "plipy.api": (
         "scan",
@@ -32,9 +33,9 @@ _LAZY = {
         "score_latents",
         "sae_pipeline",
         "sweep",
+        "load_result",
     ),
     "plipy.results": (
-        "load_result",
         "Result",
         "ScanResult",
         "KnockoutResult",
@@ -53,31 +54,34 @@ _LAZY = {
     "plipy.sae": ("load_sae", "SAE"),
     "plipy.report.html": ("html_report",),
 }
-_SUBMODULES = (
-    "steer",
-    "corpus",
-    "engine",
-    "sae",
-    "entities",
-    "report",
-    "stats",
-    "options",
-    "experiments",
-    "models",
-    "chat",
-    "corpus_tools",
-    "cluster",
-)
+# Public submodules by their short name.
+_SUBMODULES = {
+    "steer": "plipy.api.steer",
+    "corpus": "plipy.corpus",
+    "engine": "plipy.engine",
+    "sae": "plipy.sae",
+    "entities": "plipy.entities",
+    "report": "plipy.report",
+    "stats": "plipy.stats",
+    "options": "plipy.options",
+    "experiments": "plipy.experiments",
+    "models": "plipy.models",
+    "chat": "plipy.corpus.chat",
+    "corpus_tools": "plipy.corpus.tools",
+    "cluster": "plipy.cluster",
+    "runtime": "plipy.runtime",
+    "results": "plipy.results",
+}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     import importlib
 
     for module, names in _LAZY.items():
         if name in names:
             return getattr(importlib.import_module(module), name)
     if name in _SUBMODULES:
-        return importlib.import_module(f"plipy.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module 'plipy' has no attribute {name!r}")
 
 

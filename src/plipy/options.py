@@ -7,7 +7,7 @@ same. Errors are `ParameterError`s naming the parameter; the CLI shows the match
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from plipy.errors import ParameterError
@@ -16,22 +16,38 @@ LAYERS_GRAMMAR = "all | plip (n/3…n−1) | A-B | a,b,c"
 HEADS_GRAMMAR = "all | none | A-B | a,b,c"
 
 
-def _ints(value: Any, param: str, what: str) -> list[int]:
-    """Parse `3`, `[3, 5]`, `"3,5"`, `"0-4"` and mixes like `"0-2,7"` into a list of ints (unchecked)."""
+MAX_SPAN = 1_000_000  # no model has this many layers, heads or tokens: a longer range is a typo, never expanded
+MAX_RESAMPLES = 1_000_000  # bootstrap / permutation resamples: beyond this the p-value resolution gains nothing
+
+
+def _ranges(value: Any, param: str, what: str) -> list[tuple[int, int]]:
+    """Parse `3`, `[3, 5]`, `"3,5"`, `"0-4"` and mixes like `"0-2,7"` into inclusive ranges (not expanded, not
+    bounds-checked: `0-99999999999999` costs nothing here)."""
     if isinstance(value, bool):
         raise ParameterError(param, f"expected {what} indices, got {value!r}")
     if isinstance(value, int):
-        return [value]
+        return [(value, value)]
     if not isinstance(value, str):
         try:
-            return [int(v) for v in value]
+            return [(int(v), int(v)) for v in value]
         except (TypeError, ValueError):
             raise ParameterError(param, f"expected {what} indices, got {value!r}") from None
-    out: list[int] = []
+    out: list[tuple[int, int]] = []
     for part in value.split(","):
         a, b = _bounds(part.strip(), value, param, what)
         if a > b:  # outside _bounds' try: a ParameterError is a ValueError too
             raise ParameterError(param, f"range {part.strip()!r} is empty: the start must not exceed the end")
+        out.append((a, b))
+    return out
+
+
+def indices(value: Any, *, param: str, what: str) -> list[int]:
+    """The integers a selection names (`3`, `[3, 5]`, `"0-2,7"`), in order, for callers that check their own
+    bounds (token positions may count from the end); a span beyond `MAX_SPAN` is refused, never expanded."""
+    out: list[int] = []
+    for a, b in _ranges(value, param, what):
+        if b - a >= MAX_SPAN:
+            raise ParameterError(param, f"{what} range {a}-{b} is longer than any model has {what}s")
         out.extend(range(a, b + 1))
     return out
 
@@ -48,18 +64,62 @@ def _bounds(part: str, value: str, param: str, what: str) -> tuple[int, int]:
         raise ParameterError(param, f"cannot read {value!r}: use {grammar}") from None
 
 
-def _checked(values: Iterable[int], n: int, param: str, what: str) -> list[int]:
-    vals = sorted(set(values))
-    bad = [v for v in vals if not 0 <= v < n]
+def _checked(ranges: list[tuple[int, int]], n: int, param: str, what: str) -> list[int]:
+    """The sorted unique values of `ranges`, all in 0…n−1 (else an error naming the worst value and how many are
+    out of range, counted without expanding the ranges)."""
+    merged: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    below = [(a, min(b, -1)) for a, b in merged if a < 0]
+    above = [(max(a, n), b) for a, b in merged if b >= n]
+    bad = below + above
     if bad:  # name the worst value; a long range is summarised, never listed
-        more = "" if len(bad) == 1 else f" ({len(bad)} values out of range: {bad[0]}…{bad[-1]})"
-        raise ParameterError(param, f"{what} {bad[-1]} does not exist: the model has {n} {what}s (0-{n - 1}){more}")
-    return vals
+        count = sum(b - a + 1 for a, b in bad)
+        lo, hi = bad[0][0], bad[-1][1]
+        more = "" if count == 1 else f" ({count} values out of range: {lo}…{hi})"
+        raise ParameterError(param, f"{what} {hi} does not exist: the model has {n} {what}s (0-{n - 1}){more}")
+    return [v for a, b in merged for v in range(a, b + 1)]
+
+
+def check_selection(value: Any, *, param: str, what: str = "layer") -> None:
+    """The grammar of a layer or head selection, checked before any model loads (its bounds need the model)."""
+    if value is None or isinstance(value, list | tuple) and not value and what == "head":
+        return
+    if isinstance(value, str):
+        text = value.strip()
+        grammar = LAYERS_GRAMMAR if what == "layer" else HEADS_GRAMMAR
+        if not text:
+            raise ParameterError(param, f"is empty: use {grammar}")
+        if text in ("all", "plip" if what == "layer" else "none"):
+            return
+    ranges = _ranges(value, param, what)
+    if any(a < 0 for a, _ in ranges):
+        raise ParameterError(param, f"{what} indices start at 0, got {min(a for a, _ in ranges)}")
 
 
 def plip_layers(n_layers: int) -> list[int]:
     """PLIP-rs' default scan range: n/3 … n−1."""
     return list(range(n_layers // 3, n_layers))
+
+
+def plip_default_layer(n_layers: int) -> int:
+    """PLIP-rs' default knockout and steering layer: 20 for ≥ 32 layers, 16 for ≥ 28, else 14 (clipped to the
+    model)."""
+    layer = 20 if n_layers >= 32 else 16 if n_layers >= 28 else 14
+    return min(layer, n_layers - 1)
+
+
+def layer_label(layers: Sequence[int]) -> str:
+    """`5`, `3-7` for a contiguous range, else `1,4,9`."""
+    ls = sorted(layers)
+    if len(ls) == 1:
+        return str(ls[0])
+    if ls == list(range(ls[0], ls[-1] + 1)):
+        return f"{ls[0]}-{ls[-1]}"
+    return ",".join(map(str, ls))
 
 
 def parse_layers(value: Any, n_layers: int, *, param: str = "layers") -> list[int]:
@@ -74,7 +134,7 @@ def parse_layers(value: Any, n_layers: int, *, param: str = "layers") -> list[in
             return list(range(n_layers))
         if text == "plip":
             return plip_layers(n_layers)
-    vals = _checked(_ints(value, param, "layer"), n_layers, param, "layer")
+    vals = _checked(_ranges(value, param, "layer"), n_layers, param, "layer")
     if not vals:
         raise ParameterError(param, f"names no layer: use {LAYERS_GRAMMAR}")
     return vals
@@ -91,7 +151,7 @@ def parse_heads(value: Any, n_heads: int, *, param: str = "heads", all_as_none: 
             raise ParameterError(param, f"is empty: use {HEADS_GRAMMAR}")
         if value.strip() == "none":
             return []
-    return _checked(_ints(value, param, "head"), n_heads, param, "head")
+    return _checked(_ranges(value, param, "head"), n_heads, param, "head")
 
 
 def parse_groups(value: Any, *, param: str = "groups") -> list[str] | None:
@@ -123,11 +183,24 @@ def parse_floats(value: Any, *, param: str) -> list[float]:
     return out
 
 
-def check_positive(value: int, *, param: str, minimum: int = 1) -> int:
-    """An integer option that must be ≥ `minimum` (resamples, batch sizes, limits)."""
+def check_positive(value: int, *, param: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer option that must be ≥ `minimum` (and ≤ `maximum` when it has one): resamples, batch sizes,
+    limits. Every count is bounded by what it can mean before any work starts."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ParameterError(param, f"must be an integer ≥ {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ParameterError(param, f"must be at most {maximum:,}, got {value:,}")
     return value
+
+
+def check_resamples(value: int, *, param: str = "resamples") -> int:
+    """Bootstrap / permutation resamples: 1 … MAX_RESAMPLES."""
+    return check_positive(value, param=param, maximum=MAX_RESAMPLES)
+
+
+def check_seed(value: int, *, param: str = "seed") -> int:
+    """A random seed: an integer 0 … 2³²−1 (what numpy's generators accept)."""
+    return check_positive(value, param=param, minimum=0, maximum=2**32 - 1)
 
 
 def check_choice(value: str, choices: Sequence[str], *, param: str) -> str:

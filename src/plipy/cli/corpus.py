@@ -101,8 +101,8 @@ def verify(
     print_all(console, renderables)
 
     if json_out is not None:
-        from plipy import provenance
         from plipy.io import write_json
+        from plipy.runtime import provenance
 
         prov = provenance.build(corpus=corp, config={"groups": group_list})
         prov.update(model=tok_provenance, bos=bos, offsets=offsets)
@@ -144,7 +144,7 @@ def _out_console() -> Console:
 
 def _note_suspicious(corp: Any) -> None:
     """Say (on stderr) which targets look a few characters off; `--fix` would move them."""
-    from plipy.corpus_tools import suspicious_target
+    from plipy.corpus.tools import suspicious_target
 
     odd = [
         f"{s.id}[{k}]"
@@ -165,14 +165,14 @@ def _note_suspicious(corp: Any) -> None:
 
 def _fix(corpus: Path | None, offsets: str, fix_out: Path | None, window: int) -> Path:
     """Repair the corpus file, print every change, write it; returns the path to verify next."""
-    from plipy.corpus import _decode_corpus, _read_corpus_bytes
-    from plipy.corpus_tools import corpus_bytes, fix_document
+    from plipy.corpus import decode_corpus, read_corpus_bytes
+    from plipy.corpus.tools import corpus_bytes, fix_document
     from plipy.io import write_outputs
 
     if window < 1:
         raise PlipyError(f"--window must be ≥ 1, got {window}")
-    path, raw = _read_corpus_bytes(corpus)
-    doc = _decode_corpus(raw, path)
+    path, raw = read_corpus_bytes(corpus)
+    doc = decode_corpus(raw, path)
     fixed, changes, left = fix_document(doc, offsets, window)
     con = _out_console()
     for line in changes:
@@ -223,8 +223,8 @@ def convert(
     """Make a universal corpus from code by finding markers and function targets (PLIP-rs' convert_corpus rules;
     configurable for other test markers). Samples without a marker or a definition are listed and left out."""
     from plipy.cli.common import check_out
-    from plipy.corpus_tools import convert as run_convert
-    from plipy.corpus_tools import corpus_bytes, read_inputs
+    from plipy.corpus.tools import convert as run_convert
+    from plipy.corpus.tools import corpus_bytes, read_inputs
     from plipy.io import write_outputs
 
     check_out(out)
@@ -264,7 +264,7 @@ def show(
     from rich.table import Table
 
     from plipy.corpus import token_positions
-    from plipy.corpus_tools import token_rows
+    from plipy.corpus.tools import token_rows
     from plipy.models import load_tokenizer
 
     if offsets not in ("chars", "bytes"):

@@ -48,7 +48,7 @@ def label(
     o: SimpleNamespace = None,
 ) -> None:
     """Ask the model each entity's attribute queries (greedy + K samples), grade them, label known/unknown/dropped."""
-    from plipy.api import check_cluster, ray_load
+    from plipy.api.front import check_cluster, ray_load
     from plipy.entities.build import check_types
     from plipy.entities.label import PROFILES, label_entities
     from plipy.io import write_json

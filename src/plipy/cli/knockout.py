@@ -51,6 +51,7 @@ def knockout(
 ) -> None:
     """Knock out attention edges (PLIP-rs' ablation) on every sample; KL of the next-token distribution."""
     from plipy import api
+    from plipy.api.knockout import knockout_mode
 
     modes = {
         "layer": layer,
@@ -61,7 +62,7 @@ def knockout(
         "center": center,
         "max_radius": max_radius,
     }
-    api.knockout_mode(**modes)  # before the model loads
+    knockout_mode(**modes)  # before the model loads
     with c.progress_bars() as start:
         result = api.knockout(
             o.model,

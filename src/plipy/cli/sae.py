@@ -99,6 +99,7 @@ def attention(
     """Steer with an SAE latent and measure attention from the last position to the steered positions."""
     from plipy import api
     from plipy import sae as saes
+    from plipy.api.front import check_cluster
     from plipy.errors import PlipyError
     from plipy.sae import inputs as si
 
@@ -116,7 +117,7 @@ def attention(
     _describe_sae(the_sae)
     if coefficient == "mean" and latent_file is None:
         raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
-    cluster = api.check_cluster(o.ray, o.workers)  # before the model loads
+    cluster = check_cluster(o.ray, o.workers)  # before the model loads
     lm = api.as_model(o.model, **c.model_options(o), cluster=cluster)
     saes.check_model(the_sae, lm.hidden_size, lm.n_layers)
     steer_at = saes.resolve_layer(the_sae, layer, lm.n_layers)

@@ -8,7 +8,6 @@ fails with a dead actor is resubmitted to another. A unit is stored once, by the
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -41,11 +40,10 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Job:
-    """What an actor needs to build `compute(batch)` on its loaded model: the builder and its inputs (corpus,
-    config, prompts: data, never weights), and the driver's weights sha256 (other weights: refused)."""
+    """What an actor needs to compute units: the experiment itself (its inputs and settings: data, never weights;
+    the actor rebuilds its plan on its own model) and the driver's weights sha256 (other weights: refused)."""
 
-    builder: str  # "module:function" (lm, *args) -> compute
-    args: tuple = ()
+    experiment: Any
     weights: Any = None
 
 
@@ -126,8 +124,9 @@ def build_compute(lm: Any, job: Job) -> Callable[[list[int]], list]:
     got = lm.provenance.get("weights_sha256")
     if job.weights is not None and got != job.weights:
         raise PlipyError(f"{lm.spec}: this node's weights differ from the driver's (sha256 {got} vs {job.weights})")
-    module, name = job.builder.split(":")
-    return getattr(importlib.import_module(module), name)(lm, *job.args)
+    experiment = job.experiment
+    plan = experiment.plan(lm)
+    return lambda batch: experiment.compute(lm, plan, batch)
 
 
 class _Worker:
@@ -391,22 +390,17 @@ def stamp(prov: dict[str, Any], where: dict[str, Any] | None) -> dict[str, Any]:
 
 @contextmanager
 def executor(
-    cluster: Cluster | None,
-    lm: Any,
-    load: dict[str, Any] | None,
-    builder: str,
-    args: tuple,
-    local: Callable[[], Callable[[list[int]], list]],
+    cluster: Cluster | None, lm: Any, load: dict[str, Any] | None, experiment: Any, plan: Any
 ) -> Iterator[Execution]:
-    """The local `compute` (built by `local()`) or, with a `cluster`, the warm pool for the driver's model spec
-    (`load`: device and memory map), whose workers build theirs with `builder(worker_lm, *args)`. A failed run
-    stops the pool (its actors may be mid-batch); a finished one leaves it warm."""
+    """Where `experiment`'s units run: here on `lm` with the driver's `plan`, or, with a `cluster`, on the warm pool
+    for the driver's model spec (`load`: device and memory map), whose workers rebuild the plan on their model.
+    A failed run stops the pool (its actors may be mid-batch); a finished one leaves it warm."""
     if cluster is None:
-        yield Execution(local(), None)
+        yield Execution(lambda batch: experiment.compute(lm, plan, batch), None)
         return
     pool = pool_for(model_job_args(lm, load or {}), cluster)
     try:
-        yield Execution(None, pool, Job(builder, args, lm.provenance.get("weights_sha256")))
+        yield Execution(None, pool, Job(experiment, lm.provenance.get("weights_sha256")))
     except BaseException:
         shutdown()
         raise

@@ -163,9 +163,9 @@ def label_entities(
     """Generate greedy + K samples per attribute query, grade them and label the entities; returns the labels
     document and caches it (and every query's generations) under `cache_dir`, keyed by model weights + config.
     With a `cluster` (`plipy.cluster.Cluster`) the shards (`batch_size` queries) run on Ray workers."""
-    from plipy import provenance
     from plipy.cluster import pool as cp
     from plipy.io import write_json
+    from plipy.runtime import provenance
 
     chosen = check_types(types)
     if k < 1 or max_new_tokens < 1 or batch_size < 1:

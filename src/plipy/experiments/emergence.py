@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from plipy import provenance
 from plipy.engine import Engine
 from plipy.errors import PlipyError
 from plipy.experiments.lens import _decode, encode, run_pass
 from plipy.results import EmergenceResult
+from plipy.runtime import provenance
 
 DEFAULT_TOP_K = 100  # PLIP-rs' default
 BUILTIN = "emergence_prompts.json"
@@ -204,26 +204,3 @@ def run_emergence(
     return EmergenceResult(
         {"provenance": prov, "top_k": config.top_k, "n_layers": lm.n_layers, "layers_shown": layers, "prompts": rows}
     )
-
-
-def emergence_rows(result: dict) -> list[dict[str, Any]]:
-    """One row per (prompt, expected string, layer)."""
-    rows = []
-    k = result["top_k"]
-    for p in result["prompts"]:
-        for e in p["expected"]:
-            for i, layer in enumerate(result["layers_shown"] if e["ranks"] else []):
-                rows.append(
-                    {
-                        "prompt": p["id"],
-                        "language": p["language"],
-                        "expected": e["string"],
-                        "layer": layer,
-                        "rank": e["ranks"][i],
-                        "best_token": e["best_tokens"][i],
-                        "prob": e["probs"][i],
-                        "mass": e["masses"][i],
-                        "in_top_k": e["ranks"][i] <= k,
-                    }
-                )
-    return rows

@@ -19,16 +19,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from plipy import checkpoint, measures, provenance, stats
+from plipy import divergence, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine.batch import default_batch_size, pad_id, plan_batches
 from plipy.engine.runner import RULES_VERSION, Baseline, ConditionRunner, dead_row, layer_windows
 from plipy.engine.spec import compile_edits
 from plipy.errors import PlipyError
-from plipy.experiments.scan import after_marker, choose_groups, identity
-from plipy.options import parse_layers
+from plipy.experiments.samples import after_marker, choose_groups, identity
+from plipy.options import layer_label, parse_layers, plip_default_layer
 from plipy.results import KnockoutResult
+from plipy.runtime import checkpoint, provenance
 
 EDGE_KINDS = ("marker-to-targets", "to-marker", "from-marker")
 MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-window")
@@ -66,22 +67,6 @@ class KnockoutConfig:
 
 
 # -- conditions ----------------------------------------------------------------------------------------------------
-
-
-def plip_default_layer(n_layers: int) -> int:
-    """PLIP-rs' default knockout layer: 20 for ≥ 32 layers, 16 for ≥ 28, else 14 (clipped to the model)."""
-    layer = 20 if n_layers >= 32 else 16 if n_layers >= 28 else 14
-    return min(layer, n_layers - 1)
-
-
-def layer_label(layers: Sequence[int]) -> str:
-    """`5`, `3-7` for a contiguous range, else `1,4,9`."""
-    ls = sorted(layers)
-    if len(ls) == 1:
-        return str(ls[0])
-    if ls == list(range(ls[0], ls[-1] + 1)):
-        return f"{ls[0]}-{ls[-1]}"
-    return ",".join(map(str, ls))
 
 
 def _check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
@@ -259,7 +244,7 @@ def run_sample(
         if out.logits is None:
             row.update(kl=None, status=out.status, note=out.note)
         else:
-            row.update(status="ok", **measures.compare_logits(base.logits, out.logits, lm.tokenizer, config.top_k))
+            row.update(status="ok", **divergence.compare_logits(base.logits, out.logits, lm.tokenizer, config.top_k))
             if out.status == "identity":
                 # a planned condition (first_layer set) the logits cannot see, or one with nothing left to edit
                 why = (
@@ -463,30 +448,3 @@ def _compare(runs: list[dict], pair: tuple[str, str], seed: int, n_resamples: in
     for i, r in enumerate(runs):
         if i not in ok:
             r.update(t=None, df=None, p=None, note=f"fewer than 2 usable samples in {ga} or {gb}")
-
-
-def sample_rows(result: dict) -> list[dict[str, Any]]:
-    """One flat row per (condition, sample) for pandas (the Parquet file)."""
-    rows = []
-    for i, run in enumerate(result["runs"]):
-        for r in run["samples"]:
-            rows.append(
-                {
-                    "condition": i,
-                    "label": run["label"],
-                    "layers": run["layers"],
-                    "edges": run["edges"],
-                    "id": r["id"],
-                    "group": r["group"],
-                    "status": r["status"],
-                    "kl": r.get("kl"),
-                    "kl_plip": r.get("kl_plip"),
-                    "entropy_base": r.get("entropy_base"),
-                    "entropy_intervened": r.get("entropy_intervened"),
-                    "entropy_change": r.get("entropy_change"),
-                    "top1_changed": r.get("top1_changed"),
-                    "top1_base_token": r.get("top1_base_token"),
-                    "top1_intervened_token": r.get("top1_intervened_token"),
-                }
-            )
-    return rows

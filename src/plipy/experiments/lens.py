@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from plipy import provenance
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
-from plipy.options import _ints
+from plipy.options import indices
 from plipy.results import LensResult
+from plipy.runtime import provenance
 
 DEFAULT_TOP_K = 10
 POSITION_WORDS = ("last", "all", "marker")
@@ -104,7 +104,7 @@ def resolve_positions(spec: Any, n_tokens: int, marker: int | None = None) -> li
     if isinstance(spec, str) and not spec.strip():
         raise ParameterError("positions", "is empty: use last | all | marker | token indices such as 0,5,-1")
     try:
-        raw = _ints(spec, "positions", "position")
+        raw = indices(spec, param="positions", what="position")
     except ParameterError:
         raise ParameterError(
             "positions", f"cannot read {spec!r}: use last | all | marker | token indices such as 0,5,-1"
@@ -350,45 +350,3 @@ def run_lens(
             "positions": rows,
         }
     )
-
-
-def lens_rows(result: dict) -> list[dict[str, Any]]:
-    """One row per (position, layer, token): every top-k token and every tracked token (a tracked token in the
-    top-k is one row)."""
-    rows = []
-    for pos in result["positions"]:
-        tracked = {t["id"]: t for t in pos["tracked"]}
-        for li, lay in enumerate(pos["layers"]):
-            seen = set()
-            for r, t in enumerate(lay["top"], 1):
-                tr = tracked.get(t["id"])
-                rows.append(
-                    {
-                        "position": pos["position"],
-                        "position_token": pos["token"],
-                        "layer": lay["layer"],
-                        "token_id": t["id"],
-                        "token": t["token"],
-                        "prob": t["prob"],
-                        "rank": r,
-                        "in_top_k": True,
-                        "tracked": ",".join(tr["source"]) if tr else None,
-                    }
-                )
-                seen.add(t["id"])
-            for tid, tr in tracked.items():
-                if tid not in seen:
-                    rows.append(
-                        {
-                            "position": pos["position"],
-                            "position_token": pos["token"],
-                            "layer": lay["layer"],
-                            "token_id": tid,
-                            "token": tr["token"],
-                            "prob": tr["probs"][li],
-                            "rank": tr["ranks"][li],
-                            "in_top_k": tr["ranks"][li] <= result["top_k"],
-                            "tracked": ",".join(tr["source"]),
-                        }
-                    )
-    return rows

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from plipy import provenance, stats
-from plipy.corpus import Corpus, CorpusError, _char_to_token, load_corpus
+from plipy import stats
+from plipy.corpus import Corpus, CorpusError, char_to_token, load_corpus
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
 from plipy.results import ProbeResult
+from plipy.runtime import provenance
 
 FEATURES = ("last", "marker")
 LABELS = ("group", "prefix")
@@ -186,7 +187,7 @@ def _position(
         return len(ids) - 1, None
     if item.marker_char is None:
         return None, "the data has no marker position"
-    tok, how = _char_to_token(offs, item.marker_char)
+    tok, how = char_to_token(offs, item.marker_char)
     if tok is None or how != "exact":
         return None, "the marker has no exact token"
     return tok + shift, None
@@ -197,7 +198,7 @@ def features(
 ) -> tuple[dict[int, np.ndarray], list[dict], list[dict]]:
     """Per layer, the resid_post vector of every usable item at its feature position `[n, d]` (float64); the
     sample records and the excluded ones."""
-    from plipy.corpus import _encode
+    from plipy.corpus import encode_text
 
     engine = Engine(lm.model)
     tok = lm.tokenizer
@@ -208,7 +209,7 @@ def features(
         raise PlipyError(f"--bos: tokenizer {type(tok).__name__} has no BOS token")
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
     for it in data.items:
-        ids, offs = _encode(tok, it.code)
+        ids, offs = encode_text(tok, it.code)
         shift = 1 if config.bos else 0
         ids = [int(bos_id), *ids] if config.bos else ids
         pos, why = _position(tok, it, ids, offs, config.feature, shift)
@@ -350,19 +351,3 @@ def run_probe(
             "excluded": excluded,
         }
     )
-
-
-def probe_rows(result: dict) -> list[dict[str, Any]]:
-    """One row per layer."""
-    keys = (
-        "layer",
-        "accuracy",
-        "accuracy_std",
-        "shuffled_mean",
-        "shuffled_p95",
-        "p_perm",
-        "p_holm",
-        "train_accuracy",
-        "converged",
-    )
-    return [{**{k: r.get(k) for k in keys}, "majority_baseline": result["majority_baseline"]} for r in result["layers"]]

@@ -9,67 +9,20 @@ PLIP-rs' headline ratio equals the ratio of uniform nulls; putting both side by 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from plipy import checkpoint, provenance, stats
+from plipy import stats
 from plipy.corpus import Corpus, SamplePositions, token_positions
-from plipy.engine import Capture, Engine
-from plipy.engine.batch import default_batch_size, pad_id, pad_left, plan_batches
-from plipy.engine.runner import last_logits_only
+from plipy.engine import Engine
 from plipy.errors import PlipyError
+from plipy.experiments.samples import after_marker, choose_groups, identity, marker_rows
 from plipy.results import ScanResult
-
-DEFAULT_GROUPS = ("python_doctest", "rust_test")
-
-
-@dataclass
-class ScanConfig:
-    """What to scan. `layers`/`heads` None = all; `groups` None = PLIP's two groups, else the first two."""
-
-    groups: Sequence[str] | None = None
-    layers: Sequence[int] | None = None
-    heads: Sequence[int] | None = None
-    bos: bool = False
-    seed: int = 0
-    n_resamples: int = 10000
-    extra: dict = field(default_factory=dict)
-    resume: bool = True  # keep finished samples on disk until the result is complete (plipy.checkpoint)
-    fresh: bool = False  # discard what an interrupted run with the same settings left
-    batch_size: int | None = None  # samples per forward (None: plipy.engine.batch.default_batch_size)
-
-
-def choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[str], tuple[str, str]]:
-    """All groups to measure, and the two the test compares (each needs ≥ 2 samples: checked here, before any
-    model loads)."""
-    chosen, pair = _choose_groups(corpus, groups)
-    for g in pair:
-        if len(corpus.groups[g]) < 2:
-            raise PlipyError(
-                f"group {g!r} has {len(corpus.groups[g])} sample(s): comparing groups needs at least 2 "
-                "each; add samples or name other --groups"
-            )
-    return chosen, pair
-
-
-def _choose_groups(corpus: Corpus, groups: Sequence[str] | None) -> tuple[list[str], tuple[str, str]]:
-    names = corpus.group_names
-    if groups:
-        unknown = [g for g in groups if g not in names]
-        if unknown:
-            raise PlipyError(f"unknown group(s) {', '.join(unknown)}; the corpus has: {', '.join(names)}")
-        if len(groups) < 2:
-            raise PlipyError("name at least two groups to compare")
-        return list(groups), (groups[0], groups[1])
-    if all(g in names for g in DEFAULT_GROUPS):
-        return list(DEFAULT_GROUPS), DEFAULT_GROUPS
-    if len(names) < 2:
-        raise PlipyError(f"the corpus has {len(names)} group(s); a scan compares two")
-    return names, (names[0], names[1])
+from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
 
 def measure_sample(sp: SamplePositions, rows: torch.Tensor, heads: Sequence[int]) -> dict[str, Any]:
@@ -92,23 +45,6 @@ def measure_sample(sp: SamplePositions, rows: torch.Tensor, heads: Sequence[int]
     }
 
 
-def identity(sp: SamplePositions) -> dict[str, Any]:
-    """The fields that name a sample and its token positions in every result."""
-    return {
-        "id": sp.sample.id,
-        "group": sp.sample.group,
-        "n_tokens": sp.seq_len,
-        "marker_token": sp.marker_token,
-        "marker_text": sp.marker_text,
-        "target_tokens": sp.target_tokens,
-    }
-
-
-def after_marker(sp: SamplePositions) -> list[int | None]:
-    """The target tokens that come after the marker (causally unreachable from it)."""
-    return [t for t, a in zip(sp.target_tokens, sp.after_marker, strict=True) if a]
-
-
 def sample_record(sp: SamplePositions) -> dict[str, Any]:
     """Identity and token positions of one sample, and whether it can be measured."""
     rec = {
@@ -128,19 +64,6 @@ def sample_record(sp: SamplePositions) -> dict[str, Any]:
     return rec
 
 
-def marker_rows(lm: Any, engine: Engine, sps: Sequence[SamplePositions], layers: Sequence[int]) -> list[torch.Tensor]:
-    """Each sample's marker row at every scanned layer, `[layers, heads, keys]` float32 on the CPU, from one
-    left-padded forward (only the last position's logits are computed: the scan needs none)."""
-    padded = pad_left([sp.input_ids for sp in sps], pad_id(lm.tokenizer), lm.device)
-    with (
-        torch.inference_mode(),
-        engine.run(capture=Capture(rows=padded.shift([[sp.marker_token] for sp in sps]), layers=layers)) as cap,
-    ):
-        lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
-    att = torch.stack([cap.attn[layer][:, :, 0] for layer in layers], 1).cpu()  # [B, L, H, T]
-    return [att[i, :, :, pad:] for i, pad in enumerate(padded.pads)]
-
-
 def check_measurable(records: list[dict[str, Any]], pair: tuple[str, str]) -> None:
     """Refuse, before any forward, a scan whose compared groups cannot give statistics."""
     for g in pair:
@@ -149,101 +72,91 @@ def check_measurable(records: list[dict[str, Any]], pair: tuple[str, str]) -> No
 
 
 @dataclass
-class _Plan:
+class ScanPlan:
     """Everything the units of a scan depend on, computed alike on the driver and on every Ray worker."""
 
     layers: list[int]
     heads: list[int]
     groups: list[str]
     pair: tuple[str, str]
-    settings: dict[str, Any]
     positions: list[SamplePositions]
     samples: list[dict[str, Any]]
+    engine: Engine
 
 
-def _plan(lm: Any, corpus: Corpus, config: ScanConfig) -> _Plan:
-    layers = list(config.layers) if config.layers is not None else list(range(lm.n_layers))
-    heads = list(config.heads) if config.heads is not None else list(range(lm.n_heads))
-    groups, pair = choose_groups(corpus, config.groups)
-    settings = {
-        "groups": groups,
-        "compared": list(pair),
-        "layers": layers,
-        "heads": heads,
-        "bos": config.bos,
-        "n_resamples": config.n_resamples,
-        "batch_size": config.batch_size or default_batch_size(lm.device),
-        **config.extra,
-    }
-    positions = [
-        token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions) for s in corpus.samples(groups)
-    ]
-    return _Plan(layers, heads, groups, pair, settings, positions, [sample_record(sp) for sp in positions])
+@dataclass
+class Scan(Experiment[ScanPlan, ScanResult]):
+    """Scan every sample of the chosen groups: per-sample measures, per-layer statistics. `layers`/`heads` None =
+    all; `groups` None = PLIP's two groups, else the first two given are compared."""
 
+    kind = "scan"
+    label = "scanning"
 
-def _compute(lm: Any, plan: _Plan) -> Callable[[list[int]], list[tuple[dict[str, Any], dict[str, np.ndarray]]]]:
-    engine = Engine(lm.model)
+    corpus: Corpus
+    groups: Sequence[str] | None = None
+    layers: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    bos: bool = False
+    seed: int = 0
+    n_resamples: int = 10000
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def compute(batch: list[int]) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    def plan(self, lm: Any) -> ScanPlan:
+        layers = list(self.layers) if self.layers is not None else list(range(lm.n_layers))
+        heads = list(self.heads) if self.heads is not None else list(range(lm.n_heads))
+        groups, pair = choose_groups(self.corpus, self.groups)
+        positions = [
+            token_positions(s, lm.tokenizer, bos=self.bos, max_length=lm.max_positions)
+            for s in self.corpus.samples(groups)
+        ]
+        samples = [sample_record(sp) for sp in positions]
+        check_measurable(samples, pair)
+        return ScanPlan(layers, heads, groups, pair, positions, samples, Engine(lm.model))
+
+    def settings(self, lm: Any, plan: ScanPlan, batch_size: int) -> Settings:
+        config = {
+            "groups": plan.groups,
+            "compared": list(plan.pair),
+            "layers": plan.layers,
+            "heads": plan.heads,
+            "bos": self.bos,
+            "n_resamples": self.n_resamples,
+            "batch_size": batch_size,
+            **self.extra,
+        }
+        return Settings(config, corpus=self.corpus, seed=self.seed)
+
+    def work(self, plan: ScanPlan, batch_size: int) -> Work:
+        measurable = [i for i, rec in enumerate(plan.samples) if rec["status"] in ("ok", "partial-targets")]
+        lengths = [sp.seq_len for sp in plan.positions]
+        return Work(length_batches(measurable, lengths, batch_size), settled=len(plan.samples) - len(measurable))
+
+    def compute(self, lm: Any, plan: ScanPlan, batch: list[int]) -> list[Unit]:
         sps = [plan.positions[i] for i in batch]
-        rows = marker_rows(lm, engine, sps, plan.layers)
+        rows = marker_rows(lm, plan.engine, sps, plan.layers)
         return [(measure_sample(sp, r, plan.heads), {"rows": r.numpy()}) for sp, r in zip(sps, rows, strict=True)]
 
-    return compute
-
-
-def unit_compute(lm: Any, corpus: Corpus, config: ScanConfig) -> Callable[[list[int]], list]:
-    """A Ray worker's `compute(batch)` (`plipy.cluster`): the local path's own code on the worker's model."""
-    return _compute(lm, _plan(lm, corpus, config))
-
-
-def run_scan(
-    lm: Any,
-    corpus: Corpus,
-    config: ScanConfig,
-    *,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    cluster: Any = None,
-    load: dict[str, Any] | None = None,
-) -> ScanResult:
-    """Scan every sample of the chosen groups: per-sample measures, per-layer statistics, provenance.
-
-    Finished samples are kept (`plipy.checkpoint`) until the result is complete: a killed run resumes. With a
-    `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load` options."""
-    from plipy.cluster import pool as cp
-
-    plan = _plan(lm, corpus, config)
-    layers, heads, groups, (ga, gb), settings = plan.layers, plan.heads, plan.groups, plan.pair, plan.settings
-    positions, samples = plan.positions, plan.samples
-    check_measurable(samples, (ga, gb))
-    units = checkpoint.open_run("scan", lm, corpus, settings, resume=config.resume, fresh=config.fresh)
-    rows_by_id: dict[str, np.ndarray] = {}
-    ids_by_id: dict[str, list[int]] = {}
-    step = progress(units.label("scanning"), len(positions)) if progress else (lambda: None)
-    measurable = [i for i, rec in enumerate(samples) if rec["status"] in ("ok", "partial-targets")]
-    for _ in range(len(positions) - len(measurable)):
-        step()
-    batches = plan_batches([positions[i].seq_len for i in measurable], settings["batch_size"])
-    with cp.executor(cluster, lm, load, f"{__name__}:unit_compute", (corpus, config), lambda: _compute(lm, plan)) as ex:
-        for i, got in units.batched([[measurable[j] for j in b] for b in batches], ex.compute, ex.remote):
-            samples[i].update(got[0])
-            rows_by_id[positions[i].sample.id] = got[1]["rows"]
-            ids_by_id[positions[i].sample.id] = list(positions[i].input_ids)  # decoded only for the token plot
-            step()
-        where = ex.describe()
-    result = {
-        "provenance": provenance.build(model=lm, corpus=corpus, seed=config.seed, config=settings),
-        "groups_compared": [ga, gb],
-        "layers_scanned": layers,
-        "heads": heads,
-        "samples": samples,
-    }
-    result.update(layer_statistics(samples, groups, (ga, gb), layers, heads, config.seed, config.n_resamples))
-    result["plip_compat"] = plip_compat(result, lm, corpus)
-    if where is not None:
-        result["provenance"]["cluster"] = where
-    units.finish()
-    return ScanResult(result, extras={"rows": rows_by_id, "input_ids": ids_by_id, "tokenizer": lm.tokenizer})
+    def assemble(self, lm: Any, plan: ScanPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> ScanResult:
+        samples = plan.samples
+        rows_by_id: dict[str, np.ndarray] = {}
+        ids_by_id: dict[str, list[int]] = {}
+        for i, (value, arrays) in units.items():  # in computed (batch) order: the rows file keeps that order
+            samples[i].update(value)
+            sid = plan.positions[i].sample.id
+            rows_by_id[sid] = arrays["rows"]
+            ids_by_id[sid] = list(plan.positions[i].input_ids)  # decoded only for the token plot
+        result: dict[str, Any] = {
+            "provenance": provenance,
+            "groups_compared": list(plan.pair),
+            "layers_scanned": plan.layers,
+            "heads": plan.heads,
+            "samples": samples,
+        }
+        result.update(
+            layer_statistics(samples, plan.groups, plan.pair, plan.layers, plan.heads, self.seed, self.n_resamples)
+        )
+        result["plip_compat"] = plip_compat(result, lm, self.corpus)
+        return ScanResult(result, extras={"rows": rows_by_id, "input_ids": ids_by_id, "tokenizer": lm.tokenizer})
 
 
 def _values(samples: list[dict], group: str, key: str, i: int) -> list[float]:
@@ -351,28 +264,3 @@ def plip_compat(result: dict, lm: Any, corpus: Corpus) -> dict[str, Any]:
             for r in result["layers"]
         ],
     }
-
-
-def sample_rows(result: dict) -> list[dict[str, Any]]:
-    """One flat row per (sample, layer) for pandas: the long format is what plotting and groupby want."""
-    rows = []
-    for s in result["samples"]:
-        if "attention" not in s:
-            continue
-        for i, layer in enumerate(result["layers_scanned"]):
-            rows.append(
-                {
-                    "id": s["id"],
-                    "group": s["group"],
-                    "layer": layer,
-                    "marker_token": s["marker_token"],
-                    "n_tokens": s["n_tokens"],
-                    "attention": s["attention"][i],
-                    "first_token_share": s["first_token_share"][i],
-                    "uniform_null": s["uniform_null"],
-                    "excess": s["excess"][i],
-                    "attention_per_head": s["attention_per_head"][i],
-                    "attention_per_target": s["attention_per_target"][i],
-                }
-            )
-    return rows

@@ -29,15 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from plipy import checkpoint, measures, provenance, stats
-from plipy.corpus import Corpus, SamplePositions, _char_to_token, token_positions
+from plipy import divergence, stats
+from plipy.corpus import Corpus, SamplePositions, char_to_token, token_positions
 from plipy.engine import Capture, EdgeEdit, Engine
 from plipy.engine.batch import default_batch_size, pad_id, pad_left, plan_batches
 from plipy.engine.runner import Baseline, ConditionRunner, cache_argument, full_cache
 from plipy.errors import CausalEdgeError, PlipyError
-from plipy.experiments.knockout import plip_default_layer
-from plipy.experiments.scan import marker_rows
+from plipy.experiments.samples import marker_rows
+from plipy.options import plip_default_layer
 from plipy.results import CalibrateResult, DoseResult, GenerateResult
+from plipy.runtime import checkpoint, provenance
 
 DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # PLIP-rs' DOSE_LEVELS
 DEFAULT_DETECT = (r"#\[test\]", r"assert_eq!", r"assert!", r"fn test_", r">>>")  # literal markers, as regexes
@@ -643,7 +644,7 @@ def _measure(s: SteerSample, out: Any, base: Any, layers: Sequence[int], tokeniz
         status="ok",
         attention_achieved=float(np.mean(per_layer)),
         attention_achieved_per_layer=per_layer,
-        **measures.compare_logits(base.logits, out.logits, tokenizer, top_k),
+        **divergence.compare_logits(base.logits, out.logits, tokenizer, top_k),
     )
     if out.status == "identity":
         row["note"] = "identity: scale 1 (or no heads) is the baseline computation, KL exactly 0"
@@ -691,29 +692,6 @@ def monotonicity(dose_runs: list[dict[str, Any]]) -> dict[str, Any]:
         "kl_increasing_below_1": all(b >= a for a, b in zip(below, below[1:], strict=False)),
         "samples_attention_increasing": f"{per_sample_ok}/{len(ids)}",
     }
-
-
-def sample_rows(result: dict) -> list[dict[str, Any]]:
-    """One flat row per (dose, sample) for pandas."""
-    rows = []
-    runs = [(str(r["scale"]), r) for r in result["doses"]]
-    if "target" in result:
-        runs.append(("target", result["target"]))
-    for label, run in runs:
-        for r in run["samples"]:
-            rows.append(
-                {
-                    "dose": label,
-                    "scale": r.get("scale", run.get("scale")),
-                    "id": r["id"],
-                    "group": r["group"],
-                    "status": r["status"],
-                    "kl": r.get("kl"),
-                    "attention_achieved": r.get("attention_achieved"),
-                    "top1_changed": r.get("top1_changed"),
-                }
-            )
-    return rows
 
 
 # -- generation ----------------------------------------------------------------------------------------------------
@@ -783,7 +761,7 @@ def prompt_edge(
     if qc < 0 or kc < 0:
         missing = query_text if qc < 0 else key_text
         return ids, None, f"prompt {pid!r} does not contain {missing!r}"
-    (q, qhow), (k, khow) = _char_to_token(offs, qc), _char_to_token(offs, kc)
+    (q, qhow), (k, khow) = char_to_token(offs, qc), char_to_token(offs, kc)
     if qhow != "exact" or khow != "exact":
         return ids, None, f"prompt {pid!r}: no exact token for the query or key text"
     if k > q:
@@ -797,7 +775,7 @@ def prompt_edge(
 
 def _chat_text(tokenizer: Any, prompt: str) -> Any:
     """The prompt in the tokenizer's chat template (`plipy.chat`), with where it sits in the templated text."""
-    from plipy import chat
+    from plipy.corpus import chat
 
     if getattr(tokenizer, "chat_template", None) is None:
         raise PlipyError("--chat: this tokenizer has no chat template")
@@ -1039,26 +1017,3 @@ def run_generate(
             "by_category": cats,
         }
     )
-
-
-def calibrate_rows(result: dict) -> list[dict[str, Any]]:
-    """One flat row per sample of a calibration."""
-    keys = ("id", "group", "status", "marker_token", "attention", "uniform_null", "scale_to_a", "note")
-    return [{k: s.get(k) for k in keys} for s in result["samples"]]
-
-
-def generate_rows(result: dict) -> list[dict[str, Any]]:
-    """One flat row per prompt of a steered generation."""
-    keys = (
-        "id",
-        "category",
-        "baseline",
-        "steered",
-        "baseline_tokens",
-        "steered_tokens",
-        "identical",
-        "baseline_has_test",
-        "steered_has_test",
-        "change",
-    )
-    return [{k: s.get(k) for k in keys} for s in result["samples"]]

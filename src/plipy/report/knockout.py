@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,8 @@ from rich import box
 from rich.table import Table
 
 from plipy.report.base import COLORS, Note, fmt_kl, fmt_num, fmt_p, mean_ci, pyplot, run_seconds
+from plipy.results.knockout import KnockoutResult
+from plipy.results.views import VIEWS
 
 
 def heads_label(heads: list[int]) -> str:
@@ -20,7 +23,8 @@ def heads_label(heads: list[int]) -> str:
     return f"{len(heads)} heads"
 
 
-def summary(result: dict) -> list[Any]:
+@VIEWS.summary(KnockoutResult)
+def summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report of a knockout: per-condition KL table, described groups, the runner, exclusions."""
     ga, gb = result["groups_compared"]
     t = Table(
@@ -76,7 +80,8 @@ def _samples_order(result: dict) -> list[tuple[str, str]]:
     return [(s["id"], s["group"]) for g in groups for s in result["samples"] if s["group"] == g and s["id"] in ok]
 
 
-def heatmap_figure(result: dict) -> Any:
+@VIEWS.figure(KnockoutResult, "heatmap")
+def heatmap_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Condition × sample heatmap of log10 KL (samples grouped; KL = 0 drawn at the colour floor)."""
     plt = pyplot()
     order = _samples_order(result)
@@ -103,7 +108,8 @@ def heatmap_figure(result: dict) -> Any:
     return fig
 
 
-def means_figure(result: dict) -> Any:
+@VIEWS.figure(KnockoutResult, "means")
+def means_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Group mean KL per condition with t-based 95% CI of the mean."""
     plt = pyplot()
     runs = result["runs"]

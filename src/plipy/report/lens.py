@@ -3,12 +3,16 @@ rank plot, and their console tables."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from rich.table import Table
 
 from plipy.report.base import COLORS, Note, pyplot
+from plipy.results.emergence import EmergenceResult
+from plipy.results.lens import LensResult
+from plipy.results.views import VIEWS
 
 TOP_SHOWN = 3  # top tokens per layer in the console table
 MAX_POSITION_TABLES = 4  # more positions: one compact table
@@ -97,7 +101,8 @@ def _compact_table(result: dict) -> Table:
     return t
 
 
-def lens_summary(result: dict) -> list[Any]:
+@VIEWS.summary(LensResult)
+def lens_summary(result: Mapping[str, Any]) -> list[Any]:
     """Per position the top tokens of each layer and the tracked tokens (a compact table for many positions)."""
     out: list[Any] = []
     if len(result["positions"]) > MAX_POSITION_TABLES:
@@ -113,7 +118,8 @@ def lens_summary(result: dict) -> list[Any]:
     return out
 
 
-def grid_figure(result: dict) -> Any:
+@VIEWS.figure(LensResult, "grid")
+def grid_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Layers × positions: each cell the lens' top-1 token, coloured by its probability."""
     plt = pyplot()
     positions = result["positions"]
@@ -144,7 +150,8 @@ def grid_figure(result: dict) -> Any:
     return fig
 
 
-def tracked_figure(result: dict) -> Any:
+@VIEWS.figure(LensResult, "tracked")
+def tracked_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Rank (log scale, 1 at the top) of every tracked token by layer, one panel per position (at most 6)."""
     plt = pyplot()
     positions = result["positions"][:6]
@@ -171,7 +178,8 @@ def tracked_figure(result: dict) -> Any:
 # -- emergence -------------------------------------------------------------------------------------------------------
 
 
-def emergence_summary(result: dict) -> list[Any]:
+@VIEWS.summary(EmergenceResult)
+def emergence_summary(result: Mapping[str, Any]) -> list[Any]:
     """Per prompt and expected string: the first layer in the top-k, the token found there, the final rank."""
     k = result["top_k"]
     last = result["layers_shown"][-1]
@@ -212,7 +220,8 @@ def emergence_summary(result: dict) -> list[Any]:
     return out
 
 
-def emergence_figure(result: dict) -> Any:
+@VIEWS.figure(EmergenceResult, "ranks")
+def emergence_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Rank of the best token containing each expected string, by layer; one panel per prompt."""
     plt = pyplot()
     prompts = result["prompts"]

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from rich.table import Table
 
 from plipy.report.base import COLORS, Note, fmt_p, pyplot
+from plipy.results.probe import ProbeResult
+from plipy.results.views import VIEWS
 
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def summary(result: dict) -> list[Any]:
+@VIEWS.summary(ProbeResult)
+def summary(result: Mapping[str, Any]) -> list[Any]:
     """Per layer: CV accuracy ± sd, the shuffled control, permutation p (Holm), training accuracy."""
     counts = ", ".join(f"{c} {n}" for c, n in result["counts"].items())
     t = Table(
@@ -55,7 +59,8 @@ def summary(result: dict) -> list[Any]:
     return out
 
 
-def accuracy_figure(result: dict) -> Any:
+@VIEWS.figure(ProbeResult, "accuracy")
+def accuracy_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Cross-validated accuracy by layer (per-fold points, mean ± sd), the shuffled-label control and baselines."""
     plt = pyplot()
     rows = result["layers"]

@@ -3,14 +3,15 @@ layer × head heatmap, known-vs-unknown boxes. All use the first measure of the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from plipy.corpus.prompts import EntityPrompt
 from plipy.report.base import fmt_num, fmt_p, pyplot
-from plipy.sae.attention import difference
-from plipy.sae.inputs import EntityPrompt
+from plipy.results.sae_attention import SaeAttentionResult, difference
+from plipy.results.views import VIEWS
 
 HEAD_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 MARKERS = ["o", "s", "D", "X", "^", "v", "P", "*"]
@@ -143,7 +144,8 @@ def figures(
     return figs
 
 
-def summary(result: dict) -> list[Any]:
+@VIEWS.summary(SaeAttentionResult)
+def summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report: per measure the heads that moved most and the random-latent test per label."""
     from rich.table import Table
 
@@ -232,3 +234,31 @@ def latents_summary(doc: dict, split: str) -> list[Any]:
     if doc["skipped_types"]:
         out.append(f"types without both labels (left out): {', '.join(doc['skipped_types'])}")
     return out
+
+
+def _first_measure(result: SaeAttentionResult, measure: str | None) -> str:
+    return measure or next(iter(result["measures"]))
+
+
+@VIEWS.figure(SaeAttentionResult, "bars")
+def bars_figure(result: SaeAttentionResult, measure: str | None = None, **_options: Any) -> Any:
+    """Per-head bars of one measure (default: the run's first)."""
+    return bars(result, result.arrays, _first_measure(result, measure))
+
+
+@VIEWS.figure(SaeAttentionResult, "scatter")
+def scatter_figure(result: SaeAttentionResult, measure: str | None = None, **_options: Any) -> Any:
+    """Original vs steered for the heads that moved most."""
+    return scatter(result, result.arrays, result.prompts(), _first_measure(result, measure))
+
+
+@VIEWS.figure(SaeAttentionResult, "heatmap")
+def heatmap_figure(result: SaeAttentionResult, measure: str | None = None, **_options: Any) -> Any:
+    """The layer × head heatmap of the mean difference."""
+    return heatmap(result, _first_measure(result, measure))
+
+
+@VIEWS.figure(SaeAttentionResult, "boxes", unavailable=SaeAttentionResult.boxes_unavailable)
+def boxes_figure(result: SaeAttentionResult, measure: str | None = None, **_options: Any) -> Any:
+    """Known vs unknown original values (prompts of two labels)."""
+    return boxes(result, result.arrays, result.prompts(), _first_measure(result, measure))

@@ -3,15 +3,19 @@ sample's marker row as shaded text, and the console table."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from rich.table import Table
 
 from plipy.report.base import COLORS, Note, fmt_num, fmt_p, fmt_pct, mean_ci, pyplot
+from plipy.results.scan import ScanResult
+from plipy.results.views import VIEWS
 
 
-def layers_figure(result: dict) -> Any:
+@VIEWS.figure(ScanResult, "layers")
+def layers_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Group means per layer with 95% CI bands; dashed lines: uniform null 1/(m+1); dotted: share on token 0."""
     plt = pyplot()
     layers = result["layers_scanned"]
@@ -42,7 +46,8 @@ def layers_figure(result: dict) -> Any:
     return fig
 
 
-def heads_figure(result: dict) -> Any:
+@VIEWS.figure(ScanResult, "heads")
+def heads_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Layer × head heatmap of the group difference in attention; BH-significant cells are outlined."""
     plt = pyplot()
     ph = result["per_head"]
@@ -100,7 +105,8 @@ def token_row_figure(tokens: list[str], weights: list[float], marker: int, targe
     return fig
 
 
-def summary(result: dict) -> list[Any]:
+@VIEWS.summary(ScanResult)
+def summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report of a scan: the per-layer table, the null line, best layers, samples not measured."""
     ga, gb = result["groups_compared"]
     t = Table(title=f"Layer scan: {ga} vs {gb} (attention marker → targets, head mean)", header_style="bold")
@@ -159,3 +165,14 @@ def summary(result: dict) -> list[Any]:
     if partial:
         out.append(Note(f"targets after the marker left out of the mean for: {', '.join(partial)}"))
     return out
+
+
+@VIEWS.figure(ScanResult, "tokens", unavailable=ScanResult.rows_unavailable)
+def tokens_figure(result: ScanResult, sample: str | None = None, layer: int | None = None, **_options: Any) -> Any:
+    """One measured sample's marker row at one layer (default: the first sample, the best Holm layer)."""
+    rec = result.token_sample(sample)
+    lay = result.token_layer(layer)
+    row = result.marker_row(rec["id"], lay)
+    title = f"{rec['id']} — layer {lay}, head-mean attention of the marker row"
+    tokens = result.token_texts(rec["id"])
+    return token_row_figure(tokens, row.tolist(), rec["marker_token"], rec["measured_targets"], title)

@@ -3,6 +3,7 @@ calibrate, dose and generate."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,10 @@ from rich.table import Table
 from rich.text import Text
 
 from plipy.report.base import COLORS, Note, fmt_num, fmt_p, mean_ci, pyplot, run_seconds
+from plipy.results.calibrate import CalibrateResult
+from plipy.results.dose import DoseResult
+from plipy.results.generate import GenerateResult
+from plipy.results.views import VIEWS
 
 
 def excluded_lines(result: dict) -> list[str]:
@@ -21,7 +26,8 @@ def excluded_lines(result: dict) -> list[str]:
     ]
 
 
-def calibrate_summary(result: dict) -> list[Any]:
+@VIEWS.summary(CalibrateResult)
+def calibrate_summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report of a calibration."""
     ga, gb = result["groups_compared"]
     t = Table(
@@ -42,7 +48,8 @@ def calibrate_summary(result: dict) -> list[Any]:
     return [t, line, *excluded_lines(result)]
 
 
-def generate_summary(result: dict) -> list[Any]:
+@VIEWS.summary(GenerateResult)
+def generate_summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report of steered generation: side-by-side texts and the Fisher test."""
     cfg = result["provenance"]["config"]
     t = Table(
@@ -67,7 +74,8 @@ def generate_summary(result: dict) -> list[Any]:
     return [t, line, *excluded_lines(result)]
 
 
-def dose_summary(result: dict) -> list[Any]:
+@VIEWS.summary(DoseResult)
+def dose_summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report of a dose-response run."""
     t = Table(
         title=f"Steering layers {result['layers']} ({len(result['heads'])} heads), groups "
@@ -111,7 +119,8 @@ def fmt_e(x: Any) -> str:
     return "—" if x is None else f"{x:.3e}"
 
 
-def dose_figure(result: dict) -> Any:
+@VIEWS.figure(DoseResult, "dose")
+def dose_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Mean KL and mean attention achieved per dose with t-based 95% CIs, one line per group."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -139,7 +148,8 @@ def dose_figure(result: dict) -> Any:
     return fig
 
 
-def calibrate_figure(result: dict) -> Any:
+@VIEWS.figure(CalibrateResult, "groups")
+def calibrate_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Each sample's baseline attention per group (dots), the group means with 95% CIs, and the scale's target."""
     plt = pyplot()
     groups = result["groups_compared"]
@@ -171,7 +181,8 @@ def calibrate_figure(result: dict) -> Any:
     return fig
 
 
-def generate_figure(result: dict) -> Any:
+@VIEWS.figure(GenerateResult, "preserved")
+def generate_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Prompts whose generation contains a test marker: baseline vs steered, with Fisher's one-sided p."""
     plt = pyplot()
     s = result["summary"]

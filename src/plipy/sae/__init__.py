@@ -20,11 +20,8 @@ from plipy.sae.attention import (
     pick_random_latents,
     resolve_layer,
     run_attention,
-    save_npy,
     significance,
     summarise,
-    table_columns,
-    write_columns,
 )
 from plipy.sae.io import load_sae, load_saelens_release, random_sae, save_npz, save_saelens
 from plipy.sae.measures import MEASURES, key_index, layer_measures
@@ -60,9 +57,6 @@ __all__ = [
     "pick_random_latents",
     "resolve_layer",
     "run_attention",
-    "save_npy",
     "significance",
     "summarise",
-    "table_columns",
-    "write_columns",
 ]

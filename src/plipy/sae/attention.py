@@ -15,7 +15,6 @@ computed in float64 from per-key quantities (never a [batch, heads, q, k, d] ten
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,14 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from plipy import provenance
-from plipy.checkpoint import Units, fingerprint
 from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture
 from plipy.engine.arch import head_output_weights
 from plipy.engine.batch import pad_left
 from plipy.errors import PlipyError
-from plipy.io import atomic_write_bytes
-from plipy.results import SaeAttentionResult
+from plipy.results.sae_attention import SaeAttentionResult, difference
+from plipy.runtime import provenance
+from plipy.runtime.checkpoint import Units, fingerprint
 from plipy.sae.inputs import EntityPrompt, Tokenized, positions_for, tokenize_prompt
 from plipy.sae.measures import MEASURES, key_index, layer_measures
 from plipy.sae.model import SAE, check_model, steer_layer
@@ -373,11 +371,6 @@ def run_attention(
     return SaeAttentionResult(result, arrays=out_arrays)
 
 
-def difference(arrays: dict[str, Any], latent: int, measure: str) -> np.ndarray:
-    """steered − original, `[N, layers, heads]`."""
-    return arrays["steered"][latent][measure] - arrays["original"][measure]
-
-
 def head_values(values: np.ndarray, heads: Sequence[tuple[int, int]], rows: np.ndarray | None = None) -> np.ndarray:
     """Values of the chosen heads `[N', len(heads)]` (rows = a prompt mask)."""
     v = values if rows is None else values[rows]
@@ -492,102 +485,3 @@ def _phrase(direction: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-
-
-def table_columns(arrays: dict[str, Any], prompts: Sequence[EntityPrompt], top: int) -> dict[str, np.ndarray]:
-    """Long format as columns: one row per (latent, prompt, layer, head), original/steered/difference per measure."""
-    measures = list(arrays["original"])
-    n, n_layers, n_heads = arrays["original"][measures[0]].shape
-    lats = list(arrays["steered"])
-    per = n * n_layers * n_heads
-    idx = np.arange(per)
-    i, la, h = idx // (n_layers * n_heads), (idx // n_heads) % n_layers, idx % n_heads
-    cols: dict[str, np.ndarray] = {
-        "latent": np.repeat(np.array(lats, dtype=np.int64), per),
-        "role": np.repeat(np.array(["top" if lat == top else "random" for lat in lats]), per),
-        "prompt_index": np.tile(i, len(lats)),
-        "entity": np.tile(np.array([p.entity for p in prompts], dtype=object)[i], len(lats)),
-        "entity_type": np.tile(np.array([p.entity_type for p in prompts], dtype=object)[i], len(lats)),
-        "label": np.tile(np.array([p.label for p in prompts], dtype=object)[i], len(lats)),
-        "layer": np.tile(la, len(lats)),
-        "head": np.tile(h, len(lats)),
-    }
-    for m in measures:
-        o = np.tile(arrays["original"][m].reshape(-1), len(lats))
-        s = np.concatenate([arrays["steered"][lat][m].reshape(-1) for lat in lats])
-        cols[f"{m}_original"], cols[f"{m}_steered"], cols[f"{m}_difference"] = o, s, s - o
-    return cols
-
-
-def columns_bytes(cols: dict[str, np.ndarray], fmt: str = "parquet") -> bytes:
-    """Columns as Parquet or CSV bytes."""
-    import pyarrow as pa
-
-    table = pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in cols.items()})
-    sink = pa.BufferOutputStream()
-    if fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        pcsv.write_csv(table, sink)
-    else:
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
-def write_columns(path: str | Path, cols: dict[str, np.ndarray]) -> Path:
-    """Columns as Parquet (`.parquet`) or CSV (`.csv`), atomically."""
-    return atomic_write_bytes(path, columns_bytes(cols, "csv" if Path(path).suffix == ".csv" else "parquet"))
-
-
-def arrays_from_table(path: str | Path, result: dict[str, Any]) -> dict[str, Any]:
-    """The `{original, steered}` arrays back from a saved long table (rows: latent, prompt, layer, head)."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    table = pcsv.read_csv(p) if p.suffix == ".csv" else pq.read_table(p)
-    n, n_layers, n_heads = len(result["prompts"]), result["n_layers"], result["n_heads"]
-    measures = list(result["measures"])
-    lat = table.column("latent").to_numpy()
-    latents = list(dict.fromkeys(int(x) for x in lat))
-    per = n * n_layers * n_heads
-    if len(lat) != per * len(latents):
-        raise PlipyError(f"{p}: {len(lat)} rows, expected {per * len(latents)} for this result")
-    cols = {m: (table.column(f"{m}_original").to_numpy(), table.column(f"{m}_steered").to_numpy()) for m in measures}
-    shape = (n, n_layers, n_heads)
-    return {
-        "original": {m: cols[m][0][:per].astype(np.float64).reshape(shape) for m in measures},
-        "steered": {
-            lt: {m: cols[m][1][i * per : (i + 1) * per].astype(np.float64).reshape(shape) for m in measures}
-            for i, lt in enumerate(latents)
-        },
-    }
-
-
-def npy_bytes(
-    arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int], stem: Path
-) -> dict[Path, bytes]:
-    """Upstream-compatible `.npy` dicts `{'L{l}H{h}': differences}` per measure (+ a list of dicts for the random
-    latents), loadable with `np.load(path, allow_pickle=True).item()` (random: `.tolist()`). These are pickled
-    object arrays: load them only from a source you trust."""
-    out = {}
-    for m in arrays["original"]:
-
-        def as_dict(lat: int, m: str = m) -> dict[str, np.ndarray]:
-            d = difference(arrays, lat, m)
-            return {f"L{la}H{h}": d[:, la, h] for la, h in heads}
-
-        for name, obj in ((f"{stem}-{m}.npy", as_dict(top)), (f"{stem}-{m}-random.npy", [as_dict(r) for r in randoms])):
-            buf = io.BytesIO()
-            np.save(buf, np.array(obj, dtype=object), allow_pickle=True)
-            out[Path(name)] = buf.getvalue()
-    return out
-
-
-def save_npy(
-    arrays: dict[str, Any], heads: Sequence[tuple[int, int]], top: int, randoms: Sequence[int], stem: Path
-) -> list[Path]:
-    """Write the `.npy` dicts of `npy_bytes`, atomically."""
-    return [atomic_write_bytes(p, b) for p, b in npy_bytes(arrays, heads, top, randoms, stem).items()]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from plipy.corpus.prompts import EntityPrompt
 from plipy.errors import PlipyError
 
 POS_TYPES = ("entity_last", "entity", "entity_to_end", "entity_last_to_end", "all")
@@ -30,17 +31,6 @@ BASE_RELATIONS: dict[str, list[str]] = {
 }
 
 # ---------------------------------------------------------------------------------------------- prompts
-
-
-@dataclass
-class EntityPrompt:
-    """One prompt with the entity string it names; `label` is e.g. known/unknown (None if not given)."""
-
-    prompt: str
-    entity: str
-    entity_type: str = ""
-    label: str | None = None
-    relation: str | None = None
 
 
 def template_prompts(

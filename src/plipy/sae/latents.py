@@ -225,7 +225,7 @@ def run_latents(
     progress: Callable[[str, int], Callable[..., None]] | None = None,
 ) -> dict[str, Any]:
     """Score every latent of `sae` on the labelled entities and return the latent document (JSON-ready)."""
-    from plipy import provenance
+    from plipy.runtime import provenance
     from plipy.sae.model import check_model
 
     check_model(sae, lm.hidden_size, lm.n_layers)

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from plipy.checkpoint import fingerprint
 from plipy.errors import PlipyError
 from plipy.io import write_json
+from plipy.runtime.checkpoint import fingerprint
 from plipy.sae.train import DEFAULT_LAYER, TrainConfig
 
 Progress = Callable[[str, int], Callable[..., None]]
@@ -340,7 +340,7 @@ def _summary(
     timings: dict[str, float],
     out: Path,
 ) -> dict[str, Any]:
-    from plipy import provenance
+    from plipy.runtime import provenance
 
     known = {
         t: {k: s.get(k) for k in ("n", "known", "unknown", "dropped", "test_balanced_per_label")}

@@ -524,7 +524,7 @@ def train_on_model(
 ) -> tuple[SAE, dict[str, Any]]:
     """Collect activations of `layer`'s resid_post, train, evaluate on held-out text, and (if `out`) save the SAE
     in SAELens format with `training.json` (config, metrics, provenance) and `sparsity.safetensors` beside it."""
-    from plipy import provenance
+    from plipy.runtime import provenance
     from plipy.sae.io import save_saelens
 
     cfg.check()

@@ -4,7 +4,7 @@
     plipy.html_report(["a.json", "b.json"], "cmp.html")  # several: results of one kind side by side
     plipy report a.json b.json -o cmp.html               # the same from the shell; `--html` on every command
 
-A result kind draws its view with one function named by its class (`Result.html_fn = "module:function"`), called
+A result kind draws its view with one function registered against its class (`@VIEWS.html(ScanResult)`), called
 as `function(result, section)`; `section` collects figures, tables, a token view and detail panels
 (`plipy.report.html.page.Section`). Kinds without one get the generic view (their PNG plots). Every report adds the
 console summary and the provenance. How to add a view: docs/report.md.
@@ -17,22 +17,19 @@ console summary and the provenance. How to add a view: docs/report.md.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from plipy.errors import PlipyError
 
 
-def _view(result: Any) -> Any:
+def _view(result: Any) -> Callable[[Any, Any], None]:
     from plipy.report.html.common import generic_view
+    from plipy.results.views import VIEWS
 
-    ref = getattr(type(result), "html_fn", "")
-    if not ref:
-        return lambda r, sec: generic_view(sec)
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
+    fn = VIEWS.of(type(result)).html
+    return fn if fn is not None else (lambda r, sec: generic_view(sec))
 
 
 def render(results: Sequence[Any], *, title: str | None = None) -> str:

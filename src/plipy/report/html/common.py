@@ -137,11 +137,12 @@ def generic_view(sec: Section) -> None:
     from plipy.report.base import png_bytes
 
     result = sec.result
-    for kind in result.figure_kinds:
+    for kind, figure in result.views.figures.items():
+        if figure.why_not(result) is not None:
+            continue
         try:
-            fig = result._optional_figure(kind)
+            fig = figure.draw(result)
         except Exception as e:  # a figure that cannot be drawn is named; the report goes on
             sec.text(f"figure-{kind}", f"{kind}: not drawn ({e})")
             continue
-        if fig is not None:
-            sec.image(f"figure-{kind}", png_bytes(fig), title=kind)
+        sec.image(f"figure-{kind}", png_bytes(fig), title=kind)

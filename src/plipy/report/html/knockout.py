@@ -11,8 +11,11 @@ import numpy as np
 from plipy.report.base import fmt_kl, mean_ci
 from plipy.report.html.common import color, go, layout
 from plipy.report.html.page import Section, esc, table_html
+from plipy.results.knockout import KnockoutResult
+from plipy.results.views import VIEWS
 
 
+@VIEWS.html(KnockoutResult)
 def view(result: Any, sec: Section) -> None:
     """Heatmap and means (both open the detail of a sample under a condition), statuses, the detail panel."""
     order = samples_order(result)

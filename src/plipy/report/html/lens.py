@@ -6,8 +6,13 @@ from typing import Any
 
 from plipy.report.html.common import color, go, layout
 from plipy.report.html.page import Section
+from plipy.results.emergence import EmergenceResult
+from plipy.results.lens import LensResult
+from plipy.results.probe import ProbeResult
+from plipy.results.views import VIEWS
 
 
+@VIEWS.html(LensResult)
 def lens_view(result: Any, sec: Section) -> None:
     """Per position: a layers × rank-1 heatmap of the top-1 probability (hover: the top tokens), and the tracked
     tokens' rank by layer; a table of each position's final top tokens."""
@@ -89,6 +94,7 @@ def lens_view(result: Any, sec: Section) -> None:
     )
 
 
+@VIEWS.html(EmergenceResult)
 def emergence_view(result: Any, sec: Section) -> None:
     """Rank of the best-matching token by layer, one line per (prompt, expected string); the first layers."""
     g = go()
@@ -141,6 +147,7 @@ def emergence_view(result: Any, sec: Section) -> None:
     )
 
 
+@VIEWS.html(ProbeResult)
 def probe_view(result: Any, sec: Section) -> None:
     """Accuracy by layer (mean ± sd over folds, each fold), the shuffled-label control and the majority baseline."""
     g = go()

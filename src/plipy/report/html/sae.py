@@ -11,10 +11,13 @@ from plipy.report.base import fmt_num, fmt_p
 from plipy.report.html.common import color, go, layout
 from plipy.report.html.page import Section, esc
 from plipy.report.sae import LABEL_COLORS, scatter_heads
+from plipy.results.sae_attention import SaeAttentionResult
+from plipy.results.views import VIEWS
 
 SYMBOLS = ["circle", "square", "diamond", "x", "triangle-up", "triangle-down", "cross", "star"]
 
 
+@VIEWS.html(SaeAttentionResult)
 def view(result: Any, sec: Section) -> None:
     """Every measure of the run, one after the other; the prompts at the end."""
     prompts = result["prompts"]

@@ -10,6 +10,8 @@ import numpy as np
 from plipy.report.html.common import ci_traces, color, go, layout
 from plipy.report.html.page import Section
 from plipy.report.html.tokens import TokenSample, payload
+from plipy.results.scan import ScanResult
+from plipy.results.views import VIEWS
 
 NO_ROWS = (
     "No token view: the attention rows are not in this result. A scan saves them beside its JSON as "
@@ -17,6 +19,7 @@ NO_ROWS = (
 )
 
 
+@VIEWS.html(ScanResult)
 def view(result: Any, sec: Section) -> None:
     """Layer curves (attention, excess), the per-head heatmap, and the token view when the rows are here."""
     measured = [s for s in result["samples"] if "attention" in s]

@@ -12,6 +12,10 @@ from plipy.report.base import fmt_kl, fmt_p, mean_ci
 from plipy.report.html.common import ci_traces, color, go, layout
 from plipy.report.html.knockout import sample_panel
 from plipy.report.html.page import Section, esc
+from plipy.results.calibrate import CalibrateResult
+from plipy.results.dose import DoseResult
+from plipy.results.generate import GenerateResult
+from plipy.results.views import VIEWS
 
 
 def _ok(samples: list[dict], group: str, field: str) -> list[float]:
@@ -21,6 +25,7 @@ def _ok(samples: list[dict], group: str, field: str) -> list[float]:
 # -- calibrate -----------------------------------------------------------------------------------------------------
 
 
+@VIEWS.html(CalibrateResult)
 def calibrate_view(result: Any, sec: Section) -> None:
     """Each sample's baseline attention per group with the means, and B's exact steered mean per α."""
     import numpy as np
@@ -133,6 +138,7 @@ def calibrate_view(result: Any, sec: Section) -> None:
 # -- dose ----------------------------------------------------------------------------------------------------------
 
 
+@VIEWS.html(DoseResult)
 def dose_view(result: Any, sec: Section) -> None:
     """KL and attention achieved per α with CIs (click a point: the tokens that changed), target-α solutions."""
     panel = sec.id("changed")
@@ -278,6 +284,7 @@ def target_view(result: Any, sec: Section, panels: dict[str, str]) -> None:
 # -- generate ------------------------------------------------------------------------------------------------------
 
 
+@VIEWS.html(GenerateResult)
 def generate_view(result: Any, sec: Section) -> None:
     """Generations with a test marker, baseline vs steered; each prompt's two texts as a word diff."""
     g = go()

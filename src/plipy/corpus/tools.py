@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from plipy.corpus import SAMPLE_FIELDS, SamplePositions, _parse_groups, byte_to_char
+from plipy.corpus import SAMPLE_FIELDS, SamplePositions, byte_to_char, parse_groups
 from plipy.errors import PlipyError
 
 PARAM_STYLES = ("python", "rust", "go", "paren", "none")
@@ -275,7 +275,7 @@ def convert(
     if not groups:
         raise PlipyError("nothing converted: " + "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5]))
     doc = {"_format_version": "2.0", "_description": "converted by plipy corpus convert", **groups}
-    _, problems = _parse_groups(doc, "chars")
+    _, problems = parse_groups(doc, "chars")
     if problems:  # cannot happen for found markers; a guard against writing a corpus that does not load
         raise PlipyError("the converted corpus does not validate: " + "; ".join(problems[:5]))
     return doc, skipped
@@ -412,7 +412,7 @@ def fix_document(
             fixed.append(_fix_sample(s, ref, offsets, window, changes, unfixable))
         out[key] = fixed
     if not unfixable:
-        _, problems = _parse_groups(out, offsets)
+        _, problems = parse_groups(out, offsets)
         unfixable.extend(problems)
     return out, changes, unfixable
 

@@ -6,7 +6,7 @@ instruct model's template works. The prompt is located in the templated text by 
 a sentinel in its place: everything before the sentinel is the template's prefix, so a character c of the prompt
 sits at prefix + c. A template that rewrites the content (trims it, say) is detected and refused, never guessed.
 
-    from plipy import chat
+    from plipy.corpus import chat
     ct = chat.apply(tokenizer, "fn add(a: i32) -> i32 {")            # ChatText: .text, .offset
     s = chat.chat_sample(sample, tokenizer)                            # a Sample with shifted positions
     corpus = chat.chat_corpus(plipy.load_corpus(), tokenizer)          # every sample templated

@@ -114,10 +114,10 @@ def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpu
     """
     if offsets not in OFFSET_KINDS:
         raise CorpusError([f"offsets must be 'chars' or 'bytes', not {offsets!r}"])
-    path, raw = _read_corpus_bytes(path)
+    path, raw = read_corpus_bytes(path)
     sha = hashlib.sha256(raw).hexdigest()
-    data = _decode_corpus(raw, path)
-    groups, problems = _parse_groups(data, offsets)
+    data = decode_corpus(raw, path)
+    groups, problems = parse_groups(data, offsets)
     if problems:
         raise CorpusError(problems, path)
 
@@ -133,7 +133,7 @@ def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpu
     )
 
 
-def _read_corpus_bytes(path: str | Path | None) -> tuple[Path, bytes]:
+def read_corpus_bytes(path: str | Path | None) -> tuple[Path, bytes]:
     """The corpus file's path and raw bytes (`None`: the bundled corpus); CorpusError if it cannot be read."""
     if path is None:
         resource = resources.files("plipy").joinpath("data", DEFAULT_CORPUS)
@@ -146,7 +146,7 @@ def _read_corpus_bytes(path: str | Path | None) -> tuple[Path, bytes]:
     return path, path.read_bytes()
 
 
-def _decode_corpus(raw: bytes, path: Path) -> dict[str, Any]:
+def decode_corpus(raw: bytes, path: Path) -> dict[str, Any]:
     """The corpus's top-level JSON object; CorpusError for non-UTF-8 text, invalid JSON or a non-object."""
     try:
         data = json.loads(raw.decode("utf-8-sig"))
@@ -161,7 +161,7 @@ def _decode_corpus(raw: bytes, path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse_groups(data: dict[str, Any], offsets: str) -> tuple[dict[str, list[Sample]], list[str]]:
+def parse_groups(data: dict[str, Any], offsets: str) -> tuple[dict[str, list[Sample]], list[str]]:
     """Every group's usable samples in file order, and every problem found (collected, not raised)."""
     problems: list[str] = []
     groups: dict[str, list[Sample]] = {}
@@ -340,7 +340,7 @@ class SamplePositions:
         return len(self.input_ids)
 
 
-def _char_to_token(offsets: Sequence[tuple[int, int]], c: int) -> tuple[int | None, str]:
+def char_to_token(offsets: Sequence[tuple[int, int]], c: int) -> tuple[int | None, str]:
     """PLIP-rs rule: first token with start <= c < end ("exact"), else the token whose integer midpoint is
     nearest to c, first on ties ("fallback"); ("failed") only when there are no tokens."""
     for i, (start, end) in enumerate(offsets):
@@ -360,7 +360,7 @@ def _marker_text_ok(text: str, pattern: str) -> bool:
     return pattern in text or (text != "" and pattern.startswith(text))
 
 
-def _encode(tokenizer: Any, code: str) -> tuple[list[int], list[tuple[int, int]]]:
+def encode_text(tokenizer: Any, code: str) -> tuple[list[int], list[tuple[int, int]]]:
     if not getattr(tokenizer, "is_fast", False):
         raise PlipyError(
             f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
@@ -381,7 +381,7 @@ def token_positions(
     `bos=True` prepends the tokenizer's BOS token (offsets (0, 0)) and shifts every position by one.
     `max_length`: the model's context; a longer sequence raises CorpusError.
     """
-    ids, offs = _encode(tokenizer, sample.code)
+    ids, offs = encode_text(tokenizer, sample.code)
     shift = 0
     if bos:
         bos_id = getattr(tokenizer, "bos_token_id", None)
@@ -396,7 +396,7 @@ def token_positions(
     raw_offs = offs[shift:]  # convert on the real tokens only, so BOS is never a fallback match
 
     def convert(c: int) -> tuple[int | None, str]:
-        i, how = _char_to_token(raw_offs, c)
+        i, how = char_to_token(raw_offs, c)
         return (None if i is None else i + shift), how
 
     def text(i: int | None) -> str | None:

@@ -5,8 +5,7 @@
     d = plipy.steer.dose("smollm2-135m", layer=16, doses=[0.5, 1, 2])  # DoseResult
     g = plipy.steer.generate("smollm2-135m", layer=16, scale=3)        # GenerateResult
 
-Options are the CLI flags' names; `model`, `corpus`, `layers`/`heads`, `progress` and `runner` as in `plipy.scan`.
-"""
+Options are the CLI flags' names; `model`, `corpus`, `layers`/`heads`, `progress` and `runner` as in `plipy.scan`."""
 
 from __future__ import annotations
 
@@ -14,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from plipy import options as opt
-from plipy.api import DEFAULT_MODEL, Progress, _runner, as_corpus, as_model, check_cluster, ray_load
+from plipy.api.front import DEFAULT_MODEL, as_corpus, as_model, check_cluster, ray_load, runner_option
 from plipy.errors import ParameterError
 from plipy.results import CalibrateResult, DoseResult, GenerateResult
+from plipy.runtime.experiment import Progress
 
 DEFAULT_DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 
@@ -133,7 +133,7 @@ def dose(
         max_memory=max_memory,
         cluster=cluster,
     )
-    the_runner, path = _runner(runner, condition_batch)
+    the_runner, path = runner_option(runner, condition_batch)
     cfg = st.DoseConfig(
         groups=group_list,
         layers=_layer_list(lm.n_layers, layer, layers),
@@ -228,6 +228,3 @@ def generate(
     return st.run_generate(
         lm, items, cfg, source=source, progress=progress, cluster=cluster, load=ray_load(device, device_map, max_memory)
     )
-
-
-__all__ = ["calibrate", "dose", "generate", "DEFAULT_DOSES"]

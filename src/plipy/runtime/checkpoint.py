@@ -44,7 +44,8 @@ def run_identity(
     kind: str, *, model: Any = None, corpus: Any = None, config: dict | None = None, **more: Any
 ) -> dict[str, Any]:
     """What a run's numbers depend on; equal identities may share finished units."""
-    from plipy import __version__, provenance
+    from plipy import __version__
+    from plipy.runtime import provenance
 
     ident: dict[str, Any] = {
         "kind": kind,

@@ -1,0 +1,139 @@
+"""`plipy.knockout`: attention knockout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from plipy import options as opt
+from plipy.api.front import DEFAULT_MODEL, as_corpus, as_model, check_cluster, ray_load, runner_option
+from plipy.errors import ParameterError
+from plipy.results import KnockoutResult
+from plipy.runtime.experiment import Progress
+
+KNOCKOUT_MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-window")
+
+
+def knockout_mode(
+    *,
+    layer: Any = None,
+    layers: Any = None,
+    scan_layers: bool = False,
+    scan_windows: bool = False,
+    slide_window: int | None = None,
+    center: int | None = None,
+    max_radius: int | None = None,
+) -> str:
+    """Which knockout mode the options ask for (one at most; default: PLIP's single layer)."""
+    chosen = [
+        name
+        for name, on in (
+            ("layer", layer is not None),
+            ("layers", layers is not None),
+            ("scan-layers", scan_layers),
+            ("scan-windows", scan_windows),
+            ("slide-window", slide_window is not None),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise ParameterError("mode", f"choose one mode, got {', '.join(c.replace('-', '_') for c in chosen)}")
+    mode = chosen[0] if chosen else "layer"
+    if (center is not None or max_radius is not None) and mode != "scan-windows":
+        raise ParameterError("center", "center and max_radius only apply to scan_windows")
+    return mode
+
+
+def knockout(
+    model: Any = DEFAULT_MODEL,
+    corpus: Any = None,
+    *,
+    layer: int | None = None,
+    layers: Any = None,
+    scan_layers: bool = False,
+    scan_windows: bool = False,
+    center: int | None = None,
+    max_radius: int | None = None,
+    slide_window: int | None = None,
+    edges: str = "marker-to-targets",
+    heads: Any = "all",
+    groups: Any = None,
+    include_baselines: bool = False,
+    bos: bool = False,
+    offsets: str = "chars",
+    seed: int = 0,
+    resamples: int = 10000,
+    condition_batch: int = 32,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: Any = None,
+    runner: Any = "auto",
+    resume: bool = True,
+    fresh: bool = False,
+    batch_size: int | None = None,
+    device_map: Any = None,
+    max_memory: Any = None,
+    ray: Any = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> KnockoutResult:
+    """Remove attention edges (marker → targets by default) in one layer, a set, each layer alone, or windows,
+    and measure the next-token KL on every sample (`plipy knockout`). `resume`/`fresh`/`batch_size` (baselines per
+    forward) and `ray`/`workers` as in `scan`."""
+    from plipy.experiments import knockout as ko
+    from plipy.experiments import scan as sc
+
+    opt.check_choice(edges, ko.EDGE_KINDS, param="edges")
+    opt.check_positive(resamples, param="resamples")
+    opt.check_batch_size(batch_size)
+    cluster = check_cluster(ray, workers)
+    mode = knockout_mode(
+        layer=layer,
+        layers=layers,
+        scan_layers=scan_layers,
+        scan_windows=scan_windows,
+        slide_window=slide_window,
+        center=center,
+        max_radius=max_radius,
+    )
+    corp = as_corpus(corpus, offsets=offsets)
+    group_list = opt.parse_groups(groups)
+    sc.choose_groups(corp, group_list)
+    lm = as_model(
+        model,
+        dtype=dtype,
+        device=device,
+        tokenizer=tokenizer,
+        device_map=device_map,
+        max_memory=max_memory,
+        cluster=cluster,
+    )
+    the_runner, path = runner_option(runner, condition_batch)
+    conditions = ko.build_conditions(
+        mode, lm.n_layers, layer=layer, layers=layers, center=center, max_radius=max_radius, window=slide_window
+    )
+    cfg = ko.KnockoutConfig(
+        conditions=conditions,
+        mode=mode,
+        edges=edges,
+        heads=opt.parse_heads(heads, lm.n_heads),
+        groups=group_list,
+        include_baselines=include_baselines,
+        bos=bos,
+        seed=seed,
+        n_resamples=resamples,
+        path=path,
+        max_batch=condition_batch,
+        extra={"offsets": offsets},
+        resume=resume,
+        fresh=fresh,
+        batch_size=batch_size,
+    )
+    return ko.run_knockout(
+        lm,
+        corp,
+        cfg,
+        progress=progress,
+        runner=the_runner,
+        cluster=cluster,
+        load=ray_load(device, device_map, max_memory),
+    )
