@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/plipy scan --plot --html
 
-test: setup
+# The style the machines hold: formatting, lint (complexity ≤ 12), types, and the layers contract (docs/architecture.md).
+lint: setup
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: setup lint
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python -m pytest
 
 bench: setup

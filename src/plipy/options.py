@@ -162,6 +162,9 @@ def parse_groups(value: Any, *, param: str = "groups") -> list[str] | None:
     out = [g.strip() for item in items for g in str(item).split(",") if g.strip()]
     if not out:
         raise ParameterError(param, "names no group")
+    repeated = sorted({g for g in out if out.count(g) > 1})
+    if repeated:  # `A,A` would compare a group with itself
+        raise ParameterError(param, f"names {', '.join(repeated)} more than once")
     return out
 
 

@@ -8,6 +8,7 @@ on the inputs and the seed. Inputs with NaN/None/inf are rejected: callers drop 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -342,8 +343,9 @@ def best_condition_corrected(results: Sequence[dict[str, Any]]) -> tuple[int | N
     if not results:
         return None, 1.0
     ph = [r["p_holm"] for r in results] if all("p_holm" in r for r in results) else holm([r["p"] for r in results])
-    best = min(range(len(ph)), key=lambda i: ph[i])
-    return best, float(ph[best])
+    ps = [math.inf if p is None else float(p) for p in ph]  # a condition without a test (None) is never best
+    best = min(range(len(ps)), key=ps.__getitem__)
+    return (best, ps[best]) if math.isfinite(ps[best]) else (None, 1.0)
 
 
 def per_head_welch(a: np.ndarray, b: np.ndarray) -> dict[str, list[list[float]]]:

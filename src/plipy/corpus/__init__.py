@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -103,7 +103,7 @@ class Corpus:
 
 def default_corpus_path() -> Path:
     """Where the bundled PLIP universal corpus lives."""
-    return Path(str(resources.files("plipy").joinpath("data", DEFAULT_CORPUS)))
+    return Path(str(resources.files("plipy") / "data" / DEFAULT_CORPUS))
 
 
 def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpus:
@@ -117,7 +117,7 @@ def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpu
     path, raw = read_corpus_bytes(path)
     sha = hashlib.sha256(raw).hexdigest()
     data = decode_corpus(raw, path)
-    groups, problems = parse_groups(data, offsets)
+    groups, problems = read_groups(data, offsets)
     if problems:
         raise CorpusError(problems, path)
 
@@ -136,7 +136,7 @@ def load_corpus(path: str | Path | None = None, offsets: str = "chars") -> Corpu
 def read_corpus_bytes(path: str | Path | None) -> tuple[Path, bytes]:
     """The corpus file's path and raw bytes (`None`: the bundled corpus); CorpusError if it cannot be read."""
     if path is None:
-        resource = resources.files("plipy").joinpath("data", DEFAULT_CORPUS)
+        resource = resources.files("plipy") / "data" / DEFAULT_CORPUS
         return Path(str(resource)), resource.read_bytes()
     path = Path(path)
     if not path.exists():
@@ -161,7 +161,7 @@ def decode_corpus(raw: bytes, path: Path) -> dict[str, Any]:
     return data
 
 
-def parse_groups(data: dict[str, Any], offsets: str) -> tuple[dict[str, list[Sample]], list[str]]:
+def read_groups(data: dict[str, Any], offsets: str) -> tuple[dict[str, list[Sample]], list[str]]:
     """Every group's usable samples in file order, and every problem found (collected, not raised)."""
     problems: list[str] = []
     groups: dict[str, list[Sample]] = {}
@@ -198,7 +198,8 @@ def _json_type(v: Any) -> str:
         return "number"
     if v is None:
         return "null"
-    return {dict: "object", list: "array", str: "string"}.get(type(v), type(v).__name__)
+    names: dict[type, str] = {dict: "object", list: "array", str: "string"}
+    return names.get(type(v), type(v).__name__)
 
 
 def _is_int(v: Any) -> bool:
@@ -216,6 +217,15 @@ def byte_to_char(code: str, b: int) -> int | None:
         return None
 
 
+_EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "code": (lambda v: isinstance(v, str), "a string"),
+    "marker_char_pos": (_is_int, "an integer"),
+    "marker_pattern": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "target_char_positions": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
+}
+
+
 def _parse_sample(item: Any, group: str, index: int, offsets: str, problems: list[str]) -> Sample | None:
     """Validate one sample; append its problems (each naming the sample) and return it if it is usable."""
     ref = f"{group}[{index}]"
@@ -225,61 +235,61 @@ def _parse_sample(item: Any, group: str, index: int, offsets: str, problems: lis
     sid = item.get("id")
     if isinstance(sid, str) and sid:
         ref = f"sample {sid!r}"
+    bad = _field_problems(item)
+    if not bad:
+        marker, chars, bad = _positions(item, offsets)
+    if bad:
+        problems.extend(f"{ref}: {b}" for b in bad)
+        return None
+    return Sample(
+        id=str(sid),
+        group=group,
+        code=item["code"],
+        marker_char_pos=marker,
+        marker_pattern=item["marker_pattern"],
+        target_char_positions=tuple(chars),
+    )
 
+
+def _field_problems(item: dict[str, Any]) -> list[str]:
+    """Missing fields and fields of the wrong type."""
     bad: list[str] = []
     missing = [f for f in SAMPLE_FIELDS if f not in item]
     if missing:
         bad.append(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-    expected = {
-        "id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-        "code": (lambda v: isinstance(v, str), "a string"),
-        "marker_char_pos": (_is_int, "an integer"),
-        "marker_pattern": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-        "target_char_positions": (
-            lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
-            "a list of integers",
-        ),
-    }
-    for name, (ok, what) in expected.items():
+    for name, (ok, what) in _EXPECTED.items():
         if name in item and not ok(item[name]):
             bad.append(f"{name} must be {what}, got {json.dumps(item[name])[:40]}")
-    if bad:
-        problems.extend(f"{ref}: {b}" for b in bad)
-        return None
+    return bad
 
+
+def _positions(item: dict[str, Any], offsets: str) -> tuple[int, list[int], list[str]]:
+    """(marker char, target chars, problems) of a well-typed sample: positions inside the code, the marker pattern
+    where it is said to be, and at least one target that is not the marker itself."""
     code, pattern = item["code"], item["marker_pattern"]
     targets = item["target_char_positions"]
     found: list[str] = []
     if not targets:
         found.append("no targets (target_char_positions is empty)")
-
     marker, err = _to_char(code, item["marker_char_pos"], offsets, "marker_char_pos")
-    if err is None and code[marker : marker + len(pattern)] != pattern:
+    if marker is not None and code[marker : marker + len(pattern)] != pattern:
         err = (
             f"marker_pattern {pattern!r} is not at marker_char_pos {item['marker_char_pos']} "
             f"(found {code[marker : marker + len(pattern)]!r})"
         )
     if err is not None:
         found.append(err + _offsets_hint(code, item["marker_char_pos"], pattern, offsets))
-
     chars: list[int] = []
     for k, t in enumerate(targets):
         c, err = _to_char(code, t, offsets, f"target_char_positions[{k}]")
-        if err is not None:
-            found.append(err)
+        if c is None:
+            found.append(str(err))
+        elif c == marker:
+            # the marker's attention to itself is not attention to a target (it would be averaged in as one)
+            found.append(f"target_char_positions[{k}] {t} is the marker's own position")
         else:
             chars.append(c)
-    if found:
-        problems.extend(f"{ref}: {f}" for f in found)
-        return None
-    return Sample(
-        id=sid,
-        group=group,
-        code=code,
-        marker_char_pos=marker,
-        marker_pattern=pattern,
-        target_char_positions=tuple(chars),
-    )
+    return (marker if marker is not None else -1), chars, found
 
 
 def _to_char(code: str, pos: int, offsets: str, name: str) -> tuple[int, None] | tuple[None, str]:
@@ -413,7 +423,7 @@ def token_positions(
         conversion = "failed"
     elif marker_match != "exact" or any(m != "exact" for m in matches):
         conversion = "fallback"
-    elif _marker_text_ok(marker_text, sample.marker_pattern):
+    elif marker_text is not None and _marker_text_ok(marker_text, sample.marker_pattern):
         conversion = "perfect"
     else:
         conversion = "ok"

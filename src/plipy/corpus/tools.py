@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from plipy.corpus import SAMPLE_FIELDS, SamplePositions, byte_to_char, parse_groups
+from plipy.corpus import SAMPLE_FIELDS, SamplePositions, byte_to_char, read_groups
 from plipy.errors import PlipyError
 
 PARAM_STYLES = ("python", "rust", "go", "paren", "none")
@@ -253,11 +253,11 @@ def read_inputs(paths: Iterable[str | Path]) -> list[Snippet]:
 
 def convert(
     snippets: Sequence[Snippet], rule_name: str | None = None, group: str | None = None, **overrides: Any
-) -> tuple[dict[str, Any], list[dict[str, str]]]:
+) -> tuple[dict[str, Any], list[dict[str, str | None]]]:
     """A universal corpus document from snippets, and the snippets left out (with why). The rule of a snippet:
     `rule_name`, else its own, else its group's (PLIP-rs' mapping), else `python`; overrides apply to every rule."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, str | None]] = []
     seen: dict[str, int] = {}
     for sn in snippets:
         name = rule_name or sn.rule or (rule_for_group(sn.group) if sn.group else "python")
@@ -275,7 +275,7 @@ def convert(
     if not groups:
         raise PlipyError("nothing converted: " + "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5]))
     doc = {"_format_version": "2.0", "_description": "converted by plipy corpus convert", **groups}
-    _, problems = parse_groups(doc, "chars")
+    _, problems = read_groups(doc, "chars")
     if problems:  # cannot happen for found markers; a guard against writing a corpus that does not load
         raise PlipyError("the converted corpus does not validate: " + "; ".join(problems[:5]))
     return doc, skipped
@@ -412,7 +412,7 @@ def fix_document(
             fixed.append(_fix_sample(s, ref, offsets, window, changes, unfixable))
         out[key] = fixed
     if not unfixable:
-        _, problems = parse_groups(out, offsets)
+        _, problems = read_groups(out, offsets)
         unfixable.extend(problems)
     return out, changes, unfixable
 

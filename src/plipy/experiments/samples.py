@@ -67,7 +67,7 @@ def marker_rows(lm: Any, engine: Engine, sps: Sequence[SamplePositions], layers:
     """Each sample's marker row at every layer of `layers`, `[layers, heads, keys]` float32 on the CPU, from one
     left-padded forward (only the last position's logits are computed: the rows need none)."""
     padded = pad_left([sp.input_ids for sp in sps], pad_id(lm.tokenizer), lm.device)
-    capture = Capture(rows=padded.shift([[sp.marker_token] for sp in sps]), layers=list(layers))
+    capture = Capture(rows=padded.shift([[int(sp.marker_token or 0)] for sp in sps]), layers=list(layers))
     with torch.inference_mode(), engine.run(capture=capture) as cap:
         lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
     att = torch.stack([cap.attn[layer][:, :, 0] for layer in layers], 1).cpu()  # [B, L, H, T]

@@ -29,6 +29,7 @@ def measure_sample(sp: SamplePositions, rows: torch.Tensor, heads: Sequence[int]
     """The per-sample measures from the captured marker rows `[layers, heads, keys]` (float32)."""
     targets = [t for t, after in zip(sp.target_tokens, sp.after_marker, strict=True) if t is not None and not after]
     m = sp.marker_token
+    assert m is not None  # measured samples have a marker token (sample_record)
     p = rows[:, list(heads)].double()  # [L, h, K]
     per_target = p[:, :, targets].mean(1)  # [L, T] head-mean weight on each target
     per_head = p[:, :, targets].mean(2)  # [L, h] target-mean per head

@@ -3,6 +3,7 @@ rendering console tables to text."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def fmt_kl(x: Any) -> str:
     return "—" if x is None else f"{x:.2e}"
 
 
-def run_seconds(result: dict) -> float:
+def run_seconds(result: Mapping[str, Any]) -> float:
     """Wall-clock seconds of a run: `provenance.timing` (files written before it moved there: top-level `timing`)."""
     timing = result["provenance"].get("timing") or result.get("timing") or {}
     return float(timing.get("seconds") or 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from rich.table import Table
@@ -9,7 +10,7 @@ from rich.table import Table
 from plipy.report.base import Note
 
 
-def labels_summary(doc: dict) -> list[Any]:
+def labels_summary(doc: Mapping[str, Any]) -> list[Any]:
     """The console report of `plipy entities label`: known / unknown / dropped per type and the test split."""
     cfg = doc["config"]
     t = Table(

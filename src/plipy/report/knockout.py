@@ -74,7 +74,7 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
     return out
 
 
-def _samples_order(result: dict) -> list[tuple[str, str]]:
+def _samples_order(result: Mapping[str, Any]) -> list[tuple[str, str]]:
     groups = result["provenance"]["config"]["groups"]
     ok = {s["id"] for s in result["samples"] if s["status"] == "ok"}
     return [(s["id"], s["group"]) for g in groups for s in result["samples"] if s["group"] == g and s["id"] in ok]

@@ -27,7 +27,7 @@ def _pct(p: float) -> str:
     return f"{100 * p:.1f}%"
 
 
-def _position_table(result: dict, pos: dict) -> Table:
+def _position_table(result: Mapping[str, Any], pos: dict) -> Table:
     k = min(TOP_SHOWN, result["top_k"])
     nxt = f", next token {show(pos['next_token'])}" if pos["next_token"] is not None else ""
     t = Table(title=f"Logit lens at position {pos['position']} (token {show(pos['token'])}{nxt})", header_style="bold")
@@ -41,7 +41,7 @@ def _position_table(result: dict, pos: dict) -> Table:
     return t
 
 
-def _tracked_table(result: dict, pos: dict) -> Table:
+def _tracked_table(result: Mapping[str, Any], pos: dict) -> Table:
     layers = result["layers_shown"]
     marks = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
     t = Table(
@@ -71,7 +71,7 @@ def _tracked_table(result: dict, pos: dict) -> Table:
     return t
 
 
-def _compact_table(result: dict) -> Table:
+def _compact_table(result: Mapping[str, Any]) -> Table:
     t = Table(
         title=f"Logit lens at {len(result['positions'])} positions: the final prediction and where it appears",
         header_style="bold",

@@ -18,11 +18,11 @@ MARKERS = ["o", "s", "D", "X", "^", "v", "P", "*"]
 LABEL_COLORS = {"known": "#82B366", "unknown": "#990000"}
 
 
-def _heads(result: dict) -> list[tuple[int, int]]:
+def _heads(result: Mapping[str, Any]) -> list[tuple[int, int]]:
     return [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in result["heads"]]
 
 
-def bars(result: dict, arrays: dict, measure: str) -> Any:
+def bars(result: Mapping[str, Any], arrays: dict, measure: str) -> Any:
     """Mean difference ± std (ddof 0) per saved head, as upstream's `plot_head_differences`."""
     plt = pyplot()
     heads = _heads(result)
@@ -54,13 +54,13 @@ def bars(result: dict, arrays: dict, measure: str) -> Any:
     return fig
 
 
-def scatter_heads(result: dict, measure: str, n: int = 2) -> list[tuple[int, int]]:
+def scatter_heads(result: Mapping[str, Any], measure: str, n: int = 2) -> list[tuple[int, int]]:
     """The `n` saved heads with the largest |mean difference| (upstream plotted two chosen heads)."""
     ph = sorted(result["measures"][measure]["per_head"], key=lambda h: -abs(h["mean_difference"]))
     return [(h["layer"], h["head_index"]) for h in ph[:n]]
 
 
-def scatter(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str) -> Any:
+def scatter(result: Mapping[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], measure: str) -> Any:
     """Original (x) vs steered (y) per prompt: colour per head, marker per entity type, dashed diagonal."""
     plt = pyplot()
     orig, steered = arrays["original"][measure], arrays["steered"][result["latent"]][measure]
@@ -90,7 +90,7 @@ def scatter(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure
     return fig
 
 
-def heatmap(result: dict, measure: str) -> Any:
+def heatmap(result: Mapping[str, Any], measure: str) -> Any:
     """Layer × head mean difference over all prompts (the steering layer is marked)."""
     plt = pyplot()
     diff = np.array(result["measures"][measure]["mean_difference_layer_head"])
@@ -103,7 +103,7 @@ def heatmap(result: dict, measure: str) -> Any:
     return fig
 
 
-def boxes(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: str) -> Any | None:
+def boxes(result: Mapping[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], measure: str) -> Any | None:
     """Original values of known vs unknown prompts for the scatter heads (None if there are not two labels)."""
     labels = [lab for lab in dict.fromkeys(p.label for p in prompts) if lab is not None]
     if len(labels) < 2:
@@ -129,7 +129,7 @@ def boxes(result: dict, arrays: dict, prompts: Sequence[EntityPrompt], measure: 
 
 
 def figures(
-    result: dict[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], measure: str | None = None
+    result: Mapping[str, Any], arrays: dict, prompts: Sequence[EntityPrompt], measure: str | None = None
 ) -> dict[str, Any]:
     """The plots of one measure (default: the run's first) by kind: bars, scatter, heatmap, boxes (two labels)."""
     m = measure or next(iter(result["measures"]))
@@ -177,7 +177,7 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
     return out
 
 
-def training_summary(result: dict, model_name: str, layer: int, width: int) -> list[Any]:
+def training_summary(result: Mapping[str, Any], model_name: str, layer: int, width: int) -> list[Any]:
     """The console report of `plipy sae train`: reconstruction and next-token-loss metrics."""
     from rich.table import Table
 
@@ -208,7 +208,7 @@ def training_summary(result: dict, model_name: str, layer: int, width: int) -> l
     return [t]
 
 
-def latents_summary(doc: dict, split: str) -> list[Any]:
+def latents_summary(doc: Mapping[str, Any], split: str) -> list[Any]:
     """The console report of `plipy sae latents`: the top latents per label with their activation frequencies."""
     from rich.table import Table
 

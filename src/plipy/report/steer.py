@@ -18,7 +18,7 @@ from plipy.results.generate import GenerateResult
 from plipy.results.views import VIEWS
 
 
-def excluded_lines(result: dict) -> list[str]:
+def excluded_lines(result: Mapping[str, Any]) -> list[str]:
     """One line per sample or prompt left out, with why."""
     return [
         Note(f"excluded {e['id']}: {e['status']} — {e.get('note') or ''}")

@@ -116,7 +116,7 @@ class Units:
             return
         if arrays:
             buf = io.BytesIO()
-            np.savez(buf, **arrays)
+            np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its bool flag
             atomic_write_bytes(self.folder / f"unit-{i:06d}.npz", buf.getvalue())
         data = json.dumps(value, allow_nan=True, default=_plain).encode()
         atomic_write_bytes(self.folder / f"unit-{i:06d}.json", data)
@@ -124,7 +124,7 @@ class Units:
     def batched(
         self,
         batches: Sequence[Sequence[int]],
-        compute: Callable[[list[int]], list[tuple[Any, dict[str, np.ndarray] | None]]],
+        compute: Callable[[list[int]], list[tuple[Any, dict[str, np.ndarray] | None]]] | None,
         pool: Any = None,
     ) -> Iterator[tuple[int, tuple[Any, dict[str, np.ndarray]]]]:
         """`(i, unit)` for every unit, batch by batch. A batch missing any unit is computed whole by `compute`
@@ -134,6 +134,8 @@ class Units:
         if pool is not None:
             yield from self._pooled(batches, pool)
             return
+        if compute is None:
+            raise ValueError("a local run needs its compute function")
         for batch in batches:
             got = {i: self.get(i) for i in batch}
             if any(v is None for v in got.values()):
