@@ -144,11 +144,20 @@ def test_saved_rows_sidecar_round_trips(scan_r, tmp_path):
 def test_a_kind_without_a_view_gets_its_plots_and_a_kind_can_plug_in_one(smollm, small, tmp_path):
     cal = plipy.steer.calibrate(smollm, small, layer=27)
 
-    class Plain(type(cal)):  # a result kind that has not written a view yet
-        kind, html_fn = "plain", ""
+    from plipy.report import steer as report_steer
+    from plipy.results import Result
+    from plipy.results.views import VIEWS
+
+    class Plain(Result):  # a result kind that has not written an HTML view yet: a summary and a plot
+        kind = "plain"
+
+    VIEWS.summary(Plain)(report_steer.calibrate_summary)
+    VIEWS.figure(Plain, "groups")(report_steer.calibrate_figure)
 
     class Custom(type(cal)):  # one that plugs in its own with one function
-        kind, html_fn = "custom", "test_html:custom_view"
+        kind = "custom"
+
+    VIEWS.html(Custom)(custom_view)
 
     plain = Plain(cal.to_dict()).to_html()
     assert plain.count('<img class="png" alt="figure-groups" src="data:image/png;base64,') == 1

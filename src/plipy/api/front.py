@@ -11,6 +11,7 @@ from plipy import options as opt
 from plipy.errors import ParameterError
 from plipy.runtime.driver import RunOptions, execute
 from plipy.runtime.experiment import Experiment, Progress
+from plipy.runtime.progress import resolve as resolve_progress
 
 ResultT = TypeVar("ResultT")
 
@@ -120,14 +121,15 @@ class Front:
         batch_size: int | None = None,
         ray: Any = None,
         workers: int | None = None,
-        progress: Progress | None = None,
+        progress: Progress | bool | None = None,
     ) -> Front:
-        """The shared options, each checked (a Ray address is connected to) before any model loads."""
+        """The shared options, each checked (a Ray address is connected to) before any model loads. `progress`:
+        None shows a notebook-aware bar, False none, a callable `start(description, total) -> step()` its own."""
         opt.check_batch_size(batch_size)
         cluster = check_cluster(ray, workers)
         dm, mm = opt.parse_device_map(device_map), opt.parse_max_memory(max_memory)
         load = {"dtype": dtype, "device": device, "tokenizer": tokenizer, "device_map": dm, "max_memory": mm}
-        run = RunOptions(resume, fresh, batch_size, cluster, ray_load(device, dm, mm), progress)
+        run = RunOptions(resume, fresh, batch_size, cluster, ray_load(device, dm, mm), resolve_progress(progress))
         return cls(load, run)
 
     def model(self, model: Any) -> Any:

@@ -31,7 +31,7 @@ def scan(
     max_memory: Any = None,
     ray: Any = None,
     workers: int | None = None,
-    progress: Progress | None = None,
+    progress: Progress | bool | None = None,
 ) -> ScanResult:
     """Marker → target attention of every sample at every layer and head, beside the uniform and token-0 nulls,
     with full statistics (`plipy scan`). `resume`: finished samples are kept until the result is complete, so

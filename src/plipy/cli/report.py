@@ -23,7 +23,7 @@ def report(
 ) -> None:
     """Write one self-contained interactive HTML report (plotly inlined, opens offline) of saved results."""
     from plipy.errors import PlipyError
-    from plipy.report.html import report as write
+    from plipy.report.html import html_report
     from plipy.results import load_result
 
     first = Path(results[0])
@@ -37,7 +37,7 @@ def report(
             missing = r.extras.get("rows_missing")
             why = f"{missing} is missing" if missing else "it was saved without its attention rows"
             c.err_console.print(f"note: {p}: no token view ({why})", highlight=False)
-    write(loaded, path, title=title)
+    html_report(loaded, path, title=title)
     kinds = ", ".join(dict.fromkeys(r.kind for r in loaded))
     c.console.print(
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB: {len(loaded)} result(s), {kinds})",

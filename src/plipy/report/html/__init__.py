@@ -50,24 +50,19 @@ def render(results: Sequence[Any], *, title: str | None = None) -> str:
     return page.render()
 
 
-def report(results: Sequence[Any], path: str | Path | None = None, *, title: str | None = None) -> str:
-    """`render`, and write the page atomically to `path` when given. Returns the HTML."""
-    from plipy.io import atomic_write_bytes
-
-    text = render(results, title=title)
-    if path is not None:
-        atomic_write_bytes(path, text.encode())
-    return text
-
-
-def html_report(results: Any, path: str | Path | None = None, *, title: str | None = None) -> str:
+def html_report(results: Any, path: str | Path | None = None, *, title: str | None = None) -> str | Path:
     """One report of several results (Result objects or result files, or one of them): results of one kind side by
-    side. Written to `path` when given; returns the HTML."""
+    side. Given `path`, the page is written there atomically and its path returned; else the page's text."""
+    from plipy.io import atomic_write_bytes
     from plipy.results import Result, load_result
 
     items = [results] if isinstance(results, (str, Path, Result)) else list(results)
     loaded = [r if isinstance(r, Result) else load_result(r) for r in items]
-    return report(loaded, path, title=title)
+    text = render(loaded, title=title)
+    if path is None:
+        return text
+    atomic_write_bytes(path, text.encode())
+    return Path(path)
 
 
-__all__ = ["html_report", "render", "report"]
+__all__ = ["html_report", "render"]
