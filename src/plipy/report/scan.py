@@ -17,6 +17,8 @@ from plipy.results.views import VIEWS
 @VIEWS.figure(ScanResult, "layers")
 def layers_figure(result: Mapping[str, Any], **_options: Any) -> Any:
     """Group means per layer with 95% CI bands; dashed lines: uniform null 1/(m+1); dotted: share on token 0."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     layers = result["layers_scanned"]
     groups = result["provenance"]["config"]["groups"]
@@ -37,10 +39,13 @@ def layers_figure(result: Mapping[str, Any], **_options: Any) -> Any:
         ax.plot(layers, sink, ":", color=col, lw=1.2, label=f"{g}: share on token 0")
     ax.set(xlabel="layer", ylabel="attention marker → targets (head mean)", title="Attention per layer (95% CI)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7, loc="best")
     ax2.axhline(1.0, color="grey", ls="--", lw=1)
     ax2.set(xlabel="layer", ylabel="attention / uniform null", title="Excess over uniform attention (95% CI)")
-    ax2.legend(fontsize=7)
+    for axis in (ax, ax2):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+    # below the plots, not over them: the token-0 lines rise to the top of the left panel
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     model = result["provenance"].get("model", {}).get("spec", "")
     fig.suptitle(f"plipy scan — {model}", fontsize=10)
     return fig
@@ -67,42 +72,73 @@ def heads_figure(result: Mapping[str, Any], **_options: Any) -> Any:
 
 
 def token_row_figure(tokens: list[str], weights: list[float], marker: int, targets: list[int], title: str) -> Any:
-    """One sample's marker row as text: each token's background shows its attention weight."""
+    """One sample's marker row as text: each token's background shows its attention weight, on a colour scale
+    drawn below; the canvas fits the code. The scale's top is the largest weight after token 0 (the sink, which
+    would wash every other token out), so token 0 may lie beyond it (said on the scale)."""
     plt = pyplot()
     from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     cmap = colormaps["Oranges"]
     w = np.asarray(weights, float)
-    top = float(w.max()) or 1.0
-    fig, ax = plt.subplots(figsize=(11, 0.5 + 0.32 * (1 + sum(t.count("\n") for t in tokens))))
-    ax.axis("off")
-    x, y, line_h = 0.0, 1.0, 0.09
+    top = float(w[1 : marker + 1].max()) if marker > 0 else float(w[0])
+    top = top or 1.0
+    n_lines = 1 + sum(t.count("\n") for t in tokens)
+    line_h, margin = 0.24, 0.25  # inches
+    height = 0.55 + n_lines * line_h + 0.75  # title, the code, the colour scale
+    fig = plt.figure(figsize=(30, height))
     renderer = fig.canvas.get_renderer()
+    x, y, right = margin, height - 0.6, 0.0
     for i, tok in enumerate(tokens):
         for j, part in enumerate(tok.split("\n")):
             if j > 0:
-                x, y = 0.0, y - line_h
-            if not part:
-                continue
-            shown = part.replace(" ", "·") if i <= marker else part
-            color = cmap(0.1 + 0.9 * w[i] / top) if i <= marker else (1, 1, 1, 1)
-            ec = "blue" if i == marker else ("green" if i in targets else "none")
-            t = ax.text(
-                x,
-                y,
-                shown,
-                family="monospace",
-                fontsize=8,
-                va="top",
-                color="black" if i <= marker else "#aaaaaa",
-                bbox=dict(boxstyle="square,pad=0.1", fc=color, ec=ec, lw=1),
-            )
-            bb = t.get_window_extent(renderer=renderer).transformed(ax.transData.inverted())
-            x += bb.width + 0.004
-    ax.set_ylim(y - line_h, 1.02)
-    ax.set_xlim(0, 1)
-    ax.set_title(title + "  (blue box: marker; green: targets; grey: after the marker)", fontsize=8)
+                x, y = margin, y - line_h
+            if part:
+                x += _token_box(fig, renderer, x, y, part, i, w[i], top, cmap, marker, targets) + 0.03
+                right = max(right, x)
+    width = max(right + margin, 6.0)
+    fig.set_size_inches(width, height)
+    fig.text(margin / width, 1 - 0.12 / height, title, fontsize=9, va="top")
+    legend = "blue box: marker; green: targets; grey: after the marker"
+    fig.text(margin / width, 1 - 0.32 / height, legend, fontsize=7, va="top", color="#555555")
+    cax = fig.add_axes((margin / width, 0.3 / height, min(0.45, 3.5 / width), 0.1 / height))
+    sink = f"; token 0 (the sink): {w[0]:.3f}, beyond the scale" if w[0] > top else ""
+    bar = fig.colorbar(ScalarMappable(Normalize(0, top), cmap), cax=cax, orientation="horizontal")
+    bar.set_label(f"attention weight of the marker row (head mean){sink}", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     return fig
+
+
+def _token_box(
+    fig: Any,
+    renderer: Any,
+    x: float,
+    y: float,
+    text: str,
+    i: int,
+    weight: float,
+    top: float,
+    cmap: Any,
+    marker: int,
+    targets: list[int],
+) -> float:
+    """Draw one token's text at (x, y) inches; its width in inches."""
+    seen = i <= marker
+    color = cmap(min(1.0, weight / top)) if seen else (1, 1, 1, 1)
+    edge = "blue" if i == marker else ("green" if i in targets else "none")
+    t = fig.text(
+        x,
+        y,
+        text.replace(" ", "·") if seen else text,
+        transform=fig.dpi_scale_trans,
+        family="monospace",
+        fontsize=8,
+        va="top",
+        color="black" if seen else "#aaaaaa",
+        bbox=dict(boxstyle="square,pad=0.1", fc=color, ec=edge, lw=1),
+    )
+    return float(t.get_window_extent(renderer=renderer).width / fig.dpi)
 
 
 @VIEWS.summary(ScanResult)
@@ -152,12 +188,7 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
         f"{gb} {fmt_pct(result['uniform_null'][gb]['mean'])} → null ratio {fmt_num(nr)}× "
         "(a ratio near this is explained by marker position alone)"
     )
-    b = result["best"]
-    out.append(
-        f"best layer, PLIP rule ({ga} > {gb}, min p): {b['plip_rule']['layer']} (p={fmt_p(b['plip_rule']['p'])}); "
-        f"by Holm-corrected p: {b['holm']['layer']} (p_holm={fmt_p(b['holm']['p_holm'])}); "
-        f"position-controlled (excess): {b['excess_holm']['layer']} (p_holm={fmt_p(b['excess_holm']['p_holm'])})"
-    )
+    out.extend(best_layer_lines(result))
     skipped = [s for s in result["samples"] if "attention" not in s]
     for s in skipped:
         out.append(Note(f"not measured {s['id']} ({s['group']}): {s['status']} — {s.get('note', '')}"))
@@ -165,6 +196,46 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
     if partial:
         out.append(Note(f"targets after the marker left out of the mean for: {', '.join(partial)}"))
     return out
+
+
+ALPHA = 0.05
+
+
+def best_layer_lines(result: Mapping[str, Any]) -> list[str]:
+    """The best layer by each rule, with the direction of its effect (which group attends more, by how much), or
+    "none significant" when its p-value does not pass 0.05 — a best layer is never named without its direction."""
+    ga, gb = result["groups_compared"]
+    by_layer = {r["layer"]: r for r in result["layers"]}
+    b = result["best"]
+    rules = (
+        (f"PLIP rule ({ga} > {gb}, smallest p)", b["plip_rule"]["layer"], b["plip_rule"]["p"], "p", None),
+        ("largest difference (Holm-corrected p)", b["holm"]["layer"], b["holm"]["p_holm"], "p_holm", None),
+        (
+            "position-controlled, excess (Holm)",
+            b["excess_holm"]["layer"],
+            b["excess_holm"]["p_holm"],
+            "p_holm",
+            "excess",
+        ),
+    )
+    out = []
+    for name, layer, p, p_name, key in rules:
+        if layer is None or p is None or not p < ALPHA:
+            shown = "" if layer is None or p is None else f"; smallest {p_name} {fmt_p(p)} at layer {layer}"
+            out.append(f"best layer, {name}: none significant at {ALPHA}{shown}")
+            continue
+        row = by_layer[layer] if key is None else by_layer[layer][key]
+        out.append(f"best layer, {name}: {layer} — {_direction(row, ga, gb)} ({p_name}={fmt_p(p)})")
+    return out
+
+
+def _direction(row: Mapping[str, Any], ga: str, gb: str) -> str:
+    """`A > B (2.31×)` from a comparison row's group means (the ratio A/B)."""
+    ma, mb = (row["groups"][g]["mean"] for g in (ga, gb))
+    if ma is None or mb is None:
+        return "direction unknown"
+    ratio = f" ({ma / mb:.2f}×)" if mb else ""
+    return f"{ga} {'>' if ma > mb else '<' if ma < mb else '='} {gb}{ratio}"
 
 
 @VIEWS.figure(ScanResult, "tokens", unavailable=ScanResult.rows_unavailable)

@@ -45,9 +45,15 @@
     [el("span", {}, "sample "), sampleSel, el("span", {}, " layer "), slider, layerLabel, el("span", {}, " "),
      headSel, el("span", {}, " "), zeroLabel].forEach(function (c) { controls.appendChild(c); });
     var info = el("div", { "class": "tv-info" });
+    // the colour scale: a token's background is its weight relative to the scale's top
+    var legend = el("div", { "class": "tv-legend" });
+    var legendLow = el("span", {}, "0"), legendBar = el("span", { "class": "tv-legend-bar" });
+    var legendHigh = el("span", {}), legendNote = el("span", { "class": "tv-legend-note" });
+    [el("span", {}, "attention weight "), legendLow, legendBar, legendHigh, legendNote]
+      .forEach(function (c) { legend.appendChild(c); });
     var text = el("div", { "class": "tv-text" });
     var bars = el("div", { "class": "tv-bars plot" });
-    [controls, info, text, bars].forEach(function (c) { root.appendChild(c); });
+    [controls, info, legend, text, bars].forEach(function (c) { root.appendChild(c); });
 
     function compact(hs) {
       if (hs.length > 1 && hs[hs.length - 1] - hs[0] === hs.length - 1) return hs[0] + "–" + hs[hs.length - 1];
@@ -99,11 +105,20 @@
         frag.appendChild(span);
       });
       text.replaceChildren(frag);
-      var metric = s.values ? s.values[li] : null;
-      info.textContent = s.id + " — layer " + state.layer + ", " +
+      legendHigh.textContent = fmt(top);
+      legendNote.textContent = !state.zero && w[0] > top ? "  (token 0: " + fmt(w[0]) + ", beyond the scale)" : "";
+      // the caption's number is what is shown: the metric's head mean, or this one head's mean over the targets
+      var metric = null, what = p.value_name + " (head mean over targets)";
+      if (state.head === "mean") {
+        metric = s.values ? s.values[li] : null;
+      } else if (s.targets.length) {
+        metric = s.targets.reduce(function (acc, t) { return acc + w[t]; }, 0) / s.targets.length;
+        what = "head " + state.head + "'s attention, mean over targets";
+      }
+      info.textContent = s.id + " (" + s.group + ") — layer " + state.layer + ", " +
         (state.head === "mean" ? "mean of heads " + compact(p.metric_heads) : "head " + state.head) +
         "; token 0 holds " + fmt(w[0]) + "; uniform null 1/(m+1) = " + fmt(1 / (m + 1)) +
-        (metric !== null ? "; " + p.value_name + " (head mean over targets) = " + fmt(metric) : "");
+        (metric !== null ? "; " + what + " = " + fmt(metric) : "");
       var xs = s.targets.map(function (t, j) { return j + 1 + ". #" + t + " " + JSON.stringify(s.tokens[t]); });
       var ys = s.targets.map(function (t) { return w[t]; });
       Plotly.react(bars, [{ type: "bar", x: xs, y: ys, marker: { color: "#2ca02c" },
