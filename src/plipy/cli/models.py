@@ -21,23 +21,26 @@ def _list(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from plipy import models
+    from plipy.cli.common import console
 
-    table = Table(title=f"plipy model aliases (cache: {models.cache_dir()})")
-    for col in ("alias", "description", "architecture", "source (PyPI)", "GGUF", "dequantized"):
-        table.add_column(col, overflow="fold")
+    console.print(f"plipy model aliases (cache: {models.cache_dir()})", highlight=False, soft_wrap=False)
     for name, a in models.ALIASES.items():
         path, where = models.find_alias_file(name)
         ready, size = models.dequantized_status(name)
-        table.add_row(
-            name + (" (default)" if name == models.DEFAULT_MODEL else ""),
-            a.description,
-            a.architecture,
-            "\n".join(a.packages),
-            f"{where}: {path}" if path else "not downloaded",
-            f"yes, {size / 1e6:.0f} MB" if ready else "no",
+        # one record per alias, field by field: fits any terminal width, wrapping between words
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(overflow="fold")
+        grid.add_row("description", a.description)
+        grid.add_row("architecture", a.architecture)
+        grid.add_row("source (PyPI)", " ".join(a.packages))
+        grid.add_row("GGUF", f"{where}: {path}" if path else "not downloaded")
+        grid.add_row("dequantized", f"yes, {size / 1e6:.0f} MB" if ready else "no")
+        console.print(
+            f"\n{name}" + (" (default)" if name == models.DEFAULT_MODEL else ""), style="bold", highlight=False
         )
-    Console().print(table)
-    Console().print("Any local HF directory, .gguf file or hub id (org/name) works as --model too.")
+        console.print(grid)
+    console.print("\nAny local HF directory, .gguf file or hub id (org/name) works as --model too.", highlight=False)
 
 
 @app.command()

@@ -83,12 +83,24 @@ def run_seconds(result: Mapping[str, Any]) -> float:
     return float(timing.get("seconds") or 0.0)
 
 
-def render_text(renderables: list[Any], width: int = 160) -> str:
-    """Rich tables and lines as plain text (what `result.summary()` returns)."""
+def text_width() -> int:
+    """The width of plain-text reports: $COLUMNS when set (a terminal says its width there), else 160."""
+    import os
+
+    try:
+        return max(40, int(os.environ["COLUMNS"]))
+    except (KeyError, ValueError):
+        return 160
+
+
+def render_text(renderables: list[Any], width: int | None = None) -> str:
+    """Rich tables and lines as plain text (what `result.summary()` returns), `width` columns wide (default
+    `text_width()`); a cell wraps at word boundaries and never cuts a word."""
     import io
 
     from rich.console import Console
 
+    width = width or text_width()
     buf = io.StringIO()
     con = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False, soft_wrap=False)
     print_all(con, renderables)
@@ -109,4 +121,23 @@ def print_all(console: Any, renderables: list[Any], notes: Any = None) -> None:
         if isinstance(r, str):
             target.print(Text(r, style="yellow" if isinstance(r, Note) else ""), soft_wrap=True)
         else:
-            target.print(r)
+            target.print(whole_words(r))
+
+
+LONGEST_WORD = 40  # a longer "word" is a path or a URL: it may fold rather than widen its column past the screen
+
+
+def whole_words(renderable: Any) -> Any:
+    """A rich Table whose columns are at least as wide as their longest word (header or cell; up to
+    `LONGEST_WORD`), so a narrow terminal wraps cells between words and never cuts a name in two; other
+    renderables as they are."""
+    from rich.table import Table
+
+    if not isinstance(renderable, Table):
+        return renderable
+    for col in renderable.columns:
+        texts = [str(col.header), *(str(c) for c in col._cells)]
+        longest = max((len(w) for t in texts for w in t.split() if len(w) <= LONGEST_WORD), default=0)
+        col.min_width = max(col.min_width or 0, longest)
+        col.overflow = "fold"
+    return renderable
