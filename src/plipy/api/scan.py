@@ -6,6 +6,7 @@ from typing import Any
 
 from plipy import options as opt
 from plipy.api.front import DEFAULT_MODEL, Front, as_corpus
+from plipy.errors import ParameterError, PlipyError
 from plipy.results import ScanResult
 from plipy.runtime.experiment import Progress
 
@@ -54,7 +55,12 @@ def scan(
         workers=workers,
         progress=progress,
     )
-    opt.check_positive(resamples, param="resamples")
+    opt.check_resamples(resamples)
+    opt.check_seed(seed)
+    opt.check_selection(layers, param="layers")
+    opt.check_selection(heads, param="heads", what="head")
+    if isinstance(heads, str) and heads.strip() == "none" or isinstance(heads, list | tuple) and not heads:
+        raise ParameterError("heads", "the scan averages over heads: name at least one (none is for knockout)")
     corp = as_corpus(corpus, offsets=offsets)
     group_list = opt.parse_groups(groups)
     choose_groups(corp, group_list)  # bad groups fail before the model loads
@@ -70,3 +76,23 @@ def scan(
         extra={"offsets": offsets},
     )
     return front.execute(experiment, lm)
+
+
+def check_token_view(
+    corpus: Any = None,
+    *,
+    sample: str | None = None,
+    layer: int | None = None,
+    layers: Any = "all",
+    offsets: str = "chars",
+) -> None:
+    """The token plot's sample and layer, checked before a scan runs: the sample must be in the corpus and the
+    layer a non-negative index among `layers` when those are explicit (whether the sample is measurable and the
+    layer scanned is known after the run)."""
+    if sample is not None:
+        try:
+            as_corpus(corpus, offsets=offsets).sample(sample)
+        except PlipyError:
+            raise ParameterError("token_sample", f"{sample!r} is not a sample of the corpus") from None
+    if layer is not None:
+        opt.check_positive(layer, param="token_layer", minimum=0)

@@ -39,7 +39,9 @@ def scan(
 ) -> None:
     """Measure marker → target attention on every layer and head, beside the uniform and token-0 nulls."""
     from plipy import api
+    from plipy.api.scan import check_token_view
 
+    check_token_view(o.corpus, sample=token_sample, layer=token_layer, offsets=o.offsets)  # before any work
     with c.progress_bars() as start:
         result = api.scan(
             o.model,
