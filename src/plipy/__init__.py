@@ -9,6 +9,7 @@ Notebook use::
     d = plipy.steer.dose("smollm2-135m", layer=16)
     plipy.load_result("results/scan-smollm2-135m.json")
     plipy.html_report(["a.json", "b.json"], "report.html")   # interactive, offline; side by side per kind
+    logits, cache = plipy.trace("smollm2-135m", "def add(a, b):")  # TL-named activations (run_with_cache)
 
 Everything is imported on first use: `import plipy` stays cheap (no torch), so `plipy --help` is instant.
 """
@@ -33,6 +34,7 @@ _LAZY = {
         "score_latents",
         "sae_pipeline",
         "sweep",
+        "trace",
         "load_result",
     ),
     "plipy.results": (
@@ -51,6 +53,7 @@ _LAZY = {
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
     "plipy.engine": ("Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture"),
+    "plipy.engine.cache": ("ActivationCache",),
     "plipy.sae": ("load_sae", "SAE"),
     "plipy.report.html": ("html_report",),
 }

@@ -5,6 +5,7 @@
     k = plipy.knockout("smollm2-135m", layer=14)         # KnockoutResult
     d = plipy.steer.dose("smollm2-135m", layer=16)       # DoseResult
     s = plipy.sae_attention("smollm2-135m", "saes/L9", latent=12, prompts="prompts.jsonl")
+    logits, cache = plipy.trace("smollm2-135m", "def add(a, b):", names=["hook_pattern"], rows="last")
 
 `model` is a spec (alias, local dir, .gguf file, hub id), a `LoadedModel` from `plipy.load_model`, or a loaded HF
 causal LM with `tokenizer=`. `corpus` is a path, a `Corpus` or None (the bundled PLIP corpus). `layers`/`heads`
@@ -26,6 +27,7 @@ from plipy.api.lens import emergence, lens, probe
 from plipy.api.sae import as_prompts, as_sae, sae_attention, sae_pipeline, score_latents, train_sae
 from plipy.api.scan import scan
 from plipy.api.sweep import sweep
+from plipy.api.trace import trace
 from plipy.errors import PlipyError
 from plipy.results import load_result
 
@@ -48,5 +50,6 @@ __all__ = [
     "score_latents",
     "steer",
     "sweep",
+    "trace",
     "train_sae",
 ]

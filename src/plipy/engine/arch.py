@@ -40,9 +40,16 @@ class Family:
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
     softmax_upcast: bool = True  # GPT-2's eager attention takes the softmax in the model dtype; the rest in fp32
+    mlp: str = "mlp"  # attribute of a decoder layer
+    # What each sublayer adds to the residual stream is the output of this decoder-layer attribute (None: of the
+    # attention / MLP module itself): Gemma-2/3, OLMo-2 and EXAONE-4 normalise it first ("sandwich" norms).
+    attn_out: str | None = None
+    mlp_out: str | None = None
+    residual_multiplier: bool = False  # Granite scales both contributions by config.residual_multiplier
 
 
 _LLAMA = Family("llama-like")
+_ATTN_NORM, _MLP_NORM = "post_attention_layernorm", "post_feedforward_layernorm"  # sandwich norms
 FAMILIES: dict[str, Family] = {
     **{
         t: Family(t)
@@ -55,23 +62,26 @@ FAMILIES: dict[str, Family] = {
             "qwen2_moe",
             "qwen3_moe",
             "gemma",
-            "gemma2",
-            "gemma3_text",
             "phi3",
             "starcoder2",
             "olmo",
-            "olmo2",
             "smollm3",
-            "granite",
             "cohere",
             "cohere2",
             "helium",
             "glm",
-            "exaone4",
         )
     },
+    **{t: Family(t, attn_out=_ATTN_NORM, mlp_out=_MLP_NORM) for t in ("gemma2", "gemma3_text", "olmo2", "exaone4")},
+    "granite": Family("granite", residual_multiplier=True),
     # multimodal Gemma-3 nests the text stack one level deeper
-    "gemma3": Family("gemma3", layers="model.language_model.layers", final_norm="model.language_model.norm"),
+    "gemma3": Family(
+        "gemma3",
+        layers="model.language_model.layers",
+        final_norm="model.language_model.norm",
+        attn_out=_ATTN_NORM,
+        mlp_out=_MLP_NORM,
+    ),
     "gpt2": Family(
         "gpt2",
         layers="transformer.h",
@@ -207,6 +217,39 @@ class Arch:
         if type(proj).__name__ == "Conv1D":  # GPT-2: y = x @ W, W [in, out]
             return w.reshape(h, w.shape[0] // h, w.shape[1])
         return w.T.reshape(h, w.shape[1] // h, w.shape[0])  # Linear: y = x @ W.T, W [out, in]
+
+    def known_family(self, what: str) -> Family:
+        """This model's family row, or a PlipyError naming the family: `what` needs knowledge discovery lacks."""
+        if self.family is None:
+            known = ", ".join(sorted(FAMILIES))
+            raise PlipyError(
+                f"{what}: plipy has no adapter for the {self.model_type!r} family ({type(self.model).__name__}), "
+                f"so it does not know which module that is (known families: {known}; attention patterns, scores, "
+                "values and residuals work for any family)"
+            )
+        return self.family
+
+    def output_projection(self, layer: int) -> torch.nn.Module:
+        """The attention output projection of decoder layer `layer` (its input is the per-head outputs, `z`)."""
+        fam = self.known_family("the attention output projection (hook_z)")
+        proj = getattr(self.attention(layer), fam.o_proj, None)
+        if not isinstance(proj, torch.nn.Module):
+            raise PlipyError(f"layer {layer}: {fam.name} attention has no output projection {fam.o_proj!r}")
+        return proj
+
+    def contribution(self, layer: int, sublayer: str) -> tuple[torch.nn.Module, float | None]:
+        """What the `"attn"` or `"mlp"` sublayer of decoder layer `layer` adds to the residual stream: the module
+        whose output (the first element of a tuple) is it, and the factor the family multiplies it by (or None)."""
+        fam = self.known_family(f"the {sublayer} output (hook_{sublayer}_out)")
+        block: Any = self._layers[layer]
+        name = fam.attn_out if sublayer == "attn" else fam.mlp_out
+        module: Any = (
+            self.attention(layer) if name is None and sublayer == "attn" else getattr(block, name or fam.mlp, None)
+        )
+        if not isinstance(module, torch.nn.Module):
+            raise PlipyError(f"layer {layer}: {type(block).__name__} has no module {name or fam.mlp!r}")
+        scale = float(block.residual_multiplier) if fam.residual_multiplier else None
+        return module, scale
 
     def final_norm(self) -> torch.nn.Module:
         """The norm applied to the last layer's output before the unembedding."""
