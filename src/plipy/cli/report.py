@@ -24,7 +24,7 @@ def report(
     """Write one self-contained interactive HTML report (plotly inlined, opens offline) of saved results."""
     from plipy.errors import PlipyError
     from plipy.report.html import html_report
-    from plipy.results import load_result
+    from plipy.results import ScanResult, load_result
 
     first = Path(results[0])
     path = out or first.with_name(first.stem + ("-compare" if len(results) > 1 else "") + ".html")
@@ -33,7 +33,7 @@ def report(
     c.check_out(path)
     loaded = [load_result(p) for p in results]  # every file checked before anything is drawn
     for p, r in zip(results, loaded, strict=True):
-        if r.kind == "scan" and not r.has_rows:
+        if isinstance(r, ScanResult) and not r.has_rows:
             missing = r.extras.get("rows_missing")
             why = f"{missing} is missing" if missing else "it was saved without its attention rows"
             c.err_console.print(f"note: {p}: no token view ({why})", highlight=False)
