@@ -74,8 +74,11 @@ def run(tmp_path_factory):
     digests = cases.build_inputs(root)
     here = cases.fingerprint()
     recorded = SPEC["fingerprint"]["compared"]
-    differs = {k: (recorded.get(k), here["compared"].get(k)) for k in {*recorded, *here["compared"]}
-               if recorded.get(k) != here["compared"].get(k)}  # fmt: skip
+    differs = {
+        k: (recorded.get(k), here["compared"].get(k))
+        for k in {*recorded, *here["compared"]}
+        if recorded.get(k) != here["compared"].get(k)
+    }
     with cases.Runner() as runner:
         yield SimpleNamespace(root=root, digests=digests, here=here, differs=differs, runner=runner)
 
@@ -84,26 +87,49 @@ def _check_inputs(case: dict[str, Any], run: SimpleNamespace) -> None:
     """The inputs this case reads, built here, must be the goldens' (else it cannot be compared); the standard
     library's text matters only to the cases that read it."""
     if SPEC["pinned_env"] != cases.PINNED:
-        pytest.fail("cases.PINNED is not the environment the goldens were made under (commands.json: pinned_env): "
-                    "remake the goldens from the reference commit, or restore it", pytrace=False)  # fmt: skip
+        pytest.fail(
+            "cases.PINNED is not the environment the goldens were made under (commands.json: pinned_env): "
+            "remake the goldens from the reference commit, or restore it",
+            pytrace=False,
+        )
     want = SPEC["inputs_sha256"]
     argv = " ".join(case["argv"])
     # the weights gate; tokenizer.json is recorded to explain a difference only (its bytes follow the transformers
     # version that saved it, a changed tokenization shows in the results themselves)
-    bad = [k for k in want if k.endswith(".safetensors") and f"{cases.INPUTS}/{k.split('/')[0]}" in argv
-           and run.digests.get(k) != want[k]]  # fmt: skip
+    bad = [
+        k
+        for k in want
+        if k.endswith(".safetensors") and f"{cases.INPUTS}/{k.split('/')[0]}" in argv and run.digests.get(k) != want[k]
+    ]
     if bad:
-        pytest.fail(f"the inputs built on this machine differ from those the goldens were made with ({bad[0]}: "
-                    f"sha256 {run.digests.get(bad[0])} ≠ {want[bad[0]]}): the goldens cannot be compared here "
-                    f"(another torch draws other random weights). This machine: {run.here}", pytrace=False)  # fmt: skip
+        pytest.fail(
+            f"the inputs built on this machine differ from those the goldens were made with ({bad[0]}: "
+            f"sha256 {run.digests.get(bad[0])} ≠ {want[bad[0]]}): the goldens cannot be compared here "
+            f"(another torch draws other random weights). This machine: {run.here}",
+            pytrace=False,
+        )
     if case.get("uses_stdlib") and run.digests.get(cases.STDLIB) != want.get(cases.STDLIB):
-        pytest.skip(f"{case['name']} reads its text from the Python standard library, which differs from the one "
-                    f"the goldens were made with (Python {SPEC['fingerprint']['compared']['python']})")  # fmt: skip
+        pytest.skip(
+            f"{case['name']} reads its text from the Python standard library, which differs from the one "
+            f"the goldens were made with (Python {SPEC['fingerprint']['compared']['python']})"
+        )
+
+
+# The numeric libraries: constraints.txt pins them, so `make test` and CI run the goldens' versions. Another version
+# computes other bits (kernels, summation orders) beyond what TOL can tell from a changed result: the comparison is
+# then meaningless, and skipped with the reason (make that environment's goldens with tests/golden/make.py).
+LIBRARIES = ("torch", "transformers", "numpy", "scipy", "pyarrow", "scikit-learn", "tokenizers")
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_golden(name, run):
     case = CASES[name]
+    libs = {k: v for k, v in run.differs.items() if k in LIBRARIES}
+    if libs:
+        pytest.skip(
+            f"the goldens were made with other library versions ({_show(libs)}): `make setup` installs "
+            "the pinned ones (constraints.txt)"
+        )
     _check_inputs(case, run)
     folder = run.runner.run(case, run.root)
     assert cases.outputs(folder) == case["compare"], f"plipy {' '.join(case['argv'])}: other files were written"
@@ -112,14 +138,20 @@ def test_golden(name, run):
     for rel in case["compare"]:
         diffs = compare(GOLDEN / "files" / name / rel, folder / rel, exact)
         if diffs:
-            problems.append(f"{rel}:\n" + "\n".join(f"    {d}" for d in diffs[:MAX_SHOWN])
-                            + (f"\n    … {len(diffs) - MAX_SHOWN} more" if len(diffs) > MAX_SHOWN else ""))  # fmt: skip
+            problems.append(
+                f"{rel}:\n"
+                + "\n".join(f"    {d}" for d in diffs[:MAX_SHOWN])
+                + (f"\n    … {len(diffs) - MAX_SHOWN} more" if len(diffs) > MAX_SHOWN else "")
+            )
     if problems:
-        how = ("exact comparison (this machine's fingerprint is the goldens')" if exact else
-               f"THIS MACHINE DIFFERS from the one that made the goldens ({_show(run.differs)}): structure compared "
-               f"exactly, floats within rel {TOL['rel']:g}, abs {TOL['abs']:g}; differences of large values, ratios "
-               f"of near-zero means and near-ties can exceed that (see TOL). For an exact comparison here, make this "
-               f"machine's goldens from the reference commit (tests/golden/make.py), set PLIPY_GOLDEN_DIR")  # fmt: skip
+        how = (
+            "exact comparison (this machine's fingerprint is the goldens')"
+            if exact
+            else f"THIS MACHINE DIFFERS from the one that made the goldens ({_show(run.differs)}): structure compared "
+            f"exactly, floats within rel {TOL['rel']:g}, abs {TOL['abs']:g}; differences of large values, ratios "
+            f"of near-zero means and near-ties can exceed that (see TOL). For an exact comparison here, make this "
+            f"machine's goldens from the reference commit (tests/golden/make.py), set PLIPY_GOLDEN_DIR"
+        )
         pytest.fail(f"plipy {' '.join(case['argv'])}\n{how}; golden ≠ now:\n" + "\n".join(problems), pytrace=False)
 
 

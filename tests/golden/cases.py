@@ -82,8 +82,22 @@ def plipy_src() -> Path:
 
 # Variables of this process not passed on: other settings of the numeric libraries (e.g. MKL_ENABLE_INSTRUCTIONS,
 # DNNL_MAX_CPU_ISA, KMP_*), plipy's own settings but where the models and caches are, and Ray's address.
-UNSET_PREFIXES = ("MKL_", "KMP_", "OMP_", "GOMP_", "OPENBLAS_", "GOTO_", "DNNL_", "ONEDNN_", "NPY_", "ATEN_", "TORCH_",
-                  "PYTORCH_", "PLIPY_", "RAY_")  # fmt: skip
+UNSET_PREFIXES = (
+    "MKL_",
+    "KMP_",
+    "OMP_",
+    "GOMP_",
+    "OPENBLAS_",
+    "GOTO_",
+    "DNNL_",
+    "ONEDNN_",
+    "NPY_",
+    "ATEN_",
+    "TORCH_",
+    "PYTORCH_",
+    "PLIPY_",
+    "RAY_",
+)
 KEPT = ("PLIPY_MODELS", "PLIPY_CACHE", "PLIPY_PIP_ARGS")  # the input builder loads SmolLM2's tokenizer through them
 
 
@@ -124,8 +138,13 @@ def _fingerprint_here() -> dict[str, Any]:
     simd = [k for k in getattr(umath, "__cpu_dispatch__", []) if features.get(k)]  # dispatched targets in use
     from threadpoolctl import threadpool_info
 
-    blas = sorted({f"{i['internal_api']} {i.get('version')} {i.get('architecture')}" for i in threadpool_info()
-                   if i["user_api"] == "blas"})  # fmt: skip
+    blas = sorted(
+        {
+            f"{i['internal_api']} {i.get('version')} {i.get('architecture')}"
+            for i in threadpool_info()
+            if i["user_api"] == "blas"
+        }
+    )
     return {
         "compared": {  # equal to the recorded ones: results must be identical; else compared within tolerance
             "python": platform.python_version(),
@@ -174,18 +193,30 @@ EMERGENCE_PROMPTS = [
 ]
 
 # a labels file for `sae latents` (the tiny random model knows no entity, so its own labels are all unknown)
-LABELLED = {"city": (["Paris", "London", "Tokyo"], ["Velmorath", "Quarnby", "Ostrevik"]),
-            "player": (["Lionel Messi", "Roger Federer"], ["Zorvak Plinth", "Dobrin Kessel"])}  # fmt: skip
+LABELLED = {
+    "city": (["Paris", "London", "Tokyo"], ["Velmorath", "Quarnby", "Ostrevik"]),
+    "player": (["Lionel Messi", "Roger Federer"], ["Zorvak Plinth", "Dobrin Kessel"]),
+}
 
 
 def _labels() -> dict[str, Any]:
-    entities = [{"entity": n, "entity_type": t, "label": lab, "split": "train", "known_attributes": [],
-                 "attributes": {}} for t, (known, unknown) in LABELLED.items()
-                for lab, group in (("known", known), ("unknown", unknown)) for n in group]  # fmt: skip
-    summary = {t: {"n": len(k) + len(u), "known": len(k), "unknown": len(u), "dropped": 0}
-               for t, (k, u) in LABELLED.items()}  # fmt: skip
-    return {"format": "plipy-entity-labels/1", "provenance": {}, "config": {}, "summary": summary,
-            "entities": entities, "test_balanced": {t: [] for t in LABELLED}}  # fmt: skip
+    entities = [
+        {"entity": n, "entity_type": t, "label": lab, "split": "train", "known_attributes": [], "attributes": {}}
+        for t, (known, unknown) in LABELLED.items()
+        for lab, group in (("known", known), ("unknown", unknown))
+        for n in group
+    ]
+    summary = {
+        t: {"n": len(k) + len(u), "known": len(k), "unknown": len(u), "dropped": 0} for t, (k, u) in LABELLED.items()
+    }
+    return {
+        "format": "plipy-entity-labels/1",
+        "provenance": {},
+        "config": {},
+        "summary": summary,
+        "entities": entities,
+        "test_balanced": {t: [] for t in LABELLED},
+    }
 
 
 CONVERT_PY = '''def add(a, b):
@@ -250,9 +281,16 @@ def _tiny_llama(directory: Path, tokenizer: Any, layers: int, seed: int) -> None
     import torch
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False)  # fmt: skip
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -270,9 +308,16 @@ def _corpus(path: Path) -> None:
     full = load_corpus()
     data: dict[str, Any] = {"_format_version": "2.0"}
     for g, n in CORPUS_PICK.items():
-        data[g] = [{"id": s.id, "code": s.code, "marker_char_pos": s.marker_char_pos,
-                    "marker_pattern": s.marker_pattern, "target_char_positions": list(s.target_char_positions)}
-                   for s in full.groups[g][:n]]  # fmt: skip
+        data[g] = [
+            {
+                "id": s.id,
+                "code": s.code,
+                "marker_char_pos": s.marker_char_pos,
+                "marker_pattern": s.marker_pattern,
+                "target_char_positions": list(s.target_char_positions),
+            }
+            for s in full.groups[g][:n]
+        ]
     path.write_text(json.dumps(data))
 
 
@@ -363,9 +408,19 @@ def store(src: Path, dst: Path) -> None:
 
 # Pre-imported by the worker before it forks a case: the heavy third-party imports (~2 s a case otherwise). plipy
 # itself is imported in each case's own process, after its environment is set, as `python -m plipy` would.
-PRELOAD = ("numpy", "scipy.stats", "sklearn.linear_model", "pyarrow.parquet", "pyarrow.csv", "tokenizers", "torch",
-           "transformers", "transformers.models.llama.modeling_llama", "safetensors.torch",
-           "matplotlib.pyplot")  # fmt: skip
+PRELOAD = (
+    "numpy",
+    "scipy.stats",
+    "sklearn.linear_model",
+    "pyarrow.parquet",
+    "pyarrow.csv",
+    "tokenizers",
+    "torch",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "safetensors.torch",
+    "matplotlib.pyplot",
+)
 
 
 def _serve() -> None:
@@ -439,8 +494,14 @@ class Runner:
         import tempfile
 
         self.log = tempfile.TemporaryFile("w+")  # the worker's own stderr (the cases write theirs to files)
-        self.proc = subprocess.Popen([sys.executable, __file__, "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=pinned_env())  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=pinned_env(),
+        )
         if not self.proc.stdout.readline():
             raise RuntimeError(f"the golden worker did not start:\n{self._log()}")
 
@@ -456,9 +517,14 @@ class Runner:
         state = root / "state" / name
         for d in (cwd, state / "runs", state / "cache"):
             d.mkdir(parents=True, exist_ok=False)
-        job = {"argv": case["argv"], "cwd": str(cwd), "timeout": timeout, "stdout": str(state / "stdout.txt"),
-               "stderr": str(state / "stderr.txt"),
-               "env": {"PLIPY_RUNS": str(state / "runs"), "PLIPY_CACHE": str(state / "cache")}}  # fmt: skip
+        job = {
+            "argv": case["argv"],
+            "cwd": str(cwd),
+            "timeout": timeout,
+            "stdout": str(state / "stdout.txt"),
+            "stderr": str(state / "stderr.txt"),
+            "env": {"PLIPY_RUNS": str(state / "runs"), "PLIPY_CACHE": str(state / "cache")},
+        }
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -486,9 +552,13 @@ class Runner:
 
 def outputs(folder: Path) -> list[str]:
     """The files a case wrote that are compared (relative paths, sorted)."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix not in NOT_COMPARED_SUFFIXES
-                  and not set(p.relative_to(folder).parts[:-1]) & set(NOT_COMPARED_DIRS))  # fmt: skip
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix not in NOT_COMPARED_SUFFIXES
+        and not set(p.relative_to(folder).parts[:-1]) & set(NOT_COMPARED_DIRS)
+    )
 
 
 if __name__ == "__main__":

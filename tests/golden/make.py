@@ -132,8 +132,9 @@ USES_STDLIB = {"sae-latents", "sae-train", "sae-pipeline"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", type=Path, default=cases.GOLDEN, help="Where commands.json and files/ go "
-                    "(default: %(default)s)")  # fmt: skip
+    ap.add_argument(
+        "--dir", type=Path, default=cases.GOLDEN, help="Where commands.json and files/ go (default: %(default)s)"
+    )
     keep = "Keep the temporary working folder (inputs; each case's folder with its HTML and PNG files) and say where"
     ap.add_argument("--keep", action="store_true", help=keep)
     args = ap.parse_args()
