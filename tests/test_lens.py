@@ -14,6 +14,7 @@ import transformers as tf
 from conftest import cli_exit_code
 from plipy.errors import ParameterError, PlipyError
 from plipy.experiments import lens as le
+from plipy.options import parse_positions
 from plipy.models import LoadedModel
 from plipy.results import LensResult, load_result
 from tiny_models import ARCHS, build, float64, fp32_bound
@@ -148,11 +149,11 @@ def test_rank_of_by_hand():
 
 
 def test_positions_grammar():
-    assert le.resolve_positions("last", 5) == [4]
-    assert le.resolve_positions("all", 3) == [0, 1, 2]
-    assert le.resolve_positions("0,-1,4", 5) == [0, 4]
-    assert le.resolve_positions([2, -2], 5) == [2, 3]
-    assert le.resolve_positions("marker", 5, marker=3) == [3]
+    assert parse_positions("last", 5) == [4]
+    assert parse_positions("all", 3) == [0, 1, 2]
+    assert parse_positions("0,-1,4", 5) == [0, 4]
+    assert parse_positions([2, -2], 5) == [2, 3]
+    assert parse_positions("marker", 5, marker=3) == [3]
     for bad, msg in (
         ("7", "position 7 does not exist"),
         ("marker", "needs a corpus sample"),
@@ -160,7 +161,7 @@ def test_positions_grammar():
         ("", "is empty"),
     ):
         with pytest.raises(ParameterError, match=msg):
-            le.resolve_positions(bad, 5)
+            parse_positions(bad, 5)
 
 
 def test_lens_on_smollm_matches_hf(smollm):
