@@ -147,8 +147,9 @@ def run_pass(lm: Any, ids: list[int], positions: list[int], engine: Engine | Non
 
 
 def has_weights(lm: Any) -> bool:
-    """Whether `lm` can run a forward here (a Ray driver's model is on the meta device: its workers compute)."""
-    return next(lm.model.parameters()).device.type != "meta"
+    """Whether `lm` can run a forward here: a Ray driver's model is wholly on the meta device (its workers compute);
+    a model offloaded by a device map keeps some of its weights on the meta device, not all."""
+    return any(p.device.type != "meta" for p in lm.model.parameters())
 
 
 # -- one text ------------------------------------------------------------------------------------------------------
