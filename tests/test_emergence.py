@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plipy import cli
-from plipy.errors import PlipyError
+from plipy.errors import ParameterError, PlipyError
 from plipy.experiments import emergence as em
 from plipy.results import EmergenceResult, load_result
 from test_lens import _reference, hf_attention
@@ -171,3 +171,23 @@ def test_emergence_on_tiny_models(arch, vocab):
             best = matches[z[matches].argmax()]
             assert e["ranks"][layer] == 1 + int((z > z[best]).sum())
     assert any(e["first_layer_in_top_k"] is not None for e in r["prompts"][0]["expected"])
+
+
+def test_an_interrupted_emergence_resumes_to_the_same_document(tiny_spec):
+    import plipy
+    from test_lens import interrupted_then_resumed, same_document
+
+    got, ref, labels = interrupted_then_resumed(plipy.emergence, tiny_spec, top_k=20)
+    assert labels == ["emergence (2 resumed)"]  # one prompt per batch: two were on disk
+    same_document(got, ref)
+    with pytest.raises(ParameterError, match="top_k: must be at most the vocabulary size"):
+        plipy.emergence(tiny_spec, top_k=10**6)
+    with pytest.raises(ParameterError, match="top_k"):
+        plipy.emergence("no-such-model-anywhere", top_k=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    from test_lens import tiny_model_spec
+
+    return tiny_model_spec(tmp_path_factory)

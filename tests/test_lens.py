@@ -15,6 +15,7 @@ from conftest import cli_exit_code
 from plipy.errors import ParameterError, PlipyError
 from plipy.experiments import lens as le
 from plipy.models import LoadedModel
+from plipy.options import parse_positions
 from plipy.results import LensResult, load_result
 from tiny_models import ARCHS, build, float64, fp32_bound
 
@@ -148,11 +149,11 @@ def test_rank_of_by_hand():
 
 
 def test_positions_grammar():
-    assert le.resolve_positions("last", 5) == [4]
-    assert le.resolve_positions("all", 3) == [0, 1, 2]
-    assert le.resolve_positions("0,-1,4", 5) == [0, 4]
-    assert le.resolve_positions([2, -2], 5) == [2, 3]
-    assert le.resolve_positions("marker", 5, marker=3) == [3]
+    assert parse_positions("last", 5) == [4]
+    assert parse_positions("all", 3) == [0, 1, 2]
+    assert parse_positions("0,-1,4", 5) == [0, 4]
+    assert parse_positions([2, -2], 5) == [2, 3]
+    assert parse_positions("marker", 5, marker=3) == [3]
     for bad, msg in (
         ("7", "position 7 does not exist"),
         ("marker", "needs a corpus sample"),
@@ -160,7 +161,7 @@ def test_positions_grammar():
         ("", "is empty"),
     ):
         with pytest.raises(ParameterError, match=msg):
-            le.resolve_positions(bad, 5)
+            parse_positions(bad, 5)
 
 
 def test_lens_on_smollm_matches_hf(smollm):
@@ -270,3 +271,86 @@ def test_cli_lens_and_errors(tmp_path, capsys, monkeypatch, smollm):
     ):
         assert cli_exit_code(argv) == 2
         assert msg in capsys.readouterr().err
+
+
+# -- on the runtime: resume, parameters ----------------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    """Stands for a kill: raised from the progress bar once some units are on disk."""
+
+
+def interrupted_then_resumed(fn, *args, after: int = 2, **kw):
+    """`fn(*args, **kw)` interrupted at its `after`-th finished unit, then run again (it resumes); and one
+    uninterrupted run with nothing kept. Returns (resumed result, reference, the resumed run's progress labels)."""
+    steps: list[str] = []
+
+    def interrupting(desc: str, total: int):
+        def step(*a, **k) -> None:
+            steps.append(desc)
+            if len(steps) == after:
+                raise Interrupt
+
+        return step
+
+    with pytest.raises(Interrupt):
+        fn(*args, progress=interrupting, **kw)
+    labels: list[str] = []
+
+    def watching(desc: str, total: int):
+        labels.append(desc)
+        return lambda *a, **k: None
+
+    got = fn(*args, progress=watching, **kw)
+    ref = fn(*args, resume=False, **kw)
+    return got, ref, labels
+
+
+def same_document(a, b) -> None:
+    """Two results' documents, provenance aside: equal keys in the same order, equal values."""
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("provenance"), db.pop("provenance")
+    assert json.dumps(da) == json.dumps(db)
+
+
+def tiny_model_spec(tmp_path_factory) -> str:
+    """A tiny random Llama saved as a model folder: loaded by spec, it has a weights hash, so its runs resume."""
+    from conftest import tiny_llama_dir
+    from plipy.models import load_tokenizer
+
+    return str(tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), load_tokenizer("smollm2-135m")[0]))
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    return tiny_model_spec(tmp_path_factory)
+
+
+def test_an_interrupted_lens_resumes_to_the_same_document(tiny_spec):
+    import plipy
+
+    got, ref, labels = interrupted_then_resumed(plipy.lens, tiny_spec, TEXT, positions="all", tokens=[" test"])
+    assert labels == ["logit lens (4 resumed)"]  # one batch of 4 layers was on disk
+    same_document(got, ref)
+    assert got.rows() == ref.rows()
+
+
+def test_top_k_tokens_and_positions_are_checked(tiny_spec, tmp_path, capsys):
+    import plipy
+
+    missing = "no-such-model-anywhere"  # these fail before any model loads
+    for kw, msg in (
+        ({"tokens": [True]}, "expected token ids or non-empty strings"),
+        ({"tokens": [-1]}, "ids start at 0"),
+        ({"positions": "x"}, "cannot read 'x'"),
+        ({"positions": "marker"}, "needs a corpus sample"),
+        ({"top_k": 0}, "≥ 1"),
+        ({"layers": "3-1"}, "is empty"),
+    ):
+        with pytest.raises(ParameterError, match=msg):
+            plipy.lens(missing, TEXT, **kw)
+    with pytest.raises(ParameterError, match=r"top_k: must be at most the vocabulary size \(49,152 tokens\)"):
+        plipy.lens(tiny_spec, TEXT, top_k=99999999)
+    out = tmp_path / "l.json"
+    assert cli_exit_code(["lens", TEXT, "-m", tiny_spec, "--top-k", "99999999", "--out", str(out)]) == 2
+    assert "error: --top-k: must be at most the vocabulary size" in capsys.readouterr().err and not out.exists()

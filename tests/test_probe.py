@@ -235,3 +235,48 @@ def test_cli_probe(tmp_path, capsys, monkeypatch, smollm):
     assert "Linear probe on the last token" in capsys.readouterr().out
     assert cli_exit_code(["probe", "--feature", "nope"]) == 2
     assert "error: --feature: must be one of last, marker" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("phase", ["residuals", "probes"])
+def test_an_interrupted_probe_resumes_to_the_same_document(phase, tiny_spec, tmp_path):
+    """Interrupted among the residuals (phase 1) or among the fits (phase 2), run again: the same document."""
+    import plipy
+    from test_lens import interrupted_then_resumed, same_document
+
+    corpus = corpus_subset(tmp_path, {"python_doctest": 4, "rust_test": 4})
+    after = 2 if phase == "residuals" else 8 + 2  # the fits start once the 8 samples' residuals are done
+    got, ref, labels = interrupted_then_resumed(
+        plipy.probe, tiny_spec, corpus, feature="marker", folds=2, permutations=3, after=after
+    )
+    # the residuals of an interrupted first phase are kept; a finished first phase drops its units (its result
+    # is recomputed, bit for bit, and the fits' own units are keyed by those numbers)
+    assert labels == (
+        ["residuals (2 resumed)", "probes"] if phase == "residuals" else ["residuals", "probes (2 resumed)"]
+    )
+    same_document(got, ref)
+    assert got.rows() == ref.rows()
+
+
+def test_probe_counts_and_C_are_bounded_before_the_model_loads():
+    import plipy
+
+    missing = "no-such-model-anywhere"
+    for kw, msg in (
+        ({"permutations": 10**7}, "permutations: must be at most 1,000,000"),
+        ({"permutations": -1}, "permutations"),
+        ({"folds": 10**12}, "folds: must be at most"),
+        ({"C": float("inf")}, "C: must be a positive finite number"),
+        ({"C": float("nan")}, "C: must be a positive finite number"),
+        ({"C": 0}, "C: must be a positive finite number"),
+        ({"seed": -1}, "seed"),
+        ({"layers": ""}, "layers: is empty"),
+    ):
+        with pytest.raises(ParameterError, match=msg):
+            plipy.probe(missing, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    from test_lens import tiny_model_spec
+
+    return tiny_model_spec(tmp_path_factory)

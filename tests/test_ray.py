@@ -64,13 +64,17 @@ CASES = {
     "steer calibrate": ["steer", "calibrate", CORPUS],
     "steer dose": ["steer", "dose", "--groups", "rust_test,python_doctest", "--doses", "2,8", CORPUS],
     "steer generate": ["steer", "generate", "--limit", "3", "--max-tokens", "5"],
+    "lens": ["lens", "fn add(a: i32) -> i32 {\n}\n\n#[", "--positions", "all", "--top-k", "5", "--token", " test"],
+    "lens emergence": ["lens", "emergence", "--top-k", "20"],
+    "probe": ["probe", CORPUS, "--permutations", "3", "--folds", "2"],
 }
+ONE_INPUT_PER_FORWARD = ("lens", "lens emergence", "probe")  # no --batch-size: batching would change their numbers
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_ray_run_equals_local_run(kind, cluster, corpus, tmp_path):
     args = [a for x in CASES[kind] for a in (["--corpus", str(corpus.path)] if x == CORPUS else [x])]
-    common = [*args, "--table-format", "csv", "-b", "2"]
+    common = [*args, "--table-format", "csv", *([] if kind in ONE_INPUT_PER_FORWARD else ["-b", "2"])]
     assert cli_exit_code([*common, "-o", str(tmp_path / "local.json")]) == 0
     assert cli_exit_code([*common, "--ray", "--workers", "2", "-o", str(tmp_path / "ray.json")]) == 0
     _same_files(tmp_path / "local.json", tmp_path / "ray.json")

@@ -20,15 +20,18 @@ from conftest import corpus_subset
 from plipy.runtime.checkpoint import Units, fingerprint
 
 
-def _units(runs: Path) -> int:
-    return sum(1 for _ in runs.glob("*/unit-*.json"))
+def _units(runs: Path, pattern: str = "*/unit-*.json") -> int:
+    return sum(1 for _ in runs.glob(pattern))
 
 
-def _kill_after_units(cmd: list[str], env: dict[str, str], runs: Path, cwd: Path, n: int = 1) -> None:
-    """Start `cmd`, SIGKILL it as soon as `n` units are on disk; the kill must land before it finished."""
+def _kill_after_units(
+    cmd: list[str], env: dict[str, str], runs: Path, cwd: Path, n: int = 1, pattern: str = "*/unit-*.json"
+) -> None:
+    """Start `cmd`, SIGKILL it as soon as `n` units (of the run folders `pattern` matches) are on disk; the kill
+    must land before it finished."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     deadline = time.monotonic() + 300
-    while _units(runs) < n and proc.poll() is None and time.monotonic() < deadline:
+    while _units(runs, pattern) < n and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -108,6 +111,52 @@ def test_killed_run_resumes_to_identical_bytes(kind, smollm, tmp_path, monkeypat
     strip = {k: v for k, v in json.loads(out.read_text()).items() if k != "provenance"}
     strip_ref = {k: v for k, v in json.loads(Path(ref_files["json"]).read_text()).items() if k != "provenance"}
     assert json.dumps(strip) == json.dumps(strip_ref)
+
+
+# the fits' run folder (`probe-<fingerprint>`), not the residuals' (`probe-features-<fingerprint>`)
+PROBE_FITS = "probe-" + "?" * 16 + "/unit-*.json"
+LENS_CASES = {
+    "lens": (["lens", "--file", "text.txt", "--positions", "all", "--token", " test"], "*/unit-*.json"),
+    "lens emergence": (["lens", "emergence", "--top-k", "20"], "*/unit-*.json"),
+    "probe": (["probe", "--permutations", "3", "--folds", "2"], "*/unit-*.json"),  # killed among the residuals
+    "probe fits": (["probe", "--permutations", "5", "--folds", "3"], PROBE_FITS),  # killed among the fits
+}
+
+
+@pytest.mark.parametrize("kind", list(LENS_CASES))
+def test_killed_lens_and_probe_runs_resume_to_identical_bytes(kind, smollm, tmp_path):
+    """`plipy lens`, `plipy lens emergence` and `plipy probe` (either of its two phases) killed once 2 units are on
+    disk and run again: the bytes of one uninterrupted run."""
+    import plipy
+    from plipy.corpus import load_corpus
+
+    args, pattern = LENS_CASES[kind]
+    # a text long enough (every position, 30 layers) that the lens is caught between its batches of layers
+    text = "\n\n".join(s.code for s in load_corpus().samples()[:8])
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    corpus = corpus_subset(tmp_path, {"python_doctest": 6, "rust_test": 6}) if kind.startswith("probe") else None
+    common = ["--table-format", "csv", *(["--corpus", str(corpus.path)] if corpus else [])]
+    runs, out = tmp_path / "runs", tmp_path / "resumed.json"
+    env = {**os.environ, "PLIPY_RUNS": str(runs)}
+    cmd = [sys.executable, "-m", "plipy", *args, *common, "--out", str(out)]
+    _kill_after_units(cmd, env, runs, tmp_path, n=2, pattern=pattern)
+    assert not out.exists() and _units(runs, pattern) >= 2
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed)" in done.stderr
+    assert _units(runs) == 0 and not any(runs.iterdir())  # both phases' units go once the result is complete
+    if kind == "lens":
+        ref = plipy.lens(smollm, text, positions="all", tokens=[" test"], resume=False)
+    elif kind == "lens emergence":
+        ref = plipy.emergence(smollm, top_k=20, resume=False)
+    else:
+        folds, perms = (2, 3) if kind == "probe" else (3, 5)
+        ref = plipy.probe(smollm, corpus.path, folds=folds, permutations=perms, resume=False)
+    ref_files = ref.save(tmp_path / "reference.json", table_format="csv")
+    assert out.with_suffix(".csv").read_bytes() == Path(ref_files["table"]).read_bytes()
+    strip = {k: v for k, v in json.loads(out.read_text()).items() if k != "provenance"}
+    strip_ref = {k: v for k, v in json.loads(Path(ref_files["json"]).read_text()).items() if k != "provenance"}
+    assert json.dumps(strip) == json.dumps(strip_ref)  # same keys, same order, same numbers
 
 
 def test_units_refuse_another_runs_folder_and_fresh_starts_over(tmp_path):

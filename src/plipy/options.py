@@ -258,3 +258,120 @@ def parse_max_memory(value: Any, *, param: str = "max_memory") -> dict[Any, str]
         dev = dev.strip()
         out[int(dev) if dev.isdigit() else dev] = amount.strip()
     return out
+
+
+# -- the logit lens and the probes ---------------------------------------------------------------------------------
+
+POSITION_WORDS = ("last", "all", "marker")
+POSITIONS_GRAMMAR = "last | all | marker | token indices such as 0,5,-1"
+PROBE_FEATURES = ("last", "marker")
+PROBE_LABELS = ("group", "prefix")
+
+
+def check_top_k(value: int, *, vocab_size: int | None = None, param: str = "top_k") -> int:
+    """Tokens per layer: an integer ≥ 1, and, once the model is known, at most its vocabulary (a larger k lists
+    nothing more and claims a k the result does not have)."""
+    check_positive(value, param=param)
+    if vocab_size is not None and value > vocab_size:
+        raise ParameterError(param, f"must be at most the vocabulary size ({vocab_size:,} tokens), got {value:,}")
+    return value
+
+
+def check_positions(value: Any, *, marker: bool, param: str = "positions") -> None:
+    """The grammar of lens positions (`last`, `all`, `marker`, token indices), before any model loads; `marker`:
+    whether the text has a marker (a corpus sample)."""
+    if isinstance(value, str) and value.strip() == "marker" and not marker:
+        raise ParameterError(param, "'marker' needs a corpus sample (sample=…, --sample)")
+    if isinstance(value, str) and value.strip() in POSITION_WORDS:
+        return
+    _position_indices(value, param)
+
+
+def _position_indices(value: Any, param: str) -> list[int]:
+    if isinstance(value, str) and not value.strip():
+        raise ParameterError(param, f"is empty: use {POSITIONS_GRAMMAR}")
+    try:
+        return indices(value, param=param, what="position")
+    except ParameterError:
+        raise ParameterError(param, f"cannot read {value!r}: use {POSITIONS_GRAMMAR}") from None
+
+
+def parse_positions(value: Any, n_tokens: int, marker: int | None = None, *, param: str = "positions") -> list[int]:
+    """Token indices from "last", "all", "marker", an int, a list or "0,5,-1" (negative from the end), each within
+    the text's `n_tokens`; unique, in the order given."""
+    if isinstance(value, str) and value.strip() in POSITION_WORDS:
+        word = value.strip()
+        if word == "last":
+            return [n_tokens - 1]
+        if word == "all":
+            return list(range(n_tokens))
+        if marker is None:
+            raise ParameterError(param, "'marker' needs a corpus sample (sample=…, --sample) whose marker has a token")
+        return [marker]
+    raw = _position_indices(value, param)
+    bad = [p for p in raw if not -n_tokens <= p < n_tokens]
+    if bad:
+        raise ParameterError(
+            param,
+            f"position {bad[0]} does not exist: the text has {n_tokens} tokens "
+            f"(0-{n_tokens - 1}, or -{n_tokens}…-1 from the end)",
+        )
+    out: list[int] = []
+    for p in raw:
+        p = p % n_tokens
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def check_tokens(value: Any, *, param: str = "tokens") -> list[int | str]:
+    """Tokens to follow: token ids (≥ 0) or non-empty strings, one or a list; checked before any model loads (whether
+    a string is one token, and an id in the vocabulary, needs the tokenizer: `parse_tokens`)."""
+    items = [value] if isinstance(value, (str, int)) else list(value or ())
+    for t in items:
+        if isinstance(t, bool) or not (isinstance(t, int) or (isinstance(t, str) and t)):
+            raise ParameterError(param, f"expected token ids or non-empty strings, got {t!r}")
+        if isinstance(t, int) and t < 0:
+            raise ParameterError(param, f"token id {t} does not exist: ids start at 0")
+    return items
+
+
+def parse_tokens(tokenizer: Any, value: Sequence[int | str], vocab_size: int, *, param: str = "tokens") -> list[int]:
+    """Vocabulary ids of tokens: ids as given (below `vocab_size`), strings that are exactly one token (no special
+    tokens); unique, in the order given."""
+    out: list[int] = []
+    for t in check_tokens(value, param=param):
+        if isinstance(t, int):
+            if not t < vocab_size:
+                raise ParameterError(param, f"token id {t} does not exist: the vocabulary has {vocab_size} entries")
+            tid = t
+        else:
+            ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                pieces = [tokenizer.decode([i]) for i in ids]
+                raise ParameterError(
+                    param,
+                    f"{t!r} is {len(ids)} tokens {pieces}, not one: give a single token "
+                    "(e.g. one of those pieces) or its id",
+                )
+            tid = int(ids[0])
+        if tid not in out:
+            out.append(tid)
+    return out
+
+
+def check_folds(value: int, *, param: str = "folds") -> int:
+    """Stratified k-fold splits: 2 … MAX_SPAN (a run uses fewer when a class is smaller)."""
+    return check_positive(value, param=param, minimum=2, maximum=MAX_SPAN)
+
+
+def check_permutations(value: int, *, param: str = "permutations") -> int:
+    """Shuffled-label refits per layer: 0 (no control) … MAX_RESAMPLES."""
+    return check_positive(value, param=param, minimum=0, maximum=MAX_RESAMPLES)
+
+
+def check_positive_number(value: Any, *, param: str) -> float:
+    """A finite number > 0 (a regularisation strength), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise ParameterError(param, f"must be a positive finite number, got {value!r}")
+    return float(value)

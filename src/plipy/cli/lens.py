@@ -33,7 +33,23 @@ TOP_K = "Tokens listed per layer (ranks beyond it are still reported for tracked
 
 
 @app.command("run")
-@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "dtype", "device")
+@c.shared(
+    "model",
+    "corpus",
+    "offsets",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "bos",
+    "dtype",
+    "device",
+    "fresh",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def run(
     text: str | None = typer.Argument(None, help="The text (or use --file / --sample)."),
     file: Path | None = typer.Option(None, "--file", help="Read the text from this file (UTF-8)."),
@@ -77,15 +93,29 @@ def run(
             layers=layers,
             bos=o.bos,
             offsets=o.offsets,
-            dtype=o.dtype,
-            device=o.device,
+            fresh=o.fresh,
             progress=start,
+            **c.load_options(o),
         )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
 
 
 @app.command("emergence")
-@c.shared("model", "out", "plot", "html", "table_format", "bos", "dtype", "device")
+@c.shared(
+    "model",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "bos",
+    "dtype",
+    "device",
+    "fresh",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def emergence(
     prompts: Path | None = typer.Option(
         None,
@@ -104,6 +134,13 @@ def emergence(
 
     with c.progress_bars() as start:
         result = api.emergence(
-            o.model, prompts, top_k=top_k, layers=layers, bos=o.bos, dtype=o.dtype, device=o.device, progress=start
+            o.model,
+            prompts,
+            top_k=top_k,
+            layers=layers,
+            bos=o.bos,
+            fresh=o.fresh,
+            progress=start,
+            **c.load_options(o),
         )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

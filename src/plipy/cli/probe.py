@@ -9,7 +9,24 @@ import typer
 from plipy.cli import common as c
 
 
-@c.shared("model", "corpus", "offsets", "out", "plot", "html", "table_format", "bos", "seed", "dtype", "device")
+@c.shared(
+    "model",
+    "corpus",
+    "offsets",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "bos",
+    "seed",
+    "dtype",
+    "device",
+    "fresh",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
+)
 def probe(
     groups: list[str] | None = c.groups_option(
         "the groups (classes) to tell apart (default: python_doctest,rust_test, else every group)."
@@ -45,8 +62,8 @@ def probe(
             seed=o.seed,
             bos=o.bos,
             offsets=o.offsets,
-            dtype=o.dtype,
-            device=o.device,
+            fresh=o.fresh,
             progress=start,
+            **c.load_options(o),
         )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)

@@ -10,34 +10,24 @@ whose best match has rank ≤ k — exactly when some top-k token contains it, a
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from plipy import options as opt
 from plipy.engine import Engine
 from plipy.errors import PlipyError
-from plipy.experiments.lens import _decode, encode, run_pass
+from plipy.experiments.lens import decode_token, encode, run_pass
 from plipy.results import EmergenceResult
-from plipy.runtime import provenance
+from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
 DEFAULT_TOP_K = 100  # PLIP-rs' default
 BUILTIN = "emergence_prompts.json"
 FINAL_TOP = 10
-
-
-@dataclass
-class EmergenceConfig:
-    """The lens settings of an emergence run; `layers` None = every layer."""
-
-    top_k: int = DEFAULT_TOP_K
-    layers: Sequence[int] | None = None
-    bos: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _problem(where: str, msg: str) -> PlipyError:
@@ -116,11 +106,11 @@ def _expected_record(s: str, matches: list[int]) -> dict[str, Any]:
 
 
 def measure_prompt(
-    lm: Any, engine: Engine, item: dict[str, Any], texts: list[str], layers: list[int], config: EmergenceConfig
+    lm: Any, engine: Engine, item: dict[str, Any], texts: list[str], layers: list[int], top_k: int, bos: bool
 ) -> dict[str, Any]:
     """One prompt: per expected string and layer, the best-ranked matching token, its probability, the matches'
     total probability; the first layer where a match is in the top-k."""
-    ids = encode(lm.tokenizer, item["prompt"], config.bos)
+    ids = encode(lm.tokenizer, item["prompt"], bos)
     lp = run_pass(lm, ids, [len(ids) - 1], engine)
     match_ids = {s: [i for i, t in enumerate(texts) if s in t] for s in item["expect"]}
     expected = [_expected_record(s, m) for s, m in match_ids.items()]
@@ -140,18 +130,18 @@ def measure_prompt(
             rec["probs"].append(float(probs[best]))
             rec["masses"].append(float(probs[m].sum()))
             rec["best_ids"].append(best)
-            if rec["first_layer_in_top_k"] is None and rank <= config.top_k:
+            if rec["first_layer_in_top_k"] is None and rank <= top_k:
                 rec["first_layer_in_top_k"] = layer
                 rec["at_first_layer"] = {
                     "id": best,
-                    "token": _decode(lm.tokenizer, best),
+                    "token": decode_token(lm.tokenizer, best),
                     "prob": float(probs[best]),
                     "rank": rank,
                 }
     for rec in expected:
         if not rec["n_vocab_matches"]:
             rec["note"] = "no vocabulary entry contains this string"
-        rec["best_tokens"] = [_decode(lm.tokenizer, b) for b in rec.pop("best_ids")]
+        rec["best_tokens"] = [decode_token(lm.tokenizer, b) for b in rec.pop("best_ids")]
     own = lp.model_logits[0]
     p_own = torch.softmax(own, -1)
     top = own.topk(min(FINAL_TOP, own.numel())).indices.tolist()
@@ -163,44 +153,72 @@ def measure_prompt(
         "n_tokens": len(ids),
         "expected": expected,
         "earliest_layer": min(firsts) if firsts else None,
-        "final_top": [{"id": t, "token": _decode(lm.tokenizer, t), "prob": float(p_own[t])} for t in top],
+        "final_top": [{"id": t, "token": decode_token(lm.tokenizer, t), "prob": float(p_own[t])} for t in top],
         "check": lp.check,
     }
 
 
-def run_emergence(
-    lm: Any,
-    prompts: list[dict[str, Any]],
-    config: EmergenceConfig,
-    *,
-    source: str = "",
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-) -> EmergenceResult:
-    """Every prompt through the lens; per expected string, the first layer where a matching token is in the top-k."""
-    from plipy.options import check_positive, parse_layers
+@dataclass
+class EmergencePlan:
+    """The layers looked at, every vocabulary entry's text (what expected strings are matched against), the engine."""
 
-    check_positive(config.top_k, param="top_k")
-    layers = parse_layers(config.layers, lm.n_layers)
-    t0 = time.perf_counter()
-    texts = vocab_texts(lm.tokenizer, lm.vocab_size)
-    engine = Engine(lm.model)
-    step = progress("emergence", len(prompts)) if progress else (lambda: None)
-    rows = []
-    for item in prompts:
-        rows.append(measure_prompt(lm, engine, item, texts, layers, config))
-        step()
-    settings = {
-        "command": "lens emergence",
-        "prompts": source,
-        "top_k": config.top_k,
-        "layers": layers,
-        "bos": config.bos,
-        "match": "a vocabulary entry whose decoded text contains the expected string",
-        "rank": "of the best-ranked match: 1 + entries with a strictly larger float32 logit",
-        **config.extra,
-    }
-    prov = provenance.build(model=lm, config=settings)
-    prov["timing"] = {"seconds": time.perf_counter() - t0}
-    return EmergenceResult(
-        {"provenance": prov, "top_k": config.top_k, "n_layers": lm.n_layers, "layers_shown": layers, "prompts": rows}
-    )
+    layers: list[int]
+    texts: list[str]
+    engine: Engine
+
+
+@dataclass
+class Emergence(Experiment[EmergencePlan, EmergenceResult]):
+    """Every prompt through the lens (`plipy lens emergence`); per expected string, the first layer where a
+    matching token is in the top-k. A unit is one prompt, one forward of its own (prompts are never padded into
+    one forward: that would change the numbers); `layers` None = every layer; `source` says where the prompts
+    came from."""
+
+    kind = "emergence"
+    label = "emergence"
+    default_batch_size = 1  # prompts per batch of work (each still its own forward)
+
+    prompts: list[dict[str, Any]]
+    source: str = ""
+    top_k: int = DEFAULT_TOP_K
+    layers: Sequence[int] | None = None
+    bos: bool = False
+
+    def plan(self, lm: Any) -> EmergencePlan:
+        layers = opt.parse_layers(self.layers, lm.n_layers)
+        return EmergencePlan(layers, vocab_texts(lm.tokenizer, lm.vocab_size), Engine(lm.model))
+
+    def settings(self, lm: Any, plan: EmergencePlan, batch_size: int) -> Settings:
+        config = {
+            "command": "lens emergence",
+            "prompts": self.source,
+            "top_k": self.top_k,
+            "layers": plan.layers,
+            "bos": self.bos,
+            "match": "a vocabulary entry whose decoded text contains the expected string",
+            "rank": "of the best-ranked match: 1 + entries with a strictly larger float32 logit",
+        }
+        return Settings(config, key={"prompt_items": self.prompts})
+
+    def work(self, plan: EmergencePlan, batch_size: int) -> Work:
+        return Work(chunks(list(range(len(self.prompts))), batch_size))
+
+    def compute(self, lm: Any, plan: EmergencePlan, batch: list[int]) -> list[Unit]:
+        return [
+            (measure_prompt(lm, plan.engine, self.prompts[i], plan.texts, plan.layers, self.top_k, self.bos), {})
+            for i in batch
+        ]
+
+    def assemble(
+        self, lm: Any, plan: EmergencePlan, units: dict[int, Unit], provenance: dict[str, Any]
+    ) -> EmergenceResult:
+        rows = [units[i][0] for i in sorted(units)]  # prompt order
+        return EmergenceResult(
+            {
+                "provenance": provenance,
+                "top_k": self.top_k,
+                "n_layers": lm.n_layers,
+                "layers_shown": plan.layers,
+                "prompts": rows,
+            }
+        )

@@ -11,35 +11,21 @@ Ranks are 1 + the number of vocabulary entries with a strictly larger float32 lo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from plipy import options as opt
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
-from plipy.options import indices
 from plipy.results import LensResult
-from plipy.runtime import provenance
+from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
 DEFAULT_TOP_K = 10
-POSITION_WORDS = ("last", "all", "marker")
 CHECK_ULPS = 64  # last-layer lens vs the model's logits: rounding of the same ops on differently shaped tensors
-
-
-@dataclass
-class LensConfig:
-    """One text through the lens. `positions`: "last", "all", "marker" (a corpus sample's marker token) or token
-    indices (negative from the end); `tokens`: token ids or single-token strings to follow through the layers."""
-
-    positions: Any = "last"
-    top_k: int = DEFAULT_TOP_K
-    tokens: Sequence[int | str] = ()
-    layers: Sequence[int] | None = None
-    bos: bool = False
-    extra: dict = field(default_factory=dict)
+LAYERS_PER_BATCH = 4  # a batch of lens units: layers of the one forward (its unembeddings), never more forwards
 
 
 # -- the model's own head ------------------------------------------------------------------------------------------
@@ -84,71 +70,7 @@ def rank_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return 1 + (logits[:, None, :] > chosen[:, :, None]).sum(-1)
 
 
-# -- positions and tokens ------------------------------------------------------------------------------------------
-
-
-def resolve_positions(spec: Any, n_tokens: int, marker: int | None = None) -> list[int]:
-    """Token indices from "last", "all", "marker", an int, a list or "0,5,-1" (negative from the end); unique,
-    in the order given."""
-    if isinstance(spec, str) and spec.strip() in POSITION_WORDS:
-        word = spec.strip()
-        if word == "last":
-            return [n_tokens - 1]
-        if word == "all":
-            return list(range(n_tokens))
-        if marker is None:
-            raise ParameterError(
-                "positions", "'marker' needs a corpus sample (sample=…, --sample) whose marker has a token"
-            )
-        return [marker]
-    if isinstance(spec, str) and not spec.strip():
-        raise ParameterError("positions", "is empty: use last | all | marker | token indices such as 0,5,-1")
-    try:
-        raw = indices(spec, param="positions", what="position")
-    except ParameterError:
-        raise ParameterError(
-            "positions", f"cannot read {spec!r}: use last | all | marker | token indices such as 0,5,-1"
-        ) from None
-    bad = [p for p in raw if not -n_tokens <= p < n_tokens]
-    if bad:
-        raise ParameterError(
-            "positions",
-            f"position {bad[0]} does not exist: the text has {n_tokens} tokens "
-            f"(0-{n_tokens - 1}, or -{n_tokens}…-1 from the end)",
-        )
-    out: list[int] = []
-    for p in raw:
-        p = p % n_tokens
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def token_ids(tokenizer: Any, tokens: Sequence[int | str], vocab: int, *, param: str = "tokens") -> list[int]:
-    """Vocabulary ids of `tokens`: ids as given, strings that are exactly one token (no special tokens)."""
-    out: list[int] = []
-    for t in tokens:
-        if isinstance(t, bool):
-            raise ParameterError(param, f"expected token ids or strings, got {t!r}")
-        if isinstance(t, int):
-            if not 0 <= t < vocab:
-                raise ParameterError(param, f"token id {t} does not exist: the vocabulary has {vocab} entries")
-            tid = t
-        elif isinstance(t, str) and t:
-            ids = tokenizer(t, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                pieces = [tokenizer.decode([i]) for i in ids]
-                raise ParameterError(
-                    param,
-                    f"{t!r} is {len(ids)} tokens {pieces}, not one: give a single token "
-                    "(e.g. one of those pieces) or its id",
-                )
-            tid = int(ids[0])
-        else:
-            raise ParameterError(param, f"expected token ids or non-empty strings, got {t!r}")
-        if tid not in out:
-            out.append(tid)
-    return out
+# -- the text ------------------------------------------------------------------------------------------------------
 
 
 def encode(tokenizer: Any, text: str, bos: bool) -> list[int]:
@@ -224,129 +146,170 @@ def run_pass(lm: Any, ids: list[int], positions: list[int], engine: Engine | Non
     return lp
 
 
+def has_weights(lm: Any) -> bool:
+    """Whether `lm` can run a forward here: a Ray driver's model is wholly on the meta device (its workers compute);
+    a model offloaded by a device map keeps some of its weights on the meta device, not all."""
+    return any(p.device.type != "meta" for p in lm.model.parameters())
+
+
 # -- one text ------------------------------------------------------------------------------------------------------
 
 
-def _decode(tokenizer: Any, tid: int) -> str:
+def decode_token(tokenizer: Any, tid: int) -> str:
+    """The text of one token id, special tokens kept."""
     return tokenizer.decode([int(tid)], skip_special_tokens=False)
 
 
-def _tracked(tokenizer: Any, given: list[int], final_top: int, next_id: int | None) -> list[dict[str, Any]]:
-    """The tokens followed at one position: the given ones, the final layer's top-1, the actual next token."""
+def tracked_sources(given: list[int], final_top: int, next_id: int | None) -> dict[int, list[str]]:
+    """The tokens followed at one position, in order: the given ones, the final layer's top-1, the actual next
+    token; each with why it is followed."""
     out: dict[int, list[str]] = {}
     for tid in given:
         out.setdefault(tid, []).append("given")
     out.setdefault(final_top, []).append("final-top1")
     if next_id is not None:
         out.setdefault(next_id, []).append("next-token")
-    return [
-        {"id": tid, "token": _decode(tokenizer, tid), "source": src, "ranks": [], "probs": []}
-        for tid, src in out.items()
-    ]
-
-
-def lens_positions(
-    lm: Any,
-    lp: LensPass,
-    ids: list[int],
-    layers: list[int],
-    top_k: int,
-    given: list[int],
-    step: Callable[[], None] = lambda: None,
-) -> list[dict[str, Any]]:
-    """Per position: the top-k tokens of every layer and the tracked tokens' rank and probability per layer."""
-    tok = lm.tokenizer
-    P = len(lp.positions)
-    final_top = lp.model_logits.argmax(-1).tolist()
-    out = []
-    for i, pos in enumerate(lp.positions):
-        nxt = ids[pos + 1] if pos + 1 < len(ids) else None
-        out.append(
-            {
-                "position": pos,
-                "token_id": ids[pos],
-                "token": _decode(tok, ids[pos]),
-                "next_token": None if nxt is None else _decode(tok, nxt),
-                "layers": [],
-                "tracked": _tracked(tok, given, final_top[i], nxt),
-            }
-        )
-    for layer in layers:
-        logits = lp.logits(layer)  # [P, V]
-        probs = torch.softmax(logits, -1)
-        k = min(top_k, logits.shape[-1])
-        top_ids = logits.topk(k, dim=-1).indices  # by logit: the order ranks use
-        for i in range(P):
-            rec = out[i]
-            rec["layers"].append(
-                {
-                    "layer": layer,
-                    "top": [
-                        {"id": int(t), "token": _decode(tok, int(t)), "prob": float(probs[i, t])} for t in top_ids[i]
-                    ],
-                }
-            )
-            tids = torch.tensor([t["id"] for t in rec["tracked"]], device=logits.device)
-            ranks = rank_of(logits[i : i + 1], tids)[0].tolist()
-            for t, r, p in zip(rec["tracked"], ranks, probs[i, tids].tolist(), strict=True):
-                t["ranks"].append(int(r))
-                t["probs"].append(float(p))
-        step()
-    for rec in out:
-        for t in rec["tracked"]:
-            t["first_layer_in_top_k"] = next(
-                (lay for lay, r in zip(layers, t["ranks"], strict=True) if r <= top_k), None
-            )
     return out
 
 
-def run_lens(
-    lm: Any,
-    text: str,
-    config: LensConfig,
-    *,
-    marker: int | None = None,
-    source: dict | None = None,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-) -> LensResult:
-    """The logit lens of one text at the chosen positions and layers (`plipy lens`)."""
-    from plipy.options import check_positive, parse_layers
+def _next_id(ids: list[int], pos: int) -> int | None:
+    return ids[pos + 1] if pos + 1 < len(ids) else None
 
-    check_positive(config.top_k, param="top_k")
-    ids = encode(lm.tokenizer, text, config.bos)
-    if lm.max_positions is not None and len(ids) > lm.max_positions:
-        raise PlipyError(f"the text has {len(ids)} tokens, longer than the model's context ({lm.max_positions})")
-    positions = resolve_positions(config.positions, len(ids), marker)
-    layers = parse_layers(config.layers, lm.n_layers)
-    given = token_ids(lm.tokenizer, config.tokens, lm.vocab_size)
-    t0 = time.perf_counter()
-    lp = run_pass(lm, ids, positions)
-    step = progress("logit lens", len(layers)) if progress else (lambda: None)
-    rows = lens_positions(lm, lp, ids, layers, config.top_k, given, step)
-    settings = {
-        "command": "lens",
-        "positions": config.positions if isinstance(config.positions, str) else list(config.positions),
-        "top_k": config.top_k,
-        "tokens": list(config.tokens),
-        "layers": layers,
-        "bos": config.bos,
-        "softmax": "float32, full vocabulary",
-        "rank": "1 + number of vocabulary entries with a strictly larger float32 logit",
-        **config.extra,
-    }
-    prov = provenance.build(model=lm, config=settings)
-    prov["timing"] = {"seconds": time.perf_counter() - t0}
-    return LensResult(
-        {
-            "provenance": prov,
-            "text": text,
-            "source": source or {"kind": "text"},
-            "input_ids": ids,
-            "tokens": [_decode(lm.tokenizer, t) for t in ids],
-            "n_layers": lm.n_layers,
-            "layers_shown": layers,
-            "top_k": config.top_k,
-            "check": lp.check,
-            "positions": rows,
+
+@dataclass
+class LensPlan:
+    """The text's tokens, the resolved positions, layers and given tokens, and the forward (None on a driver that
+    holds no weights: there the units come from Ray workers, each running the forward once in its own plan)."""
+
+    ids: list[int]
+    positions: list[int]
+    layers: list[int]
+    given: list[int]
+    forward: LensPass | None
+
+
+@dataclass
+class Lens(Experiment[LensPlan, LensResult]):
+    """The logit lens of one text (`plipy lens`). One forward (in the plan); a unit is one shown layer: its top-k
+    tokens and the tracked tokens' ranks and probabilities at every position. `positions`: "last", "all", "marker"
+    (`marker`: a corpus sample's marker token) or token indices (negative from the end); `tokens`: token ids or
+    single-token strings to follow through the layers; `layers` None = all."""
+
+    kind = "lens"
+    label = "logit lens"
+    default_batch_size = LAYERS_PER_BATCH
+
+    text: str
+    positions: Any = "last"
+    top_k: int = DEFAULT_TOP_K
+    tokens: Sequence[int | str] = ()
+    layers: Sequence[int] | None = None
+    bos: bool = False
+    marker: int | None = None
+    source: dict[str, Any] | None = None
+
+    def plan(self, lm: Any) -> LensPlan:
+        ids = encode(lm.tokenizer, self.text, self.bos)
+        if lm.max_positions is not None and len(ids) > lm.max_positions:
+            raise PlipyError(f"the text has {len(ids)} tokens, longer than the model's context ({lm.max_positions})")
+        positions = opt.parse_positions(self.positions, len(ids), self.marker)
+        layers = opt.parse_layers(self.layers, lm.n_layers)
+        given = opt.parse_tokens(lm.tokenizer, self.tokens, lm.vocab_size)
+        forward = run_pass(lm, ids, positions) if has_weights(lm) else None
+        return LensPlan(ids, positions, layers, given, forward)
+
+    def settings(self, lm: Any, plan: LensPlan, batch_size: int) -> Settings:
+        asked = self.positions
+        config = {
+            "command": "lens",
+            "positions": asked if isinstance(asked, str) else [asked] if isinstance(asked, int) else list(asked),
+            "top_k": self.top_k,
+            "tokens": list(self.tokens),
+            "layers": plan.layers,
+            "bos": self.bos,
+            "softmax": "float32, full vocabulary",
+            "rank": "1 + number of vocabulary entries with a strictly larger float32 logit",
         }
-    )
+        return Settings(config, key={"text": self.text, "marker": self.marker})
+
+    def work(self, plan: LensPlan, batch_size: int) -> Work:
+        return Work(chunks(list(range(len(plan.layers))), batch_size))
+
+    def compute(self, lm: Any, plan: LensPlan, batch: list[int]) -> list[Unit]:
+        lp = plan.forward
+        if lp is None:
+            raise PlipyError("the logit lens needs the model's weights in this process")
+        final_top = lp.model_logits.argmax(-1).tolist()
+        tracked = [
+            list(tracked_sources(plan.given, final_top[i], _next_id(plan.ids, pos)))
+            for i, pos in enumerate(plan.positions)
+        ]
+        return [({**layer_unit(lp, plan.layers[j], self.top_k, tracked), "final_top": final_top}, {}) for j in batch]
+
+    def assemble(self, lm: Any, plan: LensPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> LensResult:
+        tok = lm.tokenizer
+        values = [units[j][0] for j in sorted(units)]  # layer order
+        final_top = values[0]["final_top"]
+        rows = []
+        for i, pos in enumerate(plan.positions):
+            nxt = _next_id(plan.ids, pos)
+            tracked = tracked_sources(plan.given, final_top[i], nxt)
+            rows.append(
+                {
+                    "position": pos,
+                    "token_id": plan.ids[pos],
+                    "token": decode_token(tok, plan.ids[pos]),
+                    "next_token": None if nxt is None else decode_token(tok, nxt),
+                    "layers": [],
+                    "tracked": [
+                        {"id": tid, "token": decode_token(tok, tid), "source": src, "ranks": [], "probs": []}
+                        for tid, src in tracked.items()
+                    ],
+                }
+            )
+        for value in values:
+            for rec, top, ranked in zip(rows, value["top"], value["tracked"], strict=True):
+                rec["layers"].append(
+                    {
+                        "layer": value["layer"],
+                        "top": [{"id": t, "token": decode_token(tok, t), "prob": p} for t, p in top],
+                    }
+                )
+                for t, (rank, prob) in zip(rec["tracked"], ranked, strict=True):
+                    t["ranks"].append(rank)
+                    t["probs"].append(prob)
+        for rec in rows:
+            for t in rec["tracked"]:
+                t["first_layer_in_top_k"] = next(
+                    (lay for lay, r in zip(plan.layers, t["ranks"], strict=True) if r <= self.top_k), None
+                )
+        return LensResult(
+            {
+                "provenance": provenance,
+                "text": self.text,
+                "source": self.source or {"kind": "text"},
+                "input_ids": plan.ids,
+                "tokens": [decode_token(tok, t) for t in plan.ids],
+                "n_layers": lm.n_layers,
+                "layers_shown": plan.layers,
+                "top_k": self.top_k,
+                "check": values[0]["check"],
+                "positions": rows,
+            }
+        )
+
+
+def layer_unit(lp: LensPass, layer: int, top_k: int, tracked: list[list[int]]) -> dict[str, Any]:
+    """One layer's lens at every position: the top-k (id, probability) pairs by logit, the tracked tokens' (rank,
+    probability) pairs, and the forward's check."""
+    logits = lp.logits(layer)  # [P, V]
+    probs = torch.softmax(logits, -1)
+    k = min(top_k, logits.shape[-1])
+    top_ids = logits.topk(k, dim=-1).indices  # by logit: the order ranks use
+    top, ranked = [], []
+    for i, tids_i in enumerate(tracked):
+        top.append([[int(t), float(probs[i, t])] for t in top_ids[i]])
+        tids = torch.tensor(tids_i, device=logits.device)
+        ranks = rank_of(logits[i : i + 1], tids)[0].tolist()
+        ranked.append([[int(r), float(p)] for r, p in zip(ranks, probs[i, tids].tolist(), strict=True)])
+    return {"layer": layer, "top": top, "tracked": ranked, "check": lp.check}

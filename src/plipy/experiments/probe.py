@@ -12,10 +12,10 @@ The estimator is `StandardScaler` → `LogisticRegression(C, lbfgs)`, refitted i
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from plipy import options as opt
 from plipy import stats
-from plipy.corpus import Corpus, CorpusError, char_to_token, load_corpus
+from plipy.corpus import Corpus, CorpusError, char_to_token, encode_text, load_corpus
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
 from plipy.results import ProbeResult
-from plipy.runtime import provenance
+from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
-FEATURES = ("last", "marker")
-LABELS = ("group", "prefix")
+FEATURES = opt.PROBE_FEATURES
+LABELS = opt.PROBE_LABELS
 DEFAULT_GROUPS = ("python_doctest", "rust_test")
 
 
@@ -50,22 +51,6 @@ class ProbeItem:
 class ProbeData:
     items: list[ProbeItem]
     source: dict[str, Any]
-
-
-@dataclass
-class ProbeConfig:
-    """`feature`: the last token or the marker token; `folds`: stratified k-fold splits (fewer when a class is
-    smaller); `permutations`: shuffled-label refits per layer; `C`: inverse L2 strength."""
-
-    feature: str = "last"
-    layers: Sequence[int] | None = None
-    folds: int = 5
-    permutations: int = 20
-    C: float = 1.0
-    max_iter: int = 1000
-    seed: int = 0
-    bos: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
@@ -139,8 +124,7 @@ def load_data(
     data: Any = None, *, groups: Sequence[str] | None = None, label_by: str = "group", offsets: str = "chars"
 ) -> ProbeData:
     """A corpus (path, `Corpus` or None: the bundled one) or a labelled-snippet file, as probe items."""
-    if label_by not in LABELS:
-        raise ParameterError("label", f"must be one of {', '.join(LABELS)}, got {label_by!r}")
+    opt.check_choice(label_by, LABELS, param="label")
     if isinstance(data, ProbeData):
         return data
     if isinstance(data, Corpus):
@@ -193,49 +177,124 @@ def _position(
     return tok + shift, None
 
 
-def features(
-    lm: Any, data: ProbeData, config: ProbeConfig, layers: list[int], step: Callable[[], None] = lambda: None
-) -> tuple[dict[int, np.ndarray], list[dict], list[dict]]:
-    """Per layer, the resid_post vector of every usable item at its feature position `[n, d]` (float64); the
-    sample records and the excluded ones."""
-    from plipy.corpus import encode_text
+def _excluded(item: ProbeItem, note: str) -> dict[str, Any]:
+    return {"id": item.id, "group": item.group, "label": item.label, "note": note}
 
-    engine = Engine(lm.model)
+
+def _inputs(lm: Any, data: ProbeData, feature: str, bos: bool) -> list[tuple[list[int], int] | str]:
+    """Per item, its token ids and feature position, or why it cannot be measured."""
     tok = lm.tokenizer
-    rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    samples, excluded = [], []
     bos_id = getattr(tok, "bos_token_id", None)
-    if config.bos and bos_id is None:
+    if bos and bos_id is None:
         raise PlipyError(f"--bos: tokenizer {type(tok).__name__} has no BOS token")
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
+    out: list[tuple[list[int], int] | str] = []
     for it in data.items:
         ids, offs = encode_text(tok, it.code)
-        shift = 1 if config.bos else 0
-        ids = [int(bos_id), *ids] if config.bos else ids
-        pos, why = _position(tok, it, ids, offs, config.feature, shift)
+        shift = 1 if bos else 0
+        ids = [int(bos_id), *ids] if bos else ids
+        pos, why = _position(tok, it, ids, offs, feature, shift)
         if pos is None or (lm.max_positions is not None and len(ids) > lm.max_positions):
-            why = why or f"{len(ids)} tokens, longer than the model's context ({lm.max_positions})"
-            excluded.append({"id": it.id, "group": it.group, "label": it.label, "note": why})
-            step()
-            continue
-        x = torch.tensor([ids], device=lm.device)
-        cap = ResidualCapture(layers=layers, where=("post",), positions=[pos])
-        with torch.inference_mode(), engine.run(residual_capture=cap) as rec:
-            lm.model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
-        for layer in layers:
-            rows[layer].append(rec.resid[(layer, "post")][0, 0].double().cpu().numpy())
-        samples.append(
-            {
+            out.append(why or f"{len(ids)} tokens, longer than the model's context ({lm.max_positions})")
+        else:
+            out.append((ids, pos))
+    return out
+
+
+@dataclass
+class Features:
+    """Per layer, the resid_post vector of every measured item at its feature position `[n, d]` (float64), in item
+    order; the measured items' records and the excluded ones with why; the time it took (provenance)."""
+
+    layers: list[int]
+    X: dict[int, np.ndarray]
+    samples: list[dict[str, Any]]
+    excluded: list[dict[str, Any]]
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def sha256(self) -> str:
+        """A digest of every number and record: what the probes' checkpoint is keyed by."""
+        h = hashlib.sha256(json.dumps([self.layers, self.samples, self.excluded]).encode())
+        for layer in self.layers:
+            h.update(np.ascontiguousarray(self.X[layer]).tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class FeaturesPlan:
+    """Per item, its token ids and feature position or why it cannot be measured; the layers; the engine."""
+
+    layers: list[int]
+    inputs: list[tuple[list[int], int] | str]
+    engine: Engine
+
+
+@dataclass
+class ProbeFeatures(Experiment[FeaturesPlan, Features]):
+    """The probes' first phase: one forward per item (never padded together: the numbers would change) capturing
+    the residual after every probed layer at the feature token ("last" or "marker"). A unit is one item; an item
+    that cannot be measured is settled by the plan with its note. `layers` None = all."""
+
+    kind = "probe-features"
+    label = "residuals"
+    default_batch_size = 1  # items per batch of work (each still its own forward)
+
+    data: ProbeData
+    feature: str = "last"
+    layers: Sequence[int] | None = None
+    bos: bool = False
+
+    def plan(self, lm: Any) -> FeaturesPlan:
+        layers = opt.parse_layers(self.layers, lm.n_layers)
+        return FeaturesPlan(layers, _inputs(lm, self.data, self.feature, self.bos), Engine(lm.model))
+
+    def settings(self, lm: Any, plan: FeaturesPlan, batch_size: int) -> Settings:
+        config = {
+            "command": "probe",
+            "phase": "features",
+            "feature": self.feature,
+            "layers": plan.layers,
+            "bos": self.bos,
+            "data": self.data.source,
+        }
+        items = [[it.id, it.group, it.label, it.code, it.marker_char] for it in self.data.items]
+        return Settings(config, key={"items": items})
+
+    def work(self, plan: FeaturesPlan, batch_size: int) -> Work:
+        measurable = [i for i, inp in enumerate(plan.inputs) if not isinstance(inp, str)]
+        return Work(chunks(measurable, batch_size), settled=len(plan.inputs) - len(measurable))
+
+    def compute(self, lm: Any, plan: FeaturesPlan, batch: list[int]) -> list[Unit]:
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
+        out: list[Unit] = []
+        for i in batch:
+            it, (ids, pos) = self.data.items[i], plan.inputs[i]
+            x = torch.tensor([ids], device=lm.device)
+            cap = ResidualCapture(layers=plan.layers, where=("post",), positions=[pos])
+            with torch.inference_mode(), plan.engine.run(residual_capture=cap) as rec:
+                lm.model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
+            resid = np.stack([rec.resid[(layer, "post")][0, 0].double().cpu().numpy() for layer in plan.layers])
+            record = {
                 "id": it.id,
                 "group": it.group,
                 "label": it.label,
                 "position": pos,
                 "n_tokens": len(ids),
-                "token": tok.decode([ids[pos]], skip_special_tokens=False),
+                "token": lm.tokenizer.decode([ids[pos]], skip_special_tokens=False),
             }
-        )
-        step()
-    return {layer: np.stack(v) if v else np.zeros((0, 0)) for layer, v in rows.items()}, samples, excluded
+            out.append((record, {"resid": resid}))
+        return out
+
+    def assemble(self, lm: Any, plan: FeaturesPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> Features:
+        order = sorted(units)  # item order
+        samples = [units[i][0] for i in order]
+        excluded = [
+            _excluded(it, inp) for it, inp in zip(self.data.items, plan.inputs, strict=True) if isinstance(inp, str)
+        ]
+        X = {
+            layer: np.stack([units[i][1]["resid"][li] for i in order]) if order else np.zeros((0, 0))
+            for li, layer in enumerate(plan.layers)
+        }
+        return Features(plan.layers, X, samples, excluded, provenance.get("timing", {}))
 
 
 # -- the probe -------------------------------------------------------------------------------------------------------
@@ -285,69 +344,94 @@ def probe_layer(
     return out
 
 
-def run_probe(
-    lm: Any, data: ProbeData, config: ProbeConfig, *, progress: Callable[[str, int], Callable[[], None]] | None = None
-) -> ProbeResult:
-    """One probe per layer on the chosen feature; accuracies beside the shuffled control and the majority baseline."""
-    from plipy.options import parse_layers
+@dataclass
+class ProbePlan:
+    """The classes, the label of every measured item as a class index, the folds used (≤ the smallest class)."""
 
-    if config.feature not in FEATURES:
-        raise ParameterError("feature", f"must be one of {', '.join(FEATURES)}, got {config.feature!r}")
-    if config.permutations < 0:
-        raise ParameterError("permutations", f"must be ≥ 0, got {config.permutations}")
-    check_classes([it.label for it in data.items], config.folds)
-    layers = parse_layers(config.layers, lm.n_layers)
-    t0 = time.perf_counter()
-    step = progress("residuals", len(data.items)) if progress else (lambda: None)
-    X, samples, excluded = features(lm, data, config, layers, step)
-    labels = [s["label"] for s in samples]
-    classes, folds = check_classes(labels, config.folds)
-    y = np.asarray([classes.index(lab) for lab in labels])
-    counts = {c: int((y == i).sum()) for i, c in enumerate(classes)}
-    step = progress("probes", len(layers)) if progress else (lambda: None)
-    per_layer = []
-    for layer in layers:
-        per_layer.append(
+    classes: list[str]
+    y: np.ndarray
+    folds: int
+
+
+@dataclass
+class Probe(Experiment[ProbePlan, ProbeResult]):
+    """The probes' second phase (`plipy probe`), given the features: one probe per layer, accuracies beside the
+    shuffled control and the majority baseline. A unit is one layer's fits (CV accuracy, permutation control,
+    training accuracy). `folds`: stratified k-fold splits (fewer when a class is smaller); `permutations`:
+    shuffled-label refits per layer; `C`: inverse L2 strength; `source`: where the data came from."""
+
+    kind = "probe"
+    label = "probes"
+    default_batch_size = 1  # layers per batch of work
+
+    features: Features
+    feature: str = "last"
+    source: dict[str, Any] = field(default_factory=dict)
+    folds: int = 5
+    permutations: int = 20
+    C: float = 1.0
+    max_iter: int = 1000
+    seed: int = 0
+    bos: bool = False
+
+    def plan(self, lm: Any) -> ProbePlan:
+        labels = [s["label"] for s in self.features.samples]
+        classes, folds = check_classes(labels, self.folds)
+        return ProbePlan(classes, np.asarray([classes.index(lab) for lab in labels]), folds)
+
+    def settings(self, lm: Any, plan: ProbePlan, batch_size: int) -> Settings:
+        config = {
+            "command": "probe",
+            "feature": self.feature,
+            "layers": self.features.layers,
+            "folds": plan.folds,
+            "folds_asked": self.folds,
+            "permutations": self.permutations,
+            "C": self.C,
+            "max_iter": self.max_iter,
+            "bos": self.bos,
+            "data": self.source,
+            "estimator": f"StandardScaler + LogisticRegression(C={self.C}, lbfgs, L2), refitted per fold",
+            "cv": f"StratifiedKFold(n_splits={plan.folds}, shuffle=True, random_state={self.seed})",
+            "control": "permutation_test_score: the same CV on shuffled labels",
+        }
+        return Settings(config, seed=self.seed, key={"features_sha256": self.features.sha256()})
+
+    def work(self, plan: ProbePlan, batch_size: int) -> Work:
+        return Work(chunks(list(range(len(self.features.layers))), batch_size))
+
+    def compute(self, lm: Any, plan: ProbePlan, batch: list[int]) -> list[Unit]:
+        out: list[Unit] = []
+        for j in batch:
+            layer = self.features.layers[j]
+            fit = probe_layer(
+                self.features.X[layer], plan.y, plan.folds, self.permutations, self.C, self.max_iter, self.seed
+            )
+            out.append(({"layer": layer, **fit}, {}))
+        return out
+
+    def assemble(self, lm: Any, plan: ProbePlan, units: dict[int, Unit], provenance: dict[str, Any]) -> ProbeResult:
+        per_layer = [units[j][0] for j in sorted(units)]  # layer order
+        if self.permutations > 0:
+            for rec, ph in zip(per_layer, stats.holm([r["p_perm"] for r in per_layer]), strict=True):
+                rec["p_holm"] = ph
+        # the run's time: both phases (the features' forwards, then the fits)
+        provenance["timing"] = {**provenance.get("timing", {}), "features": self.features.timing}
+        y, samples = plan.y, self.features.samples
+        counts = {c: int((y == i).sum()) for i, c in enumerate(plan.classes)}
+        return ProbeResult(
             {
-                "layer": layer,
-                **probe_layer(X[layer], y, folds, config.permutations, config.C, config.max_iter, config.seed),
+                "provenance": provenance,
+                "feature": self.feature,
+                "classes": plan.classes,
+                "counts": counts,
+                "n_samples": len(samples),
+                "n_features": int(self.features.X[self.features.layers[0]].shape[1]),
+                "folds": plan.folds,
+                "majority_baseline": max(counts.values()) / len(samples),
+                "chance": 1.0 / len(plan.classes),
+                "layers": per_layer,
+                "samples": samples,
+                "excluded": self.features.excluded,
             }
         )
-        step()
-    if config.permutations > 0:
-        for rec, ph in zip(per_layer, stats.holm([r["p_perm"] for r in per_layer]), strict=True):
-            rec["p_holm"] = ph
-    settings = {
-        "command": "probe",
-        "feature": config.feature,
-        "layers": layers,
-        "folds": folds,
-        "folds_asked": config.folds,
-        "permutations": config.permutations,
-        "C": config.C,
-        "max_iter": config.max_iter,
-        "bos": config.bos,
-        "data": data.source,
-        "estimator": f"StandardScaler + LogisticRegression(C={config.C}, lbfgs, L2), refitted per fold",
-        "cv": f"StratifiedKFold(n_splits={folds}, shuffle=True, random_state={config.seed})",
-        "control": "permutation_test_score: the same CV on shuffled labels",
-        **config.extra,
-    }
-    prov = provenance.build(model=lm, seed=config.seed, config=settings)
-    prov["timing"] = {"seconds": time.perf_counter() - t0}
-    return ProbeResult(
-        {
-            "provenance": prov,
-            "feature": config.feature,
-            "classes": classes,
-            "counts": counts,
-            "n_samples": len(samples),
-            "n_features": int(X[layers[0]].shape[1]),
-            "folds": folds,
-            "majority_baseline": max(counts.values()) / len(samples),
-            "chance": 1.0 / len(classes),
-            "layers": per_layer,
-            "samples": samples,
-            "excluded": excluded,
-        }
-    )
