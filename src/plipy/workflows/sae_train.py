@@ -71,6 +71,8 @@ class TrainConfig:
         for name in ("width", "n_tokens", "batch_size", "epochs", "model_batch"):
             check_positive(getattr(self, name), param=name)
         check_positive(self.seq_len, param="seq_len", minimum=2)
+        if self.n_tokens < self.batch_size:  # said now, not after collecting them
+            raise ParameterError("n_tokens", f"{self.n_tokens} tokens are fewer than one batch ({self.batch_size})")
         if self.arch == "topk" and not 0 < self.k <= self.width:
             raise ParameterError("k", f"must be in 1..width ({self.width}), got {self.k}")
         check_choice(self.b_dec_init, ("geometric_median", "mean"), param="b_dec_init")
