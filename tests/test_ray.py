@@ -125,11 +125,11 @@ def test_sae_attention_on_ray_equals_local(cluster, tmp_path):
 
 
 def test_entity_labels_on_ray_equal_local(cluster, smollm, tmp_path):
-    from plipy.entities.label import label_entities
+    import plipy
 
-    kw = {"types": ["city"], "limit": 2, "k": 2, "max_new_tokens": 6, "batch_size": 3, "use_cache": False}
-    local = label_entities(smollm, **kw)
-    on_ray = label_entities(smollm, **kw, cluster=plipy_cluster(workers=2))
+    kw = {"types": ["city"], "limit": 2, "k": 2, "max_new_tokens": 6, "batch_size": 3, "cache": False}
+    local = plipy.label_entities(smollm, **kw).to_dict()
+    on_ray = plipy.label_entities(smollm, **kw, ray=plipy_cluster(workers=2)).to_dict()
     assert on_ray["provenance"]["cluster"]["workers"] == 2
     for doc in (local, on_ray):
         doc.pop("provenance"), doc["cache"].pop("generation_seconds")

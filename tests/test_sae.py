@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import plipy
+from plipy import options
 from plipy import sae as sa
 from plipy import sae as saes
 from plipy.engine import Engine, ResidualAdd
 from plipy.errors import PlipyError
+from plipy.results.sae_attention import difference
 from plipy.sae import inputs as si
 from tiny_models import build, variant
 
@@ -371,7 +374,7 @@ def test_inputs_and_latent_files(tmp_path):
     assert si.read_candidates(cf, layer=5) == [1, 4]
     assert si.positions_for([2, 3], 6, "entity_to_end") == [2, 3, 4, 5]
     assert si.positions_for([2, 3], 6, "entity_last_to_end") == [3, 4, 5]
-    assert sa.parse_heads("L2H1,l0h3", 3, 4) == [(2, 1), (0, 3)]
+    assert options.parse_layer_heads("L2H1,l0h3", 3, 4) == [(2, 1), (0, 3)]
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2
@@ -423,8 +426,14 @@ def test_smollm_measures_equal_eager_reference(smollm, smol_sae):
 
 
 def _cfg(**kw):
-    base = dict(latent=3, coeff=60.0, n_random=2, batch_size=4, seed=0)
-    return sa.AttentionConfig(**{**base, **kw})
+    """`plipy.sae_attention` keywords: latent 3, coefficient 60, 2 random latents, 4 prompts per batch, seed 0."""
+    base = dict(latent=3, coeff=60.0, random=2, batch_size=4, seed=0)
+    return {**base, **kw}
+
+
+def _run(lm, sae, items, cfg, **kw):
+    cfg = dict(cfg)
+    return plipy.sae_attention(lm, sae, cfg.pop("latent"), items, **cfg, **kw)
 
 
 def _same_up_to_fp32(a, b):
@@ -436,15 +445,16 @@ def _same_up_to_fp32(a, b):
         assert np.abs(a[m] - b[m]).max() <= tol, m
 
 
-def test_smollm_end_to_end_batched_zero_and_resume(smollm, smol_sae, tmp_path):
+def test_smollm_end_to_end_batched_zero_and_resume(smollm, smol_sae, tmp_path, monkeypatch):
+    monkeypatch.setenv("PLIPY_RUNS", str(tmp_path / "runs"))
     items = _items()
-    res = sa.run_attention(smollm, smol_sae, items, _cfg(), checkpoint_dir=tmp_path / "ck")
+    res = _run(smollm, smol_sae, items, _cfg())
     arr = res.arrays
     n, L, H = arr["original"]["attn_weights"].shape
     assert (n, L, H) == (8, 30, 9) and res["layer"] == 5 and len(res["random_latents"]) == 2
     assert res["heads"][0] == "L5H0" and len(res["heads"]) == 25 * 9
     for m in MEASURES:
-        d = sa.difference(arr, 3, m)
+        d = difference(arr, 3, m)
         assert np.abs(d[:, :5]).max() == 0 and np.abs(d[:, 5:]).max() > 0
         for lab in ("known", "unknown"):
             g = res["measures"][m]["by_label"][lab]
@@ -453,30 +463,50 @@ def test_smollm_end_to_end_batched_zero_and_resume(smollm, smol_sae, tmp_path):
     assert res["measures"]["attn_weights"]["by_label"]["known"]["expected"] == "decrease"
     assert res["provenance"]["config"]["random_latents"] == res["random_latents"]
     # batched (left-padded, 4 per batch) = one by one
-    arr1 = sa.run_attention(smollm, smol_sae, items[:2], _cfg(batch_size=1, n_random=0)).arrays
+    arr1 = _run(smollm, smol_sae, items[:2], _cfg(batch_size=1, random=0)).arrays
     _same_up_to_fp32({m: arr1["original"][m] for m in MEASURES}, {m: arr["original"][m][:2] for m in MEASURES})
     _same_up_to_fp32(arr1["steered"][3], {m: arr["steered"][3][m][:2] for m in MEASURES})
-    # an interrupted run resumes from its per-batch checkpoints with the same numbers
-    (tmp_path / "ck" / "unit-000001.json").unlink()
-    arr2 = sa.run_attention(smollm, smol_sae, items, _cfg(), checkpoint_dir=tmp_path / "ck").arrays
+
+    # an interrupted run resumes from its finished batches (the runtime's checkpoint) with the same numbers
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_batch(desc, total):
+        done = []
+
+        def step():
+            done.append(1)
+            if len(done) == 4:
+                raise Stop
+
+        return step
+
+    with pytest.raises(Stop):
+        _run(smollm, smol_sae, items, _cfg(), progress=stop_after_first_batch)
+    again = _run(smollm, smol_sae, items, _cfg())
+    assert again.provenance["timing"]["resumed_units"] == 4
     for m in MEASURES:
-        assert np.array_equal(arr2["steered"][3][m], arr["steered"][3][m])
-    with pytest.raises(PlipyError, match="different run"):
-        sa.run_attention(smollm, smol_sae, items, _cfg(coeff=10.0), checkpoint_dir=tmp_path / "ck")
+        assert np.array_equal(again.arrays["steered"][3][m], arr["steered"][3][m])
+    assert again.to_dict() | {"provenance": None} == res.to_dict() | {"provenance": None}
+    # a different run never takes another run's units
+    with pytest.raises(Stop):
+        _run(smollm, smol_sae, items, _cfg(), progress=stop_after_first_batch)
+    other = _run(smollm, smol_sae, items, _cfg(coeff=10.0))
+    assert other.provenance["timing"]["resumed_units"] == 0
     # coefficient 0: difference exactly 0 everywhere
-    arr0 = sa.run_attention(smollm, smol_sae, items[:3], _cfg(coeff=0.0, n_random=0)).arrays
+    arr0 = _run(smollm, smol_sae, items[:3], _cfg(coeff=0.0, random=0)).arrays
     for m in MEASURES:
-        assert np.array_equal(sa.difference(arr0, 3, m), np.zeros_like(arr0["original"][m]))
+        assert np.array_equal(difference(arr0, 3, m), np.zeros_like(arr0["original"][m]))
 
 
 def test_smollm_mean_coefficient_and_encoder_direction(smollm, smol_sae):
     items = _items(2)
-    num = sa.run_attention(smollm, smol_sae, items, _cfg(n_random=0)).arrays
-    mean = sa.run_attention(smollm, smol_sae, items, _cfg(coeff="mean", latent_means={3: 60.0}, n_random=0)).arrays
+    num = _run(smollm, smol_sae, items, _cfg(random=0)).arrays
+    mean = _run(smollm, smol_sae, items, _cfg(coeff="mean", latent_means={3: 60.0}, random=0)).arrays
     for m in MEASURES:
         assert np.array_equal(num["steered"][3][m], mean["steered"][3][m])
     with pytest.raises(PlipyError, match=r"no mean activation for latent\(s\) \[3\]"):
-        sa.run_attention(smollm, smol_sae, items, _cfg(coeff="mean", n_random=0))
+        _run(smollm, smol_sae, items, _cfg(coeff="mean", random=0))
     other = saes.random_sae(8, 4, seed=1)
     other.W_enc = torch.randn(8, 4)
     (add,) = sa.steering_adds(other, 1, sa.Steering(latent=2, coeff=3.0, direction="encoder"), [[4]])
@@ -485,12 +515,12 @@ def test_smollm_mean_coefficient_and_encoder_direction(smollm, smol_sae):
 
 def test_smollm_bad_input(smollm, smol_sae):
     with pytest.raises(PlipyError, match="latent 64 is out of range"):
-        sa.run_attention(smollm, smol_sae, _items(2), _cfg(latent=64))
+        _run(smollm, smol_sae, _items(2), _cfg(latent=64))
     with pytest.raises(PlipyError, match="d_in=32.*576"):
-        sa.run_attention(smollm, saes.random_sae(32, 8, hook_name="blocks.1.hook_resid_post"), _items(2), _cfg())
+        _run(smollm, saes.random_sae(32, 8, hook_name="blocks.1.hook_resid_post"), _items(2), _cfg())
     bad = [*_items(1), si.EntityPrompt("The city Rome is nice", "Roma", "city", "known")]
     with pytest.raises(PlipyError, match="prompt 1: entity 'Roma' not found"):
-        sa.run_attention(smollm, smol_sae, bad, _cfg())
+        _run(smollm, smol_sae, bad, _cfg())
 
 
 def _cli(argv):

@@ -14,8 +14,8 @@ from plipy import sae as saes
 from plipy.errors import PlipyError
 from plipy.models import load_tokenizer
 from plipy.sae import inputs as si
-from plipy.sae import latents as sl
-from plipy.sae import train as st
+from plipy.workflows import sae_latents as sl
+from plipy.workflows import sae_train as st
 from test_sae_train import tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
@@ -284,7 +284,7 @@ def _saved_tiny(tmp_path):
 
 
 def test_attention_stage_steers_with_the_opposite_top_latent(tmp_path):
-    from plipy.sae import pipeline as sp
+    from plipy.workflows import sae_pipeline as sp
 
     tok, _ = load_tokenizer("smollm2-135m")
     lm = tiny_lm(vocab=len(tok), tokenizer=tok)
@@ -319,7 +319,7 @@ def test_attention_stage_steers_with_the_opposite_top_latent(tmp_path):
 def test_quick_pipeline_on_a_tiny_model_resumes(tmp_path):
     """The whole chain on a tiny random model: it knows no entity, so the summary says so instead of testing."""
     from plipy.models import load_model
-    from plipy.sae import pipeline as sp
+    from plipy.workflows import sae_pipeline as sp
 
     lm = load_model(str(_saved_tiny(tmp_path)), dtype="float32", device="cpu")
     out = tmp_path / "run"
@@ -344,7 +344,7 @@ def test_quick_pipeline_on_a_tiny_model_resumes(tmp_path):
 @pytest.mark.slow
 def test_quick_pipeline_on_smollm(smollm, tmp_path):
     """`plipy sae pipeline --quick` on the real default model: every stage's file, honest counts, then a resume."""
-    from plipy.sae import pipeline as sp
+    from plipy.workflows import sae_pipeline as sp
 
     out = tmp_path / "quick"
     summary = sp.run_pipeline(smollm, out, sp.profile("quick"), log=lambda s: None)

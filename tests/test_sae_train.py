@@ -13,8 +13,8 @@ import transformers as tf
 from plipy import sae as saes
 from plipy.errors import PlipyError
 from plipy.models import LoadedModel, load_tokenizer
-from plipy.sae import train as st
-from plipy.sae.attention import resolve_layer
+from plipy.sae import resolve_layer
+from plipy.workflows import sae_train as st
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 

@@ -31,7 +31,7 @@ from sae_lens.saes.sae import SAEMetadata  # noqa: E402
 from plipy import sae as saes  # noqa: E402
 from plipy.errors import PlipyError  # noqa: E402
 from plipy.models import LoadedModel  # noqa: E402
-from plipy.sae import train as st  # noqa: E402
+from plipy.workflows import sae_train as st  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 

@@ -49,6 +49,7 @@ _LAZY = {
         "EmergenceResult",
         "ProbeResult",
         "SweepResult",
+        "EntityLabelsResult",
     ),
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
@@ -74,6 +75,7 @@ _SUBMODULES = {
     "cluster": "plipy.cluster",
     "runtime": "plipy.runtime",
     "results": "plipy.results",
+    "workflows": "plipy.workflows",
 }
 
 

@@ -154,6 +154,67 @@ def parse_heads(value: Any, n_heads: int, *, param: str = "heads", all_as_none: 
     return _checked(_ranges(value, param, "head"), n_heads, param, "head")
 
 
+LAYER_HEADS_GRAMMAR = f"L12H3,L14H0 (heads of layers) or {HEADS_GRAMMAR} (those heads of every layer from the first)"
+
+
+def _named_heads(text: str, first: int | None, param: str) -> list[tuple[int, int]]:
+    """`L12H3,L14H0` → [(12, 3), (14, 0)]; a head in a layer before `first` is refused (nothing there can change)."""
+    out = []
+    for part in text.split(","):
+        try:
+            la, h = (int(x) for x in part.strip().upper().lstrip("L").split("H"))
+        except ValueError:
+            raise ParameterError(param, f"cannot read head {part!r}: write L12H3 ({LAYER_HEADS_GRAMMAR})") from None
+        if first is not None and la < first:
+            raise ParameterError(
+                param, f"{part.strip()} is in layer {la}, before the first steered layer {first}: it cannot change"
+            )
+        out.append((la, h))
+    return out
+
+
+def check_layer_heads(value: Any, *, first: int | None = None, param: str = "heads") -> None:
+    """The grammar of `parse_layer_heads`, checked before any model loads (its bounds need the model)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return
+    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+    if text.strip() == "all":
+        return
+    if "H" in text.upper():
+        _named_heads(text, first, param)
+    else:
+        check_selection(text, param=param, what="head")
+
+
+def parse_layer_heads(
+    value: Any, n_layers: int, n_heads: int, *, first: int | None = None, param: str = "heads"
+) -> list[tuple[int, int]] | None:
+    """(layer, head) pairs: `L12H3,L14H0` names heads of layers; the head grammar (`0,3`, `0-4`) names those heads
+    in every layer from `first` on; `all` every head of every layer; None/'' → None (the caller's default)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+    if text.strip() == "all":
+        return [(la, h) for la in range(n_layers) for h in range(n_heads)]
+    if "H" not in text.upper():
+        hs = parse_heads(text, n_heads, param=param) or []
+        return [(la, h) for la in range(first or 0, n_layers) for h in hs]
+    out = _named_heads(text, first, param)
+    for (la, h), part in zip(out, text.split(","), strict=True):
+        if not (0 <= la < n_layers and 0 <= h < n_heads):
+            raise ParameterError(
+                param, f"head {part!r} does not exist (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})"
+            )
+    return out
+
+
+def check_alpha(value: float, *, param: str = "alpha") -> float:
+    """A significance level: a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ParameterError(param, f"must be a number between 0 and 1 (exclusive), got {value!r}")
+    return value
+
+
 def parse_groups(value: Any, *, param: str = "groups") -> list[str] | None:
     """Groups from None (the default), "a,b", ["a", "b"] or ["a,b"] → a list of names."""
     if value is None:

@@ -178,6 +178,9 @@ FLAGS = {
     "random": "--random",
     "train_options": "options",
     "latent_means": "--latent-file",
+    "n_tokens": "--tokens",
+    "label_limit": "--limit",
+    "n_random": "--random",
     "tokens": "--token/--token-id",
     "text": "TEXT",
 }

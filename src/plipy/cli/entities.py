@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import typer
 
 from plipy.cli import common as c
-from plipy.cli.common import console, progress_bars
+from plipy.cli.common import progress_bars
 
 app = typer.Typer(help="Entity lists (players, movies, cities, songs) and known/unknown labels.", no_args_is_help=True)
 
@@ -29,7 +29,7 @@ def build(
 
 
 @app.command("label")
-@c.shared("model", "dtype", "device", "ray", "workers")
+@c.shared("model", "out", "table_format", "dtype", "device", "fresh", "ray", "workers")
 def label(
     types: str | None = typer.Option(None, "--types", help="Entity types, e.g. player,movie (default: all four)."),
     limit: int | None = typer.Option(
@@ -38,54 +38,31 @@ def label(
     k: int | None = typer.Option(None, "--k", help="Samples at T=1 per query (default 10)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per completion (default 32)."),
     seed: int = typer.Option(42, "--seed", help="Sampling seed (the split always uses 42, as upstream)."),
-    batch_size: int = c.batch_size_option(32, "attribute queries, each × (1+K) rows"),
-    quick: bool = typer.Option(False, "--quick", help="Test profile: 2 entities per type, K=2, 8 new tokens."),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="Labels JSON (default results/entities-labels-<model>.json)."
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", "-b", help="Inputs (attribute queries, each × (1+K) rows) per model forward (default 32)."
     ),
+    quick: bool = typer.Option(False, "--quick", help="Test profile: 2 entities per type, K=2, 8 new tokens."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache folder (default $PLIPY_CACHE/entities)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
     o: SimpleNamespace = None,
 ) -> None:
     """Ask the model each entity's attribute queries (greedy + K samples), grade them, label known/unknown/dropped."""
-    from plipy.api.front import check_cluster, ray_load
-    from plipy.entities.build import check_types
-    from plipy.entities.label import PROFILES, label_entities
-    from plipy.io import write_json
-    from plipy.models import load_model
+    from plipy import api
 
-    chosen = check_types(types)  # fail on bad types before loading the model
-    cluster = check_cluster(o.ray, o.workers)
-    prof = PROFILES["quick" if quick else "pipeline"]
-    limit = prof["limit"] if limit is None else (limit or None)
-    k = prof["k"] if k is None else k
-    max_new_tokens = prof["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-    if cluster is not None:
-        from plipy.cluster.pool import driver_model
-
-        lm = driver_model(o.model, o.dtype, o.device, cluster)  # the workers hold the weights
-    else:
-        lm = load_model(o.model, dtype=o.dtype, device=o.device)
-    out = out or Path("results") / f"entities-labels-{lm.name}.json"
     with progress_bars() as start:
-        doc = label_entities(
-            lm,
-            types=chosen,
+        result = api.label_entities(
+            o.model,
+            types=types,
             limit=limit,
             k=k,
-            seed=seed,
             max_new_tokens=max_new_tokens,
+            seed=seed,
             batch_size=batch_size,
+            quick=quick,
             cache_dir=cache_dir,
+            cache=not no_cache,
+            fresh=o.fresh,
             progress=start,
-            use_cache=not no_cache,
-            cluster=cluster,
-            load=ray_load(o.device, None, None),
+            **c.load_options(o),
         )
-    write_json(out, doc)
-    from plipy.report.entities import labels_summary
-
-    c.print_report(labels_summary(doc))
-    cache = doc.get("cache", {})
-    where = "from cache" if cache.get("hit") else f"{cache.get('generated_queries', 0)} queries generated"
-    console.print(f"\nwrote {out} ({where})")
+    c.save_and_report(result, o.out, table_format=o.table_format)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,18 @@ app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no
 
 @app.command("attention")
 @c.shared(
-    "model", "out", "plot", "html", "table_format", "dtype", "device", "device_map", "max_memory", "ray", "workers"
+    "model",
+    "out",
+    "plot",
+    "html",
+    "table_format",
+    "dtype",
+    "device",
+    "fresh",
+    "device_map",
+    "max_memory",
+    "ray",
+    "workers",
 )
 def attention(
     latent: int = typer.Option(..., "--latent", "-l", help="Index of the SAE latent to steer with."),
@@ -69,8 +79,9 @@ def attention(
     heads: str | None = typer.Option(
         None,
         "--heads",
-        help="Saved/tested heads: L12H3,L14H0, or all | A-B | a,b,c "
-        "(those heads of every layer from the steering layer on; default: all of them).",
+        help="Saved/tested heads: L12H3,L14H0 (from the steering layer on), A-B | a,b,c (those heads of every "
+        "layer from the steering layer on) or all (every head of every layer); default: every head from the "
+        "steering layer on.",
     ),
     expect: str = typer.Option(
         "auto", "--expect", help="auto (known ↓, unknown ↑ as upstream) | increase | decrease | two-sided"
@@ -82,8 +93,10 @@ def attention(
         help="Candidate latents: JSON list, upstream {L..F..: score} dict (score 0 kept) or text.",
     ),
     seed: int = typer.Option(42, "--seed", help="Seed of the random-latent draw."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the Welch tests."),
-    batch_size: int = c.batch_size_option(16, "prompts, left-padded"),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the Welch tests, in (0, 1)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", "-b", help="Inputs (prompts, left-padded) per model forward (default 16)."
+    ),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Prepend BOS (TransformerLens does; on by default here)."),
     attn: str = typer.Option("eager", "--attn", help="eager (HF eager numerics) or sdpa (faster idle layers)."),
     npy: bool = typer.Option(
@@ -92,109 +105,53 @@ def attention(
         help="Also write upstream-style .npy dicts {'L{l}H{h}': values} "
         "(pickled object arrays: load only files you trust).",
     ),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard partial results of an earlier interrupted run."),
-    keep_partial: bool = typer.Option(False, "--keep-partial", help="Keep the per-batch checkpoint folder."),
+    keep_partial: bool = typer.Option(
+        False, "--keep-partial", hidden=True, help="Ignored (finished batches now live in the runs folder)."
+    ),
     o: SimpleNamespace = None,
 ) -> None:
     """Steer with an SAE latent and measure attention from the last position to the steered positions."""
     from plipy import api
-    from plipy import sae as saes
-    from plipy.api.front import check_cluster
-    from plipy.errors import PlipyError
-    from plipy.sae import inputs as si
 
-    items = api.as_prompts(_prompts(si, prompts, entities, entity_type, label, template, split_list(labels), limit))
-    if sae is not None:
-        the_sae = saes.load_sae(sae, hook_name=hook)
-    elif sae_release and sae_id:
-        the_sae = saes.load_saelens_release(sae_release, sae_id)
-        if hook:
-            the_sae.hook_name = hook
-    else:
-        raise PlipyError("give --sae PATH, or --sae-release and --sae-id")
-    the_sae.check_latent(latent)
-    coefficient = saes.parse_coeff(coeff)  # a bad coefficient fails before anything is printed
-    _describe_sae(the_sae)
-    if coefficient == "mean" and latent_file is None:
-        raise PlipyError("--coeff mean needs --latent-file (mean activations per latent)")
-    cluster = check_cluster(o.ray, o.workers)  # before the model loads
-    lm = api.as_model(o.model, **c.model_options(o), cluster=cluster)
-    saes.check_model(the_sae, lm.hidden_size, lm.n_layers)
-    steer_at = saes.resolve_layer(the_sae, layer, lm.n_layers)
-    means = si.read_latent_means(latent_file, layer=steer_at) if latent_file else {}
-    cands = si.read_candidates(random_candidates, layer=steer_at) if random_candidates else None
-    out = o.out or Path("results") / f"sae-attention-{lm.name}-L{steer_at}F{latent}.json"
-    partial = out.with_name(out.stem + ".partial")
-    if fresh and partial.exists():
-        shutil.rmtree(partial)
+    if keep_partial:  # kept for one release so scripts do not break
+        err_console.print("--keep-partial is ignored: interrupted runs resume from $PLIPY_RUNS", highlight=False)
     with progress_bars() as start:
         result = api.sae_attention(
-            lm,
-            the_sae,
+            o.model,
+            sae,
             latent,
-            items,
-            layer=steer_at,
-            coeff=coefficient,
-            latent_means=means,
+            prompts,
+            entities=entities,
+            entity_type=entity_type,
+            label=label,
+            template=template,
+            labels=split_list(labels),
+            limit=limit,
+            sae_release=sae_release,
+            sae_id=sae_id,
+            layer=layer,
+            hook=hook,
+            coeff=coeff,
+            latent_means=latent_file,
             direction=direction,
-            ablate=[int(a) for a in split_list(ablate) or []],
+            ablate=split_list(ablate),
             pos=pos,
             measures=split_list(measures),
             ovw_norm=ovw_norm,
             heads=heads,
             expect=expect,
             random=n_random,
-            random_candidates=cands,
+            random_candidates=random_candidates,
             seed=seed,
             alpha=alpha,
             batch_size=batch_size,
             bos=bos,
             attn=attn,
-            checkpoint_dir=partial,
+            fresh=o.fresh,
             progress=start,
             **c.load_options(o),
         )
-    c.save_and_report(result, out, plot=o.plot, html=o.html, table_format=o.table_format, npy=npy)
-    if not keep_partial:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _describe_sae(the_sae) -> None:
-    norms = the_sae.norm_summary()
-    err_console.print(
-        f"SAE {the_sae.source}: {the_sae.architecture}, d_in {the_sae.d_in}, d_sae {the_sae.d_sae}, hook "
-        f"{the_sae.hook_name}; decoder row norms min {norms['min']:.4g} / mean {norms['mean']:.4g} / max "
-        f"{norms['max']:.4g}" + ("" if norms["unit_norm"] else " (not unit norm: steering scales with them)"),
-        highlight=False,
-    )
-
-
-def _prompts(si, prompts, entities, entity_type, label, template, labels, limit):
-    from plipy.errors import PlipyError
-
-    items = []
-    if prompts is not None:
-        items += si.load_prompts(prompts, template=template)
-    if entities is not None:
-        if not entity_type:
-            raise PlipyError("--entities needs --entity-type")
-        items += si.template_prompts(si.load_entity_list(entities, entity_type, label), template=template)
-    if prompts is None and entities is None:
-        raise PlipyError("give --prompts FILE and/or --entities FILE")
-    if labels:
-        items = [p for p in items if str(p.label) in labels]
-    if limit is not None:
-        seen: dict = {}
-        kept = []
-        for p in items:
-            key = (p.entity_type, p.label)
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] <= limit:
-                kept.append(p)
-        items = kept
-    if not items:
-        raise PlipyError("no prompts left to analyse")
-    return items
+    c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format, npy=npy)
 
 
 # ------------------------------------------------------------------------------------------- train, latents, pipeline
@@ -257,38 +214,34 @@ def train(
     o: SimpleNamespace = None,
 ) -> None:
     """Train an SAE on one layer's residual stream (offline text) and save it in SAELens format."""
-    from plipy.models import load_model
-    from plipy.sae import train as st
-
-    cfg = st.TrainConfig(
-        arch=arch,
-        width=width,
-        k=k,
-        lr=lr,
-        n_tokens=tokens,
-        epochs=epochs,
-        batch_size=train_batch,
-        seq_len=seq_len,
-        model_batch=model_batch,
-        seed=seed,
-        auxk=auxk,
-        l0_coeff=l0_coeff,
-    )
-    cfg.check()
-    lm = load_model(o.model, dtype=o.dtype, device=o.device)
-    out = out or Path("saes") / f"{lm.name}-L{layer}-{arch}"
-    docs: list[str] = []
-    if entity_text > 0:
-        from plipy import entities
-
-        docs = st.entity_sentences(entities.load_entities(limit=entity_text), seed=seed)
-    with _metric_bars() as start:
-        _, result = st.train_on_model(lm, layer, cfg, out, extra_documents=docs, progress=start)
+    from plipy import api
     from plipy.report import sae as report_sae
 
-    c.print_report(report_sae.training_summary(result, lm.name, layer, width))
+    with _metric_bars() as start:
+        sae, result = api.train_sae(
+            o.model,
+            layer=layer,
+            out=out or True,
+            entity_text=entity_text,
+            batch_size=model_batch,
+            train_batch=train_batch,
+            arch=arch,
+            width=width,
+            k=k,
+            lr=lr,
+            n_tokens=tokens,
+            epochs=epochs,
+            seq_len=seq_len,
+            seed=seed,
+            auxk=auxk,
+            l0_coeff=l0_coeff,
+            progress=start,
+            dtype=o.dtype,
+            device=o.device,
+        )
+    c.print_report(report_sae.training_summary(result, result["provenance"]["model"]["name"], layer, width))
     console.print(
-        f"wrote {out} (cfg.json, sae_weights.safetensors, sparsity.safetensors, training.json)",
+        f"wrote {sae.source} (cfg.json, sae_weights.safetensors, sparsity.safetensors, training.json)",
         highlight=False,
         soft_wrap=True,
     )
@@ -314,34 +267,27 @@ def latents(
     o: SimpleNamespace = None,
 ) -> None:
     """Score SAE latents on known vs unknown entities (`The {entity_type} '{entity}'`, last entity token)."""
-    from plipy import entities
-    from plipy import sae as saes
-    from plipy.errors import PlipyError
-    from plipy.models import load_model
-    from plipy.sae import latents as sl
+    from plipy import api
+    from plipy.report import sae as report_sae
+    from plipy.workflows import sae_latents as sl
 
-    if split not in ("train", "all"):
-        raise PlipyError(f"--split must be train or all, got {split!r}")
-    doc_labels = entities.read_labels(labels)
-    the_sae = saes.load_sae(sae, hook_name=hook)
-    lm = load_model(o.model, dtype=o.dtype, device=o.device)
     with _metric_bars() as start:
-        doc = sl.run_latents(
-            lm,
-            the_sae,
-            doc_labels,
-            split=None if split == "all" else split,
+        doc = api.score_latents(
+            o.model,
+            sae,
+            labels,
+            split=split,
             general_filter=general_filter,
             general_tokens=general_tokens,
             max_general_freq=max_general_freq,
-            top_n=top_n,
+            top=top_n,
             batch_size=batch_size,
+            hook=hook,
             progress=start,
+            dtype=o.dtype,
+            device=o.device,
         )
-    out = out or Path("results") / f"sae-latents-{lm.name}-L{doc['layer']}.json"
-    paths = sl.write_latents(doc, out)
-    from plipy.report import sae as report_sae
-
+    paths = sl.write_latents(doc, out or sl.default_path(doc))
     c.print_report(report_sae.latents_summary(doc, split))
     console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
 
@@ -358,21 +304,22 @@ def pipeline(
     o: SimpleNamespace = None,
 ) -> None:
     """Data → labels → SAE → latents → attention analysis → plots, in one folder (a rerun resumes)."""
-    from dataclasses import replace
+    from plipy import api
+    from plipy.workflows.sae_pipeline import summary_markdown
 
-    from plipy.models import load_model
-    from plipy.sae import pipeline as sp
-
-    cfg = sp.profile("quick" if quick else "default")
-    over = {
-        k: v
-        for k, v in {"label_limit": limit, "layer": layer, "coeff": coeff, "n_random": n_random}.items()
-        if v is not None
-    }
-    cfg = replace(cfg, **over)
-    lm = load_model(o.model, dtype=o.dtype, device=o.device)
-    out = out or Path("results") / (f"sae-pipeline-{lm.name}" + ("-quick" if quick else ""))
     with _metric_bars() as start:
-        summary = sp.run_pipeline(lm, out, cfg, progress=start, log=lambda s: err_console.print(s, highlight=False))
-    console.print(sp._markdown(summary), highlight=False, soft_wrap=True)
-    console.print(f"wrote {out}/summary.md, summary.json", highlight=False)
+        summary = api.sae_pipeline(
+            o.model,
+            out,
+            quick=quick,
+            label_limit=limit,
+            layer=layer,
+            coeff=coeff,
+            n_random=n_random,
+            progress=start,
+            log=lambda s: err_console.print(s, highlight=False),
+            dtype=o.dtype,
+            device=o.device,
+        )
+    console.print(summary_markdown(summary), highlight=False, soft_wrap=True)
+    console.print(f"wrote {summary['folder']}/summary.md, summary.json", highlight=False)

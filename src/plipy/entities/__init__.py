@@ -3,8 +3,9 @@ the model itself earns by answering attribute queries.
 
     from plipy import entities
     lists = entities.load_entities(limit=5)
-    doc = entities.label_entities(lm, limit=36)          # cached; a second call is instant
     doc = entities.read_labels("results/entities-labels-smollm2-135m.json")
+
+Labelling itself runs a model: `plipy.label_entities` (`plipy.experiments.entity_labels`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from plipy.entities.label import (
     assign_labels,
     balanced_test,
     entity_label,
-    label_entities,
+    label_notes,
     read_labels,
     split_indices,
     three_way_split,
@@ -33,7 +34,7 @@ __all__ = [
     "RELATIONS",
     "RULES",
     "load_entities",
-    "label_entities",
+    "label_notes",
     "read_labels",
     "validate_labels",
     "build_entities",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from plipy.errors import PlipyError
+from plipy.errors import ParameterError, PlipyError
 from plipy.io import atomic_write_bytes
 
 ENTITY_TYPES: tuple[str, ...] = ("player", "movie", "city", "song")
@@ -140,7 +140,7 @@ def load_entities(types: Sequence[str] | None = None, limit: int | None = None) 
     per type in the fixed shipped order (None or 0: all)."""
     chosen = check_types(types)
     if limit is not None and limit < 0:
-        raise PlipyError(f"limit must be >= 0, got {limit}")
+        raise ParameterError("limit", f"must be >= 0, got {limit}")
     out = {}
     for t in chosen:
         path = shipped_dir() / f"{t}.json.gz"
@@ -159,7 +159,7 @@ def check_types(types: Sequence[str] | str | None) -> tuple[str, ...]:
         types = [t.strip() for t in types.split(",") if t.strip()]
     bad = [t for t in types if t not in ENTITY_TYPES]
     if bad:
-        raise PlipyError(f"unknown entity type(s) {', '.join(bad)}; known: {', '.join(ENTITY_TYPES)}")
+        raise ParameterError("types", f"unknown entity type(s) {', '.join(bad)}; known: {', '.join(ENTITY_TYPES)}")
     if not types:
-        raise PlipyError("no entity types given")
+        raise ParameterError("types", "no entity types given")
     return tuple(dict.fromkeys(types))

@@ -9,20 +9,16 @@ random_state 42 (reimplemented exactly, no sklearn): test_size 0.5 → (train, r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from plipy.entities.build import ENTITY_TYPES, check_types, load_entities, shipped_dir
-from plipy.entities.correctness import grade, known_threshold
-from plipy.entities.queries import QUERIED_ATTRIBUTES, make_queries
+from plipy.entities.queries import QUERIED_ATTRIBUTES
 from plipy.errors import PlipyError
 
 FORMAT = "plipy-entity-labels/1"
@@ -109,216 +105,10 @@ def assign_labels(records: list[dict[str, Any]], seed: int = 42) -> tuple[dict, 
     return summary, balanced
 
 
-# ---------------------------------------------------------------------------------------------- labelling
+# ---------------------------------------------------------------------------------------------- notes
 
 
-def _data_sha() -> str:
-    h = hashlib.sha256()
-    for t in ENTITY_TYPES:
-        h.update((shipped_dir() / f"{t}.json.gz").read_bytes())
-    return h.hexdigest()
-
-
-def _model_key(lm: Any) -> dict[str, Any]:
-    prov = getattr(lm, "provenance", {}) or {}
-    return {
-        "weights_sha256": prov.get("weights_sha256"),
-        "spec": prov.get("spec") or getattr(lm, "spec", None),
-        "dtype": prov.get("dtype") or str(getattr(lm.model, "dtype", "")),
-    }
-
-
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def default_cache_dir() -> Path:
-    """$PLIPY_CACHE/entities (default ~/.cache/plipy/entities)."""
-    from plipy.models import cache_dir
-
-    return cache_dir() / "entities"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def label_entities(
-    lm: Any,
-    types: Sequence[str] | None = None,
-    limit: int | None = None,
-    k: int = 10,
-    seed: int = 42,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    cache_dir: str | os.PathLike | None = None,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    use_cache: bool = True,
-    cluster: Any = None,
-    load: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Generate greedy + K samples per attribute query, grade them and label the entities; returns the labels
-    document and caches it (and every query's generations) under `cache_dir`, keyed by model weights + config.
-    With a `cluster` (`plipy.cluster.Cluster`) the shards (`batch_size` queries) run on Ray workers."""
-    from plipy.cluster import pool as cp
-    from plipy.io import write_json
-    from plipy.runtime import provenance
-
-    chosen = check_types(types)
-    if k < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise PlipyError("k, max_new_tokens and batch_size must be at least 1")
-    ents = load_entities(chosen, limit)
-    threshold = known_threshold(k)
-    gen_cfg = {
-        "k": k,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "temperature": 1.0,
-        "top_k": None,
-        "top_p": None,
-        "sampling": "per-row seeded inverse-CDF (plipy.entities.generate)",
-    }
-    config = {
-        "types": list(chosen),
-        "limit": limit,
-        **gen_cfg,
-        "batch_size": batch_size,
-        "known_threshold": threshold,
-        "min_known_attributes": MIN_KNOWN_ATTRIBUTES,
-        "split_seed": 42,
-        "data_sha256": _data_sha(),
-        "format": FORMAT,
-    }
-    mkey = _model_key(lm)
-    cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    doc_path = cdir / f"labels-{_key([mkey, config])}.json"
-    gen_path = cdir / f"generations-{_key([mkey, gen_cfg])}.json"
-    if use_cache:
-        cached = _read_json(doc_path)
-        if isinstance(cached, dict) and cached.get("config") == config:
-            cached.setdefault("cache", {})["hit"] = True
-            return cached
-    store = (_read_json(gen_path) or {}) if use_cache else {}
-    gens: dict[str, Any] = store.get("generations", {}) if store.get("model") == mkey else {}
-    t0 = time.time()
-    shards = _shards(chosen, ents, gens, batch_size)
-    n_generated = sum(map(len, shards))
-    step = progress("generate", n_generated) if progress and shards else (lambda: None)
-    gen_args = (k, seed, max_new_tokens, batch_size)
-    with cp.executor(
-        cluster,
-        lm,
-        load,
-        f"{__name__}:shard_units",
-        (shards, *gen_args),
-        lambda: _shard_compute(lm, shards, *gen_args, step),
-    ) as ex:
-        done = (
-            ex.map([[i] for i in range(len(shards))])
-            if ex.pool is not None
-            else ((i, ex.compute([i])) for i in range(len(shards)))
-        )
-        for i, out in done:
-            gens.update(zip(shards[i], out[0][0], strict=True))
-            if ex.pool is not None:
-                for _ in shards[i]:
-                    step()
-            if use_cache:  # a killed run keeps every finished shard
-                write_json(gen_path, {"model": mkey, "config": gen_cfg, "generations": gens})
-        where = ex.describe()
-    records: list[dict[str, Any]] = []
-    for t in chosen:
-        for e in ents[t]:
-            attrs = {}
-            for q in make_queries(e):
-                g = gens[q.prompt]
-                labels = [grade(q.prompt_type, s, q.answer) for s in g["samples"]]
-                n_ok = labels.count("correct")
-                attrs[q.attribute] = {
-                    "value": q.answer,
-                    "greedy": g["greedy"],
-                    "greedy_label": grade(q.prompt_type, g["greedy"], q.answer),
-                    "correct_samples": n_ok,
-                    "known": n_ok >= threshold,
-                    "samples": g["samples"],
-                    "sample_labels": labels,
-                }
-            records.append(
-                {
-                    "entity": e["entity"],
-                    "entity_type": t,
-                    "label": None,
-                    "split": None,
-                    "known_attributes": [a for a, v in attrs.items() if v["known"]],
-                    "attributes": attrs,
-                }
-            )
-    summary, balanced = assign_labels(records, seed=42)
-    doc = {
-        "format": FORMAT,
-        "provenance": cp.stamp(provenance.build(model=lm, config=config, seed=seed), where),
-        "config": config,
-        "summary": summary,
-        "notes": _notes(summary, k, threshold),
-        "entities": records,
-        "test_balanced": balanced,
-        "cache": {
-            "hit": False,
-            "path": str(doc_path),
-            "generated_queries": n_generated,
-            "generation_seconds": round(time.time() - t0, 1),
-        },
-    }
-    if use_cache:
-        write_json(doc_path, doc)
-    return doc
-
-
-def _shards(chosen: Sequence[str], ents: dict[str, list], gens: dict[str, Any], batch_size: int) -> list[list[str]]:
-    """The queries still to generate, type by type, in `batch_size` shards: the batches a single run makes."""
-    seen = set(gens)
-    shards = []
-    for t in chosen:
-        todo = [q.prompt for e in ents[t] for q in make_queries(e)]
-        todo = [p for p in dict.fromkeys(todo) if p not in seen]
-        seen.update(todo)
-        shards += [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    return shards
-
-
-def _shard_compute(
-    lm: Any,
-    shards: list[list[str]],
-    k: int,
-    seed: int,
-    max_new_tokens: int,
-    batch_size: int,
-    step: Callable[[], None] | None = None,
-) -> Callable[[list[int]], list]:
-    from plipy.entities.generate import generate
-
-    cb = (lambda n: [step() for _ in range(n)]) if step else None
-    return lambda b: [
-        (
-            generate(
-                lm, shards[b[0]], k=k, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=cb
-            ),
-            None,
-        )
-    ]
-
-
-def shard_units(
-    lm: Any, shards: list[list[str]], k: int, seed: int, max_new_tokens: int, batch_size: int
-) -> Callable[[list[int]], list]:
-    """A Ray worker's `compute([shard])` (`plipy.cluster`): the local path's own generation on its model."""
-    return _shard_compute(lm, shards, k, seed, max_new_tokens, batch_size)
-
-
-def _notes(summary: dict[str, Any], k: int, threshold: int) -> list[str]:
+def label_notes(summary: dict[str, Any], k: int, threshold: int) -> list[str]:
     """Plain statements for the reader: how many entities the model knows, and groups too small to test."""
     notes = [
         f"attribute known = at least {threshold} of {k} samples correct; entity known = at least "
@@ -353,7 +143,7 @@ def read_labels(path: str | os.PathLike) -> dict[str, Any]:
 
 def validate_labels(doc: Any, where: str = "labels") -> None:
     """Raise PlipyError unless `doc` has the labels document's keys and consistent labels, splits and counts."""
-    if not isinstance(doc, dict):
+    if not isinstance(doc, Mapping):  # a document, or the `EntityLabelsResult` holding one
         raise PlipyError(f"{where}: not a JSON object")
     missing = [key for key in ("provenance", "config", "summary", "entities", "test_balanced") if key not in doc]
     if missing:

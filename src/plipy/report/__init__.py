@@ -12,7 +12,7 @@ each registered against its result class in `plipy.results.views.VIEWS` when thi
 
 from __future__ import annotations
 
-from plipy.report import knockout, lens, probe, sae, scan, steer, sweep  # noqa: F401  (register their views)
+from plipy.report import entities, knockout, lens, probe, sae, scan, steer, sweep  # noqa: F401  (register their views)
 from plipy.report.base import (
     COLORS,
     fmt_kl,

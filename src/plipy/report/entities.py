@@ -8,6 +8,19 @@ from typing import Any
 from rich.table import Table
 
 from plipy.report.base import Note
+from plipy.results.entity_labels import EntityLabelsResult
+from plipy.results.views import VIEWS
+
+
+@VIEWS.summary(EntityLabelsResult)
+def summary(result: Mapping[str, Any]) -> list[Any]:
+    """The console report of `plipy entities label`: the labels table, then where the answers came from."""
+    cache = result.get("cache", {})
+    if cache.get("hit"):
+        where = f"from the labels cache ({cache.get('path')})"
+    else:
+        where = f"{cache.get('generated_queries', 0)} queries generated"
+    return [*labels_summary(result), f"\n{where}"]
 
 
 def labels_summary(doc: Mapping[str, Any]) -> list[Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from plipy.corpus.prompts import EntityPrompt
-from plipy.report.base import fmt_num, fmt_p, pyplot
+from plipy.report.base import Note, fmt_num, fmt_p, pyplot
 from plipy.results.sae_attention import SaeAttentionResult, difference
 from plipy.results.views import VIEWS
 
@@ -149,7 +149,7 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report: per measure the heads that moved most and the random-latent test per label."""
     from rich.table import Table
 
-    out: list[Any] = []
+    out: list[Any] = [sae_note(result["sae"])] if "sae" in result else []
     for m, r in result["measures"].items():
         top = sorted(r["per_head"], key=lambda h: -abs(h["mean_difference"]))[:8]
         t = Table(
@@ -175,6 +175,17 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
                 f"{fmt_num(g['mean_difference'], '+.4f')}; {g['summary']}" + (f"\n    {ps}" if ps else "")
             )
     return out
+
+
+def sae_note(sae: Mapping[str, Any]) -> Note:
+    """One line on the SAE that steered (`SAE.describe()`): its shape, hook and decoder row norms."""
+    norms = sae.get("decoder_norms") or {}
+    return Note(
+        f"SAE {sae.get('source')}: {sae.get('architecture')}, d_in {sae.get('d_in')}, d_sae {sae.get('d_sae')}, hook "
+        f"{sae.get('hook_name')}; decoder row norms min {norms.get('min', float('nan')):.4g} / mean "
+        f"{norms.get('mean', float('nan')):.4g} / max {norms.get('max', float('nan')):.4g}"
+        + ("" if norms.get("unit_norm") else " (not unit norm: steering scales with them)")
+    )
 
 
 def training_summary(result: Mapping[str, Any], model_name: str, layer: int, width: int) -> list[Any]:

@@ -24,6 +24,7 @@ from plipy.results.base import TABLE_FORMATS, Result
 from plipy.results.calibrate import CalibrateResult
 from plipy.results.dose import DoseResult
 from plipy.results.emergence import EmergenceResult
+from plipy.results.entity_labels import EntityLabelsResult
 from plipy.results.generate import GenerateResult
 from plipy.results.knockout import KnockoutResult
 from plipy.results.lens import LensResult
@@ -45,6 +46,7 @@ KINDS: dict[str, type[Result]] = {
         EmergenceResult,
         ProbeResult,
         SweepResult,
+        EntityLabelsResult,
     )
 }
 # Files written before provenance named their kind are recognised by their shape.
@@ -59,6 +61,7 @@ _SHAPES: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
     ("emergence", lambda d: "prompts" in d and "top_k" in d),
     ("probe", lambda d: "majority_baseline" in d),
     ("sweep", lambda d: "comparison" in d and "experiment" in d),
+    ("entity-labels", lambda d: str(d.get("format", "")).startswith("plipy-entity-labels/")),
 ]
 
 
@@ -98,6 +101,7 @@ __all__ = [
     "CalibrateResult",
     "DoseResult",
     "EmergenceResult",
+    "EntityLabelsResult",
     "GenerateResult",
     "KnockoutResult",
     "LensResult",

@@ -107,6 +107,24 @@ def load_entity_list(path: str | Path, entity_type: str, label: str | None) -> l
     return [{"entity": str(n), "entity_type": entity_type, "label": label} for n in names if str(n).strip()]
 
 
+def select_prompts(
+    items: Sequence[EntityPrompt], labels: Sequence[str] | None = None, limit: int | None = None
+) -> list[EntityPrompt]:
+    """The prompts whose label is one of `labels` (None: all), then the first `limit` per (entity type, label)
+    (upstream analysed the first 100)."""
+    kept = [p for p in items if not labels or str(p.label) in labels]
+    if limit is None:
+        return kept
+    seen: dict[tuple[str, Any], int] = {}
+    out = []
+    for p in kept:
+        key = (p.entity_type, p.label)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= limit:
+            out.append(p)
+    return out
+
+
 @dataclass
 class Tokenized:
     """Token ids of one prompt (unpadded) and the token positions of its entity string."""

@@ -1,5 +1,6 @@
 """Attention from the last position to the steered positions, per layer and head, in float64 from per-key
-quantities (never a [batch, heads, q, k, d] tensor):
+quantities (never a [batch, heads, q, k, d] tensor), for the "Do I know this entity?" analysis
+(`plipy.experiments.sae_attention`):
 
 - `attn_weights`           Σ a_qk
 - `value_weighted`         Σ ‖a_qk v_k‖ = Σ a_qk ‖v_k‖
@@ -10,10 +11,16 @@ quantities (never a [batch, heads, q, k, d] tensor):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
+from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture
+from plipy.engine.batch import pad_left
 from plipy.errors import PlipyError
+from plipy.sae.inputs import Tokenized, positions_for
 
 MEASURES = ("attn_weights", "value_weighted", "output_value_weighted", "distance_based")
 
@@ -73,3 +80,52 @@ def key_index(steer_positions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, t
         keys[b, : len(ps)] = torch.tensor(list(ps), dtype=torch.long)
         kmask[b, : len(ps)] = True
     return keys, kmask
+
+
+@dataclass
+class Batch:
+    """A left-padded batch: ids, mask, position_ids, and per item the steered absolute positions."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    position_ids: torch.Tensor
+    steer_positions: list[list[int]]
+
+
+def make_batch(items: Sequence[Tokenized], pos_type: str, pad_id: int, device: Any = "cpu") -> Batch:
+    """Left-pad (`plipy.engine.batch.pad_left`); positions become absolute padded positions; position_ids restart at
+    0 on each item's first real token, so a padded item computes what it computes alone."""
+    p = pad_left([t.input_ids for t in items], pad_id, device)
+    steer = p.shift([positions_for(t.entity_tokens, len(t.input_ids), pos_type) for t in items])
+    return Batch(p.ids, p.mask, p.positions, steer)
+
+
+def forward_measures(
+    engine: Engine,
+    model: torch.nn.Module,
+    batch: Batch,
+    w_o: dict[int, torch.Tensor],
+    measures: Sequence[str],
+    ovw_norm: str,
+    adds: Sequence[ResidualAdd] = (),
+    resid_layer: int | None = None,
+) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+    """One forward: `{measure: [batch, layers, heads]}` and, if asked, the residual entering `resid_layer`."""
+    length = batch.ids.shape[1]
+    keys, kmask = key_index(batch.steer_positions)
+    rc = ResidualCapture(layers=[resid_layer], where=("pre",)) if resid_layer is not None else None
+    with (
+        torch.inference_mode(),
+        engine.run(capture=Capture(rows=[length - 1], values=True), residual_adds=adds, residual_capture=rc) as rec,
+    ):
+        # The decoder stack only: logits are not needed (the vocabulary projection is the costliest matmul).
+        model.base_model(
+            input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.position_ids, use_cache=False
+        )
+    per_layer = [
+        layer_measures(rec.attn[layer][:, :, 0], rec.values[layer], keys, kmask, w_o.get(layer), measures, ovw_norm)
+        for layer in range(engine.n_layers)
+    ]
+    out = {m: torch.stack([pl[m] for pl in per_layer], dim=1).cpu().numpy() for m in measures}
+    resid = rec.resid.get((resid_layer, "pre")) if resid_layer is not None else None
+    return out, resid

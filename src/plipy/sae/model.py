@@ -7,13 +7,14 @@ is where the "Do I know this entity?" pipeline adds a latent "at layer L+1" (see
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from plipy.errors import PlipyError
+from plipy.errors import ParameterError, PlipyError
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -125,6 +126,19 @@ class SAE:
         """(layer, "pre"|"post") of the hook name, or None when the SAE names no hook."""
         return None if self.hook_name is None else parse_hook(self.hook_name, self.source)
 
+    def weights_sha256(self) -> str:
+        """A hash of the tensors themselves (names, dtypes, shapes, bytes): two SAEs with equal weights share it,
+        wherever they came from (a file, a release, `random_sae`), so a run's checkpoint knows its SAE."""
+        h = hashlib.sha256()
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def describe(self) -> dict[str, Any]:
         """Identity of the SAE for provenance."""
         return {
@@ -155,6 +169,29 @@ def steer_layer(point: tuple[int, str]) -> int:
     """The decoder layer whose input (resid_pre) is the SAE's point: resid_post of L−1 is resid_pre of L."""
     layer, where = point
     return layer if where == "pre" else layer + 1
+
+
+def resolve_layer(sae: SAE, layer: int | None, n_layers: int | None = None) -> int:
+    """The decoder layer at whose input the latent is added (upstream "latent layer"): `layer`, else the one the
+    SAE's hook names (the two must agree). With `n_layers` the layer must also exist in the model."""
+    point = sae.hook_point()
+    from_hook = None if point is None else steer_layer(point)
+    if layer is not None and from_hook is not None and layer != from_hook:
+        raise ParameterError(
+            "layer", f"{layer} contradicts SAE {sae.source} (hook {sae.hook_name} is the input of layer {from_hook})"
+        )
+    out = from_hook if layer is None else layer
+    if out is None:
+        raise ParameterError("layer", f"SAE {sae.source} names no hook: give the steering layer")
+    if out < 0:
+        raise ParameterError("layer", f"layers start at 0, got {out}")
+    if n_layers is not None and out >= n_layers:
+        raise ParameterError(
+            "layer",
+            f"SAE {sae.source}: steering at the input of layer {out}, but the model has layers 0-{n_layers - 1}"
+            " (an SAE on the last layer's output has no attention after it)",
+        )
+    return out
 
 
 def hook_name_for_layer(layer: int) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from plipy.engine import ResidualAdd
-from plipy.errors import PlipyError
+from plipy.errors import ParameterError, PlipyError
 from plipy.sae.model import SAE
 
 
@@ -28,7 +28,7 @@ class Steering:
 
 
 def parse_coeff(text: str | float) -> float | str:
-    """`100`, `-20.5`, `norm` or `mean`."""
+    """`100`, `-20.5`, `norm` or `mean` (the grammar of `coeff`)."""
     if isinstance(text, (int, float)):
         value = float(text)
     else:
@@ -38,9 +38,9 @@ def parse_coeff(text: str | float) -> float | str:
         try:
             value = float(t)
         except ValueError:
-            raise PlipyError(f"coefficient must be a number, 'norm' or 'mean', got {text!r}") from None
+            raise ParameterError("coeff", f"coefficient must be a number, 'norm' or 'mean', got {text!r}") from None
     if not math.isfinite(value):  # nan/inf would make every steered measure meaningless
-        raise PlipyError(f"coefficient must be a finite number, got {text!r}")
+        raise ParameterError("coeff", f"coefficient must be a finite number, got {text!r}")
     return value
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from plipy.engine import decoder_layers
-from plipy.errors import PlipyError
+from plipy.errors import ParameterError, PlipyError
 from plipy.sae.model import SAE
 
 ARCHS = ("topk", "jumprelu")
@@ -64,15 +64,18 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"  # or "mean"
 
     def check(self) -> None:
-        """Refuse settings that cannot train."""
-        if self.arch not in ARCHS:
-            raise PlipyError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.width < 1 or self.n_tokens < 1 or self.batch_size < 1 or self.epochs < 1 or self.seq_len < 2:
-            raise PlipyError("width, tokens, batch, epochs must be ≥ 1 and seq-len ≥ 2")
+        """Refuse settings that cannot train (errors name the field)."""
+        from plipy.options import check_choice, check_positive
+
+        check_choice(self.arch, ARCHS, param="arch")
+        for name in ("width", "n_tokens", "batch_size", "epochs", "model_batch"):
+            check_positive(getattr(self, name), param=name)
+        check_positive(self.seq_len, param="seq_len", minimum=2)
+        if self.n_tokens < self.batch_size:  # said now, not after collecting them
+            raise ParameterError("n_tokens", f"{self.n_tokens} tokens are fewer than one batch ({self.batch_size})")
         if self.arch == "topk" and not 0 < self.k <= self.width:
-            raise PlipyError(f"--k must be in 1..width ({self.width}), got {self.k}")
-        if self.b_dec_init not in ("geometric_median", "mean"):
-            raise PlipyError(f"b_dec init must be geometric_median or mean, got {self.b_dec_init!r}")
+            raise ParameterError("k", f"must be in 1..width ({self.width}), got {self.k}")
+        check_choice(self.b_dec_init, ("geometric_median", "mean"), param="b_dec_init")
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -529,9 +532,10 @@ def train_on_model(
 
     cfg.check()
     if not 0 <= layer < lm.n_layers - 1:
-        raise PlipyError(
-            f"--layer must be in 0..{lm.n_layers - 2}: the SAE reads resid_post of that layer and "
-            "its latents steer at the input of the next one"
+        raise ParameterError(
+            "layer",
+            f"must be in 0..{lm.n_layers - 2}: the SAE reads resid_post of that layer and "
+            "its latents steer at the input of the next one",
         )
     hook_name = f"blocks.{layer}.hook_resid_post"
     t0 = time.perf_counter()

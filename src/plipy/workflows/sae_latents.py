@@ -82,7 +82,7 @@ def latent_activations(
 ) -> torch.Tensor:
     """SAE latents `[n, d_sae]` of resid_post of `layer` at one position per sequence (right-padded batches:
     causal attention never looks at the padding after a position, so each row computes what it would alone)."""
-    from plipy.sae.train import resid_post
+    from plipy.workflows.sae_train import resid_post
 
     tok = lm.tokenizer
     ids_ok = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
@@ -116,7 +116,7 @@ def general_frequency(
 ) -> np.ndarray:
     """Per-latent activation frequency on offline general text (standard library sources and prose docs, BOS
     excluded) — plipy's stand-in for upstream's Pile filter."""
-    from plipy.sae.train import collect_activations, text_chunks
+    from plipy.workflows.sae_train import collect_activations, text_chunks
 
     acts = collect_activations(
         lm, layer, text_chunks(lm.tokenizer, seq_len, seed=seed), n_tokens, batch=16, progress=progress
@@ -262,6 +262,11 @@ def run_latents(
         "config": config,
         "provenance": provenance.build(model=lm, config=config),
     }
+
+
+def default_path(doc: dict[str, Any]) -> Path:
+    """Where `plipy sae latents` writes a latent file without `--out`: results/sae-latents-<model>-L<layer>.json."""
+    return Path("results") / f"sae-latents-{doc['provenance']['model']['name']}-L{doc['layer']}.json"
 
 
 def candidate_paths(out: str | Path) -> dict[str, Path]:

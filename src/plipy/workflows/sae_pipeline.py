@@ -7,13 +7,13 @@
     summary.json, summary.md
 
 Every stage writes its output into the folder and is skipped on a rerun when the output exists with the same
-configuration, so an interrupted run resumes (the attention stage also resumes inside a run, batch by batch).
+configuration, so an interrupted run resumes (labelling and the attention stage also resume inside a run, from the
+runtime's checkpoint).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -22,8 +22,10 @@ from typing import Any
 
 from plipy.errors import PlipyError
 from plipy.io import write_json
+from plipy.models import LoadedModel
 from plipy.runtime.checkpoint import fingerprint
-from plipy.sae.train import DEFAULT_LAYER, TrainConfig
+from plipy.runtime.driver import RunOptions
+from plipy.workflows.sae_train import DEFAULT_LAYER, TrainConfig
 
 Progress = Callable[[str, int], Callable[..., None]]
 Log = Callable[[str], None]
@@ -92,13 +94,14 @@ def _stage_done(path: Path, fp: str) -> bool:
 
 
 def run_pipeline(
-    lm: Any, out: str | Path, cfg: PipelineConfig, progress: Progress | None = None, log: Log = print
+    lm: LoadedModel, out: str | Path, cfg: PipelineConfig, progress: Progress | None = None, log: Log = print
 ) -> dict[str, Any]:
     """Run (or resume) every stage into `out`; returns the summary document (also written as JSON + markdown)."""
     from plipy import entities
     from plipy import sae as saes
-    from plipy.sae import latents as sl
-    from plipy.sae.train import entity_sentences, train_on_model
+    from plipy.experiments.entity_labels import EntityLabels, label_entities
+    from plipy.workflows import sae_latents as sl
+    from plipy.workflows.sae_train import entity_sentences, train_on_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,17 +123,12 @@ def run_pipeline(
         labels = entities.read_labels(labels_path)
         log(f"labels: reusing {labels_path}")
     else:
-        labels = entities.label_entities(
-            lm,
-            limit=cfg.label_limit,
-            k=cfg.label_k,
-            seed=cfg.seed,
-            max_new_tokens=cfg.label_max_new_tokens,
-            batch_size=cfg.batch_size * 2,
-            cache_dir=out / "cache",
-            progress=progress,
+        experiment = EntityLabels(
+            entities.ENTITY_TYPES, cfg.label_limit, cfg.label_k, cfg.seed, cfg.label_max_new_tokens
         )
-        labels = {**labels, "pipeline_fingerprint": fp_labels}
+        options = RunOptions(batch_size=cfg.batch_size * 2, progress=progress)
+        result = label_entities(lm, experiment, cache_dir=out / "cache", options=options)
+        labels = {**result.to_dict(), "pipeline_fingerprint": fp_labels}
         write_json(labels_path, labels)
     timings["labels"] = time.perf_counter() - t0
 
@@ -209,7 +207,7 @@ def run_pipeline(
 
     summary = _summary(lm, cfg, labels, training, latents, latents_error, attention, timings, out)
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
+    (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
     return summary
 
 
@@ -253,9 +251,11 @@ def _attention_stage(
     log: Log,
 ) -> dict[str, Any]:
     """Steer `label` prompts with the opposite label's top latent (upstream); the test only with enough entities."""
-    from plipy import sae as sa
+    from plipy.experiments.sae_attention import SaeAttention
+    from plipy.runtime.driver import execute
     from plipy.sae import inputs as si
-    from plipy.sae.latents import candidate_paths
+    from plipy.sae.steering import parse_coeff
+    from plipy.workflows.sae_latents import candidate_paths
 
     other = "unknown" if label == "known" else "known"
     tops = latents.get("top", {}).get(other) or []
@@ -278,31 +278,30 @@ def _attention_stage(
     cands = si.read_candidates(candidate_paths(latents_path)[other], layer=steer_at)
     n_random = min(cfg.n_random, max(0, len(set(cands) - {latent}))) if enough else 0
     means = si.read_latent_means(latents_path, layer=steer_at) if cfg.coeff == "mean" else {}
-    acfg = sa.AttentionConfig(
-        latent=latent,
-        layer=steer_at,
-        coeff=sa.parse_coeff(cfg.coeff),
+    experiment = SaeAttention(
+        sae,
+        prompts,
+        latent,
+        steer_at,
+        coeff=parse_coeff(cfg.coeff),
         pos_type=cfg.pos_type,
         measures=tuple(cfg.measures),
         n_random=n_random,
         random_candidates=cands,
         seed=cfg.seed,
-        batch_size=cfg.batch_size,
         latent_means=means,
     )
     stem = out / f"attention-{label}"
     json_path = stem.with_suffix(".json")
-    fp = fingerprint({"attention": asdict(acfg), "latents": fp_lat, "n": len(prompts)})
+    fp = fingerprint({"attention": experiment.config(cfg.batch_size), "latents": fp_lat, "n": len(prompts)})
     if _stage_done(json_path, fp):
         log(f"attention ({label}): reusing {json_path}")
         result = json.loads(json_path.read_text())
     else:
-        partial = out / f"attention-{label}.partial"
-        r = sa.run_attention(lm, sae, prompts, acfg, checkpoint_dir=partial, progress=progress)
+        r = execute(experiment, lm, RunOptions(batch_size=cfg.batch_size, progress=progress))
         r.annotate(pipeline_fingerprint=fp)
         r.save(json_path, plots=True, html=True)
         result = r.to_dict()
-        shutil.rmtree(partial, ignore_errors=True)
     m0 = cfg.measures[0]
     g = result["measures"][m0]["by_label"].get(label, {})
     if not enough:
@@ -325,7 +324,8 @@ def _attention_stage(
         "test_summary": g.get("summary") if n_random else None,
         "measure": m0,
         "file": str(json_path),
-        "plots": result.get("files", {}).get("plots", []),
+        # the files block lives in provenance (older documents: top level)
+        "plots": (result.get("provenance", {}).get("files") or result.get("files") or {}).get("plots", []),
     }
 
 
@@ -401,7 +401,7 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "—" if x is None else format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
-def _markdown(s: dict[str, Any]) -> str:
+def summary_markdown(s: dict[str, Any]) -> str:
     """The summary as a short report a reader can trust: counts first, tests only where the groups allow."""
     lines = [
         f"# Do I know this entity? — {s['model']}",
