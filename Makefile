@@ -25,7 +25,7 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-cache
 
 test: setup lint
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python -m pytest
