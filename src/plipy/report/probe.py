@@ -45,6 +45,7 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
             f"shuffled: the same probe and folds on {perms} label permutations; the smallest possible p is "
             f"1/{perms + 1} = {1 / (perms + 1):.3f}"
         )
+        out += _resolution_note(perms, len(result["layers"]))
     if result["n_features"] >= result["n_samples"]:
         out.append(
             f"{result['n_samples']} samples in {result['n_features']} dimensions: any labelling of a training "
@@ -57,6 +58,22 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
         if not r["converged"]
     ]
     return out
+
+
+def _resolution_note(perms: int, n_layers: int, alpha: float = 0.05) -> list[Any]:
+    """A warning when the permutation test cannot reach `alpha` after Holm over the layers: the smallest p is
+    1/(n+1), so the smallest Holm-corrected p is min(1, L/(n+1)) — whatever the probe's accuracy."""
+    best = min(1.0, n_layers / (perms + 1))
+    if best < alpha:
+        return []
+    needed = int(n_layers / alpha)  # L/(n+1) < alpha  ⇔  n ≥ L/alpha
+    return [
+        Note(
+            f"with {perms} permutations no layer can be significant after Holm over {n_layers} layers (the smallest "
+            f"possible p_holm is {best:.3g}), however well the probe does: use --permutations {needed} or more, or "
+            "fewer layers"
+        )
+    ]
 
 
 @VIEWS.figure(ProbeResult, "accuracy")
