@@ -20,6 +20,7 @@ from plipy.engine.batch import MAX_BATCH_TOKENS, pad_left, plan_batches
 from plipy.engine.runner import ConditionRunner
 from plipy.experiments import knockout as ko
 from plipy.experiments import steer as st
+from plipy.runtime.driver import RunOptions, execute
 from tiny_models import build, float64, fp32_bound, variant
 
 ARCHS3 = ["llama", "gpt2", "gemma3"]  # RoPE + GQA, absolute positions, sliding windows + global layers
@@ -157,12 +158,8 @@ def test_dose_and_knockout_batched_equal_one_by_one(smollm, corpus):
             if r1["scale"] == 1.0:
                 assert a["kl"] == b["kl"] == 0.0
     cond = [ko.Condition([14], "14"), ko.Condition([3, 4], "3-4")]
-    k1 = ko.run_knockout(
-        smollm, corpus, ko.KnockoutConfig(conditions=cond, n_resamples=200, batch_size=1, resume=False)
-    )
-    k4 = ko.run_knockout(
-        smollm, corpus, ko.KnockoutConfig(conditions=cond, n_resamples=200, batch_size=4, resume=False)
-    )
+    k1 = execute(ko.Knockout(corpus, cond, n_resamples=200), smollm, RunOptions(resume=False, batch_size=1))
+    k4 = execute(ko.Knockout(corpus, cond, n_resamples=200), smollm, RunOptions(resume=False, batch_size=4))
     for r1, r4 in zip(k1["runs"], k4["runs"], strict=True):
         for a, b in zip(r1["samples"], r4["samples"], strict=True):
             assert (a["id"], a["status"]) == (b["id"], b["status"])

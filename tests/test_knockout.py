@@ -12,6 +12,7 @@ import scipy.special
 import scipy.stats
 import torch
 
+import plipy
 from conftest import corpus_subset
 from plipy import cli
 from plipy.cli import knockout as ko_cli
@@ -22,6 +23,8 @@ from plipy.engine import runner as runner_mod
 from plipy.engine.runner import ConditionRunner
 from plipy.errors import PlipyError
 from plipy.experiments import knockout as ko
+from plipy.options import parse_layers
+from plipy.runtime.driver import RunOptions, execute
 from tiny_models import ARCHS, REF, REF_EDITS, SLIDING, build, register_reference, variant
 
 PICK = {"python_doctest": 2, "rust_test": 2, "python_baseline": 1, "rust_baseline": 1}
@@ -47,7 +50,11 @@ def engine(smollm):
 
 def _cfg(conditions, **kw):
     kw.setdefault("include_baselines", True)
-    return ko.KnockoutConfig(conditions=conditions, n_resamples=200, **kw)
+    return dict(conditions=conditions, n_resamples=200, **kw)
+
+
+def _run(lm, corpus, cfg, runner=None):
+    return execute(ko.Knockout(corpus, **cfg, runner=runner), lm, RunOptions())
 
 
 def _assert_same(fast: dict, naive: dict) -> None:
@@ -111,7 +118,7 @@ def test_identity_is_exactly_zero(smollm, engine, small_corpus):
         for o in outs:
             assert o.status == "identity"
             assert float(kl_divergence(base.logits, o.logits)) == 0.0
-    res = ko.run_knockout(smollm, small_corpus, _cfg([ko.Condition(list(range(30)), "0-29")], heads=[]))
+    res = _run(smollm, small_corpus, _cfg([ko.Condition(list(range(30)), "0-29")], heads=[]))
     ok = [s for s in res["runs"][0]["samples"] if s["status"] == "ok"]
     assert len(ok) == 5 and all(s["kl"] == 0.0 and s["kl_plip"] == 0.0 and not s["top1_changed"] for s in ok)
     assert res["runs"][0]["p"] == 1.0
@@ -146,7 +153,7 @@ def test_last_layer_edits_off_the_last_row_are_exactly_zero(smollm, engine, smal
         assert float(kl_divergence(want, spared_ref)) <= 1e-10  # the reference: unchanged up to rounding
         assert float(kl_divergence(want, hit_ref)) > 1e-8  # while the last row's edit is a real change
         assert abs(float(kl_divergence(base.logits, hit.logits)) - float(kl_divergence(want, hit_ref))) <= 1e-6
-    res = ko.run_knockout(smollm, small_corpus, _cfg([ko.Condition([29], "29")], include_baselines=False))
+    res = _run(smollm, small_corpus, _cfg([ko.Condition([29], "29")], include_baselines=False))
     rows = res["runs"][0]["samples"]
     assert rows and all(r["kl"] == 0.0 and r["note"].startswith("identity: edits only in the last layer") for r in rows)
 
@@ -172,7 +179,7 @@ def test_kl_equals_explicit_reference(smollm, small_corpus):
     checked, bases = 0, {}
     with torch.inference_mode():
         for edges, heads, conditions in cases:
-            res = ko.run_knockout(
+            res = _run(
                 smollm, small_corpus, _cfg(conditions, edges=edges, heads=heads, include_baselines=False), runner=runner
             )
             by_id = {s["id"]: s for s in res["samples"]}
@@ -200,8 +207,8 @@ def test_kl_equals_explicit_reference(smollm, small_corpus):
 def test_fast_equals_naive_every_edge_set(smollm, engine, small_corpus):
     for edges in ko.EDGE_KINDS:
         cfg = _cfg(CONDITIONS, edges=edges, heads=[1, 2, 7] if edges == "from-marker" else None)
-        fast = ko.run_knockout(smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="fast"))
-        naive = ko.run_knockout(smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="naive"))
+        fast = _run(smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="fast"))
+        naive = _run(smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="naive"))
         _assert_same(fast, naive)
         assert sum(s["status"] == "ok" for s in fast["runs"][0]["samples"]) == 5
 
@@ -210,7 +217,7 @@ def test_fast_equals_naive_every_edge_set(smollm, engine, small_corpus):
 def test_fast_equals_naive_every_mode(smollm, engine, small_corpus):
     modes = [
         ("layer", {}),
-        ("layers", {"layers": "10-14"}),
+        ("layers", {"layers": parse_layers("10-14", 30)}),
         ("scan-layers", {}),
         ("scan-windows", {"center": 2, "max_radius": 4}),
         ("slide-window", {"window": 4}),
@@ -218,12 +225,10 @@ def test_fast_equals_naive_every_mode(smollm, engine, small_corpus):
     for mode, kw in modes:
         for edges in ko.EDGE_KINDS:
             cfg = _cfg(ko.build_conditions(mode, 30, **kw), mode=mode, edges=edges)
-            fast = ko.run_knockout(
+            fast = _run(
                 smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="fast", max_batch=7)
             )
-            naive = ko.run_knockout(
-                smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="naive")
-            )
+            naive = _run(smollm, small_corpus, cfg, runner=ConditionRunner(smollm.model, engine, path="naive"))
             _assert_same(fast, naive)
 
 
@@ -299,7 +304,7 @@ def test_statuses_for_impossible_knockouts(smollm, small_corpus):
         ("to-marker", "row-fully-masked"),
         ("from-marker", "no-edges"),
     ):
-        res = ko.run_knockout(smollm, small_corpus, _cfg(cond, edges=edges))
+        res = _run(smollm, small_corpus, _cfg(cond, edges=edges))
         bad = [s for s in res["runs"][0]["samples"] if s["group"] == "rust_baseline"]
         assert [(s["status"], s["kl"]) for s in bad] == [(status, None)]
         assert [e["status"] for e in res["excluded"]] == [status]
@@ -309,7 +314,7 @@ def test_statuses_for_impossible_knockouts(smollm, small_corpus):
 
 def test_build_conditions():
     assert ko.build_conditions("layer", 30)[0].layers == [16]  # PLIP's default for 28-31 layers
-    assert ko.build_conditions("layers", 30, layers="3-5")[0].layers == [3, 4, 5]
+    assert ko.build_conditions("layers", 30, layers=parse_layers("3-5", 30))[0].layers == [3, 4, 5]
     assert [c.layers for c in ko.build_conditions("scan-layers", 3)] == [[0], [1], [2]]
     assert [c.layers for c in ko.build_conditions("scan-windows", 4, center=1, max_radius=5)] == [
         [1],
@@ -323,17 +328,17 @@ def test_bad_input_raises_one_clear_error(smollm, small_corpus, tmp_path):
     with pytest.raises(PlipyError, match="layer 30 does not exist"):
         ko.build_conditions("layer", 30, layer=30)
     with pytest.raises(PlipyError, match="layer 40 does not exist"):
-        ko.build_conditions("layers", 30, layers="5-40")
+        plipy.knockout(smollm, small_corpus, layers="5-40")
     with pytest.raises(PlipyError, match="empty"):
-        ko.build_conditions("layers", 30, layers="7-3")
+        plipy.knockout(smollm, small_corpus, layers="7-3")
     with pytest.raises(PlipyError, match="width"):
         ko.build_conditions("slide-window", 30, window=31)
     with pytest.raises(PlipyError, match="layer 31 does not exist"):
-        ko.run_knockout(smollm, small_corpus, _cfg([ko.Condition([31], "31")]))
+        _run(smollm, small_corpus, _cfg([ko.Condition([31], "31")]))
     with pytest.raises(PlipyError, match="head 9 does not exist"):
-        ko.run_knockout(smollm, small_corpus, _cfg([ko.Condition([3], "3")], heads=[9]))
+        _run(smollm, small_corpus, _cfg([ko.Condition([3], "3")], heads=[9]))
     with pytest.raises(PlipyError, match="no usable sample"):
-        ko.run_knockout(smollm, _unusable_corpus(tmp_path), _cfg([ko.Condition([3], "3")]))
+        _run(smollm, _unusable_corpus(tmp_path), _cfg([ko.Condition([3], "3")]))
 
 
 def _unusable_corpus(tmp_path):

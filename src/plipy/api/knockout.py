@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from plipy import options as opt
-from plipy.api.front import DEFAULT_MODEL, as_corpus, as_model, check_cluster, ray_load, runner_option
+from plipy.api.front import DEFAULT_MODEL, Front, as_corpus, runner_option
 from plipy.errors import ParameterError
 from plipy.results import KnockoutResult
 from plipy.runtime.experiment import Progress
-
-KNOCKOUT_MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-window")
 
 
 def knockout_mode(
@@ -77,15 +75,25 @@ def knockout(
     progress: Progress | None = None,
 ) -> KnockoutResult:
     """Remove attention edges (marker → targets by default) in one layer, a set, each layer alone, or windows,
-    and measure the next-token KL on every sample (`plipy knockout`). `resume`/`fresh`/`batch_size` (baselines per
-    forward) and `ray`/`workers` as in `scan`."""
-    from plipy.experiments import knockout as ko
-    from plipy.experiments import scan as sc
+    and measure the next-token KL on every sample (`plipy knockout`). `runner`: "auto" | "fast" | "naive" or a
+    `ConditionRunner` to reuse; `resume`/`fresh`/`batch_size` (baselines per forward) and `ray`/`workers` as in
+    `scan`."""
+    from plipy.experiments.knockout import EDGE_KINDS, Knockout, build_conditions
+    from plipy.experiments.samples import choose_groups
 
-    opt.check_choice(edges, ko.EDGE_KINDS, param="edges")
-    opt.check_positive(resamples, param="resamples")
-    opt.check_batch_size(batch_size)
-    cluster = check_cluster(ray, workers)
+    front = Front.check(
+        dtype=dtype,
+        device=device,
+        tokenizer=tokenizer,
+        device_map=device_map,
+        max_memory=max_memory,
+        resume=resume,
+        fresh=fresh,
+        batch_size=batch_size,
+        ray=ray,
+        workers=workers,
+        progress=progress,
+    )
     mode = knockout_mode(
         layer=layer,
         layers=layers,
@@ -95,24 +103,28 @@ def knockout(
         center=center,
         max_radius=max_radius,
     )
+    opt.check_choice(edges, EDGE_KINDS, param="edges")
+    _check_mode_options(layer, layers, center, max_radius, slide_window)
+    opt.check_selection(heads, param="heads", what="head")
+    opt.check_resamples(resamples)
+    opt.check_seed(seed)
+    the_runner, path = runner_option(runner, condition_batch)
     corp = as_corpus(corpus, offsets=offsets)
     group_list = opt.parse_groups(groups)
-    sc.choose_groups(corp, group_list)
-    lm = as_model(
-        model,
-        dtype=dtype,
-        device=device,
-        tokenizer=tokenizer,
-        device_map=device_map,
-        max_memory=max_memory,
-        cluster=cluster,
+    choose_groups(corp, group_list)  # bad groups fail before the model loads
+    lm = front.model(model)
+    conditions = build_conditions(
+        mode,
+        lm.n_layers,
+        layer=layer,
+        layers=None if layers is None else opt.parse_layers(layers, lm.n_layers),
+        center=center,
+        max_radius=max_radius,
+        window=slide_window,
     )
-    the_runner, path = runner_option(runner, condition_batch)
-    conditions = ko.build_conditions(
-        mode, lm.n_layers, layer=layer, layers=layers, center=center, max_radius=max_radius, window=slide_window
-    )
-    cfg = ko.KnockoutConfig(
-        conditions=conditions,
+    experiment = Knockout(
+        corp,
+        conditions,
         mode=mode,
         edges=edges,
         heads=opt.parse_heads(heads, lm.n_heads),
@@ -124,16 +136,18 @@ def knockout(
         path=path,
         max_batch=condition_batch,
         extra={"offsets": offsets},
-        resume=resume,
-        fresh=fresh,
-        batch_size=batch_size,
-    )
-    return ko.run_knockout(
-        lm,
-        corp,
-        cfg,
-        progress=progress,
         runner=the_runner,
-        cluster=cluster,
-        load=ray_load(device, device_map, max_memory),
     )
+    return front.execute(experiment, lm)
+
+
+def _check_mode_options(layer: Any, layers: Any, center: Any, max_radius: int | None, slide_window: int | None) -> None:
+    """What the mode options can be told without the model (their upper bounds need its layer count)."""
+    for value, param in ((layer, "layer"), (center, "center")):
+        if value is not None:
+            opt.check_positive(value, param=param, minimum=0)
+    opt.check_selection(layers, param="layers")
+    if max_radius is not None:
+        opt.check_positive(max_radius, param="max_radius", minimum=0)
+    if slide_window is not None:
+        opt.check_positive(slide_window, param="slide_window")

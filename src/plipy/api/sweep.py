@@ -18,7 +18,7 @@ def sweep(models: Any, experiment: str = "scan", *, out_dir: str | Path | None =
     and the sweep are saved there (`<experiment>-<model>.json`, `sweep-<experiment>.json`)."""
     import inspect
 
-    from plipy.cluster import sweep as sw
+    from plipy.experiments import sweep as sw
 
     opt.check_choice(experiment, sw.EXPERIMENTS, param="experiment")
     specs = [str(m) for m in models] if isinstance(models, (list, tuple)) else opt.parse_groups(models, param="models")

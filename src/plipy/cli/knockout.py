@@ -51,23 +51,18 @@ def knockout(
 ) -> None:
     """Knock out attention edges (PLIP-rs' ablation) on every sample; KL of the next-token distribution."""
     from plipy import api
-    from plipy.api.knockout import knockout_mode
 
-    modes = {
-        "layer": layer,
-        "layers": layers,
-        "scan_layers": scan_layers,
-        "scan_windows": scan_windows,
-        "slide_window": slide_window,
-        "center": center,
-        "max_radius": max_radius,
-    }
-    knockout_mode(**modes)  # before the model loads
     with c.progress_bars() as start:
         result = api.knockout(
             o.model,
             o.corpus,
-            **modes,
+            layer=layer,
+            layers=layers,
+            scan_layers=scan_layers,
+            scan_windows=scan_windows,
+            slide_window=slide_window,
+            center=center,
+            max_radius=max_radius,
             edges=edges,
             heads=heads,
             groups=c.split_list(groups),
@@ -83,5 +78,3 @@ def knockout(
             **c.load_options(o),
         )
     c.save_and_report(result, o.out, plot=o.plot, html=o.html, table_format=o.table_format)
-    if result["mode"] == "layer" and layer is None:
-        c.console.print(f"no mode given: knocked out PLIP's default layer {result['runs'][0]['label']}")

@@ -31,8 +31,8 @@ def sweep(
 ) -> None:
     """Run one experiment on each model in turn (each on its own Ray actor pool with --ray) and compare them."""
     from plipy.cli import app
-    from plipy.cluster import sweep as sw
     from plipy.errors import PlipyError
+    from plipy.experiments import sweep as sw
     from plipy.options import check_choice, parse_groups
     from plipy.results import load_result
 

@@ -14,22 +14,22 @@ Edge sets (m = the marker token, S = sequence length):
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from plipy import divergence, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
 from plipy.engine import EdgeEdit, Engine
-from plipy.engine.batch import default_batch_size, pad_id, plan_batches
+from plipy.engine.batch import pad_id
 from plipy.engine.runner import RULES_VERSION, Baseline, ConditionRunner, dead_row, layer_windows
 from plipy.engine.spec import compile_edits
-from plipy.errors import PlipyError
+from plipy.errors import ParameterError, PlipyError
 from plipy.experiments.samples import after_marker, choose_groups, identity
-from plipy.options import layer_label, parse_layers, plip_default_layer
+from plipy.models import LoadedModel
+from plipy.options import check_choice, check_positive, layer_label, parse_layers, plip_default_layer
 from plipy.results import KnockoutResult
-from plipy.runtime import checkpoint, provenance
+from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
 EDGE_KINDS = ("marker-to-targets", "to-marker", "from-marker")
 MODES = ("layer", "layers", "scan-layers", "scan-windows", "slide-window")
@@ -44,77 +44,60 @@ class Condition:
     extra: dict = field(default_factory=dict)  # e.g. {"radius": 2} or {"start": 4}
 
 
-@dataclass
-class KnockoutConfig:
-    """What to knock out. `heads` None = every head, [] = none (an identity run: KL exactly 0)."""
-
-    conditions: list[Condition]
-    mode: str = "layer"
-    edges: str = "marker-to-targets"
-    heads: Sequence[int] | None = None
-    groups: Sequence[str] | None = None
-    include_baselines: bool = False
-    bos: bool = False
-    seed: int = 0
-    n_resamples: int = 10000
-    path: str = "auto"  # runner path: auto | fast | naive
-    max_batch: int = 32
-    top_k: int = 5
-    extra: dict = field(default_factory=dict)
-    resume: bool = True  # keep finished samples on disk until the result is complete (plipy.checkpoint)
-    fresh: bool = False  # discard what an interrupted run with the same settings left
-    batch_size: int | None = None  # baselines per forward (None: plipy.engine.batch.default_batch_size)
-
-
 # -- conditions ----------------------------------------------------------------------------------------------------
 
 
-def _check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
-    """`layer` if the model has it (a ParameterError naming `what` otherwise)."""
-    return parse_layers(int(layer), n_layers, param=what)[0]
+def _check_layer(layer: int, n_layers: int, param: str) -> int:
+    """`layer` if the model has it (a ParameterError naming `param` otherwise)."""
+    return parse_layers(int(layer), n_layers, param=param)[0]
 
 
 def build_conditions(
     mode: str,
     n_layers: int,
     layer: int | None = None,
-    layers: Any = None,
+    layers: Sequence[int] | None = None,
     center: int | None = None,
     max_radius: int | None = 5,
     window: int | None = None,
 ) -> list[Condition]:
-    """The conditions of a mode: one layer, a set of layers together (the `plipy.options` grammar: `10-14`,
-    `3,5,7`, a list…), each layer, expanding windows c±r, or sliding windows."""
+    """The conditions of a mode: one layer, a set of layers together (`layers`: indices, as
+    `plipy.options.parse_layers` resolves the grammar), each layer, expanding windows c±r, or sliding windows."""
     if mode == "layer":
-        lay = plip_default_layer(n_layers) if layer is None else _check_layer(layer, n_layers)
+        lay = plip_default_layer(n_layers) if layer is None else _check_layer(layer, n_layers, "layer")
         return [Condition([lay], str(lay))]
     if mode == "layers":
-        rng = parse_layers(layers, n_layers)
+        if not layers:
+            raise ParameterError("layers", "names no layer: give the layers knocked out together")
+        rng = sorted({int(x) for x in layers})
         return [Condition(rng, layer_label(rng))]
     if mode == "scan-layers":
         return [Condition([i], str(i)) for i in range(n_layers)]
     if mode == "scan-windows":
-        c = plip_default_layer(n_layers) if center is None else _check_layer(center, n_layers, "center")
-        max_radius = 5 if max_radius is None else max_radius
-        if max_radius < 0:
-            raise PlipyError(f"--max-radius must be ≥ 0, got {max_radius}")
-        out: list[Condition] = []
-        seen: set[tuple[int, int]] = set()
-        for r in range(max_radius + 1):
-            lo, hi = max(0, c - r), min(c + r, n_layers - 1)
-            if (lo, hi) in seen:  # both ends clipped: the same window again
-                continue
-            seen.add((lo, hi))
-            out.append(Condition(list(range(lo, hi + 1)), f"{c}±{r}", {"center": c, "radius": r}))
-        return out
+        return _windows(n_layers, center, max_radius)
     if mode == "slide-window":
         if window is None or not 1 <= window <= n_layers:
-            raise PlipyError(f"--slide-window needs a width 1-{n_layers}, got {window}")
+            raise ParameterError("slide_window", f"needs a width 1-{n_layers}, got {window}")
         return [
             Condition(list(range(s, s + window)), layer_label(range(s, s + window)), {"start": s})
             for s in range(n_layers - window + 1)
         ]
-    raise PlipyError(f"unknown knockout mode {mode!r}; one of {', '.join(MODES)}")
+    raise ParameterError("mode", f"unknown knockout mode {mode!r}; one of {', '.join(MODES)}")
+
+
+def _windows(n_layers: int, center: int | None, max_radius: int | None) -> list[Condition]:
+    """Expanding windows c±r, r = 0…max_radius, clipped to the model (a clipped repeat is dropped)."""
+    c = plip_default_layer(n_layers) if center is None else _check_layer(center, n_layers, "center")
+    max_radius = 5 if max_radius is None else check_positive(max_radius, param="max_radius", minimum=0)
+    out: list[Condition] = []
+    seen: set[tuple[int, int]] = set()
+    for r in range(max_radius + 1):
+        lo, hi = max(0, c - r), min(c + r, n_layers - 1)
+        if (lo, hi) in seen:  # both ends clipped: the same window again
+            continue
+        seen.add((lo, hi))
+        out.append(Condition(list(range(lo, hi + 1)), f"{c}±{r}", {"center": c, "radius": r}))
+    return out
 
 
 # -- edges per sample ----------------------------------------------------------------------------------------------
@@ -122,8 +105,7 @@ def build_conditions(
 
 def knockout_edges(sp: SamplePositions, kind: str) -> tuple[list[tuple[int, int]], str, str | None]:
     """(edges, status, note) of one sample: status `ok`, `failed` (no exact marker token) or `no-edges`."""
-    if kind not in EDGE_KINDS:
-        raise PlipyError(f"unknown edge set {kind!r}; one of {', '.join(EDGE_KINDS)}")
+    check_choice(kind, EDGE_KINDS, param="edges")
     m = sp.marker_token
     if m is None or sp.marker_match != "exact":
         return [], "failed", "the marker has no exact token (PLIP's knockout uses the exact rule only)"
@@ -173,32 +155,36 @@ def sample_record(sp: SamplePositions, kind: str) -> dict[str, Any]:
 
 # -- the experiment ------------------------------------------------------------------------------------------------
 
+KL_NOTE = "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms"
+KL_PLIP_NOTE = "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64"
 
-def _check_config(config: KnockoutConfig, n_layers: int, n_heads: int) -> list[int] | None:
-    """Validate the config against the model; returns the sorted heads (None = every head)."""
-    if config.edges not in EDGE_KINDS:
-        raise PlipyError(f"unknown edge set {config.edges!r}; one of {', '.join(EDGE_KINDS)}")
-    if not config.conditions:
-        raise PlipyError("no knockout condition to run")
-    for c in config.conditions:
-        for layer in c.layers:
-            _check_layer(layer, n_layers)
-    heads = None if config.heads is None else sorted({int(h) for h in config.heads})
-    for h in heads or []:
+
+def check_heads(heads: Sequence[int] | None, n_heads: int) -> list[int] | None:
+    """The sorted unique knocked-out heads (None = every head), each one the model has."""
+    out = None if heads is None else sorted({int(h) for h in heads})
+    for h in out or []:
         if not 0 <= h < n_heads:
-            raise PlipyError(f"head {h} does not exist: the model has {n_heads} query heads (0-{n_heads - 1})")
-    return heads
+            raise ParameterError(
+                "heads", f"head {h} does not exist: the model has {n_heads} query heads (0-{n_heads - 1})"
+            )
+    return out
 
 
 def prepare_samples(
-    lm: Any, corpus: Corpus, config: KnockoutConfig, groups: list[str], pair: tuple[str, str], heads: list[int] | None
+    lm: LoadedModel,
+    corpus: Corpus,
+    edges: str,
+    bos: bool,
+    groups: list[str],
+    pair: tuple[str, str],
+    heads: list[int] | None,
 ) -> tuple[list[dict[str, Any]], list[SamplePositions]]:
     """Sample records with their edge sets and statuses; refuses a run that could give no statistics."""
     samples: list[dict[str, Any]] = []
     positions: list[SamplePositions] = []
     for s in corpus.samples(groups):
-        sp = token_positions(s, lm.tokenizer, bos=config.bos, max_length=lm.max_positions)
-        rec = sample_record(sp, config.edges)
+        sp = token_positions(s, lm.tokenizer, bos=bos, max_length=lm.max_positions)
+        rec = sample_record(sp, edges)
         if rec["status"] == "ok":
             # a knockout that empties a row is impossible whatever the layer: say so before running anything
             dead = dead_row(compile_edits([EdgeEdit([0], rec["edges"], 0.0, heads)], lm.n_layers, lm.n_heads))
@@ -209,42 +195,43 @@ def prepare_samples(
     usable = [s for s in samples if s["status"] == "ok"]
     if not usable:
         reasons = sorted({f"{s['status']} ({s.get('note', '')})" for s in samples})
-        raise PlipyError(f"no usable sample for {config.edges} knockout: " + "; ".join(reasons))
+        raise PlipyError(f"no usable sample for {edges} knockout: " + "; ".join(reasons))
     for g in pair:
         if sum(1 for s in usable if s["group"] == g) < 2:
             raise PlipyError(
-                f"group {g!r} has fewer than 2 usable samples for {config.edges} knockout: no statistics possible"
+                f"group {g!r} has fewer than 2 usable samples for {edges} knockout: no statistics possible"
             )
     return samples, positions
 
 
-def status_rows(rec: dict[str, Any], config: KnockoutConfig) -> list[dict[str, Any]]:
+def status_rows(rec: dict[str, Any], n_conditions: int) -> list[dict[str, Any]]:
     """The rows of a sample that cannot run: its status under every condition."""
     return [
         {"id": rec["id"], "group": rec["group"], "kl": None, "status": rec["status"], "note": rec.get("note")}
-        for _ in config.conditions
+        for _ in range(n_conditions)
     ]
 
 
 def run_sample(
-    lm: Any,
+    lm: LoadedModel,
     runner: ConditionRunner,
     rec: dict[str, Any],
     base: Baseline,
-    config: KnockoutConfig,
+    conditions: Sequence[Condition],
     heads: list[int] | None,
     windows: list[int | None],
+    top_k: int = 5,
 ) -> list[dict[str, Any]]:
     """One sample under every condition, from its baseline: one measure row per condition (or a status row)."""
     edges = [tuple(e) for e in rec["edges"]]
-    conds = [condition_edits(edges, c.layers, heads, windows) for c in config.conditions]
+    conds = [condition_edits(edges, c.layers, heads, windows) for c in conditions]
     rows = []
     for out in runner.run(base, conds):
         row: dict[str, Any] = {"id": rec["id"], "group": rec["group"]}
         if out.logits is None:
             row.update(kl=None, status=out.status, note=out.note)
         else:
-            row.update(status="ok", **divergence.compare_logits(base.logits, out.logits, lm.tokenizer, config.top_k))
+            row.update(status="ok", **divergence.compare_logits(base.logits, out.logits, lm.tokenizer, top_k))
             if out.status == "identity":
                 # a planned condition (first_layer set) the logits cannot see, or one with nothing left to edit
                 why = (
@@ -255,11 +242,6 @@ def run_sample(
                 row["note"] = "identity: " + why
         rows.append(row)
     return rows
-
-
-def _batches(indices: list[int], positions: list[SamplePositions], batch_size: int) -> list[list[int]]:
-    """The samples `indices` in deterministic batches of similar length (their baselines share a forward)."""
-    return [[indices[j] for j in b] for b in plan_batches([positions[i].seq_len for i in indices], batch_size)]
 
 
 def _excluded(samples: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -284,146 +266,139 @@ def _excluded(samples: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list
     return excluded
 
 
-def _prepare(
-    lm: Any, corpus: Corpus, config: KnockoutConfig
-) -> tuple[list[int] | None, list[str], tuple[str, str], list[dict[str, Any]], list[SamplePositions]]:
-    """(heads, groups, compared pair, sample records, positions): alike on the driver and on every Ray worker."""
-    heads = _check_config(config, lm.n_layers, lm.n_heads)
-    groups, pair = choose_groups(corpus, config.groups)
-    if config.include_baselines:
-        groups = groups + [g for g in corpus.group_names if g.endswith("_baseline") and g not in groups]
-    samples, positions = prepare_samples(lm, corpus, config, groups, pair, heads)
-    return heads, groups, pair, samples, positions
+@dataclass
+class KnockoutPlan:
+    """Everything the units of a knockout depend on, computed alike on the driver and on every Ray worker."""
+
+    heads: list[int] | None  # sorted; None = every head (the engine's own "all")
+    all_heads: list[int]  # the heads as results list them
+    groups: list[str]
+    pair: tuple[str, str]
+    samples: list[dict[str, Any]]
+    positions: list[SamplePositions]
+    windows: list[int | None]  # per layer, its sliding window (None: full attention)
+    runner: ConditionRunner
 
 
-def _compute(
-    lm: Any,
-    runner: ConditionRunner,
-    samples: list[dict[str, Any]],
-    positions: list[SamplePositions],
-    config: KnockoutConfig,
-    heads: list[int] | None,
-) -> Callable[[list[int]], list]:
-    windows = layer_windows(lm.model, lm.n_layers)
+@dataclass
+class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
+    """Every condition on every sample of the chosen groups: samples, per-condition runs and statistics.
 
-    def compute(batch: list[int]) -> list[tuple[list[dict[str, Any]], None]]:
-        bases = runner.baselines([positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
+    `heads` None = every head, [] = none (an identity run: KL exactly 0). `path` is the runner path (auto | fast |
+    naive) and `max_batch` its conditions per batched forward; a `runner` given here is reused locally (Ray workers
+    build their own from `path` and `max_batch`)."""
+
+    kind = "knockout"
+    label = "knockout"
+
+    corpus: Corpus
+    conditions: list[Condition]
+    mode: str = "layer"
+    edges: str = "marker-to-targets"
+    heads: Sequence[int] | None = None
+    groups: Sequence[str] | None = None
+    include_baselines: bool = False
+    bos: bool = False
+    seed: int = 0
+    n_resamples: int = 10000
+    path: str = "auto"
+    max_batch: int = 32
+    top_k: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)
+    runner: ConditionRunner | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner is not None:  # the workers of a Ray run build the runner the caller gave
+            self.path, self.max_batch = self.runner.path, self.runner.max_batch
+
+    def local_only(self) -> tuple[str, ...]:
+        return ("runner",)  # it holds this process' model
+
+    def plan(self, lm: LoadedModel) -> KnockoutPlan:
+        check_choice(self.edges, EDGE_KINDS, param="edges")
+        if not self.conditions:
+            raise ParameterError("conditions", "no knockout condition to run")
+        for c in self.conditions:
+            parse_layers(list(c.layers), lm.n_layers, param="conditions")
+        heads = check_heads(self.heads, lm.n_heads)
+        groups, pair = choose_groups(self.corpus, self.groups)
+        if self.include_baselines:
+            groups = groups + [g for g in self.corpus.group_names if g.endswith("_baseline") and g not in groups]
+        samples, positions = prepare_samples(lm, self.corpus, self.edges, self.bos, groups, pair, heads)
+        runner = self.runner or ConditionRunner(lm.model, Engine(lm.model), path=self.path, max_batch=self.max_batch)
+        all_heads = heads if heads is not None else list(range(lm.n_heads))
+        windows = layer_windows(lm.model, lm.n_layers)
+        return KnockoutPlan(heads, all_heads, groups, pair, samples, positions, windows, runner)
+
+    def settings(self, lm: LoadedModel, plan: KnockoutPlan, batch_size: int) -> Settings:
+        config = {
+            "mode": self.mode,
+            "conditions": [c.layers for c in self.conditions],
+            "edges": self.edges,
+            "heads": plan.all_heads,
+            "groups": plan.groups,
+            "compared": list(plan.pair),
+            "include_baselines": self.include_baselines,
+            "bos": self.bos,
+            "n_resamples": self.n_resamples,
+            "top_k": self.top_k,
+            "kl": KL_NOTE,
+            "kl_plip": KL_PLIP_NOTE,
+            "batch_size": batch_size,
+            **self.extra,
+        }
+        # fast and naive agree to rounding, not bit for bit: units of one never finish a run of the other
+        key = {"runner": self.path, "runner_rules": RULES_VERSION}
+        return Settings(config, self.corpus, self.seed, key, described={"runner": plan.runner.describe()})
+
+    def work(self, plan: KnockoutPlan, batch_size: int) -> Work:
+        ok = [i for i, rec in enumerate(plan.samples) if rec["status"] == "ok"]
+        lengths = [sp.seq_len for sp in plan.positions]
+        # baselines of similar length share a forward; samples with a status need none
+        return Work(length_batches(ok, lengths, batch_size), settled=len(plan.samples) - len(ok))
+
+    def compute(self, lm: LoadedModel, plan: KnockoutPlan, batch: list[int]) -> list[Unit]:
+        bases = plan.runner.baselines([plan.positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
         return [
-            (run_sample(lm, runner, samples[i], b, config, heads, windows), None)
+            (run_sample(lm, plan.runner, plan.samples[i], b, self.conditions, plan.heads, plan.windows, self.top_k), {})
             for i, b in zip(batch, bases, strict=True)
         ]
 
-    return compute
-
-
-def unit_compute(lm: Any, corpus: Corpus, config: KnockoutConfig) -> Callable[[list[int]], list]:
-    """A Ray worker's `compute(batch)` (`plipy.cluster`): the local path's own code on the worker's model."""
-    heads, _, _, samples, positions = _prepare(lm, corpus, config)
-    runner = ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
-    return _compute(lm, runner, samples, positions, config, heads)
-
-
-def run_knockout(
-    lm: Any,
-    corpus: Corpus,
-    config: KnockoutConfig,
-    *,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    runner: ConditionRunner | None = None,
-    cluster: Any = None,
-    load: dict[str, Any] | None = None,
-) -> KnockoutResult:
-    """Every condition on every sample of the chosen groups; returns samples, per-condition runs and statistics.
-    With a `cluster` (`plipy.cluster.Cluster`) the batches run on Ray workers that load the model with `load`."""
-    from plipy.cluster import pool as cp
-
-    heads, groups, pair, samples, positions = _prepare(lm, corpus, config)
-    runner = runner or ConditionRunner(lm.model, Engine(lm.model), path=config.path, max_batch=config.max_batch)
-    batch_size = config.batch_size or default_batch_size(lm.device)
-    all_heads = heads if heads is not None else list(range(lm.n_heads))
-    runs = [
-        {"layers": c.layers, "label": c.label, **c.extra, "edges": config.edges, "heads": all_heads, "samples": []}
-        for c in config.conditions
-    ]
-    settings = {
-        "mode": config.mode,
-        "conditions": [c.layers for c in config.conditions],
-        "edges": config.edges,
-        "heads": all_heads,
-        "groups": groups,
-        "compared": list(pair),
-        "include_baselines": config.include_baselines,
-        "bos": config.bos,
-        "n_resamples": config.n_resamples,
-        "top_k": config.top_k,
-        "kl": "KL(P_base || P_knockout), nats, last input position, full vocabulary, float64, all terms",
-        "kl_plip": "the same with only terms p > 1e-10 and q > 1e-10 (PLIP-rs), float64",
-        "batch_size": batch_size,
-        **config.extra,
-    }
-    units = checkpoint.open_run(
-        "knockout",
-        lm,
-        corpus,
-        settings,
-        resume=config.resume,
-        fresh=config.fresh,
-        runner=config.path,  # fast and naive agree to rounding, not bit for bit
-        runner_rules=RULES_VERSION,
-    )
-    step = progress(units.label("knockout"), len(samples)) if progress else (lambda: None)
-    t0 = time.perf_counter()
-    rows_of: dict[int, list[dict[str, Any]]] = {}
-    for i, rec in enumerate(samples):
-        if rec["status"] != "ok":
-            rows_of[i] = status_rows(rec, config)
-            step()
-
-    ok = [i for i, rec in enumerate(samples) if rec["status"] == "ok"]
-    with cp.executor(
-        cluster,
-        lm,
-        load,
-        f"{__name__}:unit_compute",
-        (corpus, config),
-        lambda: _compute(lm, runner, samples, positions, config, heads),
-    ) as ex:
-        for i, got in units.batched(_batches(ok, positions, batch_size), ex.compute, ex.remote):
-            rows_of[i] = got[0]
-            step()
-        where = ex.describe()
-    for i in range(len(samples)):
-        for run, row in zip(runs, rows_of[i], strict=True):
-            run["samples"].append(row)
-    elapsed = time.perf_counter() - t0
-    for run in runs:
-        run["groups"] = {g: stats.describe(_kls(run, g)) for g in groups}
-    _compare(runs, pair, config.seed, config.n_resamples)
-    prov = provenance.build(model=lm, corpus=corpus, seed=config.seed, config={**settings, "runner": runner.describe()})
-    # wall-clock time is provenance: it differs between two runs that give the same numbers
-    prov["timing"] = {
-        "seconds": elapsed,
-        "path": runner.path,
-        "samples": sum(s["status"] == "ok" for s in samples),
-        "conditions": len(config.conditions),
-        "resumed_samples": units.resumed,
-    }
-    if where is not None:
-        prov["cluster"] = where
-    result = KnockoutResult(
-        {
-            "provenance": prov,
-            "mode": config.mode,
-            "edges": config.edges,
-            "heads": all_heads,
-            "groups_compared": list(pair),
-            "samples": samples,
-            "excluded": _excluded(samples, runs),
-            "runs": runs,
-        }
-    )
-    units.finish()
-    return result
+    def assemble(
+        self, lm: LoadedModel, plan: KnockoutPlan, units: dict[int, Unit], provenance: dict[str, Any]
+    ) -> KnockoutResult:
+        runs = [
+            {
+                "layers": c.layers,
+                "label": c.label,
+                **c.extra,
+                "edges": self.edges,
+                "heads": plan.all_heads,
+                "samples": [],
+            }
+            for c in self.conditions
+        ]
+        for i, rec in enumerate(plan.samples):  # rows in sample order, whatever order the batches ran in
+            rows = units[i][0] if i in units else status_rows(rec, len(self.conditions))
+            for run, row in zip(runs, rows, strict=True):
+                run["samples"].append(row)
+        for run in runs:
+            run["groups"] = {g: stats.describe(_kls(run, g)) for g in plan.groups}
+        _compare(runs, plan.pair, self.seed, self.n_resamples)
+        # what the runner did (its forward calls, a fallback): known only now that it ran
+        provenance["config"]["runner"] = plan.runner.describe()
+        return KnockoutResult(
+            {
+                "provenance": provenance,
+                "mode": self.mode,
+                "edges": self.edges,
+                "heads": plan.all_heads,
+                "groups_compared": list(plan.pair),
+                "samples": plan.samples,
+                "excluded": _excluded(plan.samples, runs),
+                "runs": runs,
+            }
+        )
 
 
 def _kls(run: dict, group: str) -> list[float]:

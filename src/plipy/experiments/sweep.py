@@ -1,13 +1,16 @@
 """One experiment over several models: a result per model and the comparison table PLIP-rs' documents were written
 from (per model: the layer of the largest effect, the group means there, their ratio beside the null ratio).
 
-Models run one after another, each on its own Ray actor pool when `--ray` is given (a pool holds one model)."""
+This module compares finished results; the facade (`plipy.api.sweep`, `plipy sweep`) runs the models one after
+another, each on its own Ray actor pool when `--ray` is given (a pool holds one model)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from plipy.errors import PlipyError
+from plipy.results import SweepResult
+from plipy.runtime import provenance
 
 EXPERIMENTS = ("scan", "knockout")
 
@@ -104,11 +107,8 @@ def file_names(specs: list[str]) -> list[str]:
     return out
 
 
-def build(kind: str, models: list[dict[str, Any]], docs: list[dict[str, Any]], config: dict[str, Any]) -> Any:
+def build(kind: str, models: list[dict[str, Any]], docs: list[dict[str, Any]], config: dict[str, Any]) -> SweepResult:
     """The SweepResult of per-model result documents (`models`: spec and file of each)."""
-    from plipy.results import SweepResult
-    from plipy.runtime import provenance
-
     return SweepResult(
         {
             "provenance": provenance.build(
