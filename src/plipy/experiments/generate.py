@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from plipy.corpus import char_to_token
-from plipy.corpus.chat import ChatText
+from plipy.corpus import char_to_token, chat
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine.batch import pad_left
 from plipy.engine.runner import cache_argument, full_cache
@@ -90,10 +89,8 @@ def prompt_edge(
     return ids, (q, k), None
 
 
-def chat_text(tokenizer: Any, prompt: str) -> ChatText:
+def chat_text(tokenizer: Any, prompt: str) -> chat.ChatText:
     """The prompt in the tokenizer's chat template (`plipy.corpus.chat`), with where it sits in the templated text."""
-    from plipy.corpus import chat
-
     if getattr(tokenizer, "chat_template", None) is None:
         raise ParameterError("chat", "this tokenizer has no chat template")
     return chat.apply(tokenizer, prompt, system=CHAT_SYSTEM, user=CHAT_USER)
