@@ -19,9 +19,9 @@ from plipy.corpus import load_corpus, token_positions
 from plipy.divergence import kl_divergence
 from plipy.engine import Capture, Engine
 from plipy.engine.runner import ConditionRunner, RunnerStats
-from plipy.experiments import steer as st
-from plipy.experiments.knockout import plip_default_layer
+from plipy.experiments import edge_steering as es
 from plipy.models import load_model
+from plipy.options import plip_default_layer
 
 
 def main() -> None:
@@ -47,10 +47,10 @@ def main() -> None:
     doses = [float(x) for x in args.doses.split(",")]
     items = []
     for s in load_corpus().samples(args.group):
-        ss = st.steer_sample(token_positions(s, lm.tokenizer))
+        ss = es.steer_sample(token_positions(s, lm.tokenizer))
         if ss.status == "ok":
             cap = Capture(rows=[ss.positions.marker_token], layers=[layer])
-            items.append((ss.positions.input_ids, cap, [[*st._edits(ss, [layer], d, None)] for d in doses]))
+            items.append((ss.positions.input_ids, cap, [es.edge_edits(ss, [layer], d, None) for d in doses]))
     items = items[: args.limit]
 
     names = list(runners)

@@ -201,7 +201,7 @@ def test_umask_and_symlinks(tmp_path):
 
 
 def test_single_dose_has_no_monotonicity():
-    from plipy.experiments.steer import monotonicity
+    from plipy.experiments.dose import monotonicity
 
     m = monotonicity([{"scale": 2.0, "n": 3, "mean_kl": 0.1, "mean_attention_achieved": 0.2, "samples": []}])
     assert m["attention_increasing"] is None and "fewer than two doses" in m["note"]

@@ -18,8 +18,8 @@ from plipy.divergence import kl_divergence
 from plipy.engine import Capture, Engine
 from plipy.engine.batch import MAX_BATCH_TOKENS, pad_left, plan_batches
 from plipy.engine.runner import ConditionRunner
+from plipy.experiments import generate as gen
 from plipy.experiments import knockout as ko
-from plipy.experiments import steer as st
 from plipy.runtime.driver import RunOptions, execute
 from tiny_models import build, float64, fp32_bound, variant
 
@@ -145,8 +145,8 @@ def test_dose_and_knockout_batched_equal_one_by_one(smollm, corpus):
     """Dose and knockout from batched baselines: the same statuses, attention rows within the scan's rounding, and
     KL within 2·max|Δlogits| of the one-by-one run (max|Δlogits| from the fp32 error on these very samples)."""
     kw = dict(layers=[14], doses=[0.5, 1.0, 3.0], resume=False)
-    d1 = st.run_dose(smollm, corpus, st.DoseConfig(**kw, batch_size=1))
-    d3 = st.run_dose(smollm, corpus, st.DoseConfig(**kw, batch_size=3))
+    d1 = plipy.steer.dose(smollm, corpus, **kw, batch_size=1)
+    d3 = plipy.steer.dose(smollm, corpus, **kw, batch_size=3)
     ids = [torch.tensor([token_positions(s, smollm.tokenizer).input_ids]) for s in corpus.samples(["rust_test"])]
     eager, eager64 = variant(smollm.model, "eager"), float64(variant(smollm.model, "eager"))
     with torch.inference_mode():
@@ -172,17 +172,17 @@ def test_generate_batched_equals_one_by_one_greedy(smollm):
     (top-2 logits of the one-by-one run closer than twice the fp32 rounding bound), where either token is greedy."""
     from plipy.engine import EdgeEdit
 
-    prompts, _ = st.load_prompts()
-    cfg = st.GenerateConfig(layers=[14], scale=3.0, max_tokens=10)
+    prompts, _ = gen.load_prompts()
+    cfg = dict(scale=3.0, max_tokens=10)
     items = []
     for p in prompts[:4]:
-        ids, edge, _ = st.prompt_edge(smollm.tokenizer, p["prompt"], p["id"], cfg.query_text, cfg.key_text)
+        ids, edge, _ = gen.prompt_edge(smollm.tokenizer, p["prompt"], p["id"], "fn ", "#[test]")
         items.append((ids, edge))
     engine = Engine(smollm.model)
-    batched = st.generate_pairs(smollm, engine, items, [14], cfg)
+    batched = gen.generate_pairs(smollm, engine, items, [14], **cfg)
     eager, eager64 = variant(smollm.model, "eager"), float64(variant(smollm.model, "eager"))
     for (ids, edge), pair in zip(items, batched, strict=True):
-        alone = st.generate_pairs(smollm, engine, [(ids, edge)], [14], cfg)[0]
+        alone = gen.generate_pairs(smollm, engine, [(ids, edge)], [14], **cfg)[0]
         for steer, got, ref in zip((False, True), pair, alone, strict=True):
             if got == ref:
                 continue

@@ -88,7 +88,7 @@ def test_steer_generate_chat_edge_inside_the_prompt(tok, tmp_path):
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"prompts": [{"id": "p", "prompt": prompt}]}))
     g = plipy.steer.generate(lm, f, chat=True, layer=1, max_tokens=2, scale=3.0)
-    from plipy.experiments.steer import CHAT_SYSTEM, CHAT_USER
+    from plipy.experiments.generate import CHAT_SYSTEM, CHAT_USER
 
     ct = chat.apply(t, prompt, system=CHAT_SYSTEM, user=CHAT_USER)
     enc = t(ct.text, add_special_tokens=False, return_offsets_mapping=True)

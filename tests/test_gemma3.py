@@ -27,7 +27,6 @@ from plipy.divergence import kl_divergence
 from plipy.engine import Capture, Engine
 from plipy.engine.runner import ConditionRunner, fast_path_blockers, layer_windows
 from plipy.experiments import knockout as ko
-from plipy.experiments import steer as st
 from plipy.models import find_alias_file, load_model
 from tiny_models import REF, REF_EDITS, float64, fp32_bound, register_reference, variant
 
@@ -368,9 +367,7 @@ def test_steer_dose_identity_and_reference(gemma, positions, refs, ours_eager, c
     outside its window instead of steering nothing."""
     model, engine = ours_eager
     runner = ConditionRunner(model, engine)
-    res = st.run_dose(
-        gemma, corpus, st.DoseConfig(groups=["python_doctest"], layers=[5], doses=[1.0, 3.0]), runner=runner
-    )
+    res = plipy.steer.dose(gemma, corpus, groups=["python_doctest"], layers=[5], doses=[1.0, 3.0], runner=runner)
     assert res["provenance"]["config"]["runner"]["path"] == "fast"
     one, three = res["doses"]
     recs = {s["id"]: s for s in res["samples"]}
@@ -392,9 +389,7 @@ def test_steer_dose_identity_and_reference(gemma, positions, refs, ours_eager, c
         tol = _logit_tol(refs, ids)
         base = runner.baseline(sp.input_ids).logits
         assert abs(s["kl"] - float(kl_divergence(base, logits64))) <= _kl_tol(base, logits64, tol) and s["kl"] > 0
-    sliding = st.run_dose(
-        gemma, corpus, st.DoseConfig(groups=["python_doctest"], layers=[4], doses=[2.0]), runner=runner
-    )
+    sliding = plipy.steer.dose(gemma, corpus, groups=["python_doctest"], layers=[4], doses=[2.0], runner=runner)
     by_id = {r["id"]: r for r in sliding["doses"][0]["samples"]}
     assert by_id["py_simple_add"]["status"] == "ok"
     assert by_id["py_simple_add_long"]["status"] == "edge-masked"

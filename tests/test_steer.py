@@ -11,6 +11,7 @@ import pytest
 import scipy.stats
 import torch
 
+import plipy
 from conftest import corpus_subset
 from plipy import cli
 from plipy.corpus import load_corpus, token_positions
@@ -18,7 +19,8 @@ from plipy.divergence import kl_divergence
 from plipy.engine import EdgeEdit, Engine
 from plipy.engine.runner import ConditionRunner
 from plipy.errors import PlipyError
-from plipy.experiments import steer as st
+from plipy.experiments import edge_steering as es
+from plipy.experiments import generate as gen
 from tiny_models import REF, REF_EDITS, build, register_reference, variant
 
 PICK = {"python_doctest": 2, "rust_test": 2, "rust_baseline": 1}  # rust_baseline: every target after the marker
@@ -41,24 +43,24 @@ def test_closed_form_and_solver():
     """One head, one target: the steered share is αp/(αp+1−p) and the α reaching v is v(1−p)/(p(1−v))."""
     row = torch.tensor([[0.5, 0.2, 0.3]], dtype=torch.float64)
     p, v = 0.2, 0.6
-    alpha, why = st.scale_for_attention(row, [1], [1], v)
+    alpha, why = es.scale_for_attention(row, [1], [1], v)
     assert why is None and alpha == pytest.approx(v * (1 - p) / (p * (1 - v)), rel=1e-10)
-    assert st.attention_metric(st.steered_rows(row, [1], alpha), [1]) == pytest.approx(v, abs=1e-12)
+    assert es.attention_metric(es.steered_rows(row, [1], alpha), [1]) == pytest.approx(v, abs=1e-12)
     # several heads, a duplicated target (metric counts it twice, the edge scales it once)
     rows = torch.softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(0)), -1)
     targets, keys = [0, 2, 2, 5], [0, 2, 5]
-    alpha, _ = st.scale_for_attention(rows, targets, keys, 0.3)
-    assert st.attention_metric(st.steered_rows(rows, keys, alpha), targets) == pytest.approx(0.3, abs=1e-12)
-    alpha, _ = st.scale_for_attention(rows, targets, keys, 0.2, heads=[1, 3])
-    assert st.attention_metric(st.steered_rows(rows, keys, alpha, heads=[1, 3]), targets) == pytest.approx(0.2)
-    assert st.scale_for_attention(rows, targets, keys, 0.9)[0] is None  # above the α → ∞ limit (≈ 1/3 here)
+    alpha, _ = es.scale_for_attention(rows, targets, keys, 0.3)
+    assert es.attention_metric(es.steered_rows(rows, keys, alpha), targets) == pytest.approx(0.3, abs=1e-12)
+    alpha, _ = es.scale_for_attention(rows, targets, keys, 0.2, heads=[1, 3])
+    assert es.attention_metric(es.steered_rows(rows, keys, alpha, heads=[1, 3]), targets) == pytest.approx(0.2)
+    assert es.scale_for_attention(rows, targets, keys, 0.9)[0] is None  # above the α → ∞ limit (≈ 1/3 here)
 
 
 def test_fisher_matches_plip():
     """PLIP-rs' one-sided Fisher p for 7/50 (baseline) vs 10/50 (steered) is 0.2977."""
     p = scipy.stats.fisher_exact([[10, 40], [7, 43]], alternative="greater")[1]
     assert p == pytest.approx(0.2977, abs=1e-4)
-    assert st.fisher_one_sided(7, 10, 50) == p
+    assert gen.fisher_one_sided(7, 10, 50) == p
 
 
 def test_runner_capture_fast_equals_naive():
@@ -98,19 +100,19 @@ def test_runner_capture_fast_equals_naive():
 
 def test_scale_one_is_exact_identity(smollm, small_corpus, runner):
     """Every steerable sample of the bundled corpus: α = 1 gives KL 0.0 and the baseline attention, exactly."""
-    res = st.run_dose(
+    res = plipy.steer.dose(
         smollm,
         load_corpus(),
-        st.DoseConfig(groups=["python_doctest", "rust_test", "python_baseline"], layers=[27], doses=[1.0]),
+        groups=["python_doctest", "rust_test", "python_baseline"],
+        layers=[27],
+        doses=[1.0],
         runner=runner,
     )
     (one,) = res["doses"]
     assert one["n"] == 25 and one["mean_kl"] == 0.0
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
     assert all(s["kl"] == 0.0 and s["attention_achieved"] == base[s["id"]] for s in one["samples"])
-    res = st.run_dose(
-        smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[27], doses=[1.0, 2.0]), runner=runner
-    )
+    res = plipy.steer.dose(smollm, small_corpus, groups=["rust_test"], layers=[27], doses=[1.0, 2.0], runner=runner)
     one, two = res["doses"]
     assert one["scale"] == 1.0 and one["n"] == 2 and one["mean_kl"] == 0.0
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
@@ -147,10 +149,13 @@ def test_agrees_with_explicit_post_softmax_reference(smollm, small_corpus):
     for path in ("fast", "naive"):
         runner = ConditionRunner(ours, engine, path=path)
         for layers, doses, heads in cases:
-            res = st.run_dose(
+            res = plipy.steer.dose(
                 smollm,
                 small_corpus,
-                st.DoseConfig(groups=["python_doctest", "rust_test"], layers=layers, doses=doses, heads=heads),
+                groups=["python_doctest", "rust_test"],
+                layers=layers,
+                doses=doses,
+                heads=heads,
                 runner=runner,
             )
             assert res["provenance"]["config"]["runner"]["path"] == path
@@ -176,11 +181,8 @@ def test_agrees_with_explicit_post_softmax_reference(smollm, small_corpus):
 
 
 def test_target_attention_is_reached(smollm, small_corpus, runner):
-    res = st.run_dose(
-        smollm,
-        small_corpus,
-        st.DoseConfig(groups=["rust_test"], layers=[26], doses=[], target_attention=0.05),
-        runner=runner,
+    res = plipy.steer.dose(
+        smollm, small_corpus, groups=["rust_test"], layers=[26], doses=[], target_attention=0.05, runner=runner
     )
     rows = res["target"]["samples"]
     assert len(rows) == 2 and res["doses"] == []
@@ -188,39 +190,39 @@ def test_target_attention_is_reached(smollm, small_corpus, runner):
         assert r["status"] == "ok" and abs(r["attention_achieved"] - 0.05) <= 1e-4 and r["kl"] > 0
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
     assert all((r["scale"] < 1) == (base[r["id"]] > 0.05) for r in rows)
-    res = st.run_dose(
-        smollm,
-        small_corpus,
-        st.DoseConfig(groups=["rust_test"], layers=[26], doses=[], target_attention=0.9),
-        runner=runner,
+    res = plipy.steer.dose(
+        smollm, small_corpus, groups=["rust_test"], layers=[26], doses=[], target_attention=0.9, runner=runner
     )
     assert [r["status"] for r in res["target"]["samples"]] == ["unreachable"] * 2 and res["target"]["n"] == 0
     with pytest.raises(PlipyError, match="single layer"):
-        st.run_dose(smollm, small_corpus, st.DoseConfig(layers=[3, 4], target_attention=0.1), runner=runner)
+        plipy.steer.dose(smollm, small_corpus, layers=[3, 4], target_attention=0.1, runner=runner)
 
 
 # -- causality -----------------------------------------------------------------------------------------------------
 
 
 def test_causal_edge_is_refused_naming_sample_and_tokens(smollm, small_corpus, runner):
-    with pytest.raises(st.SteerCausalError) as e:
-        st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["rust_test", "rust_baseline"]), runner=runner)
+    with pytest.raises(es.SteerCausalError) as e:
+        plipy.steer.dose(smollm, small_corpus, groups=["rust_test", "rust_baseline"], runner=runner)
     msg = str(e.value)
     assert "'rust_derive_debug'" in msg and "query token 0 ('#'" in msg and "key token 9 ('struct'" in msg
     assert "--skip-invalid" in msg
 
 
 def test_skip_invalid_lists_and_leaves_out(smollm, small_corpus, runner):
-    res = st.run_dose(
+    res = plipy.steer.dose(
         smollm,
         small_corpus,
-        st.DoseConfig(groups=["rust_test", "rust_baseline"], layers=[29], doses=[2.0], skip_invalid=True),
+        groups=["rust_test", "rust_baseline"],
+        layers=[29],
+        doses=[2.0],
+        skip_invalid=True,
         runner=runner,
     )
     assert [(e["id"], e["status"]) for e in res["excluded"]] == [("rust_derive_debug", "causal-invalid")]
     assert [s["id"] for s in res["doses"][0]["samples"]] == ["rust_simple_add", "rust_option_return"]
     with pytest.raises(PlipyError, match="no steerable sample"):
-        st.run_dose(smollm, small_corpus, st.DoseConfig(groups=["rust_baseline"], skip_invalid=True), runner=runner)
+        plipy.steer.dose(smollm, small_corpus, groups=["rust_baseline"], skip_invalid=True, runner=runner)
 
 
 # -- calibration ---------------------------------------------------------------------------------------------------
@@ -228,11 +230,11 @@ def test_skip_invalid_lists_and_leaves_out(smollm, small_corpus, runner):
 
 def test_calibrate_scale_brings_b_to_a(smollm, small_corpus, runner):
     """The calibrated α, applied to group B by a real steered run, gives B's mean = A's mean."""
-    cal = st.run_calibrate(smollm, small_corpus, st.CalibrateConfig(layer=25))
+    cal = plipy.steer.calibrate(smollm, small_corpus, layer=25)
     a, b = cal["groups"]["python_doctest"]["mean"], cal["groups"]["rust_test"]["mean"]
     assert cal["ratio"] == pytest.approx(a / b) and cal["recommended_target"] == a
-    res = st.run_dose(
-        smollm, small_corpus, st.DoseConfig(groups=["rust_test"], layers=[25], doses=[cal["scale_to_a"]]), runner=runner
+    res = plipy.steer.dose(
+        smollm, small_corpus, groups=["rust_test"], layers=[25], doses=[cal["scale_to_a"]], runner=runner
     )
     assert abs(res["doses"][0]["mean_attention_achieved"] - a) <= 1e-5
     base = {s["id"]: s["attention_baseline"] for s in res["samples"]}
@@ -245,10 +247,9 @@ def test_calibrate_scale_brings_b_to_a(smollm, small_corpus, runner):
 
 
 def test_generate_same_path_and_refusal(smollm, tmp_path):
-    prompts, _ = st.load_prompts()
+    prompts, _ = gen.load_prompts()
     two = prompts[:2]
-    cfg = st.GenerateConfig(layers=[16], scale=1.0, max_tokens=6)
-    res = st.run_generate(smollm, two, cfg)
+    res = plipy.steer.generate(smollm, layers=[16], scale=1.0, max_tokens=6, limit=2)  # the first two prompts
     # α = 1 is the identity; the baseline is what plain HF greedy generation gives
     assert all(r["identical"] and r["change"] in ("none", "kept") for r in res["samples"])
     ids = torch.tensor([smollm.tokenizer(two[0]["prompt"], add_special_tokens=False).input_ids])
@@ -257,13 +258,13 @@ def test_generate_same_path_and_refusal(smollm, tmp_path):
     assert res["samples"][0]["baseline"] == smollm.tokenizer.decode(plain[0, ids.shape[1] :], skip_special_tokens=True)
     q, k = res["samples"][0]["edge"]
     assert k < q
-    steered = st.run_generate(smollm, two, st.GenerateConfig(layers=list(range(30)), scale=1e6, max_tokens=6))
+    steered = plipy.steer.generate(smollm, layers=list(range(30)), scale=1e6, max_tokens=6, limit=2)
     assert [r["baseline"] for r in steered["samples"]] == [r["baseline"] for r in res["samples"]]
     assert not all(r["identical"] for r in steered["samples"])  # a huge dose on every layer changes something
     s = steered["summary"]
-    assert s["fisher_exact_p"] == st.fisher_one_sided(s["baseline_preserved"], s["steered_preserved"], 2)
-    with pytest.raises(st.SteerCausalError, match=r"prompt 'add': edge from query token \d+ \(.+\) to key token \d+"):
-        st.run_generate(smollm, two, st.GenerateConfig(query_text="#[test]", key_text="fn ", max_tokens=2))
+    assert s["fisher_exact_p"] == gen.fisher_one_sided(s["baseline_preserved"], s["steered_preserved"], 2)
+    with pytest.raises(es.SteerCausalError, match=r"prompt 'add': edge from query token \d+ \(.+\) to key token \d+"):
+        plipy.steer.generate(smollm, query_text="#[test]", key_text="fn ", max_tokens=2, limit=2)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "starcoder2", "gemma2"])
@@ -295,8 +296,7 @@ def test_generate_on_sliding_window_models_past_the_window(arch):
     for _ in range(6):
         with torch.inference_mode(), engine.run(edits=one):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    cfg = st.GenerateConfig(max_tokens=6, scale=5.0)
-    [(base, steered)] = st.generate_pairs(lm, engine, [(ids[0].tolist(), (7, 6))], [0, 1], cfg)
+    [(base, steered)] = gen.generate_pairs(lm, engine, [(ids[0].tolist(), (7, 6))], [0, 1], max_tokens=6, scale=5.0)
     assert steered == seq[8:] and base == plain[0, 8:].tolist()
 
 
@@ -385,7 +385,7 @@ def test_cli_dose_plot_and_target(main, small_corpus, tmp_path, capsys):
         (["--groups", "rust_test,rust_baseline"], "error: sample 'rust_derive_debug': edge from query token 0"),
         (["--layer", "30"], "error: --layer: layer 30 does not exist"),
         (["--doses", "1,x"], "error: --doses: cannot read"),
-        (["--layers", "3,4", "--target-attention", "0.1"], "error: --target-attention needs a single layer"),
+        (["--layers", "3,4", "--target-attention", "0.1"], "error: --target-attention: needs a single layer"),
     ],
 )
 def test_cli_dose_errors_write_nothing(main, small_corpus, tmp_path, capsys, args, message):

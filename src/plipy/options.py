@@ -436,3 +436,94 @@ def check_positive_number(value: Any, *, param: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
         raise ParameterError(param, f"must be a positive finite number, got {value!r}")
     return float(value)
+
+
+# -- steering: layers, doses, numbers ------------------------------------------------------------------------------
+
+
+def check_layer(value: Any, *, param: str = "layer") -> int:
+    """One layer index (an integer ≥ 0), checked before any model loads (its bound needs the model)."""
+    import operator
+
+    try:
+        index = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        index = None
+    if index is None:
+        raise ParameterError(param, f"expected one layer index, got {value!r}")
+    if index < 0:
+        raise ParameterError(param, f"layer indices start at 0, got {index}")
+    return index
+
+
+def _several_layers() -> ParameterError:
+    return ParameterError(
+        "target_attention", "needs a single layer: with several, each layer's pre-edit row depends on α"
+    )
+
+
+def check_steered_layers(layer: Any, layers: Any, *, target_attention: float | None = None) -> None:
+    """`layer` (one) or `layers` (a selection), not both, in their grammar; a target attention needs one layer.
+    Checked before any model loads; `steered_layers` checks the bounds on the model."""
+    if layer is not None and layers is not None:
+        raise ParameterError("layers", "give layer or layers, not both")
+    if layer is not None:
+        check_layer(layer)
+    check_selection(layers, param="layers")
+    if target_attention is None or layers is None or isinstance(layers, str) and layers.strip() in ("all", "plip"):
+        return  # "all" and "plip" count layers on the model
+    ranges = _ranges(layers, "layers", "layer")
+    if any(a != b for a, b in ranges) or len({a for a, _ in ranges}) > 1:
+        raise _several_layers()
+
+
+def steered_layers(layer: Any, layers: Any, n_layers: int, *, target_attention: float | None = None) -> list[int]:
+    """The layers a steering run edits, bounds-checked on the model: `layers`, else `layer`, else PLIP's default
+    layer (`plip_default_layer`). A target attention needs exactly one."""
+    if layers is not None:
+        out = parse_layers(layers, n_layers)
+    elif layer is not None:
+        out = parse_layers(check_layer(layer), n_layers, param="layer")
+    else:
+        out = [plip_default_layer(n_layers)]
+    if target_attention is not None and len(out) != 1:
+        raise _several_layers()
+    return out
+
+
+def parse_doses(value: Any, *, target_attention: float | None = None, param: str = "doses") -> list[float]:
+    """Steering scales α from "0.5,1,2", a number or a list: finite and ≥ 0 (0 cuts the edges); none at all only
+    with a target attention (it runs alone)."""
+    doses = parse_floats(value, param=param)
+    bad = [d for d in doses if d < 0]
+    if bad:
+        raise ParameterError(param, f"must be ≥ 0, got {bad}")
+    if not doses and target_attention is None:
+        raise ParameterError(param, "no dose to run: give at least one scale, or a target_attention")
+    return doses
+
+
+def check_number(value: Any, *, param: str, minimum: float = 0.0) -> float:
+    """A real option that must be finite and ≥ `minimum` (a scale α, a temperature); NaN and ∞ are refused here,
+    before any model loads, rather than minutes later."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ParameterError(param, f"must be a finite number ≥ {minimum:g}, got {value!r}")
+    return value
+
+
+def check_fraction(value: Any, *, param: str) -> float:
+    """A value strictly between 0 and 1 (an attention weight to reach)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ParameterError(param, f"must be in (0, 1), got {value!r}")
+    return value
+
+
+def check_regexes(patterns: Sequence[str], *, param: str) -> None:
+    """Every pattern compiles as a Python regular expression."""
+    import re
+
+    for p in patterns:
+        try:
+            re.compile(p)
+        except (re.error, TypeError) as e:
+            raise ParameterError(param, f"bad regex {p!r}: {e}") from None

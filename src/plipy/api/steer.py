@@ -13,20 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from plipy import options as opt
-from plipy.api.front import DEFAULT_MODEL, as_corpus, as_model, check_cluster, ray_load, runner_option
+from plipy.api.front import DEFAULT_MODEL, Front, as_corpus, runner_option
 from plipy.errors import ParameterError
 from plipy.results import CalibrateResult, DoseResult, GenerateResult
 from plipy.runtime.experiment import Progress
 
 DEFAULT_DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
-
-
-def _layer_list(n_layers: int, layer: int | None, layers: Any) -> list[int] | None:
-    if layer is not None and layers is not None:
-        raise ParameterError("layers", "give layer or layers, not both")
-    if layers is not None:
-        return opt.parse_layers(layers, n_layers)
-    return None if layer is None else opt.parse_layers(int(layer), n_layers, param="layer")
 
 
 def calibrate(
@@ -52,39 +44,34 @@ def calibrate(
 ) -> CalibrateResult:
     """Two groups' baseline attention at one layer (default: PLIP's), their ratio, and the α that brings the
     second group's steered mean to the first group's (`plipy steer calibrate`)."""
-    from plipy.experiments import steer as st
+    from plipy.experiments.calibrate import Calibrate
+    from plipy.experiments.edge_steering import prepare_check_groups
 
-    group_list = opt.parse_groups(groups) or ["python_doctest", "rust_test"]
-    if len(group_list) != 2:
-        raise ParameterError("groups", f"needs exactly two groups (A, B), got {len(group_list)}")
-    corp = as_corpus(corpus, offsets=offsets)
-    st.prepare_check_groups(corp, group_list)
-    opt.check_batch_size(batch_size)
-    cluster = check_cluster(ray, workers)
-    lm = as_model(
-        model,
+    front = Front.check(
         dtype=dtype,
         device=device,
         tokenizer=tokenizer,
         device_map=device_map,
         max_memory=max_memory,
-        cluster=cluster,
-    )
-    if layer is not None:
-        opt.parse_layers(int(layer), lm.n_layers, param="layer")
-    cfg = st.CalibrateConfig(
-        layer=layer,
-        groups=group_list,
-        bos=bos,
-        skip_invalid=skip_invalid,
-        extra={"offsets": offsets},
         resume=resume,
         fresh=fresh,
         batch_size=batch_size,
+        ray=ray,
+        workers=workers,
+        progress=progress,
     )
-    return st.run_calibrate(
-        lm, corp, cfg, progress=progress, cluster=cluster, load=ray_load(device, device_map, max_memory)
+    opt.check_steered_layers(layer, None)
+    group_list = opt.parse_groups(groups) or ["python_doctest", "rust_test"]
+    if len(group_list) != 2:
+        raise ParameterError("groups", f"needs exactly two groups (A, B), got {len(group_list)}")
+    corp = as_corpus(corpus, offsets=offsets)
+    prepare_check_groups(corp, group_list)
+    lm = front.model(model)
+    [the_layer] = opt.steered_layers(layer, None, lm.n_layers)
+    experiment = Calibrate(
+        corp, the_layer, groups=group_list, bos=bos, skip_invalid=skip_invalid, extra={"offsets": offsets}
     )
+    return front.execute(experiment, lm)
 
 
 def dose(
@@ -115,28 +102,38 @@ def dose(
     progress: Progress | None = None,
 ) -> DoseResult:
     """Dose-response: per dose α and sample, KL(base ‖ steered) and the attention achieved; optionally the α per
-    sample that reaches `target_attention` (`plipy steer dose`)."""
-    from plipy.experiments import steer as st
+    sample that reaches `target_attention` (`plipy steer dose`). A `runner` given as a `ConditionRunner` is used
+    here only (Ray workers build their own on its path)."""
+    from plipy.experiments.dose import Dose
+    from plipy.experiments.edge_steering import prepare_check_groups
 
-    dose_list = opt.parse_floats(doses, param="doses") if doses != "" else []
-    group_list = opt.parse_groups(groups) or ["rust_test"]
-    corp = as_corpus(corpus, offsets=offsets)
-    st.prepare_check_groups(corp, group_list)
-    opt.check_batch_size(batch_size)
-    cluster = check_cluster(ray, workers)
-    lm = as_model(
-        model,
+    front = Front.check(
         dtype=dtype,
         device=device,
         tokenizer=tokenizer,
         device_map=device_map,
         max_memory=max_memory,
-        cluster=cluster,
+        resume=resume,
+        fresh=fresh,
+        batch_size=batch_size,
+        ray=ray,
+        workers=workers,
+        progress=progress,
     )
+    if target_attention is not None:
+        opt.check_fraction(target_attention, param="target_attention")
+    dose_list = opt.parse_doses(doses, target_attention=target_attention)
+    opt.check_steered_layers(layer, layers, target_attention=target_attention)
+    opt.check_selection(heads, param="heads", what="head")
     the_runner, path = runner_option(runner, condition_batch)
-    cfg = st.DoseConfig(
+    group_list = opt.parse_groups(groups) or ["rust_test"]
+    corp = as_corpus(corpus, offsets=offsets)
+    prepare_check_groups(corp, group_list)
+    lm = front.model(model)
+    experiment = Dose(
+        corp,
+        opt.steered_layers(layer, layers, lm.n_layers, target_attention=target_attention),
         groups=group_list,
-        layers=_layer_list(lm.n_layers, layer, layers),
         doses=dose_list,
         heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
         target_attention=target_attention,
@@ -144,20 +141,10 @@ def dose(
         skip_invalid=skip_invalid,
         path=path,
         max_batch=condition_batch,
-        extra={"offsets": offsets},
-        resume=resume,
-        fresh=fresh,
-        batch_size=batch_size,
-    )
-    return st.run_dose(
-        lm,
-        corp,
-        cfg,
-        progress=progress,
         runner=the_runner,
-        cluster=cluster,
-        load=ray_load(device, device_map, max_memory),
+        extra={"offsets": offsets},
     )
+    return front.execute(experiment, lm)
 
 
 def generate(
@@ -190,27 +177,40 @@ def generate(
     progress: Progress | None = None,
 ) -> GenerateResult:
     """Baseline vs steered generation per prompt by the same decoding call, test-marker detection and Fisher's
-    exact test (`plipy steer generate`). `prompts` None = the bundled Rust prompts."""
-    from plipy.experiments import steer as st
+    exact test (`plipy steer generate`). `prompts` None = the bundled Rust prompts; `detect`: one regex or several
+    (None: `DEFAULT_DETECT`, the usual Rust and doctest markers)."""
+    from plipy.experiments.generate import DEFAULT_DETECT, Generate, load_prompts
 
-    if limit is not None:
-        opt.check_positive(limit, param="limit")
-    items, source = st.load_prompts(prompts)
-    opt.check_batch_size(batch_size)
-    cluster = check_cluster(ray, workers)
-    lm = as_model(
-        model,
+    front = Front.check(
         dtype=dtype,
         device=device,
         tokenizer=tokenizer,
         device_map=device_map,
         max_memory=max_memory,
-        cluster=cluster,
+        resume=resume,
+        fresh=fresh,
+        batch_size=batch_size,
+        ray=ray,
+        workers=workers,
+        progress=progress,
     )
-    detects = tuple([detect] if isinstance(detect, str) else detect) if detect else st.DEFAULT_DETECT
-    cfg = st.GenerateConfig(
-        layers=_layer_list(lm.n_layers, layer, layers),
+    opt.check_steered_layers(layer, layers)
+    opt.check_selection(heads, param="heads", what="head")
+    opt.check_number(scale, param="scale")
+    opt.check_positive(max_tokens, param="max_tokens")
+    opt.check_number(temperature, param="temperature")
+    detects = tuple([detect] if isinstance(detect, str) else detect) if detect else DEFAULT_DETECT
+    opt.check_regexes(detects, param="detect")
+    if limit is not None:
+        opt.check_positive(limit, param="limit")
+    items, source = load_prompts(prompts)
+    lm = front.model(model)
+    experiment = Generate(
+        items,
+        opt.steered_layers(layer, layers, lm.n_layers),
+        source=source,
         scale=scale,
+        heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
         max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
@@ -218,13 +218,10 @@ def generate(
         detect=detects,
         query_text=query_text,
         key_text=key_text,
-        heads=opt.parse_heads(heads, lm.n_heads, all_as_none=True),
         skip_invalid=skip_invalid,
         limit=limit,
-        resume=resume,
-        fresh=fresh,
-        batch_size=batch_size,
     )
-    return st.run_generate(
-        lm, items, cfg, source=source, progress=progress, cluster=cluster, load=ray_load(device, device_map, max_memory)
-    )
+    return front.execute(experiment, lm)
+
+
+__all__ = ["calibrate", "dose", "generate", "DEFAULT_DOSES"]

@@ -93,9 +93,8 @@ def dose(
     o: SimpleNamespace = None,
 ) -> None:
     """Dose-response: KL(base ‖ steered) and attention achieved per dose and sample, group mean/std/n."""
-    from plipy import options, steer
+    from plipy import steer
 
-    dose_list = options.parse_floats(doses, param="doses")  # before the model loads
     with c.progress_bars() as start:
         result = steer.dose(
             o.model,
@@ -103,7 +102,7 @@ def dose(
             groups=c.split_list(groups),
             layer=layer,
             layers=layers,
-            doses=dose_list,
+            doses=doses,
             heads=heads,
             target_attention=target_attention,
             skip_invalid=o.skip_invalid,
