@@ -81,8 +81,6 @@ class Units:
                 raise PlipyError(f"{meta} is corrupt: delete {folder} or pass --fresh") from None
             if old != fp:
                 raise PlipyError(f"{folder} holds partial results of a different run: delete it or pass --fresh")
-        else:
-            write_json(meta, {"fingerprint": fp})
 
     @classmethod
     def for_run(cls, kind: str, identity: dict[str, Any], *, resume: bool = True, fresh: bool = False) -> Units:
@@ -113,6 +111,8 @@ class Units:
         """Keep unit `i`: arrays first, the JSON last (its presence means the unit is whole)."""
         if self.folder is None:
             return
+        if not (meta := self.folder / "meta.json").is_file():  # made with the first unit: a run that fails
+            write_json(meta, {"fingerprint": self.fingerprint})  # before finishing any leaves no folder behind
         if arrays:
             buf = io.BytesIO()
             np.savez(buf, **arrays)

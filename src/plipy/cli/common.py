@@ -218,11 +218,17 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[], None]]]:
         task = prog.add_task(desc, total=total)
         return lambda: prog.advance(task)
 
+    failed = False
     try:
         yield start
+    except Exception:
+        failed = True
+        prog.live.transient = True  # a failed run's bars vanish: its one `error:` line is all that is left
+        raise
     finally:
         if prog.live.is_started:
-            prog.stop()
+            # Progress.stop() adds a blank line on a non-terminal stderr; Live.stop() alone leaves nothing
+            (prog.live.stop if failed else prog.stop)()
 
 
 def split_list(values: list[str] | None) -> list[str] | None:

@@ -27,6 +27,7 @@ from plipy.engine.runner import RULES_VERSION, Baseline, ConditionRunner, dead_r
 from plipy.engine.spec import compile_edits
 from plipy.errors import PlipyError
 from plipy.experiments.scan import after_marker, choose_groups, identity
+from plipy.finite import naming
 from plipy.options import parse_layers
 from plipy.results import KnockoutResult
 
@@ -322,11 +323,13 @@ def _compute(
     windows = layer_windows(lm.model, lm.n_layers)
 
     def compute(batch: list[int]) -> list[tuple[list[dict[str, Any]], None]]:
-        bases = runner.baselines([positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
-        return [
-            (run_sample(lm, runner, samples[i], b, config, heads, windows), None)
-            for i, b in zip(batch, bases, strict=True)
-        ]
+        with naming([f"sample {samples[i]['id']!r}" for i in batch]):
+            bases = runner.baselines([positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
+        out = []
+        for i, b in zip(batch, bases, strict=True):
+            with naming(f"sample {samples[i]['id']!r}"):
+                out.append((run_sample(lm, runner, samples[i], b, config, heads, windows), None))
+        return out
 
     return compute
 

@@ -21,6 +21,7 @@ import torch
 from plipy import provenance
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
+from plipy.finite import naming, require_finite
 from plipy.options import _ints
 from plipy.results import LensResult
 
@@ -208,6 +209,9 @@ def run_pass(lm: Any, ids: list[int], positions: list[int], engine: Engine | Non
         out = model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
     own = (out.logits[0] if keep else out.logits[0, positions]).float()
     resid = {layer: rec.resid[(layer, "post")][0] for layer in range(lm.n_layers)}
+    for layer, r in resid.items():  # the first layer whose output is NaN/inf is named, not a lens mismatch
+        require_finite(r.reshape(-1), "the residual stream after the layer", layer)
+    require_finite(own.reshape(-1), "the model's logits")
     lp = LensPass(model, positions, resid, own, lm.n_layers, {})
     last = lp.logits(lm.n_layers - 1)
     diff = float((last - own).abs().max())
@@ -320,7 +324,8 @@ def run_lens(
     layers = parse_layers(config.layers, lm.n_layers)
     given = token_ids(lm.tokenizer, config.tokens, lm.vocab_size)
     t0 = time.perf_counter()
-    lp = run_pass(lm, ids, positions)
+    with naming(f"sample {source['sample']!r}" if source and source.get("sample") else "the text"):
+        lp = run_pass(lm, ids, positions)
     step = progress("logit lens", len(layers)) if progress else (lambda: None)
     rows = lens_positions(lm, lp, ids, layers, config.top_k, given, step)
     settings = {

@@ -27,6 +27,7 @@ from plipy import provenance, stats
 from plipy.corpus import Corpus, CorpusError, _char_to_token, load_corpus
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
+from plipy.finite import naming, require_finite
 from plipy.results import ProbeResult
 
 FEATURES = ("last", "marker")
@@ -219,8 +220,11 @@ def features(
             continue
         x = torch.tensor([ids], device=lm.device)
         cap = ResidualCapture(layers=layers, where=("post",), positions=[pos])
-        with torch.inference_mode(), engine.run(residual_capture=cap) as rec:
-            lm.model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
+        with torch.inference_mode(), engine.run(residual_capture=cap) as rec, naming(f"sample {it.id!r}"):
+            out = lm.model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
+            for layer in layers:  # scikit-learn would stop on NaN features with a traceback
+                require_finite(rec.resid[(layer, "post")].reshape(-1), "the residual stream after the layer", layer)
+            require_finite(out.logits[0, -1], "the next-token logits")
         for layer in layers:
             rows[layer].append(rec.resid[(layer, "post")][0, 0].double().cpu().numpy())
         samples.append(

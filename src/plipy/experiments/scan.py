@@ -22,6 +22,7 @@ from plipy.engine import Capture, Engine
 from plipy.engine.batch import default_batch_size, pad_id, pad_left, plan_batches
 from plipy.engine.runner import last_logits_only
 from plipy.errors import PlipyError
+from plipy.finite import naming, require_finite
 from plipy.results import ScanResult
 
 DEFAULT_GROUPS = ("python_doctest", "rust_test")
@@ -136,7 +137,9 @@ def marker_rows(lm: Any, engine: Engine, sps: Sequence[SamplePositions], layers:
         torch.inference_mode(),
         engine.run(capture=Capture(rows=padded.shift([[sp.marker_token] for sp in sps]), layers=layers)) as cap,
     ):
-        lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
+        out = lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
+    # A NaN in a layer no row is captured from (SDPA there) shows up in the logits: a broken model, not a result.
+    require_finite(out.logits[:, -1], "the next-token logits")
     att = torch.stack([cap.attn[layer][:, :, 0] for layer in layers], 1).cpu()  # [B, L, H, T]
     return [att[i, :, :, pad:] for i, pad in enumerate(padded.pads)]
 
@@ -186,7 +189,8 @@ def _compute(lm: Any, plan: _Plan) -> Callable[[list[int]], list[tuple[dict[str,
 
     def compute(batch: list[int]) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
         sps = [plan.positions[i] for i in batch]
-        rows = marker_rows(lm, engine, sps, plan.layers)
+        with naming([f"sample {sp.sample.id!r}" for sp in sps]):
+            rows = marker_rows(lm, engine, sps, plan.layers)
         return [(measure_sample(sp, r, plan.heads), {"rows": r.numpy()}) for sp, r in zip(sps, rows, strict=True)]
 
     return compute

@@ -37,6 +37,7 @@ from plipy.engine.runner import Baseline, ConditionRunner, cache_argument, full_
 from plipy.errors import CausalEdgeError, PlipyError
 from plipy.experiments.knockout import plip_default_layer
 from plipy.experiments.scan import marker_rows
+from plipy.finite import naming, require_finite
 from plipy.results import CalibrateResult, DoseResult, GenerateResult
 
 DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # PLIP-rs' DOSE_LEVELS
@@ -266,7 +267,8 @@ def _calibrate_compute(lm: Any, layer: int, samples: list[SteerSample]) -> Calla
     engine = Engine(lm.model)
 
     def compute(batch: list[int]) -> list[tuple[None, dict[str, np.ndarray]]]:
-        got = marker_rows(lm, engine, [samples[i].positions for i in batch], [layer])
+        with naming([f"sample {samples[i].id!r}" for i in batch]):
+            got = marker_rows(lm, engine, [samples[i].positions for i in batch], [layer])
         return [(None, {"row": r[0].numpy()}) for r in got]
 
     return compute
@@ -509,16 +511,18 @@ def _dose_compute(
 
     def compute(batch: list[int]) -> list[tuple[list[Any], None]]:
         sps = [samples[i].positions for i in batch]
-        bases = runner.baselines(
-            [sp.input_ids for sp in sps],
-            rows=[[sp.marker_token] for sp in sps],
-            layers=layers,
-            pad_token=pad_id(lm.tokenizer),
-        )
-        return [
-            (list(_dose_sample(lm, runner, samples[i], b, config, layers, heads, doses)), None)
-            for i, b in zip(batch, bases, strict=True)
-        ]
+        with naming([f"sample {samples[i].id!r}" for i in batch]):
+            bases = runner.baselines(
+                [sp.input_ids for sp in sps],
+                rows=[[sp.marker_token] for sp in sps],
+                layers=layers,
+                pad_token=pad_id(lm.tokenizer),
+            )
+        out = []
+        for i, b in zip(batch, bases, strict=True):
+            with naming(f"sample {samples[i].id!r}"):
+                out.append((list(_dose_sample(lm, runner, samples[i], b, config, layers, heads, doses)), None))
+        return out
 
     return compute
 
@@ -842,10 +846,22 @@ def generate_pairs(
         torch.manual_seed(config.seed)  # the same draws for both: only the steering differs
         with torch.inference_mode(), engine.run(edits=e):
             out = lm.model.generate(
-                padded.ids, attention_mask=padded.mask, generation_config=gc, **{cache_arg: full_cache()}
+                padded.ids,
+                attention_mask=padded.mask,
+                generation_config=gc,
+                logits_processor=[_FiniteScores()],
+                **{cache_arg: full_cache()},
             )
         outs.append([_until_eos(out[j, width:].tolist(), tok.eos_token_id) for j in range(len(items))])
     return list(zip(outs[0], outs[1], strict=True))
+
+
+class _FiniteScores:
+    """A logits processor refusing NaN/inf next-token logits: greedy decoding would turn them into tokens."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        require_finite(scores, "the next-token logits during generation")
+        return scores
 
 
 def _until_eos(ids: list[int], eos: Any) -> list[int]:
@@ -931,7 +947,8 @@ def _generate_compute(
     engine = Engine(lm.model)
 
     def compute(batch: list[int]) -> list[tuple[dict[str, Any], None]]:
-        pairs = generate_pairs(lm, engine, [(prepared[i][1], prepared[i][2]) for i in batch], layers, config)
+        with naming([f"prompt {prepared[i][0]['id']!r}" for i in batch]):
+            pairs = generate_pairs(lm, engine, [(prepared[i][1], prepared[i][2]) for i in batch], layers, config)
         return [
             (_generate_row(lm, prepared[i][0], prepared[i][2], b, s, patterns), None)
             for i, (b, s) in zip(batch, pairs, strict=True)

@@ -31,6 +31,7 @@ from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture
 from plipy.engine.arch import head_output_weights
 from plipy.engine.batch import pad_left
 from plipy.errors import PlipyError
+from plipy.finite import naming, require_finite
 from plipy.io import atomic_write_bytes
 from plipy.results import SaeAttentionResult
 from plipy.sae.inputs import EntityPrompt, Tokenized, positions_for, tokenize_prompt
@@ -88,6 +89,9 @@ def forward_measures(
         layer_measures(rec.attn[layer][:, :, 0], rec.values[layer], keys, kmask, w_o.get(layer), measures, ovw_norm)
         for layer in range(engine.n_layers)
     ]
+    for layer, pl in enumerate(per_layer):  # NaN value states (rows finite) would make NaN measures
+        for m, t in pl.items():
+            require_finite(t, f"the {m} measure", layer)
     out = {m: torch.stack([pl[m] for pl in per_layer], dim=1).cpu().numpy() for m in measures}
     resid = rec.resid.get((resid_layer, "pre")) if resid_layer is not None else None
     return out, resid
@@ -213,24 +217,34 @@ class _Run:
 
 
 def _batch_arrays(
-    lm: Any, sae: SAE, run: _Run, config: AttentionConfig, toks: Sequence[Tokenized], step: Callable[[], None]
+    lm: Any,
+    sae: SAE,
+    run: _Run,
+    config: AttentionConfig,
+    toks: Sequence[Tokenized],
+    step: Callable[[], None],
+    first: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The original and every latent's steered measures of one batch: `{"original/m" | "steered/lat/m": [b, L, H]}`."""
+    """The original and every latent's steered measures of one batch (prompts `first`…): `{"original/m" |
+    "steered/lat/m": [b, L, H]}`."""
     batch = make_batch(toks, config.pos_type, run.pad_id, lm.device)
     arrays: dict[str, np.ndarray] = {}
-    orig, resid = forward_measures(
-        run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm, resid_layer=run.resid_layer
-    )
+    names = [f"prompt {first + j}" for j in range(len(toks))]
+    with naming(names):
+        orig, resid = forward_measures(
+            run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm, resid_layer=run.resid_layer
+        )
     step()
     for m, v in orig.items():
         arrays[f"original/{m}"] = v
     for lat in run.latents:
-        adds = steering_adds(sae, run.layer, run.steerings[lat], batch.steer_positions, resid)
-        steered = (
-            orig
-            if not adds
-            else forward_measures(run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm, adds)[0]
-        )
+        with naming([f"{n}, steered by latent {lat}" for n in names]):
+            adds = steering_adds(sae, run.layer, run.steerings[lat], batch.steer_positions, resid)
+            steered = (
+                orig
+                if not adds
+                else forward_measures(run.engine, lm.model, batch, run.w_o, config.measures, config.ovw_norm, adds)[0]
+            )
         for m, v in steered.items():
             arrays[f"steered/{lat}/{m}"] = v
         step()
@@ -286,6 +300,10 @@ def _plan(lm: Any, sae: SAE, prompts: Sequence[EntityPrompt], config: AttentionC
     return _Plan(run, toks, layer, list(heads), randoms)
 
 
+def _no_step() -> None:
+    pass
+
+
 def unit_compute(
     lm: Any, sae: SAE, prompts: Sequence[EntityPrompt], config: AttentionConfig
 ) -> Callable[[list[int]], list]:
@@ -293,7 +311,7 @@ def unit_compute(
     plan = _plan(lm, sae, prompts, config)
     bs = config.batch_size
     return lambda b: [
-        (None, _batch_arrays(lm, sae, plan.run, config, plan.toks[b[0] * bs : (b[0] + 1) * bs], lambda: None))
+        (None, _batch_arrays(lm, sae, plan.run, config, plan.toks[b[0] * bs : (b[0] + 1) * bs], _no_step, b[0] * bs))
     ]
 
 
@@ -338,7 +356,7 @@ def run_attention(
 
     def compute(b: list[int]) -> list[tuple[None, dict[str, np.ndarray]]]:
         here.add(b[0])
-        return [(None, _batch_arrays(lm, sae, run, config, toks[b[0] * bs : (b[0] + 1) * bs], step))]
+        return [(None, _batch_arrays(lm, sae, run, config, toks[b[0] * bs : (b[0] + 1) * bs], step, b[0] * bs))]
 
     parts: list[dict[str, np.ndarray]] = []
     # the SAE's weights travel to the workers as data; the model's never do (each worker loads its spec)
