@@ -54,3 +54,8 @@ class NonFiniteError(PlipyError):
 
     def __reduce__(self) -> tuple:  # Ray ships a worker's error to the driver by pickling it
         return (type(self), (self.what, self.layer, self.item, self.where))
+
+
+class OutputError(PlipyError, OSError):
+    """A file could not be written (disk full, read-only folder, a symlink into nowhere); nothing of its output set
+    was replaced. An OSError too, so callers that tolerate a failed write (a cache) still do."""
