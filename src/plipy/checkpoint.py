@@ -35,6 +35,19 @@ def runs_dir() -> Path:
     return cache_dir() / "runs"
 
 
+def check_runs_writable() -> None:
+    """PlipyError (one line naming the variable and the folder) unless `runs_dir()` can be written: checked before
+    a model loads, not found out when the first sample is done."""
+    folder = runs_dir()
+    var = "PLIPY_RUNS" if os.environ.get("PLIPY_RUNS") else "PLIPY_CACHE"
+    existing = next((a for a in (folder, *folder.parents) if a.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PlipyError(
+            f"{var}: {folder} is not writable ({existing} is read-only or not a folder): plipy keeps a run's finished "
+            f"samples there so that a killed run resumes; point {var} at a writable folder"
+        )
+
+
 def fingerprint(obj: Any) -> str:
     """A short, stable hash of a JSON-able description (keys sorted; unknown types by `str`)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

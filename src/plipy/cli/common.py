@@ -134,6 +134,10 @@ def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 from plipy.options import check_choice
 
                 check_choice(o.table_format, ("parquet", "csv"), param="table_format")
+            if "fresh" in names:  # the run keeps its finished units under PLIPY_RUNS
+                from plipy.checkpoint import check_runs_writable
+
+                check_runs_writable()
             if "out" in names:  # a bad path fails now, not after minutes of work; a symlink is resolved once
                 o.out = check_out(o.out, table_format=getattr(o, "table_format", None), html=getattr(o, "html", False))
             return fn(o=o, **kwargs)
