@@ -18,6 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PLIPY_RUNS", tempfile.mkdtemp(prefix="plipy-test-runs-"))
 if SHARED_MODELS.is_dir():
     os.environ.setdefault("PLIPY_MODELS", str(SHARED_MODELS))
+# A Ray instance the tests start listens on loopback only (Ray reads this when it is imported: before any test does)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from plipy import models
 from plipy.errors import PlipyError
@@ -171,6 +172,7 @@ def test_no_dequant_cache_env(cache, monkeypatch):
     shared_gguf()
     d = models.dequantized_dir(SMOL.sha256)
     d.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, d / "model.safetensors")  # whole: a copy from before plipy recorded its files
     (d / "plipy-dequantized.json").write_text("{}")
     assert models._resolve("smollm2-135m").dequant == d
     monkeypatch.setenv("PLIPY_NO_DEQUANT_CACHE", "1")

@@ -32,7 +32,14 @@ def cluster():
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers get the driver's count: local references are computed alike
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, namespace="plipy")
+    ray.init(  # on loopback only (conftest sets Ray's loopback mode before anything imports it)
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        namespace="plipy",
+        _node_ip_address="127.0.0.1",
+    )
     yield ray.get_runtime_context().gcs_address
     from plipy.cluster import shutdown
 
@@ -255,6 +262,18 @@ def test_a_ray_driver_holds_no_weights_and_its_runs_resume_locally(smollm):
     assert run_identity("scan", model=lm) == run_identity("scan", model=smollm)
     gpu = driver_model("smollm2-135m", "auto", "auto", Cluster(gpus=8), prestart=False)
     assert gpu.device == torch.device("cuda") and next(gpu.model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_test_clusters_ray_processes_listen_on_loopback_only(cluster):
+    """Every socket the Ray processes this test session started listen on is loopback (and there are some)."""
+    import psutil
+
+    me = psutil.Process()
+    pids = {me.pid, *(p.pid for p in me.children(recursive=True))}
+    conns = psutil.net_connections("inet")
+    listening = [(c.pid, c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert cluster.startswith("127.0.0.1:") and len(listening) >= 3, (cluster, listening)
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip in listening), listening
 
 
 def test_bad_ray_options_fail_before_the_model_loads(tmp_path, capsys):

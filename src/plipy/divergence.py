@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from plipy.finite import require_finite
+
 PLIP_FLOOR = 1e-10  # PLIP-rs sums only KL terms with p > 1e-10 and q > 1e-10
 
 
@@ -72,7 +74,10 @@ def _decode(tokenizer: Any, i: int) -> str | None:
 def compare_logits(
     base_logits: torch.Tensor, other_logits: torch.Tensor, tokenizer: Any = None, k: int = 5
 ) -> dict[str, Any]:
-    """Every per-sample measure of one intervention on one next-token distribution (`[V]` logits each)."""
+    """Every per-sample measure of one intervention on one next-token distribution (`[V]` logits each).
+    NaN or inf logits are refused (NonFiniteError): a KL made from them would be a made-up number."""
+    require_finite(base_logits, "the baseline's next-token logits")
+    require_finite(other_logits, "the intervened next-token logits")
     lp, lq = _log_probs(base_logits.reshape(-1)), _log_probs(other_logits.reshape(-1))  # once, not per measure
     p, q = lp.exp(), lq.exp()
     zero = torch.zeros_like(p)

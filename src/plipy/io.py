@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from plipy.errors import OutputError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -19,21 +23,58 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def safetensors_whole(path: str | os.PathLike) -> bool:
+    """Whether a .safetensors file is as long as its header says (a truncated copy fails this before torch reads it)."""
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        return size == 8 + n + end
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        return False
+
+
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux allows (os.umask's set-and-restore would give a file
+    another thread creates meanwhile mode 0666)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def _target(path: str | os.PathLike) -> Path:
-    """Where writing `path` lands: through a symlink to its target, as a plain `open(path, "w")` would."""
+def output_path(path: str | os.PathLike) -> Path:
+    """Where writing `path` lands, resolved once: a symlink (a chain too) is written through to its target, but only
+    into a folder that exists (plipy creates no folder a link points into); any other path is the path as named,
+    whose missing folders are created. OutputError for a link into a missing folder or a dangling link above it."""
     p = Path(path)
-    return Path(os.path.realpath(p)) if p.is_symlink() else p
+    if p.is_symlink():
+        target = Path(os.path.realpath(p))
+        if not target.parent.is_dir():
+            raise OutputError(
+                f"{p} is a symlink to {target}, whose folder does not exist: plipy writes through a link only into "
+                "an existing folder (create it, or name another output)"
+            )
+        return target
+    for parent in p.parents:
+        if parent.is_symlink() and not parent.exists():
+            raise OutputError(f"{p}: its folder {parent} is a symlink to {os.readlink(parent)}, which does not exist")
+    return p
 
 
 def _temp_beside(path: Path, data: bytes) -> str:
     """A complete temporary copy of `data` in `path`'s folder, with the mode a normal write would give it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the named path's own folders (`output_path` checked links)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -53,20 +94,51 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_outputs(outputs: dict[Path, bytes]) -> list[Path]:
     """Write a whole output set: every file goes to a temporary beside its destination first, and only when all
-    are complete are they renamed into place (in the order given: put the JSON last). On any failure nothing of
-    the set is left behind."""
-    targets = [_target(p) for p in outputs]
+    are complete are they renamed into place (in the order given: put the JSON last). A set of several files is
+    renamed under an exclusive lock on `.<last name>.lock` beside the last file, so concurrent writers of one set
+    replace it one whole set after the other (the empty lock file stays: removing it would race with a writer
+    waiting on it; a single file needs none, its rename is atomic). On any failure
+    nothing of the set is replaced and no temporary is left; a failed write (disk full, read-only) is an
+    OutputError naming the file."""
+    targets = [output_path(p) for p in outputs]
+    if len(set(targets)) < len(targets):
+        raise OutputError(f"two files of one output set would be written to one name: {', '.join(map(str, targets))}")
     temps: list[str] = []
+    current = targets[0]
     try:
-        for t, data in zip(targets, outputs.values(), strict=True):
-            temps.append(_temp_beside(t, data))
-        for tmp, t in zip(temps, targets, strict=True):
-            os.replace(tmp, t)
+        for current, data in zip(targets, outputs.values(), strict=True):
+            temps.append(_temp_beside(current, data))
+        with _set_lock(targets[-1]) if len(targets) > 1 else contextlib.nullcontext():  # one rename is atomic
+            for tmp, current in zip(temps, targets, strict=True):
+                os.replace(tmp, current)
+    except OSError as e:
+        _remove(temps)
+        if isinstance(e, OutputError):
+            raise
+        kept = "nothing of this output set was replaced" if len(temps) < len(targets) else "the set may be partial"
+        raise OutputError(f"could not write {current}: {e.strerror or e} ({kept})") from None
     except BaseException:
-        for tmp in temps:
-            Path(tmp).unlink(missing_ok=True)
+        _remove(temps)
         raise
     return [Path(p) for p in outputs]
+
+
+def _remove(paths: list[str]) -> None:
+    for tmp in paths:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _set_lock(last: Path) -> Iterator[None]:
+    """An exclusive `flock` on `.<name>.lock` beside `last` while a set's files are renamed into place."""
+    import fcntl
+
+    fd = os.open(last.parent / f".{last.name}.lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def json_bytes(obj: Any) -> bytes:

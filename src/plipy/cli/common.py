@@ -134,8 +134,12 @@ def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 from plipy.options import check_choice
 
                 check_choice(o.table_format, ("parquet", "csv"), param="table_format")
-            if "out" in names:
-                check_out(o.out)  # a bad path fails now, not after minutes of work
+            if "fresh" in names:  # the run keeps its finished units under PLIPY_RUNS
+                from plipy.checkpoint import check_runs_writable
+
+                check_runs_writable()
+            if "out" in names:  # a bad path fails now, not after minutes of work; a symlink is resolved once
+                o.out = check_out(o.out, table_format=getattr(o, "table_format", None), html=getattr(o, "html", False))
             return fn(o=o, **kwargs)
 
         command.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
@@ -221,11 +225,17 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[], None]]]:
         task = prog.add_task(desc, total=total)
         return lambda: prog.advance(task)
 
+    failed = False
     try:
         yield start
+    except Exception:
+        failed = True
+        prog.live.transient = True  # a failed run's bars vanish: its one `error:` line is all that is left
+        raise
     finally:
         if prog.live.is_started:
-            prog.stop()
+            # Progress.stop() adds a blank line on a non-terminal stderr; Live.stop() alone leaves nothing
+            (prog.live.stop if failed else prog.stop)()
 
 
 def split_list(values: list[str] | None) -> list[str] | None:
@@ -235,10 +245,22 @@ def split_list(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def check_out(path: Path | None, flag: str = "--out") -> None:
-    """Refuse an output path that cannot be written, before any model loads (None: the default `results/`)."""
+def check_out(
+    path: Path | None, flag: str = "--out", *, table_format: str | None = None, html: bool = False
+) -> Path | None:
+    """Refuse an output path that cannot be written, before any model loads, and return where it lands: a symlink
+    resolved once (`plipy.io.output_path`), so the JSON and its siblings (table, rows, plots, HTML) all go beside
+    its target. With `table_format`, also refuse a name the table or the HTML would share with the JSON.
+    None stays None (the default `results/…`)."""
+    from plipy.errors import OutputError
+    from plipy.io import output_path
+
     p = Path(path) if path is not None else Path("results") / "result.json"
     shown = f"{flag} {p}" if path is not None else "the default output folder results/"
+    try:
+        p = output_path(p)
+    except OutputError as e:
+        raise PlipyError(f"{flag}: {e}") from None
     if p.is_dir():
         raise PlipyError(f"{shown} is a directory: give a file name, e.g. {p / 'result.json'}")
     parent = next((a for a in p.parents if a.exists()), Path("."))
@@ -246,6 +268,13 @@ def check_out(path: Path | None, flag: str = "--out") -> None:
         raise PlipyError(f"{shown}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PlipyError(f"{shown}: {parent} is not writable")
+    if table_format is not None:
+        from plipy.results import sibling_clash
+
+        clash = sibling_clash(p, table_format, html)
+        if clash:
+            raise PlipyError(f"{shown}: {clash}")
+    return None if path is None else p
 
 
 def print_report(renderables: list[Any]) -> None:

@@ -223,11 +223,12 @@ def convert(
     """Make a universal corpus from code by finding markers and function targets (PLIP-rs' convert_corpus rules;
     configurable for other test markers). Samples without a marker or a definition are listed and left out."""
     from plipy.cli.common import check_out
+    from plipy.corpus.tools import check_not_input, corpus_bytes, input_files, read_inputs
     from plipy.corpus.tools import convert as run_convert
-    from plipy.corpus.tools import corpus_bytes, read_inputs
     from plipy.io import write_outputs
 
-    check_out(out)
+    out = check_out(out)
+    check_not_input(out, input_files(inputs))
     snippets = read_inputs(inputs)
     doc, skipped = run_convert(snippets, rule, group, markers=marker, keyword=keyword, params=params, skip=skip)
     write_outputs({out: corpus_bytes(doc)})

@@ -16,13 +16,17 @@ app = typer.Typer(help="Entity lists (players, movies, cities, songs) and known/
 @app.command("build")
 def build(
     raw: Path = typer.Option(..., "--raw", help="Raw WikiData dump folder (sae_entities dataset/raw/wikidata)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the shipped package data)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder (default: $PLIPY_CACHE/entity-lists; the shipped lists stay as is)."
+    ),
 ) -> None:
     """Rebuild `{type}.json.gz` from the raw dumps: labels unique within the type, every attribute present."""
-    from plipy.entities.build import UPSTREAM_COUNTS, build_entities, shipped_dir, write_entities
+    from plipy.entities.build import UPSTREAM_COUNTS, build_entities, built_dir, write_entities
 
+    folder = out or built_dir()
+    c.check_out(folder / "player.json.gz")  # an unwritable folder fails before the dumps are read
     lists = build_entities(raw)
-    paths = write_entities(lists, out or shipped_dir())
+    paths = write_entities(lists, folder)
     from plipy.report.entities import build_summary
 
     c.print_report(build_summary(lists, paths, UPSTREAM_COUNTS))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -164,24 +165,79 @@ def ray_module() -> Any:
     return ray
 
 
-def connect(cluster: Cluster) -> Any:
-    """The `ray` module, connected (an existing connection is reused)."""
-    ray = ray_module()
-    if not ray.is_initialized():
-        import logging
+PROBE_TIMEOUT_S = 10.0  # a cluster address that does not answer TCP within this is refused (Ray retries minutes)
+LOOPBACK = "127.0.0.1"
 
-        try:
-            ray.init(
-                address=cluster.address,
-                include_dashboard=False,
-                logging_level=logging.ERROR,
-                log_to_driver=False,
-                namespace=NAMESPACE,
-            )
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            where = cluster.address or os.environ.get("RAY_ADDRESS") or "a local instance"
-            raise PlipyError(f"ray: cannot connect to {where}: {str(e).splitlines()[0]}") from None
+
+def connect(cluster: Cluster) -> Any:
+    """The `ray` module, connected (an existing connection is reused). An address is probed first (one line
+    within seconds when nothing answers there); a local instance plipy starts listens on loopback only."""
+    address = cluster.address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and "ray" not in sys.modules:
+        # Ray decides a node's address when it is imported: on Linux the machine's network address, where every
+        # server then listens. Loopback mode keeps a one-user local instance off the network.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    if address is not None:
+        probe(address)
+    import logging
+
+    local = {} if address is not None else {"_node_ip_address": LOOPBACK}
+    try:
+        ray.init(
+            address=cluster.address,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+            namespace=NAMESPACE,
+            **local,
+        )
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = address or "a local instance"
+        raise PlipyError(f"ray: cannot connect to {where}: {str(e).splitlines()[0]}") from None
+    if address is None:
+        _check_loopback(ray)
     return ray
+
+
+def probe(address: str) -> None:
+    """PlipyError unless something accepts a TCP connection at a Ray address (`host:port`, `ray://host:port`);
+    `auto` and other forms are left to Ray."""
+    import socket
+
+    host, port = _host_port(address)
+    if host is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise PlipyError(
+            f"ray: cannot connect to {address}: nothing answers at {host}:{port} ({why}); is the cluster up "
+            "(`ray status` on its head node)?"
+        ) from None
+
+
+def _host_port(address: str) -> tuple[str | None, int]:
+    """(host, port) of `host:port`, `[v6]:port` or `ray://host:port`; (None, 0) for anything else (`auto`)."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None, 0
+    return host.strip("[]"), int(port)
+
+
+def _check_loopback(ray: Any) -> None:
+    """Refuse a local instance that listens on the network (Ray was imported before plipy could ask for loopback)."""
+    host, _ = _host_port(ray.get_runtime_context().gcs_address)
+    if host is not None and not host.startswith("127.") and host != "::1":
+        ray.shutdown()
+        raise PlipyError(
+            f"ray: the local Ray instance would listen on {host}, not on loopback: Ray was imported before plipy "
+            "started it; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray, or start Ray yourself"
+        )
 
 
 def _shape(ray: Any, workers: int | None) -> tuple[int, float, int]:
@@ -197,79 +253,77 @@ def _shape(ray: Any, workers: int | None) -> tuple[int, float, int]:
 
 class RayPool:
     """`workers` actors, each holding the model `model` (load_model arguments); `map(job, batches)` yields
-    `(k, results of batches[k])` as they finish. The actors start loading at once; `ready()` waits for them."""
+    `(k, results of batches[k])` as they finish. The actors are placed through one placement group (a bundle of
+    CPUs/GPUs each, spread over nodes) and start loading at once; `ready()` waits for them."""
 
     def __init__(self, model: dict[str, Any], cluster: Cluster):
         import torch
+        from ray.util import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         ray = self.ray = connect(cluster)
         self.n, gpus, cpus = _shape(ray, cluster.workers)
         self.cpus, self.gpus = cpus, gpus
         self.threads = cluster.threads or torch.get_num_threads()
         self.key = _key(ray, model, self.n, self.threads)
+        # Ray's public way to learn whether actors can be placed at all: the group is ready once every bundle is.
+        self.group = placement_group([{"CPU": cpus, **({"GPU": gpus} if gpus else {})}] * self.n, strategy="SPREAD")
         actor = ray.remote(_Worker)
         self.names = [f"plipy-{uuid.uuid4().hex[:8]}-{i}" for i in range(self.n)]
         self.actors = [
             actor.options(
-                name=name, num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1, namespace=NAMESPACE
+                name=name,
+                num_cpus=cpus,
+                num_gpus=gpus,
+                max_restarts=-1,
+                max_task_retries=-1,
+                namespace=NAMESPACE,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
             ).remote(model, _driver_env(), self.threads)
-            for name in self.names
+            for i, name in enumerate(self.names)
         ]
         self.address = ray.get_runtime_context().gcs_address
         self.pids: list[int] | None = None
 
     def ready(self) -> RayPool:
         """Wait until every actor holds its model. A spec a node cannot load fails as one line; so do actors the
-        cluster cannot place (after PLIPY_RAY_PLACE_GRACE s, default 30, with too few free CPUs/GPUs for one)."""
+        cluster cannot place (their placement group not ready after PLIPY_RAY_PLACE_GRACE s, default 30) and
+        actors not started within PLIPY_RAY_START_TIMEOUT s (default 3600)."""
         if self.pids is not None:
             return self
-        ray, refs, t0 = self.ray, [a.pid.remote() for a in self.actors], time.monotonic()
+        ray, t0 = self.ray, time.monotonic()
         grace = float(os.environ.get("PLIPY_RAY_PLACE_GRACE", "30"))
         limit = float(os.environ.get("PLIPY_RAY_START_TIMEOUT", "3600"))
+        placed, _ = ray.wait([self.group.ready()], timeout=min(grace, limit))
+        if not placed:
+            self._fail_unplaced(limit if grace >= limit else None)
+        refs = [a.pid.remote() for a in self.actors]
         try:
-            while True:
-                done, waiting = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, grace))
-                if not waiting:
-                    break
-                free, waited = ray.available_resources(), time.monotonic() - t0
-                short = free.get("CPU", 0) < self.cpus or free.get("GPU", 0) < self.gpus
-                if waited > limit:
-                    self.close()
-                    raise PlipyError(
-                        f"ray: {len(waiting)} of {self.n} workers did not start within {limit:g} s "
-                        "(placed nowhere, or still loading the model): check `ray status`, or raise "
-                        "PLIPY_RAY_START_TIMEOUT if loading takes that long"
-                    )
-                if waited >= grace and short and (unplaced := self._unplaced()):
-                    self.close()
-                    raise PlipyError(
-                        f"ray: {unplaced} of {self.n} workers cannot be placed: each needs {self.cpus} CPU(s)"
-                        f"{f' and {self.gpus:g} GPU' if self.gpus else ''}, the cluster has "
-                        f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free (another run's pool? "
-                        "plipy.cluster.shutdown() stops this process's); fewer --workers may fit"
-                    )
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, limit - (time.monotonic() - t0)))
+            if waiting:
+                self._fail_unplaced(limit, len(waiting))
             self.pids = ray.get(refs)
         except ray.exceptions.RayActorError as e:
             self.close()
             raise PlipyError(f"ray: a worker could not start: {_last_line(e)}") from None
         return self
 
-    def _unplaced(self) -> int:
-        """Actors still waiting for a node (not those placed and loading the model: they hold their resources).
-        Ray's public state API needs the dashboard; its GCS table is private, so any change there reads as 0:
-        the run then waits instead of failing early."""
-        try:
-            from ray._private import state
-
-            table = state.actors()
-            ids = {a._actor_id.hex() for a in self.actors}
-            return sum(
-                1
-                for k, v in table.items()
-                if k in ids and v.get("State") == "PENDING_CREATION" and not (v.get("Address") or {}).get("Port")
+    def _fail_unplaced(self, limit: float | None, n: int | None = None) -> None:
+        """Stop the pool and say why: past the start timeout (`limit`), or its placement group found no room."""
+        free = self.ray.available_resources()
+        self.close()
+        if limit is not None:
+            raise PlipyError(
+                f"ray: {n or self.n} of {self.n} workers did not start within {limit:g} s "
+                "(placed nowhere, or still loading the model): check `ray status`, or raise "
+                "PLIPY_RAY_START_TIMEOUT if loading takes that long"
             )
-        except Exception:  # noqa: BLE001 - a private API: never the reason a run fails
-            return 0
+        raise PlipyError(
+            f"ray: {self.n} of {self.n} workers cannot be placed: each needs {self.cpus} CPU(s)"
+            f"{f' and {self.gpus:g} GPU' if self.gpus else ''}, the cluster has "
+            f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free (another run's pool? "
+            "plipy.cluster.shutdown() stops this process's); fewer --workers may fit"
+        )
 
     def describe(self) -> dict[str, Any]:
         """For provenance: where the units ran."""
@@ -322,12 +376,18 @@ class RayPool:
             yield tag, out
 
     def close(self) -> None:
-        """Stop the actors (the Ray instance stays up for the next run of this process)."""
+        """Stop the actors and free their placement group (the Ray instance stays up for the next run)."""
+        from ray.util import remove_placement_group
+
         for a in self.actors:
             try:
                 self.ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        try:
+            remove_placement_group(self.group)
+        except Exception:  # noqa: BLE001 - already removed, or the connection is gone
+            pass
 
 
 # One warm pool per process: the next run on the same model (a sweep, a notebook) reuses its loaded actors, and a

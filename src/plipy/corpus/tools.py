@@ -20,6 +20,7 @@ field of a rule can be overridden, which covers other languages' test markers.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -225,9 +226,9 @@ def _rows_of(path: Path) -> list[Snippet]:
     return out
 
 
-def read_inputs(paths: Iterable[str | Path]) -> list[Snippet]:
-    """Snippets from code files (one sample each, id = file name), folders of them, and JSON / JSONL files."""
-    out: list[Snippet] = []
+def input_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files `read_inputs` reads: each file named, and the code files of each folder named."""
+    out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
@@ -238,7 +239,24 @@ def read_inputs(paths: Iterable[str | Path]) -> list[Snippet]:
             files = [p]
         else:
             raise PlipyError(f"{p}: no such file or folder")
-        for f in files:
+        out.extend(files)
+    return out
+
+
+def check_not_input(out: str | Path, files: Iterable[Path]) -> None:
+    """Refuse an output that is one of the input files (the same file by any name: path, link or hard link)."""
+    if not Path(out).exists():
+        return
+    for f in files:
+        if os.path.samefile(out, f):
+            raise PlipyError(f"--out {out} is the input {f}: writing the corpus there would destroy it")
+
+
+def read_inputs(paths: Iterable[str | Path]) -> list[Snippet]:
+    """Snippets from code files (one sample each, id = file name), folders of them, and JSON / JSONL files."""
+    out: list[Snippet] = []
+    for p in paths:
+        for f in input_files([p]):
             try:
                 if f.suffix in (".json", ".jsonl"):
                     out.extend(_rows_of(f))

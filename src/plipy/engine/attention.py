@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from plipy.engine.arch import softmax_upcast
 from plipy.engine.spec import LayerEdit, Record
-from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
+from plipy.errors import CausalEdgeError, MaskedRowError, NonFiniteError, PlipyError
 
 NAME = "plipy"
 
@@ -386,9 +386,7 @@ def _explicit_rows(
     scores = scores.float() if upcast else scores
     scores = scores.masked_fill(~allowed, -math.inf)
 
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if upcast else None)
-    # Rows the model's own mask empties (left-padding queries) are 0, not NaN; no edit can reach them.
-    probs = torch.nan_to_num(probs, nan=0.0)
+    probs = _empty_rows_to_zero(torch.softmax(scores, dim=-1, dtype=torch.float32 if upcast else None), allowed)
     bias_rows = torch.zeros(b, rows.numel(), dtype=torch.bool, device=query.device)
     if chunk_edits:
         # exp(bias) = α applied after the softmax and renormalised: the same function as adding log α to the
@@ -415,5 +413,23 @@ def _explicit_rows(
             )
         probs = torch.where(edited, probs / total, probs)  # untouched rows stay bit-identical
         scores = scores + factor.log()  # the equivalent pre-softmax scores, for the record
+    _require_finite_rows(probs, rows, offset, layer)
     probs = probs.to(query.dtype)
     return probs, scores, bias_rows
+
+
+def _empty_rows_to_zero(probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Rows the model's own mask empties (left-padding queries) are 0, not softmax's NaN; no edit can reach them.
+    Only those rows: a NaN anywhere else is the model's and must not become a number."""
+    empty = ~allowed.any(-1, keepdim=True)  # [batch, 1, rows, 1]
+    return probs.masked_fill(empty, 0.0) if bool(empty.any()) else probs
+
+
+def _require_finite_rows(probs: torch.Tensor, rows: torch.Tensor, offset: int, layer: int | None) -> None:
+    """NonFiniteError if any computed row holds NaN or inf (weights, or an edit too large for the dtype). A row's
+    sum is non-finite exactly when one of its weights is (all are in [0, 1] otherwise), so this checks
+    `[batch, heads, rows]` sums instead of allocating another `[…, keys]` mask."""
+    bad = ~torch.isfinite(probs.sum(-1))
+    if bool(bad.any()):
+        b, h, r = (int(x) for x in bad.nonzero()[0])
+        raise NonFiniteError(f"the attention weights of query position {int(rows[r]) + offset} (head {h})", layer, b)

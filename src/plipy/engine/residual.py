@@ -12,6 +12,7 @@ import torch
 
 from plipy.engine.spec import Record, ResidualAdd, ResidualCapture
 from plipy.errors import PlipyError
+from plipy.finite import require_finite
 
 
 @dataclass
@@ -53,6 +54,7 @@ def apply(plan: ResidualPlan, record: Record, layer: int, where: str, hidden: to
         if a.skip_single_token and hidden.shape[1] == 1:
             continue
         vec = a.vector.to(device=hidden.device, dtype=hidden.dtype)
+        require_finite(vec, f"the vector added to the residual stream ({where})", layer)  # also: overflow in the cast
         vec = vec[:, None, :] if vec.ndim == 2 else vec
         out = (hidden if out is None else out).clone()
         if a.positions is None:

@@ -36,7 +36,8 @@ from plipy.engine import Capture, EdgeEdit, Engine
 from plipy.engine.arch import adapter
 from plipy.engine.batch import pad_left
 from plipy.engine.spec import LayerEdit, compile_edits, edge_tensor
-from plipy.errors import CausalEdgeError, MaskedRowError, PlipyError
+from plipy.errors import CausalEdgeError, MaskedRowError, NonFiniteError, PlipyError
+from plipy.finite import require_finite
 
 ConditionEdits = Sequence[EdgeEdit]  # one condition: the edits applied together
 # Bumped when the runner changes which conditions it answers without a forward (their KLs change), so that a
@@ -166,6 +167,7 @@ class ConditionRunner:
         if self.path == "naive":
             with torch.inference_mode(), ctx as rec:
                 out = self.model(padded.ids, **kwargs)
+            require_finite(out.logits[:, -1], "the next-token logits")
             return [self._item(padded, i, out, rec, rows) for i in range(len(seqs))]
         outputs: list[Any] = [None] * self.n_layers
 
@@ -182,6 +184,7 @@ class ConditionRunner:
         finally:
             for h in handles:
                 h.remove()
+        require_finite(out.logits[:, -1], "the next-token logits")
         cache = output_cache(out)
         problem = _baseline_problem(outputs, cache, tuple(padded.ids.shape), self.n_layers)
         if problem:
@@ -318,6 +321,7 @@ class ConditionRunner:
         self.stats.calls += 1
         self.stats.layer_tokens += self.n_layers * base.input_ids.shape[1]
         attn = _item_attn(rec, 0) if capture is not None else None
+        _require_finite_logits(out.logits[:, -1], [p])
         return Outcome(self._last(out), "ok", None, p.first_layer, p.first_query, attn)
 
     def _fast_safe(self, base: Baseline, chunk: list[_Plan], q0: int, capture: Capture | None = None) -> list[Outcome]:
@@ -380,6 +384,7 @@ class ConditionRunner:
                         attn[j][layer] = rec.attn[layer][j]
                     elif layer in known:
                         attn[j][layer] = known[layer]
+        _require_finite_logits(out.logits[:, -1], chunk)
         return list(out.logits[:, -1].detach().unbind(0)), attn
 
     @contextmanager
@@ -398,6 +403,14 @@ class ConditionRunner:
                     del layer.forward
                 else:
                     layer.forward = own
+
+
+def _require_finite_logits(logits: torch.Tensor, plans: list[_Plan]) -> None:
+    """NonFiniteError naming the condition whose next-token logits (`[items, V]`, one row per plan) hold NaN/inf."""
+    bad = ~torch.isfinite(logits).all(-1)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise NonFiniteError(f"the next-token logits under condition {plans[j].index}")
 
 
 def capture_rows(capture: Capture) -> torch.Tensor:

@@ -114,16 +114,21 @@ def encode(entities: list[dict[str, Any]]) -> bytes:
 
 
 def write_entities(lists: dict[str, list[dict]], out_dir: str | os.PathLike) -> list[Path]:
-    """Write `{type}.json.gz` per type (atomically) into `out_dir`."""
-    paths = [atomic_write_bytes(Path(out_dir) / f"{t}.json.gz", encode(ents)) for t, ents in lists.items()]
-    for p in paths:
-        os.chmod(p, 0o644)  # mkstemp makes 0600; package data must be readable by everyone
-    return paths
+    """Write `{type}.json.gz` per type (atomically, with the umask's mode) into `out_dir`."""
+    return [atomic_write_bytes(Path(out_dir) / f"{t}.json.gz", encode(ents)) for t, ents in lists.items()]
 
 
 def shipped_dir() -> Path:
     """The package-data folder holding the shipped lists."""
     return Path(__file__).resolve().parent.parent / "data" / "entities"
+
+
+def built_dir() -> Path:
+    """Where `plipy entities build` writes by default: `$PLIPY_CACHE/entity-lists`, never the package's own data
+    (in an editable install that is the source tree)."""
+    from plipy.models import cache_dir
+
+    return cache_dir() / "entity-lists"
 
 
 def read_list(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -145,7 +150,10 @@ def load_entities(types: Sequence[str] | None = None, limit: int | None = None) 
     for t in chosen:
         path = shipped_dir() / f"{t}.json.gz"
         if not path.is_file():
-            raise PlipyError(f"shipped entity list {path} is missing; rebuild with `plipy entities build --raw DIR`")
+            raise PlipyError(
+                f"shipped entity list {path} is missing: reinstall plipy, or rebuild it with "
+                f"`plipy entities build --raw DIR --out {path.parent}`"
+            )
         ents = read_list(path)
         out[t] = ents[:limit] if limit else ents
     return out

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from plipy.finite import require_finite
+
 GREEDY = -1  # sample index of the greedy row
 
 
@@ -29,6 +31,7 @@ class _RowSampler:
         self.gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        require_finite(scores, "the next-token logits during generation")  # a NaN would still draw a "token"
         out = scores.clone()
         rows = [i for i, g in enumerate(self.gens) if g is not None]
         if not rows:

@@ -29,6 +29,7 @@ from plipy.experiments.edge_steering import (
     scale_for_group,
 )
 from plipy.experiments.samples import marker_rows
+from plipy.finite import naming
 from plipy.results import CalibrateResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
@@ -82,7 +83,8 @@ class Calibrate(Experiment[CalibratePlan, CalibrateResult]):
         return Work(length_batches(ok, lengths, batch_size), settled=len(plan.samples) - len(ok))
 
     def compute(self, lm: Any, plan: CalibratePlan, batch: list[int]) -> list[Unit]:
-        got = marker_rows(lm, plan.engine, [plan.samples[i].positions for i in batch], [self.layer])
+        with naming([f"sample {plan.samples[i].id!r}" for i in batch]):
+            got = marker_rows(lm, plan.engine, [plan.samples[i].positions for i in batch], [self.layer])
         return [(None, {"row": r[0].numpy()}) for r in got]
 
     def assemble(

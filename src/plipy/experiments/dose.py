@@ -28,6 +28,7 @@ from plipy.experiments.edge_steering import (
     prepare,
     scale_for_attention,
 )
+from plipy.finite import naming
 from plipy.results import DoseResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
@@ -107,15 +108,18 @@ class Dose(Experiment[DosePlan, DoseResult]):
 
     def compute(self, lm: Any, plan: DosePlan, batch: list[int]) -> list[Unit]:
         sps = [plan.samples[i].positions for i in batch]
-        bases = plan.runner.baselines(
-            [sp.input_ids for sp in sps],
-            rows=[[sp.marker_token] for sp in sps],
-            layers=self.layers,
-            pad_token=pad_id(lm.tokenizer),
-        )
-        return [
-            (list(self.dose_sample(lm, plan.runner, plan.samples[i], b)), {}) for i, b in zip(batch, bases, strict=True)
-        ]
+        with naming([f"sample {plan.samples[i].id!r}" for i in batch]):
+            bases = plan.runner.baselines(
+                [sp.input_ids for sp in sps],
+                rows=[[sp.marker_token] for sp in sps],
+                layers=self.layers,
+                pad_token=pad_id(lm.tokenizer),
+            )
+        out: list[Unit] = []
+        for i, b in zip(batch, bases, strict=True):
+            with naming(f"sample {plan.samples[i].id!r}"):
+                out.append((list(self.dose_sample(lm, plan.runner, plan.samples[i], b)), {}))
+        return out
 
     def dose_sample(
         self, lm: Any, runner: ConditionRunner, s: SteerSample, base: Baseline

@@ -22,6 +22,7 @@ from plipy import options as opt
 from plipy.engine import Engine
 from plipy.errors import PlipyError
 from plipy.experiments.lens import decode_token, encode, run_pass
+from plipy.finite import naming
 from plipy.results import EmergenceResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
@@ -111,7 +112,8 @@ def measure_prompt(
     """One prompt: per expected string and layer, the best-ranked matching token, its probability, the matches'
     total probability; the first layer where a match is in the top-k."""
     ids = encode(lm.tokenizer, item["prompt"], bos)
-    lp = run_pass(lm, ids, [len(ids) - 1], engine)
+    with naming(f"prompt {item['id']!r}"):
+        lp = run_pass(lm, ids, [len(ids) - 1], engine)
     match_ids = {s: [i for i, t in enumerate(texts) if s in t] for s in item["expect"]}
     expected = [_expected_record(s, m) for s, m in match_ids.items()]
     dev = lp.model_logits.device

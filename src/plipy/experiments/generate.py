@@ -22,6 +22,7 @@ from plipy.engine.batch import pad_left
 from plipy.engine.runner import cache_argument, full_cache
 from plipy.errors import ParameterError, PlipyError
 from plipy.experiments.edge_steering import SteerCausalError
+from plipy.finite import naming, require_finite
 from plipy.results import GenerateResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
@@ -139,10 +140,22 @@ def generate_pairs(
         torch.manual_seed(seed)  # the same draws for both: only the steering differs
         with torch.inference_mode(), engine.run(edits=e):
             out = lm.model.generate(
-                padded.ids, attention_mask=padded.mask, generation_config=gc, **{cache_arg: full_cache()}
+                padded.ids,
+                attention_mask=padded.mask,
+                generation_config=gc,
+                logits_processor=[FiniteScores()],
+                **{cache_arg: full_cache()},
             )
         outs.append([until_eos(out[j, width:].tolist(), tok.eos_token_id) for j in range(len(items))])
     return list(zip(outs[0], outs[1], strict=True))
+
+
+class FiniteScores:
+    """A logits processor refusing NaN/inf next-token logits: greedy decoding would turn them into tokens."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        require_finite(scores, "the next-token logits during generation")
+        return scores
 
 
 def until_eos(ids: list[int], eos: Any) -> list[int]:
@@ -270,17 +283,18 @@ class Generate(Experiment[GeneratePlan, GenerateResult]):
 
     def compute(self, lm: Any, plan: GeneratePlan, batch: list[int]) -> list[Unit]:
         items = [(plan.prepared[i][1], plan.prepared[i][2]) for i in batch]
-        pairs = generate_pairs(
-            lm,
-            plan.engine,
-            items,
-            self.layers,
-            scale=self.scale,
-            max_tokens=self.max_tokens,
-            heads=self.heads,
-            temperature=self.temperature,
-            seed=self.seed,
-        )
+        with naming([f"prompt {plan.prepared[i][0]['id']!r}" for i in batch]):
+            pairs = generate_pairs(
+                lm,
+                plan.engine,
+                items,
+                self.layers,
+                scale=self.scale,
+                max_tokens=self.max_tokens,
+                heads=self.heads,
+                temperature=self.temperature,
+                seed=self.seed,
+            )
         return [
             (generate_row(lm.tokenizer, plan.prepared[i][0], plan.prepared[i][2], b, s, plan.patterns), {})
             for i, (b, s) in zip(batch, pairs, strict=True)

@@ -26,6 +26,7 @@ from plipy.engine.runner import RULES_VERSION, Baseline, ConditionRunner, dead_r
 from plipy.engine.spec import compile_edits
 from plipy.errors import ParameterError, PlipyError
 from plipy.experiments.samples import after_marker, choose_groups, identity
+from plipy.finite import naming
 from plipy.models import LoadedModel
 from plipy.options import check_choice, check_positive, layer_label, parse_layers, plip_default_layer
 from plipy.results import KnockoutResult
@@ -358,11 +359,16 @@ class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
         return Work(length_batches(ok, lengths, batch_size), settled=len(plan.samples) - len(ok))
 
     def compute(self, lm: LoadedModel, plan: KnockoutPlan, batch: list[int]) -> list[Unit]:
-        bases = plan.runner.baselines([plan.positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
-        return [
-            (run_sample(lm, plan.runner, plan.samples[i], b, self.conditions, plan.heads, plan.windows, self.top_k), {})
-            for i, b in zip(batch, bases, strict=True)
-        ]
+        with naming([f"sample {plan.samples[i]['id']!r}" for i in batch]):
+            bases = plan.runner.baselines([plan.positions[i].input_ids for i in batch], pad_token=pad_id(lm.tokenizer))
+        out: list[Unit] = []
+        for i, b in zip(batch, bases, strict=True):
+            with naming(f"sample {plan.samples[i]['id']!r}"):
+                sample = run_sample(
+                    lm, plan.runner, plan.samples[i], b, self.conditions, plan.heads, plan.windows, self.top_k
+                )
+            out.append((sample, {}))
+        return out
 
     def assemble(
         self, lm: LoadedModel, plan: KnockoutPlan, units: dict[int, Unit], provenance: dict[str, Any]

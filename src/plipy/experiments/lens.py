@@ -20,6 +20,7 @@ import torch
 from plipy import options as opt
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
+from plipy.finite import naming, require_finite
 from plipy.results import LensResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
@@ -130,6 +131,9 @@ def run_pass(lm: Any, ids: list[int], positions: list[int], engine: Engine | Non
         out = model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
     own = (out.logits[0] if keep else out.logits[0, positions]).float()
     resid = {layer: rec.resid[(layer, "post")][0] for layer in range(lm.n_layers)}
+    for layer, r in resid.items():  # the first layer whose output is NaN/inf is named, not a lens mismatch
+        require_finite(r.reshape(-1), "the residual stream after the layer", layer)
+    require_finite(own.reshape(-1), "the model's logits")
     lp = LensPass(model, positions, resid, own, lm.n_layers, {})
     last = lp.logits(lm.n_layers - 1)
     diff = float((last - own).abs().max())
@@ -215,7 +219,11 @@ class Lens(Experiment[LensPlan, LensResult]):
         positions = opt.parse_positions(self.positions, len(ids), self.marker)
         layers = opt.parse_layers(self.layers, lm.n_layers)
         given = opt.parse_tokens(lm.tokenizer, self.tokens, lm.vocab_size)
-        forward = run_pass(lm, ids, positions) if has_weights(lm) else None
+        forward = None
+        if has_weights(lm):
+            src = self.source or {}
+            with naming(f"sample {src['sample']!r}" if src.get("sample") else "the text"):
+                forward = run_pass(lm, ids, positions)
         return LensPlan(ids, positions, layers, given, forward)
 
     def settings(self, lm: Any, plan: LensPlan, batch_size: int) -> Settings:

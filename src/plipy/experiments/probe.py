@@ -28,6 +28,7 @@ from plipy import stats
 from plipy.corpus import Corpus, CorpusError, char_to_token, encode_text, load_corpus
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
+from plipy.finite import naming, require_finite
 from plipy.results import ProbeResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
@@ -270,8 +271,11 @@ class ProbeFeatures(Experiment[FeaturesPlan, Features]):
             it, (ids, pos) = self.data.items[i], plan.inputs[i]
             x = torch.tensor([ids], device=lm.device)
             cap = ResidualCapture(layers=plan.layers, where=("post",), positions=[pos])
-            with torch.inference_mode(), plan.engine.run(residual_capture=cap) as rec:
-                lm.model(input_ids=x, attention_mask=torch.ones_like(x), **keep)
+            with torch.inference_mode(), plan.engine.run(residual_capture=cap) as rec, naming(f"sample {it.id!r}"):
+                logits = lm.model(input_ids=x, attention_mask=torch.ones_like(x), **keep).logits
+                for layer in plan.layers:  # scikit-learn would stop on NaN features with a traceback
+                    require_finite(rec.resid[(layer, "post")].reshape(-1), "the residual stream after the layer", layer)
+                require_finite(logits[0, -1], "the next-token logits")
             resid = np.stack([rec.resid[(layer, "post")][0, 0].double().cpu().numpy() for layer in plan.layers])
             record = {
                 "id": it.id,

@@ -25,6 +25,7 @@ from plipy.corpus.prompts import EntityPrompt
 from plipy.engine import Engine
 from plipy.engine.arch import head_output_weights
 from plipy.errors import ParameterError
+from plipy.finite import naming
 from plipy.models import LoadedModel
 from plipy.results.sae_attention import SaeAttentionResult, difference
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
@@ -169,7 +170,7 @@ class SaeAttention(Experiment[SaePlan, SaeAttentionResult]):
         return Work(chunks(list(range(len(self.prompts))), batch_size))
 
     def compute(self, lm: LoadedModel, plan: SaePlan, batch: list[int]) -> list[Unit]:
-        arrays = batch_arrays(lm, self, plan, [plan.toks[i] for i in batch])
+        arrays = batch_arrays(lm, self, plan, [plan.toks[i] for i in batch], [f"prompt {i}" for i in batch])
         return [(None, {k: v[j] for k, v in arrays.items()}) for j in range(len(batch))]
 
     def assemble(
@@ -188,22 +189,27 @@ class SaeAttention(Experiment[SaePlan, SaeAttentionResult]):
         return SaeAttentionResult(result, arrays=arrays)
 
 
-def batch_arrays(lm: LoadedModel, exp: SaeAttention, plan: SaePlan, toks: Sequence[Tokenized]) -> dict[str, np.ndarray]:
-    """The original and every latent's steered measures of one batch: `{"original/m" | "steered/lat/m": [b, L, H]}`."""
+def batch_arrays(
+    lm: LoadedModel, exp: SaeAttention, plan: SaePlan, toks: Sequence[Tokenized], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The original and every latent's steered measures of one batch: `{"original/m" | "steered/lat/m": [b, L, H]}`.
+    `names` say which prompts a non-finite value came from."""
     batch = make_batch(toks, exp.pos_type, plan.pad_id, lm.device)
     arrays: dict[str, np.ndarray] = {}
-    orig, resid = forward_measures(
-        plan.engine, lm.model, batch, plan.w_o, exp.measures, exp.ovw_norm, resid_layer=plan.resid_layer
-    )
+    with naming(list(names)):
+        orig, resid = forward_measures(
+            plan.engine, lm.model, batch, plan.w_o, exp.measures, exp.ovw_norm, resid_layer=plan.resid_layer
+        )
     for m, v in orig.items():
         arrays[f"original/{m}"] = v
     for lat in plan.latents:
-        adds = steering_adds(exp.sae, plan.layer, plan.steerings[lat], batch.steer_positions, resid)
-        steered = (
-            orig
-            if not adds
-            else forward_measures(plan.engine, lm.model, batch, plan.w_o, exp.measures, exp.ovw_norm, adds)[0]
-        )
+        with naming([f"{n}, steered by latent {lat}" for n in names]):
+            adds = steering_adds(exp.sae, plan.layer, plan.steerings[lat], batch.steer_positions, resid)
+            steered = (
+                orig
+                if not adds
+                else forward_measures(plan.engine, lm.model, batch, plan.w_o, exp.measures, exp.ovw_norm, adds)[0]
+            )
         for m, v in steered.items():
             arrays[f"steered/{lat}/{m}"] = v
     return arrays

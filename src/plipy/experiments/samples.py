@@ -13,6 +13,7 @@ from plipy.engine import Capture, Engine
 from plipy.engine.batch import pad_id, pad_left
 from plipy.engine.runner import last_logits_only
 from plipy.errors import ParameterError, PlipyError
+from plipy.finite import require_finite
 
 DEFAULT_GROUPS = ("python_doctest", "rust_test")
 
@@ -69,6 +70,8 @@ def marker_rows(lm: Any, engine: Engine, sps: Sequence[SamplePositions], layers:
     padded = pad_left([sp.input_ids for sp in sps], pad_id(lm.tokenizer), lm.device)
     capture = Capture(rows=padded.shift([[int(sp.marker_token or 0)] for sp in sps]), layers=list(layers))
     with torch.inference_mode(), engine.run(capture=capture) as cap:
-        lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
+        out = lm.model(padded.ids, **padded.forward_kwargs(), **last_logits_only(lm.model))
+    # A NaN in a layer no row is captured from (SDPA there) shows up in the logits: a broken model, not a result.
+    require_finite(out.logits[:, -1], "the next-token logits")
     att = torch.stack([cap.attn[layer][:, :, 0] for layer in layers], 1).cpu()  # [B, L, H, T]
     return [att[i, :, :, pad:] for i, pad in enumerate(padded.pads)]

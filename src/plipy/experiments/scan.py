@@ -21,6 +21,7 @@ from plipy.corpus import Corpus, SamplePositions, token_positions
 from plipy.engine import Engine
 from plipy.errors import PlipyError
 from plipy.experiments.samples import after_marker, choose_groups, identity, marker_rows
+from plipy.finite import naming
 from plipy.results import ScanResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
@@ -134,7 +135,8 @@ class Scan(Experiment[ScanPlan, ScanResult]):
 
     def compute(self, lm: Any, plan: ScanPlan, batch: list[int]) -> list[Unit]:
         sps = [plan.positions[i] for i in batch]
-        rows = marker_rows(lm, plan.engine, sps, plan.layers)
+        with naming([f"sample {sp.sample.id!r}" for sp in sps]):
+            rows = marker_rows(lm, plan.engine, sps, plan.layers)
         return [(measure_sample(sp, r, plan.heads), {"rows": r.numpy()}) for sp, r in zip(sps, rows, strict=True)]
 
     def assemble(self, lm: Any, plan: ScanPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> ScanResult:

@@ -10,8 +10,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, overload
 
-from plipy.errors import PlipyError
-from plipy.io import json_bytes, jsonable, table_bytes, write_outputs
+from plipy.errors import OutputError, PlipyError
+from plipy.io import json_bytes, jsonable, output_path, table_bytes, write_outputs
 from plipy.results.views import VIEWS, KindViews
 
 TABLE_FORMATS = ("parquet", "csv")
@@ -176,7 +176,10 @@ class Result(Mapping[str, Any]):
         what it says, so two runs that agree give identical documents outside provenance)."""
         if table_format not in TABLE_FORMATS:
             raise PlipyError(f"table format must be parquet or csv, got {table_format!r}")
-        path = Path(path) if path is not None else self.default_path()
+        path = output_path(path if path is not None else self.default_path())  # siblings go beside a link's target
+        clash = sibling_clash(path, table_format, html)
+        if clash:
+            raise OutputError(f"{path}: {clash}")
         table = path.with_suffix(f".{table_format}")
         outputs: dict[Path, bytes] = {table: self._table_bytes(table_format)}
         files: dict[str, Any] = {"json": str(path), "table": str(table)}
@@ -232,3 +235,16 @@ def sibling(json_path: Path, recorded: str | None) -> Path:
     if found is None:
         raise PlipyError(f"{json_path}: its table {recorded} is missing")
     return found
+
+
+def sibling_clash(path: Path, table_format: str, html: bool = False) -> str | None:
+    """Why `save(path)` would write two of its files to one name, or None. The table and the HTML take the JSON's
+    name with their own suffix; plots and sidecars end in `-<kind>.<ext>` and never take the JSON's name."""
+    path = Path(path)
+    siblings = {f"the {table_format} table": path.with_suffix(f".{table_format}")}
+    if html:
+        siblings["the HTML report"] = path.with_suffix(".html")
+    for what, p in siblings.items():
+        if p == path:
+            return f"{what} would take the JSON's own name; give the JSON another suffix, e.g. {path.stem}.json"
+    return None

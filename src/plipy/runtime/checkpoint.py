@@ -35,6 +35,19 @@ def runs_dir() -> Path:
     return cache_dir() / "runs"
 
 
+def check_runs_writable() -> None:
+    """PlipyError (one line naming the variable and the folder) unless `runs_dir()` can be written: checked before
+    a model loads, not found out when the first sample is done."""
+    folder = runs_dir()
+    var = "PLIPY_RUNS" if os.environ.get("PLIPY_RUNS") else "PLIPY_CACHE"
+    existing = next((a for a in (folder, *folder.parents) if a.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PlipyError(
+            f"{var}: {folder} is not writable ({existing} is read-only or not a folder): plipy keeps a run's finished "
+            f"samples there so that a killed run resumes; point {var} at a writable folder"
+        )
+
+
 def fingerprint(obj: Any) -> str:
     """A short, stable hash of a JSON-able description (keys sorted; unknown types by `str`)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -82,8 +95,6 @@ class Units:
                 raise PlipyError(f"{meta} is corrupt: delete {folder} or pass --fresh") from None
             if old != fp:
                 raise PlipyError(f"{folder} holds partial results of a different run: delete it or pass --fresh")
-        else:
-            write_json(meta, {"fingerprint": fp})
 
     @classmethod
     def for_run(cls, kind: str, identity: dict[str, Any], *, resume: bool = True, fresh: bool = False) -> Units:
@@ -114,6 +125,8 @@ class Units:
         """Keep unit `i`: arrays first, the JSON last (its presence means the unit is whole)."""
         if self.folder is None:
             return
+        if not (meta := self.folder / "meta.json").is_file():  # made with the first unit: a run that fails
+            write_json(meta, {"fingerprint": self.fingerprint})  # before finishing any leaves no folder behind
         if arrays:
             buf = io.BytesIO()
             np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its bool flag

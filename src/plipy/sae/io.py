@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from plipy.errors import PlipyError
-from plipy.io import atomic_write_bytes, sha256_file, write_json
+from plipy.io import atomic_write_bytes, safetensors_whole, sha256_file, write_json
 from plipy.sae.model import SAE, parse_hook
 
 # The cfg.json layout save_saelens writes is SAELens 6.54's (`SAE.save_model`); SAELens reads a config as ≥6 when
@@ -65,8 +65,26 @@ def _load_saelens_dir(p: Path) -> SAE:
     wfile = p / "sae_weights.safetensors"
     if not wfile.is_file():
         raise PlipyError(f"SAE {p}: cfg.json but no sae_weights.safetensors")
-    state = load_file(str(wfile))
-    return _from_state(state, _normalise_cfg(cfg), str(p), sha256_file(wfile))
+    if not safetensors_whole(wfile):
+        raise PlipyError(f"SAE {p}: sae_weights.safetensors is truncated or corrupt (shorter than its header says)")
+    try:
+        state = load_file(str(wfile))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: one line, whatever is wrong with the file
+        raise PlipyError(f"SAE {p}: cannot read sae_weights.safetensors ({type(e).__name__}: {e})") from None
+    sae = _from_state(state, _normalise_cfg(cfg), str(p), sha256_file(wfile))
+    _check_cfg_shapes(sae, cfg)
+    return sae
+
+
+def _check_cfg_shapes(sae: SAE, cfg: dict[str, Any]) -> None:
+    """Refuse a cfg.json whose sizes contradict the weights: one of the two is from another SAE."""
+    for key, got in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
+        said = cfg.get(key)
+        if said is not None and said != got:
+            raise PlipyError(
+                f"SAE {sae.source}: cfg.json says {key}={said}, but the weights have {key}={got} (W_enc "
+                f"{sae.d_in}×{sae.d_sae}): the config and the weights are from different SAEs"
+            )
 
 
 def _normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from plipy.engine import Capture, Engine, ResidualAdd, ResidualCapture
 from plipy.engine.batch import pad_left
 from plipy.errors import PlipyError
+from plipy.finite import require_finite
 from plipy.sae.inputs import Tokenized, positions_for
 
 MEASURES = ("attn_weights", "value_weighted", "output_value_weighted", "distance_based")
@@ -126,6 +127,9 @@ def forward_measures(
         layer_measures(rec.attn[layer][:, :, 0], rec.values[layer], keys, kmask, w_o.get(layer), measures, ovw_norm)
         for layer in range(engine.n_layers)
     ]
+    for layer, pl in enumerate(per_layer):  # NaN value states (rows finite) would make NaN measures
+        for m, t in pl.items():
+            require_finite(t, f"the {m} measure", layer)
     out = {m: torch.stack([pl[m] for pl in per_layer], dim=1).cpu().numpy() for m in measures}
     resid = rec.resid.get((resid_layer, "pre")) if resid_layer is not None else None
     return out, resid

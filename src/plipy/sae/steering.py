@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from plipy.engine import ResidualAdd
-from plipy.errors import ParameterError, PlipyError
+from plipy.errors import NonFiniteError, ParameterError, PlipyError
 from plipy.sae.model import SAE
 
 
@@ -27,6 +27,9 @@ class Steering:
     mean_act: float | None = None
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def parse_coeff(text: str | float) -> float | str:
     """`100`, `-20.5`, `norm` or `mean` (the grammar of `coeff`)."""
     if isinstance(text, (int, float)):
@@ -41,6 +44,10 @@ def parse_coeff(text: str | float) -> float | str:
             raise ParameterError("coeff", f"coefficient must be a number, 'norm' or 'mean', got {text!r}") from None
     if not math.isfinite(value):  # nan/inf would make every steered measure meaningless
         raise ParameterError("coeff", f"coefficient must be a finite number, got {text!r}")
+    if abs(value) > FLOAT32_MAX:  # the steering vector is float32: it would be inf
+        raise ParameterError(
+            "coeff", f"coefficient {text!r} is beyond float32's range (±{FLOAT32_MAX:.4g}): the vector is inf"
+        )
     return value
 
 
@@ -59,6 +66,9 @@ def steering_adds(
     that point) is needed for `norm` and ablation. Skipped on single-token generation steps, as upstream.
     """
     d = sae.direction(steering.latent, steering.direction).float()
+    if not bool(torch.isfinite(d).all()):
+        where = f"SAE {sae.source}"
+        raise NonFiniteError(f"the {steering.direction} direction of latent {steering.latent}", where=where)
     coeff = steering.coeff
     if coeff == "mean":
         if steering.mean_act is None:
@@ -85,6 +95,8 @@ def steering_adds(
                 vec += d.cpu() * resid[b, p].float().norm().cpu()
             else:
                 vec += float(coeff) * d.cpu()
+            if not bool(torch.isfinite(vec).all()):  # a finite coefficient × direction can still overflow float32
+                raise NonFiniteError(f"the steering vector of latent {steering.latent} (coefficient {coeff})", item=b)
             per_pos.setdefault(int(p), torch.zeros(batch, sae.d_in))[b] = vec
     return [
         ResidualAdd(layer, v, positions=[p], where="pre", skip_single_token=True) for p, v in sorted(per_pos.items())

@@ -129,9 +129,16 @@ def _asset(name: str) -> str:
     return resources.files("plipy.report.html").joinpath(name).read_text(encoding="utf-8")
 
 
+# Inside <script> the HTML parser, not JSON, decides where the element ends: "</script" ends it, and "<!--" followed
+# by "<script" makes it swallow the rest of the page. JSON may spell any character as \uXXXX, so no "<" (nor ">",
+# "&", or the JavaScript line separators) ever reaches the parser; JSON.parse reads the same strings.
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
 def _script_json(obj: Any) -> str:
-    # inside <script>: "</" would end the element early; "<\/" is the same JSON string
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
+    """`obj` as JSON safe to inline in a `<script>` element, whatever its strings hold."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.translate(str.maketrans(_SCRIPT_ESCAPES))
 
 
 class Page:
