@@ -135,7 +135,7 @@ def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
                 check_choice(o.table_format, ("parquet", "csv"), param="table_format")
             if "fresh" in names:  # the run keeps its finished units under PLIPY_RUNS
-                from plipy.checkpoint import check_runs_writable
+                from plipy.runtime.checkpoint import check_runs_writable
 
                 check_runs_writable()
             if "out" in names:  # a bad path fails now, not after minutes of work; a symlink is resolved once
@@ -269,7 +269,7 @@ def check_out(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PlipyError(f"{shown}: {parent} is not writable")
     if table_format is not None:
-        from plipy.results import sibling_clash
+        from plipy.results.base import sibling_clash
 
         clash = sibling_clash(p, table_format, html)
         if clash:
