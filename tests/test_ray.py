@@ -378,3 +378,12 @@ def test_sweep_refuses_per_model_options(tmp_path, capsys):
     assert "the sweep sets the model and output" in capsys.readouterr().err
     assert cli_exit_code(["sweep", "--models", "a", "lens"]) == 2
     assert "experiment" in capsys.readouterr().err
+
+
+def test_sweep_checks_every_model_before_the_first_runs(tiny_dir, tmp_path, capsys):
+    # the first model is real and would run for a while; the typo in the second must stop the sweep before it
+    missing = tmp_path / "no-such-model"
+    code = cli_exit_code(["sweep", "--models", f"{tiny_dir},{missing}", "--out-dir", str(tmp_path / "o"), "scan"])
+    err = capsys.readouterr().err
+    assert code != 0 and f"no such file or directory: {missing}" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -414,6 +414,13 @@ def _resolve(spec: str, fetch: bool = True) -> _Source:
     )
 
 
+def check_spec(spec: str) -> None:
+    """Raise PlipyError unless `spec` names a model that can be loaded from here (an alias, fetched if need be; a
+    GGUF file; a folder with config.json; a hub id, in the HF cache when offline), without loading it: a sweep
+    checks every model before the first one runs."""
+    _resolve(spec)
+
+
 # ---------------------------------------------------------------------------------------------- checks
 
 

@@ -10,6 +10,7 @@ from plipy.api.front import check_cluster
 from plipy.api.knockout import knockout
 from plipy.api.scan import scan
 from plipy.errors import ParameterError
+from plipy.models import check_spec
 
 
 def sweep(models: Any, experiment: str = "scan", *, out_dir: str | Path | None = None, **options: Any) -> Any:
@@ -30,6 +31,8 @@ def sweep(models: Any, experiment: str = "scan", *, out_dir: str | Path | None =
     except TypeError as e:
         raise ParameterError("options", f"{experiment}: {e}") from None
     check_cluster(options.get("ray"), options.get("workers"))
+    for spec in specs:  # a typo in the last model fails now, not after the first runs
+        check_spec(spec)
     entries, docs = [], []
     for spec, name in zip(specs, sw.file_names(specs), strict=True):
         r = run(spec, **options)

@@ -33,6 +33,7 @@ def sweep(
     from plipy.cli import app
     from plipy.errors import PlipyError
     from plipy.experiments import sweep as sw
+    from plipy.models import check_spec
     from plipy.options import check_choice, parse_groups
     from plipy.results import load_result
 
@@ -43,6 +44,8 @@ def sweep(
     rest = list(ctx.args)
     if clash := [a for a in rest if a.split("=")[0] in SET_PER_MODEL]:
         raise PlipyError(f"{clash[0]}: the sweep sets the model and output of each run (--models, --out-dir)")
+    for spec in specs:  # a typo in the last model fails now, not after the first ones ran
+        check_spec(spec)
     c.check_out(out_dir / f"sweep-{experiment}.json", flag="--out-dir")
     names = sw.file_names(specs)
     files = []
