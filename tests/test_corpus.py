@@ -272,9 +272,10 @@ def test_ok_and_failed_statuses():
     t = FakeTok(code, [(0, 1), (1, 4), (4, 6)])  # the marker token "b >" is not the marker
     sp = token_positions(Sample("ok", "g", code, 3, ">>>", (0,)), t)
     assert (sp.marker_token, sp.marker_text, sp.conversion, sp.status) == (1, "b >", "ok", "ok")
-    # A target on the marker token itself is allowed (self-attention).
+    # A target on the marker token itself is its self-attention, not a target: flagged, never a valid target.
     sp = token_positions(Sample("self", "g", code, 3, ">>>", (1, 2)), t)
-    assert sp.after_marker == [False, False] and valid_targets(sp) == [1, 1]
+    assert sp.after_marker == [False, False] and sp.on_marker == [True, True] and valid_targets(sp) == []
+    assert sp.status == "target-on-marker" and sp.conversion == "ok"
     empty = FakeTok(code, [])
     sp = token_positions(Sample("none", "g", code, 3, ">>>", (0,)), empty)
     assert (sp.marker_token, sp.marker_match, sp.target_tokens) == (None, "failed", [None])
@@ -588,3 +589,32 @@ def test_cli_app_with_fake_loader(tmp_path, monkeypatch, tok):
     monkeypatch.setattr(cli, "corpus_positions", one_failed)
     res = runner.invoke(cli.app, ["verify", "--groups", "rust_test"])
     assert res.exit_code == 1 and "1 failed" in res.output
+
+
+def test_target_on_the_marker_token_is_flagged_and_never_measured(tok):
+    """A target character inside the marker's own token (not the marker's character, which loading refuses) would
+    make the scan average the marker's self-attention into "target attention": it is flagged and left out."""
+    from plipy.corpus import Sample, token_positions, valid_targets
+    from plipy.experiments.edge_steering import steer_sample
+    from plipy.experiments.knockout import knockout_edges
+    from plipy.experiments.scan import sample_record
+
+    code = "def f(x):\n    return x\n>>> f(2)\n"
+    marker = code.index(">>>")
+    offs = tok(code, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    (tm,) = [i for i, (a, b) in enumerate(offs) if a <= marker < b]
+    assert offs[tm][1] - offs[tm][0] >= 2, "the test needs a marker token of several characters"
+    inside = marker + 1  # the marker token's second character
+    x = code.index("x")  # `x` in the signature: a real target, before the marker
+    sp = token_positions(Sample("s", "g", code, marker, ">>>", (x, inside)), tok)
+    assert sp.on_marker == [False, True] and sp.after_marker == [False, False]
+    assert sp.status == "target-on-marker" and sp.target_tokens[1] == sp.marker_token == tm
+    assert valid_targets(sp) == [sp.target_tokens[0]]
+    rec = sample_record(sp)
+    assert rec["status"] == "partial-targets" and rec["targets_on_marker"] == [tm]
+    edges, status, _ = knockout_edges(sp, "marker-to-targets")
+    assert status == "ok" and edges == [(tm, sp.target_tokens[0])]
+    assert steer_sample(sp).status == "target-on-marker"
+    only = token_positions(Sample("t", "g", code, marker, ">>>", (inside,)), tok)
+    assert sample_record(only)["status"] == "no-valid-targets"
+    assert knockout_edges(only, "marker-to-targets")[1] == "no-edges"

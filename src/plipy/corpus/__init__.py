@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from plipy.errors import PlipyError
 DEFAULT_CORPUS = "attention_samples_universal.json"
 OFFSET_KINDS = ("chars", "bytes")
 SAMPLE_FIELDS = ("id", "code", "marker_char_pos", "marker_pattern", "target_char_positions")
-STATUSES = ("perfect", "ok", "fallback", "causal-violation", "failed")
+STATUSES = ("perfect", "ok", "fallback", "causal-violation", "target-on-marker", "failed")
 _SHOWN_PROBLEMS = 20  # the message lists this many; `.problems` keeps them all
 
 
@@ -327,8 +327,10 @@ class SamplePositions:
 
     Token indices count the BOS token when `bos` is true. `marker_match`/`target_matches` are "exact",
     "fallback" (nearest token midpoint) or "failed". `after_marker[i]`: target i lies after the marker, so the
-    marker cannot attend to it (causal mask); a target on the marker token itself is fine.
-    `conversion` ignores causality (perfect/ok/fallback/failed); `status` adds "causal-violation".
+    marker cannot attend to it (causal mask). `on_marker[i]`: target i converts to the marker's own token, so its
+    "attention" would be the marker's self-attention: it is not measured, knocked out or steered either.
+    `conversion` ignores both (perfect/ok/fallback/failed); `status` adds "causal-violation", then
+    "target-on-marker".
     """
 
     sample: Sample
@@ -344,6 +346,13 @@ class SamplePositions:
     conversion: str
     status: str
     bos: bool = False
+    on_marker: list[bool] = field(default_factory=list)
+
+    @property
+    def unusable(self) -> list[bool]:
+        """Per target: after the marker or on the marker's own token (no marker → target edge to measure)."""
+        on = self.on_marker or [False] * len(self.target_tokens)
+        return [a or o for a, o in zip(self.after_marker, on, strict=True)]
 
     @property
     def seq_len(self) -> int:
@@ -417,6 +426,7 @@ def token_positions(
     targets = [t for t, _ in converted]
     matches = [how for _, how in converted]
     after = [marker is not None and t is not None and t > marker for t in targets]
+    on = [marker is not None and t == marker for t in targets]
     marker_text = text(marker)
 
     if marker is None or any(t is None for t in targets):
@@ -427,7 +437,11 @@ def token_positions(
         conversion = "perfect"
     else:
         conversion = "ok"
-    status = "causal-violation" if conversion != "failed" and any(after) else conversion
+    status = conversion
+    if conversion != "failed" and any(after):
+        status = "causal-violation"
+    elif conversion != "failed" and any(on):
+        status = "target-on-marker"
 
     return SamplePositions(
         sample=sample,
@@ -443,6 +457,7 @@ def token_positions(
         conversion=conversion,
         status=status,
         bos=bos,
+        on_marker=on,
     )
 
 
@@ -467,7 +482,8 @@ def corpus_positions(
 
 
 def valid_targets(sp: SamplePositions, exact_only: bool = False) -> list[int]:
-    """Target tokens the marker can attend to: converted and not after the marker (duplicates kept, in order).
+    """Target tokens the marker can attend to: converted, not after the marker and not the marker's own token
+    (duplicates kept, in order).
 
     `exact_only=True` also drops fallback matches (what PLIP's knockout/steering tools do). Empty when the
     marker has no token.
@@ -476,6 +492,6 @@ def valid_targets(sp: SamplePositions, exact_only: bool = False) -> list[int]:
         return []
     return [
         t
-        for t, after, how in zip(sp.target_tokens, sp.after_marker, sp.target_matches, strict=True)
-        if t is not None and not after and (how == "exact" or not exact_only)
+        for t, bad, how in zip(sp.target_tokens, sp.unusable, sp.target_matches, strict=True)
+        if t is not None and not bad and (how == "exact" or not exact_only)
     ]

@@ -43,7 +43,7 @@ class SteerSample:
     """One corpus sample ready to steer: marker → distinct exact targets, and the targets the metric averages."""
 
     positions: SamplePositions
-    status: str  # ok | failed | causal-invalid | no-targets
+    status: str  # ok | failed | causal-invalid | target-on-marker | no-targets
     edges: list[tuple[int, int]] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)  # duplicates kept (the metric's mean over targets)
     note: str | None = None
@@ -75,6 +75,13 @@ def steer_sample(sp: SamplePositions) -> SteerSample:
             f"attention to steer ({len(late)} of {len(sp.target_tokens)} targets are after the marker)"
         )
         return SteerSample(sp, "causal-invalid", note=note)
+    if any(sp.on_marker):
+        i = sp.on_marker.index(True)
+        note = (
+            f"sample {sp.sample.id!r}: target {i} converts to the marker's own token {m} ({_tok(sp, m)}): "
+            "steering it would scale the marker's self-attention, not an edge to a target"
+        )
+        return SteerSample(sp, "target-on-marker", note=note)
     targets = [
         t for t, how in zip(sp.target_tokens, sp.target_matches, strict=True) if t is not None and how == "exact"
     ]
@@ -99,7 +106,7 @@ def prepare(
         steer_sample(token_positions(s, lm.tokenizer, bos=bos, max_length=lm.max_positions))
         for s in corpus.samples(groups)
     ]
-    bad = [s for s in out if s.status == "causal-invalid"]
+    bad = [s for s in out if s.status in ("causal-invalid", "target-on-marker")]
     if bad and not skip_invalid:
         more = f" (and {len(bad) - 1} more sample(s))" if len(bad) > 1 else ""
         raise SteerCausalError(f"{bad[0].note}{more}; --skip-invalid leaves such samples out")

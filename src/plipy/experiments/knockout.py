@@ -115,6 +115,8 @@ def knockout_edges(sp: SamplePositions, kind: str) -> tuple[list[tuple[int, int]
         if not targets:
             if sp.after_marker and all(sp.after_marker):
                 return [], "no-edges", "every target is after the marker: there is no marker → target attention"
+            if sp.unusable and all(sp.unusable):
+                return [], "no-edges", "every target is after the marker or on its own token: no marker → target edge"
             return [], "no-edges", "no target converts to an exact token before the marker"
         return [(m, t) for t in targets], "ok", None
     if kind == "to-marker":

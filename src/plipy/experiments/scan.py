@@ -28,7 +28,7 @@ from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_ba
 
 def measure_sample(sp: SamplePositions, rows: torch.Tensor, heads: Sequence[int]) -> dict[str, Any]:
     """The per-sample measures from the captured marker rows `[layers, heads, keys]` (float32)."""
-    targets = [t for t, after in zip(sp.target_tokens, sp.after_marker, strict=True) if t is not None and not after]
+    targets = [t for t, bad in zip(sp.target_tokens, sp.unusable, strict=True) if t is not None and not bad]
     m = sp.marker_token
     assert m is not None  # measured samples have a marker token (sample_record)
     p = rows[:, list(heads)].double()  # [L, h, K]
@@ -55,14 +55,19 @@ def sample_record(sp: SamplePositions) -> dict[str, Any]:
         "targets_after_marker": after_marker(sp),
         "conversion": sp.conversion,
     }
+    if any(sp.on_marker):  # only then: documents of corpora without such targets keep their bytes
+        rec["targets_on_marker"] = [t for t, o in zip(sp.target_tokens, sp.on_marker, strict=True) if o]
     if sp.status == "failed":
         rec["status"] = "failed"
         rec["note"] = "marker or a target has no token"
     elif all(sp.after_marker):
         rec["status"] = "no-valid-targets"
         rec["note"] = "every target comes after the marker: attention to them is causally impossible"
+    elif all(sp.unusable):
+        rec["status"] = "no-valid-targets"
+        rec["note"] = "every target is after the marker or on the marker's own token: no marker → target attention"
     else:
-        rec["status"] = "ok" if not any(sp.after_marker) else "partial-targets"
+        rec["status"] = "ok" if not any(sp.unusable) else "partial-targets"
     return rec
 
 

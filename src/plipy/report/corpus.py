@@ -15,6 +15,7 @@ STATUS_STYLE = {
     "ok": "cyan",
     "fallback": "yellow",
     "causal-violation": "magenta",
+    "target-on-marker": "magenta",
     "failed": "bold red",
 }
 
@@ -23,7 +24,8 @@ def verify_summary(positions: list[SamplePositions], model: str) -> tuple[dict[s
     """(status counts, the console report): one table row per sample, then what each status means."""
     out: list[Any] = [_table(positions, model)]
     counts = Counter(sp.status for sp in positions)
-    summary = {s: counts.get(s, 0) for s in STATUSES}
+    # target-on-marker (added later) only when it occurs: earlier documents keep their keys
+    summary = {s: counts.get(s, 0) for s in STATUSES if s != "target-on-marker" or counts.get(s)}
     parts = [f"{n} {s}" for s, n in summary.items() if n]
     out.append(f"{len(positions)} samples: " + ", ".join(parts))
     if summary["causal-violation"]:
@@ -31,6 +33,14 @@ def verify_summary(positions: list[SamplePositions], model: str) -> tuple[dict[s
             Text(
                 f"{summary['causal-violation']} samples have targets after the marker (marked !): attention to those "
                 "is causally impossible; scans report them, knockout/steering refuse those edges",
+                style="magenta",
+            )
+        )
+    if summary.get("target-on-marker"):
+        out.append(
+            Text(
+                f"{summary.get('target-on-marker')} samples have a target on the marker's own token (marked =): that is "
+                "the marker's self-attention; scans leave such targets out, knockout/steering refuse them",
                 style="magenta",
             )
         )
@@ -56,7 +66,7 @@ def _table(positions: list[SamplePositions], model: str) -> Table:
         marker = Text(_mark(sp.marker_token, sp.marker_text, sp.marker_match, False))
         targets = Text(
             " ".join(
-                _mark(t, text, how, after)
+                _mark(t, text, how, after, t is not None and t == sp.marker_token)
                 for t, text, how, after in zip(
                     sp.target_tokens, sp.target_texts, sp.target_matches, sp.after_marker, strict=True
                 )
@@ -67,8 +77,9 @@ def _table(positions: list[SamplePositions], model: str) -> Table:
     return table
 
 
-def _mark(token: int | None, text: str | None, how: str, after: bool) -> str:
-    """`12:' add'`, prefixed by `~` for a fallback match and `!` for a target after the marker."""
+def _mark(token: int | None, text: str | None, how: str, after: bool, on_marker: bool = False) -> str:
+    """`12:' add'`, prefixed by `~` for a fallback match, `!` for a target after the marker and `=` for one on the
+    marker's own token."""
     if token is None:
         return "?"
-    return ("!" if after else "") + ("~" if how == "fallback" else "") + f"{token}:{text!r}"
+    return ("!" if after else "=" if on_marker else "") + ("~" if how == "fallback" else "") + f"{token}:{text!r}"
