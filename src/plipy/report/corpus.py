@@ -39,8 +39,8 @@ def verify_summary(positions: list[SamplePositions], model: str) -> tuple[dict[s
     if summary.get("target-on-marker"):
         out.append(
             Text(
-                f"{summary.get('target-on-marker')} samples have a target on the marker's own token (marked =): that is "
-                "the marker's self-attention; scans leave such targets out, knockout/steering refuse them",
+                f"{summary.get('target-on-marker')} samples have a target on the marker's own token (marked =): that"
+                " is the marker's self-attention; scans leave such targets out, knockout/steering refuse them",
                 style="magenta",
             )
         )
