@@ -199,6 +199,7 @@ def generate(
     opt.check_number(scale, param="scale")
     opt.check_positive(max_tokens, param="max_tokens")
     opt.check_number(temperature, param="temperature")
+    opt.check_seed(seed)
     detects = tuple([detect] if isinstance(detect, str) else detect) if detect else DEFAULT_DETECT
     opt.check_regexes(detects, param="detect")
     if limit is not None:
