@@ -1,4 +1,5 @@
-"""Layer-scan cost on SmolLM2 over the bundled corpus: the scan (`plipy.scan`) vs plain SDPA forwards vs HF eager attentions.
+"""Layer-scan cost on SmolLM2 over the bundled corpus: the scan (`plipy.scan`) vs plain SDPA forwards vs HF eager
+attentions.
 
 Targets (issue 3): the whole scan (all layers, statistics included) ≤ 1.10× the plain SDPA forwards of the same
 samples; peak RSS ≤ fp32 weights + 0.5 GB. Timing rounds are interleaved in one process (drift hits all alike,

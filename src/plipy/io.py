@@ -95,9 +95,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def write_outputs(outputs: dict[Path, bytes]) -> list[Path]:
     """Write a whole output set: every file goes to a temporary beside its destination first, and only when all
     are complete are they renamed into place (in the order given: put the JSON last). A set of several files is
-    renamed under an exclusive lock on `.<last name>.lock` beside the last file, so concurrent writers of one set
-    replace it one whole set after the other (the empty lock file stays: removing it would race with a writer
-    waiting on it; a single file needs none, its rename is atomic). On any failure
+    renamed under an exclusive lock on the folder of the last file, so concurrent writers of one set replace it one
+    whole set after the other (a lock on the folder itself leaves no lock file behind; a single file needs none,
+    its rename is atomic). On any failure
     nothing of the set is replaced and no temporary is left; a failed write (disk full, read-only) is an
     OutputError naming the file."""
     targets = [output_path(p) for p in outputs]
@@ -130,10 +130,11 @@ def _remove(paths: list[str]) -> None:
 
 @contextlib.contextmanager
 def _set_lock(last: Path) -> Iterator[None]:
-    """An exclusive `flock` on `.<name>.lock` beside `last` while a set's files are renamed into place."""
+    """An exclusive `flock` on the folder holding `last` while a set's files are renamed into place (renames take
+    microseconds, so serialising every set written to one folder costs nothing)."""
     import fcntl
 
-    fd = os.open(last.parent / f".{last.name}.lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    fd = os.open(last.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
