@@ -98,7 +98,7 @@ class Calibrate(Experiment[CalibratePlan, CalibrateResult]):
                 rec["note"] = s.note
         rows: dict[str, torch.Tensor] = {}
         for i, (_, arrays) in units.items():
-            s, m = samples[i], samples[i].positions.marker_token
+            s, m = samples[i], samples[i].marker
             rows[s.id] = torch.from_numpy(arrays["row"])
             recs[i].update(
                 marker_token=m,

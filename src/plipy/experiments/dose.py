@@ -111,7 +111,7 @@ class Dose(Experiment[DosePlan, DoseResult]):
         with naming([f"sample {plan.samples[i].id!r}" for i in batch]):
             bases = plan.runner.baselines(
                 [sp.input_ids for sp in sps],
-                rows=[[sp.marker_token] for sp in sps],
+                rows=[[plan.samples[i].marker] for i in batch],
                 layers=self.layers,
                 pad_token=pad_id(lm.tokenizer),
             )
@@ -127,7 +127,8 @@ class Dose(Experiment[DosePlan, DoseResult]):
         """One steerable sample from its baseline (marker rows captured at the steered layers): its record, one
         measure row per dose, and the target-attention row (or None)."""
         layers, heads, v = self.layers, self.heads, self.target_attention
-        m = s.positions.marker_token
+        m = s.marker
+        assert base.attn is not None, "the baselines captured the marker rows"
         base_rows = {layer: base.attn[layer][:, 0].cpu() for layer in layers}
         base_att = [attention_metric(base_rows[layer], s.targets) for layer in layers]
         rec = {
@@ -164,6 +165,7 @@ class Dose(Experiment[DosePlan, DoseResult]):
         if out.logits is None:
             row.update(kl=None, attention_achieved=None, status=out.status, note=out.note)
             return row
+        assert out.attn is not None, "the run captured the marker rows"
         per_layer = [attention_metric(out.attn[layer][:, 0], s.targets) for layer in self.layers]
         row.update(
             status="ok",

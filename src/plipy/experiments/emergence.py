@@ -64,7 +64,7 @@ def load_prompts(path: str | Path | None = None) -> tuple[list[dict[str, Any]], 
     """Emergence prompts from a JSON file (`{"prompts": [...]}` or a list) or JSON Lines (one prompt per line);
     None = PLIP-rs' built-in set. Returns (prompts, where they came from)."""
     if path is None:
-        res = resources.files("plipy").joinpath("data", BUILTIN)
+        res = resources.files("plipy") / "data" / BUILTIN
         text, where = res.read_text(encoding="utf-8"), f"built-in:{BUILTIN}"
     else:
         p = Path(path)

@@ -43,7 +43,7 @@ def load_prompts(path: str | Path | None = None) -> tuple[list[Prompt], str]:
     from importlib import resources
 
     if path is None:
-        res = resources.files("plipy").joinpath("data", "steer_prompts.json")
+        res = resources.files("plipy") / "data" / "steer_prompts.json"
         text, where = res.read_text(encoding="utf-8"), str(res)
     else:
         p = Path(path)
@@ -79,7 +79,7 @@ def prompt_edge(
         missing = query_text if qc < 0 else key_text
         return ids, None, f"prompt {pid!r} does not contain {missing!r}"
     (q, qhow), (k, khow) = char_to_token(offs, qc), char_to_token(offs, kc)
-    if qhow != "exact" or khow != "exact":
+    if q is None or k is None or qhow != "exact" or khow != "exact":  # an exact match always has a token
         return ids, None, f"prompt {pid!r}: no exact token for the query or key text"
     if k > q:
         raise SteerCausalError(

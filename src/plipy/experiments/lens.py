@@ -258,7 +258,7 @@ class Lens(Experiment[LensPlan, LensResult]):
         tok = lm.tokenizer
         values = [units[j][0] for j in sorted(units)]  # layer order
         final_top = values[0]["final_top"]
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i, pos in enumerate(plan.positions):
             nxt = _next_id(plan.ids, pos)
             tracked = tracked_sources(plan.given, final_top[i], nxt)

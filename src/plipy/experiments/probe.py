@@ -192,7 +192,7 @@ def _inputs(lm: Any, data: ProbeData, feature: str, bos: bool) -> list[tuple[lis
     for it in data.items:
         ids, offs = encode_text(tok, it.code)
         shift = 1 if bos else 0
-        ids = [int(bos_id), *ids] if bos else ids
+        ids = [int(bos_id), *ids] if bos and bos_id is not None else ids
         pos, why = _position(tok, it, ids, offs, feature, shift)
         if pos is None or (lm.max_positions is not None and len(ids) > lm.max_positions):
             out.append(why or f"{len(ids)} tokens, longer than the model's context ({lm.max_positions})")
@@ -268,7 +268,9 @@ class ProbeFeatures(Experiment[FeaturesPlan, Features]):
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
         out: list[Unit] = []
         for i in batch:
-            it, (ids, pos) = self.data.items[i], plan.inputs[i]
+            it, inp = self.data.items[i], plan.inputs[i]
+            assert not isinstance(inp, str), "work() sends only the measurable items"
+            ids, pos = inp
             x = torch.tensor([ids], device=lm.device)
             cap = ResidualCapture(layers=plan.layers, where=("post",), positions=[pos])
             with torch.inference_mode(), plan.engine.run(residual_capture=cap) as rec, naming(f"sample {it.id!r}"):
