@@ -28,6 +28,7 @@ import torch
 
 from plipy.engine import decoder_layers
 from plipy.errors import ParameterError, PlipyError
+from plipy.models import LoadedModel
 from plipy.sae.model import SAE
 
 ARCHS = ("topk", "jumprelu")
@@ -203,7 +204,7 @@ def resid_post(
 
 
 def collect_activations(
-    lm: Any,
+    lm: LoadedModel,
     layer: int,
     chunks: Iterable[list[int]],
     n_tokens: int,
@@ -467,7 +468,7 @@ def reconstruction_metrics(sae: SAE, acts: torch.Tensor, batch: int = 4096) -> d
 
 @torch.no_grad()
 def spliced_loss(
-    lm: Any, sae: SAE, layer: int, seqs: Sequence[list[int]], mean: torch.Tensor | None = None, batch: int = 8
+    lm: LoadedModel, sae: SAE, layer: int, seqs: Sequence[list[int]], mean: torch.Tensor | None = None, batch: int = 8
 ) -> dict[str, float | None]:
     """Next-token cross-entropy with the clean model, with resid_post of `layer` replaced by the SAE reconstruction
     (every position but BOS, which the SAE never saw), and with it replaced by `mean` (mean ablation, a floor)."""
@@ -519,7 +520,7 @@ def spliced_loss(
 
 
 def train_on_model(
-    lm: Any,
+    lm: LoadedModel,
     layer: int,
     cfg: TrainConfig,
     out: str | Path | None = None,
