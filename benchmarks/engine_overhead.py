@@ -12,12 +12,14 @@ import copy
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from plipy.corpus import load_corpus, token_positions
 from plipy.engine import Capture, Engine
-from plipy.models import load_model
+from plipy.models import LoadedModel, load_model
 
 
 def main() -> None:
@@ -28,13 +30,34 @@ def main() -> None:
     args = ap.parse_args()
 
     lm = load_model(args.model, dtype="float32", device=args.device)
-    corpus = load_corpus()
+    items = corpus_items(lm)
+    times = time_rounds(configurations(lm.model, items), args.rounds, args.device)
+
+    base = statistics.median(times["plain SDPA forward"])
+    n_tok = sum(ids.shape[1] for ids, _ in items)
+    print(
+        f"model {args.model}, {len(items)} samples ({n_tok} tokens), {args.rounds} rounds, device {args.device}, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}"
+    )
+    print("| configuration | median time per corpus pass | × plain SDPA |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med * 1000:.1f} ms | {med / base:.3f} |")
+
+
+def corpus_items(lm: LoadedModel) -> list[tuple[torch.Tensor, int | None]]:
+    """Each bundled corpus sample's token ids (on the model's device) and marker token."""
     items = []
-    for s in corpus.samples():
+    for s in load_corpus().samples():
         sp = token_positions(s, lm.tokenizer)
         items.append((torch.tensor([sp.input_ids], device=lm.device), sp.marker_token))
+    return items
 
-    sdpa = lm.model
+
+def configurations(sdpa: Any, items: list[tuple[torch.Tensor, int | None]]) -> dict[str, Callable[[], None]]:
+    """One corpus pass per configuration: the model as loaded, a copy with the idle engine, the engine capturing
+    the marker rows, and a copy in HF eager mode returning its attentions."""
     eager = copy.deepcopy(sdpa)
     eager.set_attn_implementation("eager")
     ours = copy.deepcopy(sdpa)
@@ -57,35 +80,28 @@ def main() -> None:
         for ids, _ in items:
             eager(ids, output_attentions=True)
 
-    configs = {
+    return {
         "plain SDPA forward": run_sdpa,
         "engine idle": run_idle,
         "engine capturing the marker row, all 30 layers": run_capture,
         "HF eager + output_attentions": run_eager,
     }
+
+
+def time_rounds(configs: dict[str, Callable[[], None]], rounds: int, device: str) -> dict[str, list[float]]:
+    """Seconds per pass of each configuration, `rounds` times after a warm-up, rounds interleaved."""
     times: dict[str, list[float]] = {k: [] for k in configs}
     with torch.inference_mode():
         for fn in configs.values():  # warm-up
             fn()
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, fn in configs.items():
                 t = time.perf_counter()
                 fn()
-                if args.device.startswith("cuda"):
+                if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t)
-
-    base = statistics.median(times["plain SDPA forward"])
-    n_tok = sum(ids.shape[1] for ids, _ in items)
-    print(
-        f"model {args.model}, {len(items)} samples ({n_tok} tokens), {args.rounds} rounds, device {args.device}, "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}"
-    )
-    print("| configuration | median time per corpus pass | × plain SDPA |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med * 1000:.1f} ms | {med / base:.3f} |")
+    return times
 
 
 if __name__ == "__main__":

@@ -324,6 +324,19 @@ class _Source:
         return self.source in ("alias", "gguf")
 
     @property
+    def local(self) -> Path:
+        """The .gguf file or the model directory: every source but a hub id has one."""
+        assert self.path is not None, f"{self.spec} ({self.source}) has no local path"
+        return self.path
+
+    @property
+    def location(self) -> Path | str:
+        """What from_pretrained reads: the local path, else the hub id."""
+        where = self.path or self.hub_id
+        assert where is not None, f"{self.spec} has neither a path nor a hub id"
+        return where
+
+    @property
     def dequant(self) -> Path | None:
         """The ready dequantized copy of this GGUF, if the cache is on and it exists."""
         if not self.is_gguf or not _dequant_cache_enabled():
@@ -516,9 +529,9 @@ def _tokenizer_from(src: _Source) -> Any:
         if src.dequant is not None:
             tok = AutoTokenizer.from_pretrained(src.dequant)
         elif src.is_gguf:
-            tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+            tok = AutoTokenizer.from_pretrained(src.local.parent, gguf_file=src.local.name)
         else:
-            tok = AutoTokenizer.from_pretrained(src.path or src.hub_id)
+            tok = AutoTokenizer.from_pretrained(src.location)
     except (OSError, ValueError, KeyError) as e:
         raise PlipyError(f"could not load a tokenizer for {src.spec}: {e}") from e
     check_fast_tokenizer(tok, src.spec)
@@ -561,7 +574,7 @@ def load_tokenizer(spec: str = DEFAULT_MODEL) -> tuple[Any, dict[str, Any]]:
     if src.dequant is not None:
         prov["resolved_files"].append(str(src.dequant))
     elif src.source == "local-dir":
-        prov["resolved_files"] = [str(p) for p in sorted(src.path.glob("tokenizer*"))]
+        prov["resolved_files"] = [str(p) for p in sorted(src.local.glob("tokenizer*"))]
     return tok, prov
 
 
@@ -569,7 +582,7 @@ def _config_from(src: _Source) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(src.path or src.hub_id)
+        return AutoConfig.from_pretrained(src.location)
     except (OSError, ValueError, KeyError) as e:
         raise PlipyError(f"could not read the model config of {src.spec}: {e}") from e
 
@@ -581,9 +594,9 @@ def context_length(spec: str) -> int | None:
 
     src = _resolve(spec)
     if src.is_gguf and src.dequant is None:
-        st = src.path.stat()
-        return _gguf_header(str(src.path), st.st_size, st.st_mtime_ns)["context_length"]
-    if src.is_gguf:
+        st = src.local.stat()
+        return _gguf_header(str(src.local), st.st_size, st.st_mtime_ns)["context_length"]
+    if src.dequant is not None:  # a GGUF with its dequantized copy
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(src.dequant)
@@ -604,13 +617,15 @@ def _save_dequantized(model: Any, tokenizer: Any, src: _Source) -> Path:
     """Write the dequantized fp32 copy to a temp dir, then rename: a crash never leaves a half-written cache."""
     import transformers
 
-    final = dequantized_dir(src.gguf_sha256)
+    final = dequantized_dir(src.gguf_sha256 or "")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final.name)))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+        files: dict[str, dict[str, Any]] = {
+            f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())
+        }
         write_json(
             tmp / DEQUANT_MARKER,
             {
@@ -776,7 +791,7 @@ def _load_gguf(src: _Source, tok: Any, dt: torch.dtype, kw: dict[str, Any]) -> t
     note = "first load, ~20 s; cached afterwards" if caching else "~20 s; PLIPY_NO_DEQUANT_CACHE is set"
     Console(stderr=True).print(f"dequantizing GGUF ({note})…", highlight=False)
     # fp32 as the loader produces it: the cached copy and later dtype casts start from the same bits.
-    model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src.local.parent, gguf_file=src.local.name, dtype=torch.float32)
     _strip_gguf_quantizer(model)
     check_decoder(model.config, src.spec)  # after loading: AutoConfig on a GGUF re-parses the file (5-13 s)
     if not caching:
@@ -804,7 +819,7 @@ def _check_safetensors(src: _Source, allow_pickle: bool) -> None:
     (unless asked), before anything loads."""
     if src.source != "local-dir":
         return
-    weights = _weight_files(src.path)
+    weights = _weight_files(src.local)
     if not weights:
         raise PlipyError(f"{src.spec} has a config but no weights (*.safetensors): not a complete model folder")
     cut = next((w for w in weights if w.suffix == ".safetensors" and not safetensors_whole(w)), None)
@@ -840,8 +855,6 @@ def load_model(
     The attention implementation is left as transformers chose it. Weights load from safetensors only unless
     `allow_pickle` (default: `pickle_allowed()`).
     """
-    from transformers import AutoModelForCausalLM
-
     dev = _resolve_device(device)
     dt = resolve_dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else dev)
     src = _resolve(spec)
@@ -858,26 +871,7 @@ def load_model(
         tok = _tokenizer_from(src)
         prov = _base_provenance(src, tok)
         try:
-            model = None if weights else _meta_model(src, config, dt)
-            if model is not None:
-                loaded_from = "none: meta device (the weights load where the units run)"
-                if not src.is_gguf:
-                    prov["resolved_files"] = [str(p) for p in _weight_files(src.path)]
-                    prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in _weight_files(src.path)}
-            elif src.is_gguf:
-                model, loaded_from, files = _load_gguf(src, tok, dt, kw)
-                prov["resolved_files"] += files
-            else:
-                model = AutoModelForCausalLM.from_pretrained(src.path or src.hub_id, config=config, dtype=dt, **kw)
-                wdir = src.path
-                if wdir is None:  # hub: the snapshot folder in the HF cache
-                    from transformers.utils import cached_file
-
-                    wdir = Path(cached_file(src.hub_id, "config.json")).parent
-                weights = _weight_files(wdir)
-                loaded_from = "safetensors" if weights and weights[0].suffix == ".safetensors" else "pytorch"
-                prov["resolved_files"] = [str(p) for p in weights]
-                prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in weights}
+            model, loaded_from = _load_weights(src, tok, config, dt, kw, prov, weights)
         except (OSError, ValueError) as e:
             raise PlipyError(f"could not load {spec}: {e}") from e
         except Exception as e:
@@ -899,6 +893,45 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tok, spec=spec, name=src.name, provenance=prov, home=dev if meta else None
     )
+
+
+def _load_weights(
+    src: _Source, tok: Any, config: Any, dt: torch.dtype, kw: dict[str, Any], prov: dict[str, Any], weights: bool
+) -> tuple[Any, str]:
+    """The model (on the meta device unless `weights`, where the spec allows it) and where it was loaded from;
+    records the weight files and their hashes in `prov`."""
+    model = None if weights else _meta_model(src, config, dt)
+    if model is not None:
+        if not src.is_gguf:
+            prov["resolved_files"] = [str(p) for p in _weight_files(src.local)]
+            prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in _weight_files(src.local)}
+        return model, "none: meta device (the weights load where the units run)"
+    if src.is_gguf:
+        model, loaded_from, files = _load_gguf(src, tok, dt, kw)
+        prov["resolved_files"] += files
+        return model, loaded_from
+    return _load_hf_weights(src, config, dt, kw, prov)
+
+
+def _load_hf_weights(
+    src: _Source, config: Any, dt: torch.dtype, kw: dict[str, Any], prov: dict[str, Any]
+) -> tuple[Any, str]:
+    """A local directory's or hub id's model and its weights' format; records its weight files and their hashes
+    in `prov`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src.location, config=config, dtype=dt, **kw)
+    wdir = src.path
+    if wdir is None:  # hub: the snapshot folder in the HF cache
+        from transformers.utils import cached_file
+
+        found = cached_file(src.location, "config.json")  # raises when missing
+        assert found is not None, f"{src.spec}: config.json not in the HF cache"
+        wdir = Path(found).parent
+    files = _weight_files(wdir)
+    prov["resolved_files"] = [str(p) for p in files]
+    prov["weights_sha256"] = {p.name: sha256_stamped(p) for p in files}
+    return model, "safetensors" if files and files[0].suffix == ".safetensors" else "pytorch"
 
 
 def _load_error(spec: str, e: Exception) -> Exception:
@@ -943,7 +976,7 @@ def _meta_model(src: _Source, config: Any, dt: torch.dtype) -> Any:
 
     if src.source == "hub" or (src.is_gguf and src.dequant is None):
         return None
-    if src.is_gguf:
+    if src.dequant is not None:  # a GGUF with its dequantized copy
         config = AutoConfig.from_pretrained(src.dequant)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dt)

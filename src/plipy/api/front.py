@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from plipy import options as opt
 from plipy.errors import ParameterError
 from plipy.runtime.driver import RunOptions, execute
 from plipy.runtime.experiment import Experiment, Progress
 from plipy.runtime.progress import resolve as resolve_progress
+
+if TYPE_CHECKING:
+    from plipy.models import LoadedModel
 
 ResultT = TypeVar("ResultT")
 
@@ -27,7 +30,7 @@ def as_model(
     device_map: Any = None,
     max_memory: Any = None,
     cluster: Any = None,
-) -> Any:
+) -> LoadedModel:
     """A `LoadedModel` from a spec, a `LoadedModel`, or a loaded HF causal LM (with its `tokenizer`).
     `device_map`/`max_memory` spread a big model over devices (accelerate's strategies or a module → device dict).
     With a Ray `cluster` a spec loads without weights: the workers compute (`plipy.cluster.pool.driver_model`)."""
@@ -132,10 +135,10 @@ class Front:
         run = RunOptions(resume, fresh, batch_size, cluster, ray_load(device, dm, mm), resolve_progress(progress))
         return cls(load, run)
 
-    def model(self, model: Any) -> Any:
+    def model(self, model: Any) -> LoadedModel:
         """The `LoadedModel` of a spec, a `LoadedModel` or an HF model (on Ray: the driver's weightless copy)."""
         return as_model(model, cluster=self.run.cluster, **self.load)
 
-    def execute(self, experiment: Experiment[Any, ResultT], lm: Any) -> ResultT:
+    def execute(self, experiment: Experiment[Any, ResultT], lm: LoadedModel) -> ResultT:
         """Run an experiment on the runtime with these options."""
         return execute(experiment, lm, self.run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ from plipy.api.knockout import knockout
 from plipy.api.scan import scan
 from plipy.errors import ParameterError
 from plipy.models import check_spec
+from plipy.results import Result, SweepResult
 
 
-def sweep(models: Any, experiment: str = "scan", *, out_dir: str | Path | None = None, **options: Any) -> Any:
+def sweep(models: Any, experiment: str = "scan", *, out_dir: str | Path | None = None, **options: Any) -> SweepResult:
     """One experiment (`scan` or `knockout`, with its own keyword options, `ray=`/`workers=` included) on each of
     `models` in turn, and the comparison table (`plipy sweep`): a `SweepResult`. With `out_dir` each model's result
     and the sweep are saved there (`<experiment>-<model>.json`, `sweep-<experiment>.json`)."""
@@ -25,7 +27,8 @@ def sweep(models: Any, experiment: str = "scan", *, out_dir: str | Path | None =
     specs = [str(m) for m in models] if isinstance(models, (list, tuple)) else opt.parse_groups(models, param="models")
     if not specs:
         raise ParameterError("models", "give at least one model")
-    run = {"scan": scan, "knockout": knockout}[experiment]
+    runners: dict[str, Callable[..., Result]] = {"scan": scan, "knockout": knockout}
+    run = runners[experiment]
     try:
         inspect.signature(run).bind("model", **options)  # an unknown option fails before any model loads
     except TypeError as e:

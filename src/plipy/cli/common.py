@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, overload
 
 import typer
 from rich.console import Console
@@ -112,6 +112,9 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "ray": (str | None, RAY),
     "workers": (int | None, WORKERS),
 }
+
+# A command's `o` parameter defaults to this: `@shared` always passes the command its own namespace of options.
+OPTIONS = SimpleNamespace()
 
 
 def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -243,6 +246,16 @@ def split_list(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@overload
+def check_out(path: Path, flag: str = ..., *, table_format: str | None = ..., html: bool = ...) -> Path: ...
+
+
+@overload
+def check_out(
+    path: Path | None, flag: str = ..., *, table_format: str | None = ..., html: bool = ...
+) -> Path | None: ...
 
 
 def check_out(

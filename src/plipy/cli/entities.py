@@ -48,7 +48,7 @@ def label(
     quick: bool = typer.Option(False, "--quick", help="Test profile: 2 entities per type, K=2, 8 new tokens."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache folder (default $PLIPY_CACHE/entities)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Ask the model each entity's attribute queries (greedy + K samples), grade them, label known/unknown/dropped."""
     from plipy import api

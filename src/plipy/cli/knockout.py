@@ -47,7 +47,7 @@ def knockout(
     include_baselines: bool = typer.Option(
         False, "--include-baselines", help="Also measure the *_baseline groups (described, not tested)."
     ),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Knock out attention edges (PLIP-rs' ablation) on every sample; KL of the next-token distribution."""
     from plipy import api

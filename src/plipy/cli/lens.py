@@ -65,7 +65,7 @@ def run(
     ),
     token_id: list[int] | None = typer.Option(None, "--token-id", help="A token id to track (repeatable)."),
     layers: str = c.layers_option("all", "Layers to show"),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Logit lens: per layer, the residual after that decoder layer → the model's final norm → unembedding →
     softmax; top-k tokens, tracked tokens' ranks, and the first layer where each enters the top-k."""
@@ -126,7 +126,7 @@ def emergence(
         100, "--top-k", "-k", help="A string has emerged when a token containing it is in the top-k (PLIP-rs: 100)."
     ),
     layers: str = c.layers_option("all", "Layers to look at"),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """PLIP-rs' test_emergence: per prompt and expected string, the first layer where a token containing it enters
     the lens' top-k, and its rank by layer."""

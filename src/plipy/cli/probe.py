@@ -41,7 +41,7 @@ def probe(
         20, "--permutations", help="Shuffled-label refits per layer (the control; 0: none). p ≥ 1/(N+1)."
     ),
     C: float = typer.Option(1.0, "--C", help="Inverse L2 regularisation strength of the logistic regression."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Linear probes (PLIP-rs' plip-rs main): per layer, logistic regression on the residual after that layer, k-fold
     cross-validated, beside a shuffled-label control and the majority baseline. --corpus also takes labelled snippets

@@ -108,7 +108,7 @@ def attention(
     keep_partial: bool = typer.Option(
         False, "--keep-partial", hidden=True, help="Ignored (finished batches now live in the runs folder)."
     ),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Steer with an SAE latent and measure attention from the last position to the steered positions."""
     from plipy import api
@@ -177,7 +177,10 @@ def _metric_bars() -> Iterator[Callable[[str, int], Callable[..., None]]]:
 
             def step(n: int = 1, **metrics: float) -> None:
                 text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-                prog.update(task, advance=n, **({"metrics": text} if metrics else {}))
+                if metrics:
+                    prog.update(task, advance=n, metrics=text)
+                else:  # the last metrics stay shown
+                    prog.update(task, advance=n)
 
             return step
 
@@ -211,7 +214,7 @@ def train(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the text order, init and batches."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default saes/<model>-L<layer>-<arch>)."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Train an SAE on one layer's residual stream (offline text) and save it in SAELens format."""
     from plipy import api
@@ -264,7 +267,7 @@ def latents(
     top_n: int = typer.Option(20, "--top", help="Top latents kept per label."),
     batch_size: int = c.batch_size_option(32, "prompts"),
     out: Path | None = typer.Option(None, "--out", "-o", help="Latent file (default results/sae-latents-….json)."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Score SAE latents on known vs unknown entities (`The {entity_type} '{entity}'`, last entity token)."""
     from plipy import api
@@ -301,7 +304,7 @@ def pipeline(
     layer: int | None = typer.Option(None, "--layer", help="SAE layer (resid_post; default 9)."),
     coeff: str | None = typer.Option(None, "--coeff", help="Steering coefficient: number, norm (default) or mean."),
     n_random: int | None = typer.Option(None, "--random", help="Random latents for the baseline (default 10)."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Data → labels → SAE → latents → attention analysis → plots, in one folder (a rerun resumes)."""
     from plipy import api

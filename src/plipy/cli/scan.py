@@ -35,7 +35,7 @@ def scan(
     heads: str = typer.Option("all", "--heads", help="Query heads the metric averages: all | A-B | a,b,c."),
     token_sample: str | None = typer.Option(None, "--token-sample", help="Sample id for the token-level plot."),
     token_layer: int | None = typer.Option(None, "--token-layer", help="Layer for the token-level plot."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Measure marker → target attention on every layer and head, beside the uniform and token-0 nulls."""
     from plipy import api

@@ -38,10 +38,10 @@ HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A
 def calibrate(
     layer: int | None = LAYER,
     groups: list[str] | None = c.groups_option("A,B — the scale brings B to A's level (python_doctest,rust_test)."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Baseline attention of two groups at one layer, their ratio, and the scale that brings B to A's level."""
-    from plipy import steer
+    from plipy.api import steer
 
     with c.progress_bars() as start:
         result = steer.calibrate(
@@ -90,10 +90,10 @@ def dose(
     target_attention: float | None = typer.Option(
         None, "--target-attention", help="Also find, per sample, the α reaching this attention."
     ),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Dose-response: KL(base ‖ steered) and attention achieved per dose and sample, group mean/std/n."""
-    from plipy import steer
+    from plipy.api import steer
 
     with c.progress_bars() as start:
         result = steer.dose(
@@ -148,10 +148,10 @@ def generate(
     heads: str = HEADS,
     limit: int | None = typer.Option(None, "--limit", help="Only the first N prompts (N ≥ 1)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out prompts whose key is after the query."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Baseline vs steered generation side by side (same decoding path), test-marker counts, Fisher's exact test."""
-    from plipy import steer
+    from plipy.api import steer
 
     with c.progress_bars() as start:
         result = steer.generate(

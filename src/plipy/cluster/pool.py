@@ -17,9 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plipy.errors import ParameterError, PlipyError
+
+if TYPE_CHECKING:
+    from plipy.models import LoadedModel
 
 IN_FLIGHT = 2  # tasks queued per actor: the next batch is ready when one finishes
 RESUBMITS = 3  # a batch whose actor died for good goes to another actor this many times at most
@@ -77,7 +80,7 @@ def model_args(spec: str, dtype: str, load: dict[str, Any]) -> dict[str, Any]:
     return {"spec": spec, "dtype": dtype, **keep}
 
 
-def model_job_args(lm: Any, load: dict[str, Any]) -> dict[str, Any]:
+def model_job_args(lm: LoadedModel, load: dict[str, Any]) -> dict[str, Any]:
     """How workers load the driver's model. A model plipy did not load (`wrap_model`) has no spec to load."""
     spec = getattr(lm, "spec", None)
     if not spec or getattr(lm, "provenance", {}).get("weights_sha256") is None:
@@ -101,7 +104,7 @@ def check(cluster: Cluster) -> Cluster:
 
 def driver_model(
     spec: str, dtype: str, device: str, cluster: Cluster, load: dict[str, Any] | None = None, *, prestart: bool = True
-) -> Any:
+) -> LoadedModel:
     """The driver's model under Ray: tokenizer, config and weight hashes, no weights (meta device) where the spec
     allows; "auto" device and dtype are the workers' (CUDA and bf16 when the cluster has GPUs). The workers start
     loading the model first, so their start overlaps the driver's own work."""
@@ -120,7 +123,7 @@ def driver_model(
     return lm
 
 
-def build_compute(lm: Any, job: Job) -> Callable[[list[int]], list]:
+def build_compute(lm: LoadedModel, job: Job) -> Callable[[list[int]], list]:
     """On an actor: the experiment's `compute(batch)` (the local path's own code) on the actor's model."""
     got = lm.provenance.get("weights_sha256")
     if job.weights is not None and got != job.weights:
@@ -450,7 +453,7 @@ def stamp(prov: dict[str, Any], where: dict[str, Any] | None) -> dict[str, Any]:
 
 @contextmanager
 def executor(
-    cluster: Cluster | None, lm: Any, load: dict[str, Any] | None, experiment: Any, plan: Any
+    cluster: Cluster | None, lm: LoadedModel, load: dict[str, Any] | None, experiment: Any, plan: Any
 ) -> Iterator[Execution]:
     """Where `experiment`'s units run: here on `lm` with the driver's `plan`, or, with a `cluster`, on the warm pool
     for the driver's model spec (`load`: device and memory map), whose workers rebuild the plan on their model.

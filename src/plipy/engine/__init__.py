@@ -47,14 +47,16 @@ class Engine:
             )
         for m in [*attn_modules, *self.layers]:
             m._plipy_owner = id(model)  # a plan only applies to the model it was made for
+        # torch's stubs type Module.__setattr__/__getattr__ for tensors and submodules only: plain flags and the
+        # transformers model's own methods are fine at run time
         for m in attn_modules:
-            m._plipy_eager = idle == "eager"
-        model.set_attn_implementation(NAME)
+            m._plipy_eager = idle == "eager"  # type: ignore[assignment]
+        model.set_attn_implementation(NAME)  # type: ignore[operator]
         if not getattr(model, "_plipy_hooked", False):
             for i, layer in enumerate(self.layers):
                 layer.register_forward_pre_hook(_pre_hook(i), with_kwargs=True)
                 layer.register_forward_hook(_post_hook(i), with_kwargs=True)
-            model._plipy_hooked = True
+            model._plipy_hooked = True  # type: ignore[assignment]
 
     @contextmanager
     def run(
@@ -93,18 +95,22 @@ class Engine:
             attention.ACTIVE.reset(token)
 
 
-def _wants_residual(plan: ActivePlan | None, module: torch.nn.Module) -> bool:
-    return (
+def _residual_plan(module: torch.nn.Module) -> ActivePlan | None:
+    """The active plan when it adds to or captures the residual stream of this module's model, else None."""
+    plan = attention.ACTIVE.get()
+    if (
         plan is not None
         and (bool(plan.residual.adds) or bool(plan.residual.capture))
         and getattr(module, "_plipy_owner", None) == plan.owner
-    )
+    ):
+        return plan
+    return None
 
 
 def _pre_hook(layer: int):
     def hook(module, args, kwargs):
-        plan = attention.ACTIVE.get()
-        if not _wants_residual(plan, module):
+        plan = _residual_plan(module)
+        if plan is None:
             return None
         if args:
             new = residual.apply(plan.residual, plan.record, layer, "pre", args[0])
@@ -117,8 +123,8 @@ def _pre_hook(layer: int):
 
 def _post_hook(layer: int):
     def hook(module, args, kwargs, output):
-        plan = attention.ACTIVE.get()
-        if not _wants_residual(plan, module):
+        plan = _residual_plan(module)
+        if plan is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         new = residual.apply(plan.residual, plan.record, layer, "post", hidden)

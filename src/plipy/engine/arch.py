@@ -265,7 +265,8 @@ class Arch:
 
     def unembed(self) -> torch.nn.Module:
         """The vocabulary projection (`lm_head`; GPT-NeoX's `embed_out`)."""
-        m = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        get = getattr(self.model, "get_output_embeddings", None)  # a transformers model's method
+        m = get() if get is not None else None
         if m is None and self.family:
             m = _path(self.model, self.family.unembed)
         if not isinstance(m, torch.nn.Module):

@@ -63,14 +63,11 @@ def plipy_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention for one layer: SDPA when idle, row-wise explicit maths where asked to capture or edit."""
-    plan = ACTIVE.get()
-    layer = getattr(module, "layer_idx", None)
-    if plan is not None and getattr(module, "_plipy_owner", None) != plan.owner:
-        plan = None
-    edits = plan.edits.get(layer, ()) if plan is not None else ()
+    plan, layer = _plan_for(module)
+    edits: list[LayerEdit] = plan.edits.get(layer, []) if plan is not None else []
     capture = plan is not None and layer in plan.capture_layers
-    if (edits or capture) and _keys_dropped(query, key, kwargs, edits, plan.rows if capture else None, layer):
-        edits, capture = (), False  # nothing asked for lies in this call
+    if (edits or capture) and _keys_dropped(query, key, kwargs, edits, _capture_rows(plan, capture), layer):
+        edits, capture = [], False  # nothing asked for lies in this call
     softcap = kwargs.get("softcap")
     # Full explicit rows: softcapping has no SDPA kernel, and eager mode reproduces HF eager op for op.
     full = softcap is not None or getattr(module, "_plipy_eager", False)
@@ -81,8 +78,7 @@ def plipy_attention(
         scaling = query.shape[-1] ** -0.5
     key, value, offset = _causal_keys(query, key, value, attention_mask)
     q_len = query.shape[2]
-    cap_rows = _capture_rows_in_chunk(plan, offset, q_len, query.device) if capture else None
-    capture = cap_rows is not None
+    cap_rows = _capture_rows_in_chunk(plan, offset, q_len, query.device) if plan is not None and capture else None
     chunk_edits = _edits_in_chunk(edits, offset, q_len, query.shape[0], query.device)
     masked = not full and _use_masked_sdpa(chunk_edits)
     rows = _rows_to_compute(cap_rows, [] if masked else chunk_edits, q_len, full, query.device)
@@ -112,9 +108,24 @@ def plipy_attention(
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)[0]
         out = _patch_edited_rows(out, probs, value_full, rows, bias_rows)
 
-    if capture:
+    if plan is not None and cap_rows is not None:
         _record_capture(plan, layer, probs, scores, rows, cap_rows, value, value_full)
     return out, None
+
+
+def _plan_for(module: torch.nn.Module) -> tuple[ActivePlan | None, int]:
+    """The active plan when it is for this module's model (else None), and the module's layer index (-1: none;
+    every attention module of an engine's model has one: `Engine` checks)."""
+    plan = ACTIVE.get()
+    if plan is not None and getattr(module, "_plipy_owner", None) != plan.owner:
+        plan = None
+    layer = getattr(module, "layer_idx", None)
+    return plan, -1 if layer is None else layer
+
+
+def _capture_rows(plan: ActivePlan | None, capture: bool) -> torch.Tensor | None:
+    """The plan's capture rows when this layer captures."""
+    return plan.rows if plan is not None and capture else None
 
 
 def _causal_keys(
@@ -159,6 +170,7 @@ def _keys_dropped(
 
 def _capture_rows_in_chunk(plan: ActivePlan, offset: int, q_len: int, device: torch.device) -> torch.Tensor | None:
     """The plan's capture rows local to this call's query chunk, or None when they are not all in it."""
+    assert plan.rows is not None, "a plan that captures has rows"  # Engine.run sets them with the capture layers
     cap_rows = plan.rows.to(device) - offset
     if ((cap_rows < 0) | (cap_rows >= q_len)).any():
         return None  # rows not in this call (e.g. a later generation step)
@@ -193,7 +205,7 @@ def _patch_edited_rows(
 
 def _record_capture(
     plan: ActivePlan,
-    layer: int | None,
+    layer: int,
     probs: torch.Tensor,
     scores: torch.Tensor,
     rows: torch.Tensor,

@@ -346,6 +346,8 @@ class ConditionRunner:
         """One batched suffix forward for conditions sharing their earliest query q0 (sorted by first layer)."""
         from transformers import DynamicCache
 
+        assert base.kv is not None, "the fast path runs on a baseline that kept its KV cache"
+
         n_items = len(chunk)
         starts = [p.first_layer for p in chunk]
         active = [bisect.bisect_right(starts, layer) for layer in range(self.n_layers)]  # items computed per layer
@@ -378,12 +380,13 @@ class ConditionRunner:
             # Layer l computed only its first active[l] items; the others are unedited there: the baseline's rows.
             known = base.attn or {}
             for j in range(n_items):
-                attn[j] = {}
+                item: dict[int, torch.Tensor] = {}
                 for layer in sorted(set(rec.attn) | set(known)):
                     if layer in rec.attn and j < rec.attn[layer].shape[0]:
-                        attn[j][layer] = rec.attn[layer][j]
+                        item[layer] = rec.attn[layer][j]
                     elif layer in known:
-                        attn[j][layer] = known[layer]
+                        item[layer] = known[layer]
+                attn[j] = item
         _require_finite_logits(out.logits[:, -1], chunk)
         return list(out.logits[:, -1].detach().unbind(0)), attn
 
@@ -391,6 +394,7 @@ class ConditionRunner:
     def _staircase(self, base: Baseline, q0: int, active: list[int], n_items: int) -> Iterator[None]:
         """Within the block, decoder layer l computes only its first `active[l]` batch items; the rest (and every
         item at layers below its first edit) get the baseline's resid_post for positions q0.."""
+        assert base.resid is not None, "the fast path runs on a baseline that kept its residuals"
         saved = []
         try:
             for i, layer in enumerate(self.layers):
@@ -491,7 +495,8 @@ def dead_row(compiled: dict[int, list[LayerEdit]]) -> str | None:
                     removed.setdefault((b, q), {}).setdefault(h, set()).add(k)
         for (_b, q), per_head in sorted(removed.items(), key=lambda kv: kv[0][1]):
             common = per_head.get(None, set())
-            for h in [h for h in per_head if h is not None] or [None]:
+            heads: list[int | None] = [h for h in per_head if h is not None]
+            for h in heads or [None]:
                 if len(common | per_head.get(h, set())) >= q + 1:
                     head = "every head" if h is None else f"head {h}"
                     return (
@@ -534,7 +539,8 @@ def fast_path_blockers(model: torch.nn.Module) -> list[str]:
         reasons.append(f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)")
         return reasons
     try:
-        cache = DynamicCache(config=model.config)
+        # a transformers model: torch's Module.__getattr__ stub types `.config` as a tensor or module
+        cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
     except Exception as e:  # noqa: BLE001 — any failure here just means "do not take the shortcut"
         return [f"cannot build a DynamicCache for this config ({type(e).__name__}: {e})"]
     # A sliding-window layer is run with a full cache instead (`full_cache`): the window is the mask's job (built
@@ -561,7 +567,7 @@ def full_cache() -> Any:
     return DynamicCache()
 
 
-def _baseline_problem(outputs: list[Any], cache: Any, shape: tuple[int, int], n_layers: int) -> str | None:
+def _baseline_problem(outputs: list[Any], cache: Any, shape: tuple[int, ...], n_layers: int) -> str | None:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 

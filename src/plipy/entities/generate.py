@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from plipy.finite import require_finite
+from plipy.models import LoadedModel
 
 GREEDY = -1  # sample index of the greedy row
 
@@ -48,7 +49,7 @@ class _RowSampler:
 
 
 def generate(
-    lm: Any,
+    lm: LoadedModel,
     prompts: Sequence[str],
     k: int = 10,
     seed: int = 42,
@@ -103,12 +104,12 @@ def generate(
     return results
 
 
-def _plain(lm: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, None]:
+def _plain(lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, None]:
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
     return enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device), None
 
 
-def _shared_prefill(lm: Any, prompts: list[str], copies: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def _shared_prefill(lm: LoadedModel, prompts: list[str], copies: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Run the prompts minus their last token once, then repeat ids, mask and KV cache `copies` times per prompt;
     generate() then feeds only the last prompt token. Positions follow the attention mask, as generate() does."""
     from transformers import DynamicCache

@@ -148,16 +148,7 @@ def validate_labels(doc: Any, where: str = "labels") -> None:
     missing = [key for key in ("provenance", "config", "summary", "entities", "test_balanced") if key not in doc]
     if missing:
         raise PlipyError(f"{where}: not a plipy entity labels file (missing {', '.join(missing)})")
-    names: dict[str, dict[str, dict]] = {}
-    for i, e in enumerate(doc["entities"]):
-        for key in ("entity", "entity_type", "label", "split", "known_attributes", "attributes"):
-            if key not in e:
-                raise PlipyError(f"{where}: entity {i} lacks {key!r}")
-        if e["label"] not in LABELS:
-            raise PlipyError(f"{where}: entity {e['entity']!r} has label {e['label']!r}")
-        if (e["split"] is None) != (e["label"] == "dropped") or (e["split"] is not None and e["split"] not in SPLITS):
-            raise PlipyError(f"{where}: entity {e['entity']!r} ({e['label']}) has split {e['split']!r}")
-        names.setdefault(e["entity_type"], {})[e["entity"]] = e
+    names = _entities_by_type(doc["entities"], where)
     for t, s in doc["summary"].items():
         rows = names.get(t, {}).values()
         for lab in LABELS:
@@ -168,3 +159,18 @@ def validate_labels(doc: Any, where: str = "labels") -> None:
             e = names.get(t, {}).get(n)
             if e is None or e["split"] != "test" or e["label"] == "dropped":
                 raise PlipyError(f"{where}: test_balanced {t} entry {n!r} is not a known/unknown test entity")
+
+
+def _entities_by_type(entities: Any, where: str) -> dict[str, dict[str, dict]]:
+    """The labels document's entities by type and name, each checked for its keys, its label and its split."""
+    names: dict[str, dict[str, dict]] = {}
+    for i, e in enumerate(entities):
+        for key in ("entity", "entity_type", "label", "split", "known_attributes", "attributes"):
+            if key not in e:
+                raise PlipyError(f"{where}: entity {i} lacks {key!r}")
+        if e["label"] not in LABELS:
+            raise PlipyError(f"{where}: entity {e['entity']!r} has label {e['label']!r}")
+        if (e["split"] is None) != (e["label"] == "dropped") or (e["split"] is not None and e["split"] not in SPLITS):
+            raise PlipyError(f"{where}: entity {e['entity']!r} ({e['label']}) has split {e['split']!r}")
+        names.setdefault(e["entity_type"], {})[e["entity"]] = e
+    return names

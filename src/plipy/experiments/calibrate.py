@@ -30,6 +30,7 @@ from plipy.experiments.edge_steering import (
 )
 from plipy.experiments.samples import marker_rows
 from plipy.finite import naming
+from plipy.models import LoadedModel
 from plipy.results import CalibrateResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
@@ -56,14 +57,14 @@ class Calibrate(Experiment[CalibratePlan, CalibrateResult]):
     skip_invalid: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def plan(self, lm: Any) -> CalibratePlan:
+    def plan(self, lm: LoadedModel) -> CalibratePlan:
         samples = prepare(lm, self.corpus, list(self.groups), self.bos, self.skip_invalid)
         for g in self.groups:  # known from the tokens alone: refused before any forward
             if not any(s.group == g and s.status == "ok" for s in samples):
                 raise PlipyError(f"group {g!r} has no steerable sample: nothing to calibrate")
         return CalibratePlan(samples, Engine(lm.model))
 
-    def settings(self, lm: Any, plan: CalibratePlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: CalibratePlan, batch_size: int) -> Settings:
         config = {
             "command": "steer calibrate",
             "layer": self.layer,
@@ -82,13 +83,13 @@ class Calibrate(Experiment[CalibratePlan, CalibrateResult]):
         lengths = [s.positions.seq_len for s in plan.samples]
         return Work(length_batches(ok, lengths, batch_size), settled=len(plan.samples) - len(ok))
 
-    def compute(self, lm: Any, plan: CalibratePlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: CalibratePlan, batch: list[int]) -> list[Unit]:
         with naming([f"sample {plan.samples[i].id!r}" for i in batch]):
             got = marker_rows(lm, plan.engine, [plan.samples[i].positions for i in batch], [self.layer])
         return [(None, {"row": r[0].numpy()}) for r in got]
 
     def assemble(
-        self, lm: Any, plan: CalibratePlan, units: dict[int, Unit], provenance: dict[str, Any]
+        self, lm: LoadedModel, plan: CalibratePlan, units: dict[int, Unit], provenance: dict[str, Any]
     ) -> CalibrateResult:
         samples = plan.samples
         ga, gb = self.groups
@@ -98,7 +99,7 @@ class Calibrate(Experiment[CalibratePlan, CalibrateResult]):
                 rec["note"] = s.note
         rows: dict[str, torch.Tensor] = {}
         for i, (_, arrays) in units.items():
-            s, m = samples[i], samples[i].positions.marker_token
+            s, m = samples[i], samples[i].marker
             rows[s.id] = torch.from_numpy(arrays["row"])
             recs[i].update(
                 marker_token=m,

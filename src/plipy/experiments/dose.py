@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from plipy.experiments.edge_steering import (
 from plipy.finite import naming
 from plipy.results import DoseResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
+
+if TYPE_CHECKING:
+    from plipy.models import LoadedModel
 
 TARGET_TOLERANCE = 1e-4  # a target-attention run must land this close to v
 
@@ -72,12 +75,12 @@ class Dose(Experiment[DosePlan, DoseResult]):
     def local_only(self) -> tuple[str, ...]:
         return ("runner",)
 
-    def plan(self, lm: Any) -> DosePlan:
+    def plan(self, lm: LoadedModel) -> DosePlan:
         samples = prepare(lm, self.corpus, list(self.groups), self.bos, self.skip_invalid)
         runner = self.runner or ConditionRunner(lm.model, Engine(lm.model), path=self.path, max_batch=self.max_batch)
         return DosePlan(samples, runner)
 
-    def settings(self, lm: Any, plan: DosePlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: DosePlan, batch_size: int) -> Settings:
         config = {
             "command": "steer dose",
             "groups": list(self.groups),
@@ -106,12 +109,12 @@ class Dose(Experiment[DosePlan, DoseResult]):
         lengths = [s.positions.seq_len for s in plan.samples]
         return Work(length_batches(ok, lengths, batch_size), settled=len(plan.samples) - len(ok))
 
-    def compute(self, lm: Any, plan: DosePlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: DosePlan, batch: list[int]) -> list[Unit]:
         sps = [plan.samples[i].positions for i in batch]
         with naming([f"sample {plan.samples[i].id!r}" for i in batch]):
             bases = plan.runner.baselines(
                 [sp.input_ids for sp in sps],
-                rows=[[sp.marker_token] for sp in sps],
+                rows=[[plan.samples[i].marker] for i in batch],
                 layers=self.layers,
                 pad_token=pad_id(lm.tokenizer),
             )
@@ -122,12 +125,13 @@ class Dose(Experiment[DosePlan, DoseResult]):
         return out
 
     def dose_sample(
-        self, lm: Any, runner: ConditionRunner, s: SteerSample, base: Baseline
+        self, lm: LoadedModel, runner: ConditionRunner, s: SteerSample, base: Baseline
     ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
         """One steerable sample from its baseline (marker rows captured at the steered layers): its record, one
         measure row per dose, and the target-attention row (or None)."""
         layers, heads, v = self.layers, self.heads, self.target_attention
-        m = s.positions.marker_token
+        m = s.marker
+        assert base.attn is not None, "the baselines captured the marker rows"
         base_rows = {layer: base.attn[layer][:, 0].cpu() for layer in layers}
         base_att = [attention_metric(base_rows[layer], s.targets) for layer in layers]
         rec = {
@@ -164,6 +168,7 @@ class Dose(Experiment[DosePlan, DoseResult]):
         if out.logits is None:
             row.update(kl=None, attention_achieved=None, status=out.status, note=out.note)
             return row
+        assert out.attn is not None, "the run captured the marker rows"
         per_layer = [attention_metric(out.attn[layer][:, 0], s.targets) for layer in self.layers]
         row.update(
             status="ok",
@@ -175,7 +180,9 @@ class Dose(Experiment[DosePlan, DoseResult]):
             row["note"] = "identity: scale 1 (or no heads) is the baseline computation, KL exactly 0"
         return row
 
-    def assemble(self, lm: Any, plan: DosePlan, units: dict[int, Unit], provenance: dict[str, Any]) -> DoseResult:
+    def assemble(
+        self, lm: LoadedModel, plan: DosePlan, units: dict[int, Unit], provenance: dict[str, Any]
+    ) -> DoseResult:
         v = self.target_attention
         dose_runs: list[dict[str, Any]] = [{"scale": d, "samples": []} for d in self.doses]
         target_run: dict[str, Any] | None = {"target_attention": v, "samples": []} if v is not None else None

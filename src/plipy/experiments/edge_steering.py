@@ -53,6 +53,13 @@ class SteerSample:
         return self.positions.sample.id
 
     @property
+    def marker(self) -> int:
+        """The marker's token: every sample that steers (status ok) has one."""
+        m = self.positions.marker_token
+        assert m is not None, f"sample {self.id!r} has no marker token"
+        return m
+
+    @property
     def group(self) -> str:
         return self.positions.sample.group
 
@@ -66,7 +73,11 @@ def steer_sample(sp: SamplePositions) -> SteerSample:
     m = sp.marker_token
     if m is None or sp.marker_match != "exact":
         return SteerSample(sp, "failed", note="the marker has no exact token (PLIP's steering uses the exact rule)")
-    late = [(t, i) for i, (t, after) in enumerate(zip(sp.target_tokens, sp.after_marker, strict=True)) if after]
+    late = [
+        (t, i)
+        for i, (t, after) in enumerate(zip(sp.target_tokens, sp.after_marker, strict=True))
+        if after and t is not None  # a target after the marker always has a token
+    ]
     if late:
         t, i = late[0]
         note = (

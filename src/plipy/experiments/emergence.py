@@ -23,6 +23,7 @@ from plipy.engine import Engine
 from plipy.errors import PlipyError
 from plipy.experiments.lens import decode_token, encode, run_pass
 from plipy.finite import naming
+from plipy.models import LoadedModel
 from plipy.results import EmergenceResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
@@ -64,7 +65,7 @@ def load_prompts(path: str | Path | None = None) -> tuple[list[dict[str, Any]], 
     """Emergence prompts from a JSON file (`{"prompts": [...]}` or a list) or JSON Lines (one prompt per line);
     None = PLIP-rs' built-in set. Returns (prompts, where they came from)."""
     if path is None:
-        res = resources.files("plipy").joinpath("data", BUILTIN)
+        res = resources.files("plipy") / "data" / BUILTIN
         text, where = res.read_text(encoding="utf-8"), f"built-in:{BUILTIN}"
     else:
         p = Path(path)
@@ -107,7 +108,7 @@ def _expected_record(s: str, matches: list[int]) -> dict[str, Any]:
 
 
 def measure_prompt(
-    lm: Any, engine: Engine, item: dict[str, Any], texts: list[str], layers: list[int], top_k: int, bos: bool
+    lm: LoadedModel, engine: Engine, item: dict[str, Any], texts: list[str], layers: list[int], top_k: int, bos: bool
 ) -> dict[str, Any]:
     """One prompt: per expected string and layer, the best-ranked matching token, its probability, the matches'
     total probability; the first layer where a match is in the top-k."""
@@ -186,11 +187,11 @@ class Emergence(Experiment[EmergencePlan, EmergenceResult]):
     layers: Sequence[int] | None = None
     bos: bool = False
 
-    def plan(self, lm: Any) -> EmergencePlan:
+    def plan(self, lm: LoadedModel) -> EmergencePlan:
         layers = opt.parse_layers(self.layers, lm.n_layers)
         return EmergencePlan(layers, vocab_texts(lm.tokenizer, lm.vocab_size), Engine(lm.model))
 
-    def settings(self, lm: Any, plan: EmergencePlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: EmergencePlan, batch_size: int) -> Settings:
         config = {
             "command": "lens emergence",
             "prompts": self.source,
@@ -205,14 +206,14 @@ class Emergence(Experiment[EmergencePlan, EmergenceResult]):
     def work(self, plan: EmergencePlan, batch_size: int) -> Work:
         return Work(chunks(list(range(len(self.prompts))), batch_size))
 
-    def compute(self, lm: Any, plan: EmergencePlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: EmergencePlan, batch: list[int]) -> list[Unit]:
         return [
             (measure_prompt(lm, plan.engine, self.prompts[i], plan.texts, plan.layers, self.top_k, self.bos), {})
             for i in batch
         ]
 
     def assemble(
-        self, lm: Any, plan: EmergencePlan, units: dict[int, Unit], provenance: dict[str, Any]
+        self, lm: LoadedModel, plan: EmergencePlan, units: dict[int, Unit], provenance: dict[str, Any]
     ) -> EmergenceResult:
         rows = [units[i][0] for i in sorted(units)]  # prompt order
         return EmergenceResult(

@@ -43,7 +43,7 @@ def load_prompts(path: str | Path | None = None) -> tuple[list[Prompt], str]:
     from importlib import resources
 
     if path is None:
-        res = resources.files("plipy").joinpath("data", "steer_prompts.json")
+        res = resources.files("plipy") / "data" / "steer_prompts.json"
         text, where = res.read_text(encoding="utf-8"), str(res)
     else:
         p = Path(path)
@@ -79,7 +79,7 @@ def prompt_edge(
         missing = query_text if qc < 0 else key_text
         return ids, None, f"prompt {pid!r} does not contain {missing!r}"
     (q, qhow), (k, khow) = char_to_token(offs, qc), char_to_token(offs, kc)
-    if qhow != "exact" or khow != "exact":
+    if q is None or k is None or qhow != "exact" or khow != "exact":  # an exact match always has a token
         return ids, None, f"prompt {pid!r}: no exact token for the query or key text"
     if k > q:
         raise SteerCausalError(
@@ -235,7 +235,7 @@ class Generate(Experiment[GeneratePlan, GenerateResult]):
     limit: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def plan(self, lm: Any) -> GeneratePlan:
+    def plan(self, lm: LoadedModel) -> GeneratePlan:
         prompts = self.prompts[: self.limit] if self.limit else self.prompts
         prepared, skipped = [], []
         for p in prompts:
@@ -256,7 +256,7 @@ class Generate(Experiment[GeneratePlan, GenerateResult]):
             raise PlipyError("no prompt to steer: " + "; ".join(s["note"] for s in skipped[:3]))
         return GeneratePlan([re.compile(d) for d in self.detect], prepared, skipped, Engine(lm.model))
 
-    def settings(self, lm: Any, plan: GeneratePlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: GeneratePlan, batch_size: int) -> Settings:
         config = {
             "command": "steer generate",
             "prompts": self.source,
@@ -281,7 +281,7 @@ class Generate(Experiment[GeneratePlan, GenerateResult]):
         lengths = [len(ids) for _, ids, _ in plan.prepared]
         return Work(length_batches(list(range(len(plan.prepared))), lengths, batch_size))
 
-    def compute(self, lm: Any, plan: GeneratePlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: GeneratePlan, batch: list[int]) -> list[Unit]:
         items = [(plan.prepared[i][1], plan.prepared[i][2]) for i in batch]
         with naming([f"prompt {plan.prepared[i][0]['id']!r}" for i in batch]):
             pairs = generate_pairs(
@@ -301,7 +301,7 @@ class Generate(Experiment[GeneratePlan, GenerateResult]):
         ]
 
     def assemble(
-        self, lm: Any, plan: GeneratePlan, units: dict[int, Unit], provenance: dict[str, Any]
+        self, lm: LoadedModel, plan: GeneratePlan, units: dict[int, Unit], provenance: dict[str, Any]
     ) -> GenerateResult:
         rows = [units[i][0] for i in range(len(plan.prepared))]  # prompt order, whatever the batches
         n = len(rows)

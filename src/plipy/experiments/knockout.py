@@ -242,7 +242,7 @@ def run_sample(
                     if out.first_layer is not None
                     else "nothing left to knock out (no heads, or edges outside a window)"
                 )
-                row["note"] = "identity: " + why
+                row["note"] = f"identity: {why}"
         rows.append(row)
     return rows
 

@@ -21,6 +21,7 @@ from plipy import options as opt
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
 from plipy.finite import naming, require_finite
+from plipy.models import LoadedModel
 from plipy.results import LensResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
@@ -119,7 +120,7 @@ def _keep_arg(model: torch.nn.Module, positions: list[int], device: torch.device
     return {"logits_to_keep": torch.tensor(positions, device=device)}  # lm_head on exactly these rows, as we do
 
 
-def run_pass(lm: Any, ids: list[int], positions: list[int], engine: Engine | None = None) -> LensPass:
+def run_pass(lm: LoadedModel, ids: list[int], positions: list[int], engine: Engine | None = None) -> LensPass:
     """One forward capturing resid_post of every layer at `positions`; checks the last layer's lens against the
     model's own logits (an error if they disagree beyond rounding: an unknown logit transform)."""
     model = lm.model
@@ -150,7 +151,7 @@ def run_pass(lm: Any, ids: list[int], positions: list[int], engine: Engine | Non
     return lp
 
 
-def has_weights(lm: Any) -> bool:
+def has_weights(lm: LoadedModel) -> bool:
     """Whether `lm` can run a forward here: a Ray driver's model is wholly on the meta device (its workers compute);
     a model offloaded by a device map keeps some of its weights on the meta device, not all."""
     return any(p.device.type != "meta" for p in lm.model.parameters())
@@ -212,7 +213,7 @@ class Lens(Experiment[LensPlan, LensResult]):
     marker: int | None = None
     source: dict[str, Any] | None = None
 
-    def plan(self, lm: Any) -> LensPlan:
+    def plan(self, lm: LoadedModel) -> LensPlan:
         ids = encode(lm.tokenizer, self.text, self.bos)
         if lm.max_positions is not None and len(ids) > lm.max_positions:
             raise PlipyError(f"the text has {len(ids)} tokens, longer than the model's context ({lm.max_positions})")
@@ -226,7 +227,7 @@ class Lens(Experiment[LensPlan, LensResult]):
                 forward = run_pass(lm, ids, positions)
         return LensPlan(ids, positions, layers, given, forward)
 
-    def settings(self, lm: Any, plan: LensPlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: LensPlan, batch_size: int) -> Settings:
         asked = self.positions
         config = {
             "command": "lens",
@@ -243,7 +244,7 @@ class Lens(Experiment[LensPlan, LensResult]):
     def work(self, plan: LensPlan, batch_size: int) -> Work:
         return Work(chunks(list(range(len(plan.layers))), batch_size))
 
-    def compute(self, lm: Any, plan: LensPlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: LensPlan, batch: list[int]) -> list[Unit]:
         lp = plan.forward
         if lp is None:
             raise PlipyError("the logit lens needs the model's weights in this process")
@@ -254,11 +255,13 @@ class Lens(Experiment[LensPlan, LensResult]):
         ]
         return [({**layer_unit(lp, plan.layers[j], self.top_k, tracked), "final_top": final_top}, {}) for j in batch]
 
-    def assemble(self, lm: Any, plan: LensPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> LensResult:
+    def assemble(
+        self, lm: LoadedModel, plan: LensPlan, units: dict[int, Unit], provenance: dict[str, Any]
+    ) -> LensResult:
         tok = lm.tokenizer
         values = [units[j][0] for j in sorted(units)]  # layer order
         final_top = values[0]["final_top"]
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i, pos in enumerate(plan.positions):
             nxt = _next_id(plan.ids, pos)
             tracked = tracked_sources(plan.given, final_top[i], nxt)

@@ -29,6 +29,7 @@ from plipy.corpus import Corpus, CorpusError, char_to_token, encode_text, load_c
 from plipy.engine import Engine, ResidualCapture
 from plipy.errors import ParameterError, PlipyError
 from plipy.finite import naming, require_finite
+from plipy.models import LoadedModel
 from plipy.results import ProbeResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, chunks
 
@@ -182,7 +183,7 @@ def _excluded(item: ProbeItem, note: str) -> dict[str, Any]:
     return {"id": item.id, "group": item.group, "label": item.label, "note": note}
 
 
-def _inputs(lm: Any, data: ProbeData, feature: str, bos: bool) -> list[tuple[list[int], int] | str]:
+def _inputs(lm: LoadedModel, data: ProbeData, feature: str, bos: bool) -> list[tuple[list[int], int] | str]:
     """Per item, its token ids and feature position, or why it cannot be measured."""
     tok = lm.tokenizer
     bos_id = getattr(tok, "bos_token_id", None)
@@ -192,7 +193,7 @@ def _inputs(lm: Any, data: ProbeData, feature: str, bos: bool) -> list[tuple[lis
     for it in data.items:
         ids, offs = encode_text(tok, it.code)
         shift = 1 if bos else 0
-        ids = [int(bos_id), *ids] if bos else ids
+        ids = [int(bos_id), *ids] if bos and bos_id is not None else ids
         pos, why = _position(tok, it, ids, offs, feature, shift)
         if pos is None or (lm.max_positions is not None and len(ids) > lm.max_positions):
             out.append(why or f"{len(ids)} tokens, longer than the model's context ({lm.max_positions})")
@@ -244,11 +245,11 @@ class ProbeFeatures(Experiment[FeaturesPlan, Features]):
     layers: Sequence[int] | None = None
     bos: bool = False
 
-    def plan(self, lm: Any) -> FeaturesPlan:
+    def plan(self, lm: LoadedModel) -> FeaturesPlan:
         layers = opt.parse_layers(self.layers, lm.n_layers)
         return FeaturesPlan(layers, _inputs(lm, self.data, self.feature, self.bos), Engine(lm.model))
 
-    def settings(self, lm: Any, plan: FeaturesPlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: FeaturesPlan, batch_size: int) -> Settings:
         config = {
             "command": "probe",
             "phase": "features",
@@ -264,11 +265,13 @@ class ProbeFeatures(Experiment[FeaturesPlan, Features]):
         measurable = [i for i, inp in enumerate(plan.inputs) if not isinstance(inp, str)]
         return Work(chunks(measurable, batch_size), settled=len(plan.inputs) - len(measurable))
 
-    def compute(self, lm: Any, plan: FeaturesPlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: FeaturesPlan, batch: list[int]) -> list[Unit]:
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
         out: list[Unit] = []
         for i in batch:
-            it, (ids, pos) = self.data.items[i], plan.inputs[i]
+            it, inp = self.data.items[i], plan.inputs[i]
+            assert not isinstance(inp, str), "work() sends only the measurable items"
+            ids, pos = inp
             x = torch.tensor([ids], device=lm.device)
             cap = ResidualCapture(layers=plan.layers, where=("post",), positions=[pos])
             with torch.inference_mode(), plan.engine.run(residual_capture=cap) as rec, naming(f"sample {it.id!r}"):
@@ -288,7 +291,9 @@ class ProbeFeatures(Experiment[FeaturesPlan, Features]):
             out.append((record, {"resid": resid}))
         return out
 
-    def assemble(self, lm: Any, plan: FeaturesPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> Features:
+    def assemble(
+        self, lm: LoadedModel, plan: FeaturesPlan, units: dict[int, Unit], provenance: dict[str, Any]
+    ) -> Features:
         order = sorted(units)  # item order
         samples = [units[i][0] for i in order]
         excluded = [
@@ -378,12 +383,12 @@ class Probe(Experiment[ProbePlan, ProbeResult]):
     seed: int = 0
     bos: bool = False
 
-    def plan(self, lm: Any) -> ProbePlan:
+    def plan(self, lm: LoadedModel) -> ProbePlan:
         labels = [s["label"] for s in self.features.samples]
         classes, folds = check_classes(labels, self.folds)
         return ProbePlan(classes, np.asarray([classes.index(lab) for lab in labels]), folds)
 
-    def settings(self, lm: Any, plan: ProbePlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: ProbePlan, batch_size: int) -> Settings:
         config = {
             "command": "probe",
             "feature": self.feature,
@@ -404,7 +409,7 @@ class Probe(Experiment[ProbePlan, ProbeResult]):
     def work(self, plan: ProbePlan, batch_size: int) -> Work:
         return Work(chunks(list(range(len(self.features.layers))), batch_size))
 
-    def compute(self, lm: Any, plan: ProbePlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: ProbePlan, batch: list[int]) -> list[Unit]:
         out: list[Unit] = []
         for j in batch:
             layer = self.features.layers[j]
@@ -414,7 +419,9 @@ class Probe(Experiment[ProbePlan, ProbeResult]):
             out.append(({"layer": layer, **fit}, {}))
         return out
 
-    def assemble(self, lm: Any, plan: ProbePlan, units: dict[int, Unit], provenance: dict[str, Any]) -> ProbeResult:
+    def assemble(
+        self, lm: LoadedModel, plan: ProbePlan, units: dict[int, Unit], provenance: dict[str, Any]
+    ) -> ProbeResult:
         per_layer = [units[j][0] for j in sorted(units)]  # layer order
         if self.permutations > 0:
             for rec, ph in zip(per_layer, stats.holm([r["p_perm"] for r in per_layer]), strict=True):

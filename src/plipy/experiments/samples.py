@@ -14,6 +14,7 @@ from plipy.engine.batch import pad_id, pad_left
 from plipy.engine.runner import last_logits_only
 from plipy.errors import ParameterError, PlipyError
 from plipy.finite import require_finite
+from plipy.models import LoadedModel
 
 DEFAULT_GROUPS = ("python_doctest", "rust_test")
 
@@ -64,7 +65,9 @@ def after_marker(sp: SamplePositions) -> list[int | None]:
     return [t for t, a in zip(sp.target_tokens, sp.after_marker, strict=True) if a]
 
 
-def marker_rows(lm: Any, engine: Engine, sps: Sequence[SamplePositions], layers: Sequence[int]) -> list[torch.Tensor]:
+def marker_rows(
+    lm: LoadedModel, engine: Engine, sps: Sequence[SamplePositions], layers: Sequence[int]
+) -> list[torch.Tensor]:
     """Each sample's marker row at every layer of `layers`, `[layers, heads, keys]` float32 on the CPU, from one
     left-padded forward (only the last position's logits are computed: the rows need none)."""
     padded = pad_left([sp.input_ids for sp in sps], pad_id(lm.tokenizer), lm.device)

@@ -22,6 +22,7 @@ from plipy.engine import Engine
 from plipy.errors import PlipyError
 from plipy.experiments.samples import after_marker, choose_groups, identity, marker_rows
 from plipy.finite import naming
+from plipy.models import LoadedModel
 from plipy.results import ScanResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work, length_batches
 
@@ -108,7 +109,7 @@ class Scan(Experiment[ScanPlan, ScanResult]):
     n_resamples: int = 10000
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def plan(self, lm: Any) -> ScanPlan:
+    def plan(self, lm: LoadedModel) -> ScanPlan:
         layers = list(self.layers) if self.layers is not None else list(range(lm.n_layers))
         heads = list(self.heads) if self.heads is not None else list(range(lm.n_heads))
         groups, pair = choose_groups(self.corpus, self.groups)
@@ -120,7 +121,7 @@ class Scan(Experiment[ScanPlan, ScanResult]):
         check_measurable(samples, pair)
         return ScanPlan(layers, heads, groups, pair, positions, samples, Engine(lm.model))
 
-    def settings(self, lm: Any, plan: ScanPlan, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: ScanPlan, batch_size: int) -> Settings:
         config = {
             "groups": plan.groups,
             "compared": list(plan.pair),
@@ -138,13 +139,15 @@ class Scan(Experiment[ScanPlan, ScanResult]):
         lengths = [sp.seq_len for sp in plan.positions]
         return Work(length_batches(measurable, lengths, batch_size), settled=len(plan.samples) - len(measurable))
 
-    def compute(self, lm: Any, plan: ScanPlan, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: ScanPlan, batch: list[int]) -> list[Unit]:
         sps = [plan.positions[i] for i in batch]
         with naming([f"sample {sp.sample.id!r}" for sp in sps]):
             rows = marker_rows(lm, plan.engine, sps, plan.layers)
         return [(measure_sample(sp, r, plan.heads), {"rows": r.numpy()}) for sp, r in zip(sps, rows, strict=True)]
 
-    def assemble(self, lm: Any, plan: ScanPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> ScanResult:
+    def assemble(
+        self, lm: LoadedModel, plan: ScanPlan, units: dict[int, Unit], provenance: dict[str, Any]
+    ) -> ScanResult:
         samples = plan.samples
         rows_by_id: dict[str, np.ndarray] = {}
         ids_by_id: dict[str, list[int]] = {}
@@ -237,7 +240,7 @@ def layer_statistics(
     }
 
 
-def plip_compat(result: dict, lm: Any, corpus: Corpus) -> dict[str, Any]:
+def plip_compat(result: dict, lm: LoadedModel, corpus: Corpus) -> dict[str, Any]:
     """PLIP-rs' own `layer_scan_universal` JSON fields (first compared group as "python", second as "rust")."""
     ga, gb = result["groups_compared"]
     samples = [s for s in result["samples"] if s["group"] in (ga, gb)]

@@ -63,7 +63,13 @@ def knockout_row(d: dict[str, Any]) -> dict[str, Any]:
     runs = [r for r in d["runs"] if mean(r, ga) is not None and mean(r, gb) is not None]
     if not runs:
         raise PlipyError("knockout result: no condition has KLs for both compared groups")
-    best = max(runs, key=lambda r: mean(r, ga) + mean(r, gb))
+
+    def total(run: dict[str, Any]) -> float:
+        a, b = mean(run, ga), mean(run, gb)
+        assert a is not None and b is not None  # `runs` holds the runs with both
+        return a + b
+
+    best = max(runs, key=total)
     ma, mb = mean(best, ga), mean(best, gb)
     null = _ratio(mean(best, f"{ga}_baseline"), mean(best, f"{gb}_baseline"))
     layers = best["layers"]

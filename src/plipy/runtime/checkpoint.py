@@ -17,12 +17,16 @@ import shutil
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from plipy.errors import PlipyError
 from plipy.io import atomic_write_bytes, write_json
+
+if TYPE_CHECKING:
+    from plipy.corpus import Corpus
+    from plipy.models import LoadedModel
 
 
 def runs_dir() -> Path:
@@ -54,7 +58,12 @@ def fingerprint(obj: Any) -> str:
 
 
 def run_identity(
-    kind: str, *, model: Any = None, corpus: Any = None, config: dict | None = None, **more: Any
+    kind: str,
+    *,
+    model: LoadedModel | None = None,
+    corpus: Corpus | None = None,
+    config: dict | None = None,
+    **more: Any,
 ) -> dict[str, Any]:
     """What a run's numbers depend on; equal identities may share finished units."""
     from plipy import __version__
@@ -206,7 +215,14 @@ def _plain(obj: Any) -> Any:
 
 
 def open_run(
-    kind: str, lm: Any, corpus: Any, settings: dict[str, Any], *, resume: bool = True, fresh: bool = False, **more: Any
+    kind: str,
+    lm: LoadedModel,
+    corpus: Corpus | None,
+    settings: dict[str, Any],
+    *,
+    resume: bool = True,
+    fresh: bool = False,
+    **more: Any,
 ) -> Units:
     """The units of an experiment run. Resume needs the weights' identity: a model plipy did not load itself
     (`wrap_model`) has no weights hash, so nothing is kept for it (two such models may share a config)."""

@@ -10,11 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from plipy.engine.batch import default_batch_size
 from plipy.runtime import checkpoint, provenance
 from plipy.runtime.experiment import Experiment, Progress, Unit
+
+if TYPE_CHECKING:
+    from plipy.models import LoadedModel
 
 ResultT = TypeVar("ResultT")
 
@@ -33,14 +36,14 @@ class RunOptions:
     progress: Progress | None = None
 
 
-def batch_size_for(experiment: Experiment[Any, Any], lm: Any, asked: int | None) -> int:
+def batch_size_for(experiment: Experiment[Any, Any], lm: LoadedModel, asked: int | None) -> int:
     """The batch size a run uses: the one asked, else the experiment's default, else the device's."""
     if asked is not None:
         return asked
     return experiment.default_batch_size or default_batch_size(lm.device)
 
 
-def execute(experiment: Experiment[Any, ResultT], lm: Any, options: RunOptions | None = None) -> ResultT:
+def execute(experiment: Experiment[Any, ResultT], lm: LoadedModel, options: RunOptions | None = None) -> ResultT:
     """Run `experiment` on `lm`: plan, compute every unit not already on disk (here or on Ray workers), assemble."""
     from plipy.cluster import pool
 

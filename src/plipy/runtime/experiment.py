@@ -19,11 +19,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
 from plipy.engine.batch import plan_batches
+
+if TYPE_CHECKING:
+    from plipy.corpus import Corpus
+    from plipy.models import LoadedModel
 
 PlanT = TypeVar("PlanT")
 ResultT = TypeVar("ResultT")
@@ -41,7 +45,7 @@ class Settings:
     (descriptions of how it ran that do not change the numbers)."""
 
     config: dict[str, Any]
-    corpus: Any = None
+    corpus: Corpus | None = None
     seed: int | None = None
     key: dict[str, Any] = field(default_factory=dict)
     described: dict[str, Any] = field(default_factory=dict)
@@ -80,11 +84,11 @@ class Experiment(ABC, Generic[PlanT, ResultT]):
     default_batch_size: ClassVar[int | None] = None
 
     @abstractmethod
-    def plan(self, lm: Any) -> PlanT:
+    def plan(self, lm: LoadedModel) -> PlanT:
         """Everything the units depend on, computed alike by the driver and by every Ray worker (deterministic)."""
 
     @abstractmethod
-    def settings(self, lm: Any, plan: PlanT, batch_size: int) -> Settings:
+    def settings(self, lm: LoadedModel, plan: PlanT, batch_size: int) -> Settings:
         """What shapes the numbers: the checkpoint key and the provenance config."""
 
     @abstractmethod
@@ -92,12 +96,12 @@ class Experiment(ABC, Generic[PlanT, ResultT]):
         """Which units to compute, in which batches."""
 
     @abstractmethod
-    def compute(self, lm: Any, plan: PlanT, batch: list[int]) -> list[Unit]:
+    def compute(self, lm: LoadedModel, plan: PlanT, batch: list[int]) -> list[Unit]:
         """One batch of units on this process' model, in the batch's order (the same inputs in the same batch give
         the same bits, so a resumed or a distributed run matches an uninterrupted local one)."""
 
     @abstractmethod
-    def assemble(self, lm: Any, plan: PlanT, units: dict[int, Unit], provenance: dict[str, Any]) -> ResultT:
+    def assemble(self, lm: LoadedModel, plan: PlanT, units: dict[int, Unit], provenance: dict[str, Any]) -> ResultT:
         """The result from every computed unit (index → unit, in the order the batches ran) and the run's
         provenance block."""
 

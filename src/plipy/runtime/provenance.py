@@ -7,7 +7,11 @@ import platform
 import shlex
 import sys
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from plipy.corpus import Corpus
+    from plipy.models import LoadedModel
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "scipy", "gguf", "safetensors")
 
@@ -24,7 +28,11 @@ def library_versions() -> dict[str, str | None]:
 
 
 def build(
-    *, model: Any = None, corpus: Any = None, config: dict | None = None, seed: int | None = None
+    *,
+    model: LoadedModel | None = None,
+    corpus: Corpus | None = None,
+    config: dict | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """The `provenance` block of a result: plipy version, command line, model and corpus identity, config, seed."""
     from plipy import __version__

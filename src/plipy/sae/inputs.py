@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from plipy.corpus.prompts import EntityPrompt
 from plipy.errors import PlipyError
@@ -185,16 +185,16 @@ def read_latent_means(path: str | Path, layer: int | None = None, section: str =
     entries = data.values() if isinstance(data, dict) else data
     if isinstance(data, dict) and all(_is_number(v) for v in data.values()):
         return {int(float(k)): float(v) for k, v in data.items()}
-    for e in entries:
-        if not isinstance(e, dict) or "latent_idx" not in e:
+    for entry in entries:
+        if not isinstance(entry, dict) or "latent_idx" not in entry:
             continue
-        if layer is not None and e.get("layer") is not None and int(e["layer"]) != layer:
+        if layer is not None and entry.get("layer") is not None and int(entry["layer"]) != layer:
             continue
-        mean = next((e[k] for k in ("mean_features_acts", "mean_act", "mean_activation") if k in e), None)
+        mean = next((entry[k] for k in ("mean_features_acts", "mean_act", "mean_activation") if k in entry), None)
         if isinstance(mean, dict):
             mean = mean.get(section)
         if _is_number(mean):
-            out[int(float(e["latent_idx"]))] = float(mean)
+            out[int(float(entry["latent_idx"]))] = float(mean)
     if not out:
         raise PlipyError(f"latent file {path}: no mean activations found" + (f" for layer {layer}" if layer else ""))
     return out
@@ -224,5 +224,5 @@ def read_candidates(path: str | Path, layer: int | None = None) -> list[int]:
         raise PlipyError(f"candidate file {path}: cannot read latent indices ({e})") from e
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)

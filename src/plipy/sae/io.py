@@ -222,10 +222,11 @@ def save_saelens(sae: SAE, folder: str | Path, model_name: str | None = None) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec}
-    if sae.architecture == "jumprelu":
+    if sae.threshold is not None and sae.architecture == "jumprelu":  # a JumpReLU SAE always has one
         state["threshold"] = sae.threshold
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    old = sae.cfg.get("metadata") if isinstance(sae.cfg.get("metadata"), dict) else {}
+    given = sae.cfg.get("metadata")
+    old: dict[str, Any] = given if isinstance(given, dict) else {}
     metadata = {
         **old,
         "sae_lens_version": SAELENS_LAYOUT_VERSION,
@@ -246,7 +247,7 @@ def save_saelens(sae: SAE, folder: str | Path, model_name: str | None = None) ->
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if sae.architecture == "topk":  # TopKSAEConfig fields; plipy's TopK ranks raw pre-activations
+    if sae.k is not None and sae.architecture == "topk":  # TopKSAEConfig fields; plipy's TopK ranks raw pre-acts
         cfg |= {"k": int(sae.k), "rescale_acts_by_decoder_norm": False}
     cfg["architecture"] = sae.architecture
     atomic_write_bytes(folder / "sae_weights.safetensors", save(state))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from plipy.engine.batch import pad_left
 from plipy.errors import PlipyError
 from plipy.finite import require_finite
 from plipy.sae.inputs import Tokenized, positions_for
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MEASURES = ("attn_weights", "value_weighted", "output_value_weighted", "distance_based")
 
@@ -103,7 +106,7 @@ def make_batch(items: Sequence[Tokenized], pos_type: str, pad_id: int, device: A
 
 def forward_measures(
     engine: Engine,
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     batch: Batch,
     w_o: dict[int, torch.Tensor],
     measures: Sequence[str],

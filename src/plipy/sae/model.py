@@ -81,8 +81,10 @@ class SAE:
             x = x - self.b_dec
         pre = x @ self.W_enc + self.b_enc
         if self.architecture == "jumprelu":
+            assert self.threshold is not None  # __post_init__ refuses a JumpReLU SAE without one
             return torch.relu(pre) * (pre > self.threshold)
         if self.architecture == "topk":
+            assert self.k is not None  # __post_init__ refuses a TopK SAE without k
             top = torch.topk(pre, self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
         return torch.relu(pre)

@@ -86,12 +86,14 @@ def steering_adds(
         for p in ps:
             vec = torch.zeros(sae.d_in, dtype=torch.float32)
             if units:
+                assert resid is not None  # checked above: ablation needs the residual
                 x = resid[b, p].double().cpu()
                 y = x.clone()
                 for u in units:  # one after the other, as stacked upstream hooks do
                     y = y - (y @ u) * u
                 vec += (y - x).float()
             if coeff == "norm":
+                assert resid is not None  # checked above: 'norm' needs the residual
                 vec += d.cpu() * resid[b, p].float().norm().cpu()
             else:
                 vec += float(coeff) * d.cpu()

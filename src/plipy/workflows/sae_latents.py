@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from plipy.errors import PlipyError
+from plipy.models import LoadedModel
 from plipy.sae.model import SAE, steer_layer
 
 LATENT_TEMPLATE = "The {entity_type} '{entity}'"  # upstream latent-discovery prompt (load_data.py:341-345)
@@ -72,7 +73,7 @@ def last_entity_token(tokenizer: Any, entity: str, entity_type: str, bos: bool =
 
 @torch.inference_mode()
 def latent_activations(
-    lm: Any,
+    lm: LoadedModel,
     sae: SAE,
     layer: int,
     items: Sequence[tuple[list[int], int]],
@@ -106,7 +107,7 @@ def latent_activations(
 
 
 def general_frequency(
-    lm: Any,
+    lm: LoadedModel,
     sae: SAE,
     layer: int,
     n_tokens: int = 4096,
@@ -212,7 +213,7 @@ def select_latents(
 
 
 def run_latents(
-    lm: Any,
+    lm: LoadedModel,
     sae: SAE,
     labels: dict[str, Any],
     split: str | None = "train",

@@ -238,7 +238,7 @@ def _test_prompts(labels: dict[str, Any], label: str, limit: int | None) -> tupl
 
 
 def _attention_stage(
-    lm: Any,
+    lm: LoadedModel,
     sae: Any,
     labels: dict[str, Any],
     latents: dict[str, Any],
@@ -330,7 +330,7 @@ def _attention_stage(
 
 
 def _summary(
-    lm: Any,
+    lm: LoadedModel,
     cfg: PipelineConfig,
     labels: dict[str, Any],
     training: dict[str, Any],

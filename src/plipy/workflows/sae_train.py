@@ -28,6 +28,7 @@ import torch
 
 from plipy.engine import decoder_layers
 from plipy.errors import ParameterError, PlipyError
+from plipy.models import LoadedModel
 from plipy.sae.model import SAE
 
 ARCHS = ("topk", "jumprelu")
@@ -203,7 +204,7 @@ def resid_post(
 
 
 def collect_activations(
-    lm: Any,
+    lm: LoadedModel,
     layer: int,
     chunks: Iterable[list[int]],
     n_tokens: int,
@@ -312,7 +313,7 @@ class _Trainable(torch.nn.Module):
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -467,8 +468,8 @@ def reconstruction_metrics(sae: SAE, acts: torch.Tensor, batch: int = 4096) -> d
 
 @torch.no_grad()
 def spliced_loss(
-    lm: Any, sae: SAE, layer: int, seqs: Sequence[list[int]], mean: torch.Tensor | None = None, batch: int = 8
-) -> dict[str, float]:
+    lm: LoadedModel, sae: SAE, layer: int, seqs: Sequence[list[int]], mean: torch.Tensor | None = None, batch: int = 8
+) -> dict[str, float | None]:
     """Next-token cross-entropy with the clean model, with resid_post of `layer` replaced by the SAE reconstruction
     (every position but BOS, which the SAE never saw), and with it replaced by `mean` (mean ablation, a floor)."""
     layers = decoder_layers(lm.model)
@@ -482,6 +483,7 @@ def spliced_loss(
         if mode["m"] == "sae":
             new[:, 1:] = sae.decode(sae.encode(h[:, 1:].float())).to(h.dtype)
         else:
+            assert mean is not None  # the "mean" mode runs only with a mean
             new[:, 1:] = mean.to(h.dtype)
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
@@ -504,12 +506,13 @@ def spliced_loss(
             count += tgt.numel()
     finally:
         h.remove()
-    out = {"ce_clean": totals["clean"] / count, "ce_spliced": totals["sae"] / count, "ce_tokens": count}
-    out["ce_increase"] = out["ce_spliced"] - out["ce_clean"]
+    clean, spliced = totals["clean"] / count, totals["sae"] / count
+    out: dict[str, float | None] = {"ce_clean": clean, "ce_spliced": spliced, "ce_tokens": count}
+    out["ce_increase"] = increase = spliced - clean
     if mean is not None:
-        out["ce_mean_ablated"] = totals["mean"] / count
-        gap = out["ce_mean_ablated"] - out["ce_clean"]
-        out["ce_loss_recovered"] = 1 - out["ce_increase"] / gap if gap > 0 else None
+        out["ce_mean_ablated"] = ablated = totals["mean"] / count
+        gap = ablated - clean
+        out["ce_loss_recovered"] = 1 - increase / gap if gap > 0 else None
     return out
 
 
@@ -517,7 +520,7 @@ def spliced_loss(
 
 
 def train_on_model(
-    lm: Any,
+    lm: LoadedModel,
     layer: int,
     cfg: TrainConfig,
     out: str | Path | None = None,

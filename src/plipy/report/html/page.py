@@ -132,7 +132,13 @@ def _asset(name: str) -> str:
 # Inside <script> the HTML parser, not JSON, decides where the element ends: "</script" ends it, and "<!--" followed
 # by "<script" makes it swallow the rest of the page. JSON may spell any character as \uXXXX, so no "<" (nor ">",
 # "&", or the JavaScript line separators) ever reaches the parser; JSON.parse reads the same strings.
-_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_ESCAPES: dict[str, str | int | None] = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
 
 
 def _script_json(obj: Any) -> str:
