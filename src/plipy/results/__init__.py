@@ -28,6 +28,7 @@ from plipy.results.generate import GenerateResult
 from plipy.results.knockout import KnockoutResult
 from plipy.results.lens import LensResult
 from plipy.results.probe import ProbeResult
+from plipy.results.qk import QkResult
 from plipy.results.sae_attention import SaeAttentionResult
 from plipy.results.scan import ROWS_SUFFIX, ScanResult
 from plipy.results.sweep import SweepResult
@@ -45,6 +46,7 @@ KINDS: dict[str, type[Result]] = {
         EmergenceResult,
         ProbeResult,
         SweepResult,
+        QkResult,
     )
 }
 # Files written before provenance named their kind are recognised by their shape.
@@ -102,6 +104,7 @@ __all__ = [
     "KnockoutResult",
     "LensResult",
     "ProbeResult",
+    "QkResult",
     "Result",
     "SaeAttentionResult",
     "ScanResult",
