@@ -35,6 +35,7 @@ _LAZY = {
         "sae_pipeline",
         "sweep",
         "trace",
+        "qk",
         "load_result",
     ),
     "plipy.results": (
@@ -49,6 +50,7 @@ _LAZY = {
         "EmergenceResult",
         "ProbeResult",
         "SweepResult",
+        "QkResult",
     ),
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
