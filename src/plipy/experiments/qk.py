@@ -302,7 +302,6 @@ class Qk(Experiment[QkPlan, QkResult]):
     sae: SAE | None = None
     steer: SteerSpec | None = None
     knockout: KnockoutSpec | None = None
-    steer_pos: str = "targets"
     bos: bool = False
     top: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
@@ -535,7 +534,8 @@ def _rank(x: np.ndarray, mean: np.ndarray, total: float, top: int, label: Any) -
     in_top = (np.abs(x) >= thr) & (np.abs(x) > 0)
     sd = x.std(0, ddof=1) if n > 1 else np.full(c, np.nan)
     out = []
-    for j in np.argsort(-np.abs(mean), kind="stable")[:kk]:
+    live = np.abs(x).max(0) > 0  # a column that is 0 in every input (layer 0's rounding) says nothing
+    for j in [j for j in np.argsort(-np.abs(mean), kind="stable") if live[j]][:kk]:
         out.append(
             {
                 **label(j),
@@ -605,7 +605,8 @@ def contrast(p: Pairs, x: np.ndarray, totals: np.ndarray, in_a: np.ndarray, in_b
         ma, mb = v[in_a].mean(0), v[in_b].mean(0)
         d = ma - mb
         w = _welch(v[in_a], v[in_b])
-        order = np.argsort(-np.abs(d), kind="stable")[:top]
+        live = np.abs(v).max(0) > 0
+        order = [j for j in np.argsort(-np.abs(d), kind="stable") if live[j]][:top]
         return [
             {
                 **label(j),
