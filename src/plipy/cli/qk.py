@@ -58,11 +58,12 @@ def qk(
         None, "--bos/--no-bos", help="Prepend BOS (default: no for the corpus, yes for prompts)."
     ),
     top: int = typer.Option(10, "--top", help="Top pairs and components reported per side."),
-    o: SimpleNamespace = None,
+    o: SimpleNamespace | None = None,
 ) -> None:
     """Split the marker → target attention score (or last token → entity) into query × key component contributions."""
     from plipy import api
 
+    assert o is not None  # c.shared passes the shared options
     with c.progress_bars() as start:
         result = api.qk(
             o.model,

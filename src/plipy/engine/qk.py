@@ -117,31 +117,36 @@ class QkMap:
         }
 
 
-def _weights(attn: torch.nn.Module, layout: QkLayout, h: int, k: int, d: int) -> tuple[torch.Tensor, ...]:
+def _linear(attn: torch.nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of the projection `name` of `attn`, float64 on the CPU (bias None when it has none)."""
+    proj = getattr(attn, name)
+    b = proj.bias
+    return proj.weight.detach().double().cpu(), None if b is None else b.detach().double().cpu()
+
+
+def _weights(
+    attn: torch.nn.Module, layout: QkLayout, h: int, k: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(W_q [h, d, D], b_q, W_k [k, d, D], b_k) in float64 from the family's projection layout."""
-
-    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.detach().double().cpu()
-
     if layout.proj == "split":
-        wq, bq = f64(attn.q_proj.weight), f64(attn.q_proj.bias)
-        wk, bk = f64(attn.k_proj.weight), f64(attn.k_proj.bias)
+        wq, bq = _linear(attn, "q_proj")
+        wk, bk = _linear(attn, "k_proj")
     elif layout.proj == "qkv":  # Phi-3: rows [q | k | v]
-        w, b = f64(attn.qkv_proj.weight), f64(attn.qkv_proj.bias)
+        w, b = _linear(attn, "qkv_proj")
         wq, wk = w[: h * d], w[h * d : (h + k) * d]
         bq, bk = (None, None) if b is None else (b[: h * d], b[h * d : (h + k) * d])
     elif layout.proj == "c_attn":  # GPT-2's Conv1D: y = x @ W, columns [q | k | v]
-        w, b = f64(attn.c_attn.weight).T, f64(attn.c_attn.bias)
+        w, b = _linear(attn, "c_attn")
+        w = w.T
         wq, wk = w[: h * d], w[h * d : 2 * h * d]
         bq, bk = (None, None) if b is None else (b[: h * d], b[h * d : 2 * h * d])
     elif layout.proj == "neox":  # GPT-NeoX: rows per head [q, k, v]
-        w, b = f64(attn.query_key_value.weight), f64(attn.query_key_value.bias)
+        w, b = _linear(attn, "query_key_value")
         w3 = w.reshape(h, 3, d, -1)
         wq, wk = w3[:, 0].reshape(h * d, -1), w3[:, 1].reshape(h * d, -1)
         bq, bk = (None, None) if b is None else (b.reshape(h, 3, d)[:, 0].flatten(), b.reshape(h, 3, d)[:, 1].flatten())
     else:
         raise PlipyError(f"unknown QK projection layout {layout.proj!r}")
-    assert wq is not None and wk is not None
     return (
         wq.reshape(h, d, -1),
         None if bq is None else bq.reshape(h, d),

@@ -36,8 +36,6 @@ class QkResult(Result):
         a, b = self.columns, other.columns
         return list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
-    __hash__ = None  # type: ignore[assignment]
-
     def _describe(self) -> str:
         return f"layer={self._data['layer']} heads={self._data['heads']} samples={len(self._data['samples'])}"
 
