@@ -25,7 +25,9 @@ from tiny_models import ARCHS, COMMON, EPS32, build, float64, fp32_bound
 T = 10
 QUERY, KEYS = 9, [0, 4, 7, 9]
 RAW: dict[int, torch.Tensor] = {}
+KNOCK: dict[int, list[tuple[int, int]]] = {}  # layer → (query, key) edges the recorder removes (-inf), all heads
 RECORDER = "plipy_test_raw_scores"
+EPS64 = torch.finfo(torch.float64).eps
 
 
 def _recorder(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -38,6 +40,8 @@ def _recorder(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         w = torch.tanh(w / kwargs["softcap"]) * kwargs["softcap"]
     if attention_mask is not None:
         w = w + attention_mask
+    for q, k in KNOCK.get(module.layer_idx, []):
+        w[..., q, k] = -torch.inf
     p = torch.softmax(w, -1, dtype=w.dtype)
     return torch.matmul(p, v).transpose(1, 2).contiguous(), p
 
@@ -74,13 +78,34 @@ def _ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _raw_scores(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """HF's own q·kᵀ·scaling of every layer, from a copy of the model in `dtype` (independent of plipy)."""
+def _raw_scores(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    dtype: torch.dtype,
+    add: tuple[int, list[int], torch.Tensor] | None = None,
+    knock: dict[int, list[tuple[int, int]]] | None = None,
+) -> dict[int, torch.Tensor]:
+    """HF's own q·kᵀ·scaling of every layer, from a copy of the model in `dtype` (independent of plipy). `add`:
+    (layer, positions, vector) added to the residual entering that layer; `knock`: edges removed per layer."""
     m = float64(model).to(dtype)
     m.set_attn_implementation(RECORDER)
+    if add is not None:
+        at, positions, vec = add
+
+        def steer(module, args, kwargs):
+            h = args[0].clone() if args else kwargs["hidden_states"].clone()
+            h[:, positions] += vec.to(h.dtype)
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+        m.model.layers[at].register_forward_pre_hook(steer, with_kwargs=True)
     RAW.clear()
-    with torch.no_grad():
-        m(ids)
+    KNOCK.clear()
+    KNOCK.update(knock or {})
+    try:
+        with torch.no_grad():
+            m(ids)
+    finally:
+        KNOCK.clear()
     return {k: v[0].double() for k, v in RAW.items()}
 
 
@@ -205,17 +230,44 @@ def small(tmp_path_factory):
     return corpus_subset(tmp_path_factory.mktemp("qk"), {"python_doctest": 3, "rust_test": 3})
 
 
+def _check_against_hf(tiny, corpus, r, run="", add_at=None, knock_layers=()):
+    """Each input's mean raw score per head (what its terms sum to) against HF's float64 mean over its keys, within
+    the fp32 bound; `run="intervened"` checks the intervened run (steering vector `add_at` = (layer, vector) at the
+    targets, or query → key edges removed in `knock_layers`)."""
+    from plipy.corpus import token_positions
+
+    for s, sample in zip(r["samples"], corpus.samples(r["groups"]), strict=True):
+        sp = token_positions(sample, tiny.tokenizer)
+        assert s["id"] == sample.id and s["query_token"] == sp.marker_token
+        got = s[run] if run else s
+        q, keys = s["query_token"], got["keys"]
+        ids = torch.tensor([sp.input_ids])
+        add = None if add_at is None else (add_at[0], sorted(set(keys)), add_at[1])
+        knock = {layer: [(q, k) for k in sorted(set(keys))] for layer in knock_layers}
+        raw = {dt: _raw_scores(tiny.model, ids, dt, add, knock)[r["layer"]] for dt in (torch.float64, torch.float32)}
+        ref64, ref32 = raw[torch.float64][r["heads"]][:, q, keys], raw[torch.float32][r["heads"]][:, q, keys]
+        bound = fp32_bound(ref32, ref64)  # per key; a mean of keys each within it is within it too
+        observed = torch.tensor(got["per_key"]["observed"], dtype=torch.float64)  # the fp32 run's own scores
+        assert (observed - ref64).abs().max() <= bound, s["id"]
+        assert (torch.tensor(got["raw_score"], dtype=torch.float64) - ref64.mean(1)).abs().max() <= bound, s["id"]
+
+
+def _table_sums(r, column="contribution"):
+    """Per input and head, the table's rows summed, and the float64 rounding bound of that sum (n·eps·Σ|terms|)."""
+    df = r.to_pandas()
+    g = df.assign(a=df[column].abs()).groupby(["sample", "head"], sort=False)
+    return g[column].sum(), g.size() * EPS64 * g["a"].sum()
+
+
 def test_result_is_exact_and_complete(tiny, small, one_thread):
     r = plipy.qk(tiny, small, layer=3, heads="0-1", progress=False, top=5)
-    assert r["check"]["max_abs_error"] <= 1e-5 * max(1.0, r["check"]["max_abs_score"])
-    assert r["check"]["rounding_ratio_max"] < 1e-5
+    _check_against_hf(tiny, small, r)
+    assert r["check"]["rounding_ratio_max"] < 64 * EPS32  # the fp32 residual's parts: a few roundings each
     assert r.head_keys() == ["H0", "H1", "mean"]
-    df = r.to_pandas()
-    for s in r["samples"]:
-        # the table's rows of an input sum, per head, to its mean raw score
-        per_head = df[df["sample"] == s["id"]].groupby("head")["contribution"].sum()
-        assert per_head.tolist() == pytest.approx(s["raw_score"], abs=1e-9)
-        assert s["score"] == pytest.approx(s["raw_score"], abs=1e-5)
+    sums, bound = _table_sums(r)
+    for s in r["samples"]:  # the table's rows of an input sum, per head, to its mean raw score
+        for i, h in enumerate(r["heads"]):
+            assert abs(sums[(s["id"], h)] - s["raw_score"][i]) <= bound[(s["id"], h)] + EPS64 * abs(s["raw_score"][i])
     contrast = r.block("mean", "contrast")
     assert contrast["score"]["diff"] == pytest.approx(
         r.block("mean", "groups", "python_doctest")["score"]["mean"]
@@ -231,8 +283,9 @@ def test_per_head_components_split_the_same_score(tiny, small, one_thread):
     qa = set(a.columns["query_component"])
     qb = set(b.columns["query_component"])
     assert "L1.attn" in qa and {"L1H0", "L1H3"} <= qb and "L1.attn" not in qb
-    for sa, sb in zip(a["samples"], b["samples"], strict=True):
-        assert sa["raw_score"] == pytest.approx(sb["raw_score"], abs=1e-9)
+    _check_against_hf(tiny, small, b)
+    for sa, sb in zip(a["samples"], b["samples"], strict=True):  # two float64 sums of the same fp32 parts
+        assert sa["raw_score"] == pytest.approx(sb["raw_score"], rel=1e-12, abs=1e-12)
 
 
 def test_identity_interventions_give_zero_differences(tiny, small, one_thread):
@@ -245,13 +298,17 @@ def test_identity_interventions_give_zero_differences(tiny, small, one_thread):
     s = plipy.qk(tiny, small, layer=3, heads=[0], steer=5, steer_sae=sae, steer_coeff=0, progress=False)
     assert (s.columns["difference"] == 0).all()
     moved = plipy.qk(tiny, small, layer=3, heads=[0], steer=5, steer_sae=sae, steer_coeff=4.0, progress=False)
-    assert moved["check"]["max_abs_error"] <= 1e-5 * max(1.0, moved["check"]["max_abs_score"])
+    _check_against_hf(tiny, small, moved, "intervened", add_at=(1, 4.0 * sae.W_dec[5].double()))
     assert (moved.columns["difference"] != 0).any()
-    d = moved.to_pandas()
+    sums, bound = _table_sums(moved, "difference")
     for s in moved["samples"]:  # the difference's rows sum to the change of the score
-        total = d[d["sample"] == s["id"]]["difference"].sum()
-        assert total == pytest.approx(s["intervened"]["raw_score"][0] - s["raw_score"][0], abs=1e-9)
-    assert "steer" in set(d["query_component"])  # the added vector is a component of the steered run
+        change = s["intervened"]["raw_score"][0] - s["raw_score"][0]
+        scale = abs(s["intervened"]["raw_score"][0]) + abs(s["raw_score"][0])
+        assert abs(sums[(s["id"], 0)] - change) <= 2 * bound[(s["id"], 0)] + 2 * EPS64 * scale
+    assert "steer" in set(moved.columns["query_component"])  # the added vector is a component of the steered run
+    cut = plipy.qk(tiny, small, layer=3, heads=[0, 3], knockout="0-2", progress=False)
+    assert (cut.columns["difference"] != 0).any()
+    _check_against_hf(tiny, small, cut, "intervened", knock_layers=(0, 1, 2))
 
 
 def test_sae_basis_and_entity_prompts(tiny, one_thread):
@@ -266,7 +323,13 @@ def test_sae_basis_and_entity_prompts(tiny, one_thread):
     sae = random_sae(64, 128, hook_name="blocks.1.hook_resid_post")  # = the residual entering layer 2
     r = plipy.qk(tiny, prompts=prompts, sae=sae, heads=[2], progress=False)
     assert r["layer"] == 2 and r["basis"] == "sae" and r["groups"] == ["known", "unknown"]
-    assert r["check"]["max_abs_error"] <= 1e-5 * max(1.0, r["check"]["max_abs_score"])
+    for s in r["samples"]:  # against HF's float64 score of the same tokens (BOS prepended: prompts' default)
+        ids = torch.tensor([[tiny.tokenizer.bos_token_id, *tiny.tokenizer(s["prompt"]).input_ids]])
+        assert ids.shape[1] == s["n_tokens"]
+        q, keys = s["query_token"], s["keys"]
+        ref64 = _raw_scores(tiny.model, ids, torch.float64)[2][[2]][:, q, keys].mean(1)
+        ref32 = _raw_scores(tiny.model, ids, torch.float32)[2][[2]][:, q, keys].mean(1)
+        assert abs(s["raw_score"][0] - ref64.item()) <= fp32_bound(ref32, ref64)
     s = r["samples"][0]
     assert s["query_token"] == s["n_tokens"] - 1 and s["key_tokens"]
     names = set(r.columns["query_component"])
