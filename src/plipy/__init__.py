@@ -35,6 +35,7 @@ _LAZY = {
         "sae_pipeline",
         "sweep",
         "trace",
+        "qk",
         "load_result",
     ),
     "plipy.results": (
@@ -50,6 +51,7 @@ _LAZY = {
         "ProbeResult",
         "SweepResult",
         "EntityLabelsResult",
+        "QkResult",
     ),
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),

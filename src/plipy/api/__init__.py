@@ -24,6 +24,7 @@ from plipy.api.entities import label_entities
 from plipy.api.front import DEFAULT_MODEL, as_corpus, as_model
 from plipy.api.knockout import knockout
 from plipy.api.lens import emergence, lens, probe
+from plipy.api.qk import qk
 from plipy.api.sae import as_prompts, as_sae, sae_attention, sae_pipeline, score_latents, train_sae
 from plipy.api.scan import scan
 from plipy.api.sweep import sweep
@@ -44,6 +45,7 @@ __all__ = [
     "lens",
     "load_result",
     "probe",
+    "qk",
     "sae_attention",
     "sae_pipeline",
     "scan",

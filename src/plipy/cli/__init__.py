@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Idempotent: main() may be called many times in one process (tests, notebooks).
-    from plipy.cli import corpus, entities, knockout, lens, models, probe, report, sae, scan, steer, sweep
+    from plipy.cli import corpus, entities, knockout, lens, models, probe, qk, report, sae, scan, steer, sweep
 
     groups = {g.name for g in app.registered_groups}
     commands = {c.name for c in app.registered_commands}
@@ -38,6 +38,7 @@ def _register() -> None:
         ("scan", scan.scan),
         ("knockout", knockout.knockout),
         ("probe", probe.probe),
+        ("qk", qk.qk),
         ("report", report.report),
     ):
         if name not in commands:

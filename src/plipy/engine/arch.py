@@ -29,6 +29,26 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
+class QkLayout:
+    """How a family's attention reads the residual stream into queries and keys (`plipy.engine.qk`, the exact score
+    decomposition): the decoder-layer norm before it (None: it reads the residual itself, OLMo-2 and EXAONE-4), the
+    projection layout, Gemma's (1 + weight) RMSNorm gains, the q/k norms' attribute names and span ("head": over
+    each head, "all": over every head at once, OLMo-2). RoPE is rotate-half on the first dimensions, with the cos/sin
+    the layer received. `refused`: why plipy does not decompose this family."""
+
+    norm: str | None = "input_layernorm"
+    proj: str = "split"  # q_proj + k_proj | "qkv": Phi-3's rows | "c_attn": GPT-2's Conv1D | "neox": per head [q, k, v]
+    gain_plus_one: bool = False
+    qk_norms: tuple[str, str] = ("q_norm", "k_norm")
+    qk_norm_span: str = "head"
+    refused: str | None = None
+
+
+_INTERLEAVED = "its rotary embedding rotates interleaved pairs of dimensions, which plipy's decomposition does not"
+_GEMMA_QK = QkLayout(gain_plus_one=True)
+
+
+@dataclass(frozen=True)
 class Family:
     """Where one family keeps its parts (dotted attribute paths from the *ForCausalLM model) and its quirks."""
 
@@ -46,6 +66,7 @@ class Family:
     attn_out: str | None = None
     mlp_out: str | None = None
     residual_multiplier: bool = False  # Granite scales both contributions by config.residual_multiplier
+    qk: QkLayout = QkLayout()
 
 
 _LLAMA = Family("llama-like")
@@ -61,18 +82,16 @@ FAMILIES: dict[str, Family] = {
             "qwen3",
             "qwen2_moe",
             "qwen3_moe",
-            "gemma",
-            "phi3",
             "starcoder2",
-            "olmo",
             "smollm3",
-            "cohere",
-            "cohere2",
-            "helium",
-            "glm",
         )
     },
-    **{t: Family(t, attn_out=_ATTN_NORM, mlp_out=_MLP_NORM) for t in ("gemma2", "gemma3_text", "olmo2", "exaone4")},
+    "gemma": Family("gemma", qk=_GEMMA_QK),
+    "olmo": Family("olmo", qk=QkLayout(refused="its optional q/k/v clipping is not linear")),
+    **{t: Family(t, qk=QkLayout(refused=_INTERLEAVED)) for t in ("cohere", "cohere2", "helium", "glm")},
+    **{t: Family(t, attn_out=_ATTN_NORM, mlp_out=_MLP_NORM, qk=_GEMMA_QK) for t in ("gemma2", "gemma3_text")},
+    "olmo2": Family("olmo2", attn_out=_ATTN_NORM, mlp_out=_MLP_NORM, qk=QkLayout(norm=None, qk_norm_span="all")),
+    "exaone4": Family("exaone4", attn_out=_ATTN_NORM, mlp_out=_MLP_NORM, qk=QkLayout(norm=None)),
     "granite": Family("granite", residual_multiplier=True),
     # multimodal Gemma-3 nests the text stack one level deeper
     "gemma3": Family(
@@ -81,6 +100,7 @@ FAMILIES: dict[str, Family] = {
         final_norm="model.language_model.norm",
         attn_out=_ATTN_NORM,
         mlp_out=_MLP_NORM,
+        qk=_GEMMA_QK,
     ),
     "gpt2": Family(
         "gpt2",
@@ -90,6 +110,7 @@ FAMILIES: dict[str, Family] = {
         o_proj_conv1d=True,
         final_norm="transformer.ln_f",
         softmax_upcast=False,
+        qk=QkLayout(norm="ln_1", proj="c_attn"),
     ),
     "gpt_neox": Family(
         "gpt_neox",
@@ -98,8 +119,12 @@ FAMILIES: dict[str, Family] = {
         o_proj="dense",
         final_norm="gpt_neox.final_layer_norm",
         unembed="embed_out",
+        qk=QkLayout(proj="neox"),
     ),
-    "phi": Family("phi", o_proj="dense", final_norm="model.final_layernorm"),
+    "phi": Family(
+        "phi", o_proj="dense", final_norm="model.final_layernorm", qk=QkLayout(qk_norms=("q_layernorm", "k_layernorm"))
+    ),
+    "phi3": Family("phi3", qk=QkLayout(proj="qkv")),
 }
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _O_PROJ_NAMES = ("o_proj", "c_proj", "dense", "out_proj")

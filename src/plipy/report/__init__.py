@@ -12,7 +12,7 @@ each registered against its result class in `plipy.results.views.VIEWS` when thi
 
 from __future__ import annotations
 
-from plipy.report import entities, knockout, lens, probe, sae, scan, steer, sweep  # noqa: F401  (register their views)
+from plipy.report import entities, knockout, lens, probe, qk, sae, scan, steer, sweep  # noqa: F401  (register their views)
 from plipy.report.base import (
     COLORS,
     fmt_kl,
@@ -27,6 +27,7 @@ from plipy.report.base import (
 )
 from plipy.report.html import knockout as _html_knockout  # noqa: F401  (the HTML views register themselves)
 from plipy.report.html import lens as _html_lens  # noqa: F401
+from plipy.report.html import qk as _html_qk  # noqa: F401
 from plipy.report.html import render as _render_page
 from plipy.report.html import sae as _html_sae  # noqa: F401
 from plipy.report.html import scan as _html_scan  # noqa: F401

@@ -29,6 +29,7 @@ from plipy.results.generate import GenerateResult
 from plipy.results.knockout import KnockoutResult
 from plipy.results.lens import LensResult
 from plipy.results.probe import ProbeResult
+from plipy.results.qk import QkResult
 from plipy.results.sae_attention import SaeAttentionResult
 from plipy.results.scan import ROWS_SUFFIX, ScanResult
 from plipy.results.sweep import SweepResult
@@ -47,6 +48,7 @@ KINDS: dict[str, type[Result]] = {
         ProbeResult,
         SweepResult,
         EntityLabelsResult,
+        QkResult,
     )
 }
 # Files written before provenance named their kind are recognised by their shape.
@@ -106,6 +108,7 @@ __all__ = [
     "KnockoutResult",
     "LensResult",
     "ProbeResult",
+    "QkResult",
     "Result",
     "SaeAttentionResult",
     "ScanResult",
