@@ -27,6 +27,7 @@ from plipy.results.emergence import EmergenceResult
 from plipy.results.generate import GenerateResult
 from plipy.results.knockout import KnockoutResult
 from plipy.results.lens import LensResult
+from plipy.results.patching import PatchResult
 from plipy.results.probe import ProbeResult
 from plipy.results.sae_attention import SaeAttentionResult
 from plipy.results.scan import ROWS_SUFFIX, ScanResult
@@ -45,6 +46,7 @@ KINDS: dict[str, type[Result]] = {
         EmergenceResult,
         ProbeResult,
         SweepResult,
+        PatchResult,
     )
 }
 # Files written before provenance named their kind are recognised by their shape.
@@ -101,6 +103,7 @@ __all__ = [
     "GenerateResult",
     "KnockoutResult",
     "LensResult",
+    "PatchResult",
     "ProbeResult",
     "Result",
     "SaeAttentionResult",
