@@ -49,6 +49,7 @@ _LAZY = {
         "EmergenceResult",
         "ProbeResult",
         "SweepResult",
+        "PatchResult",
     ),
     "plipy.models": ("load_model", "LoadedModel"),
     "plipy.corpus": ("load_corpus", "Corpus", "Sample", "token_positions"),
@@ -60,6 +61,7 @@ _LAZY = {
 # Public submodules by their short name.
 _SUBMODULES = {
     "steer": "plipy.api.steer",
+    "patch": "plipy.api.patch",
     "corpus": "plipy.corpus",
     "engine": "plipy.engine",
     "sae": "plipy.sae",
