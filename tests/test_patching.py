@@ -13,6 +13,7 @@ import copy
 import json
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ class Ref:
     def run(self, ids, z_writes=(), mlp_writes=(), layer_writes=(), capture=False):
         """Logits at the last position; writes: (layer, head or None, positions, value) on z; (layer, positions,
         value) on MLP outputs; (layer, fn(input, output) -> output) on whole layers."""
-        got = {"z": {}, "mlp": {}, "in": {}, "out": {}}
+        got: dict[str, dict[int, torch.Tensor]] = {"z": {}, "mlp": {}, "in": {}, "out": {}}
         handles = []
         for layer in range(len(blocks(self.model, self.arch))):
             handles.append(
@@ -194,7 +195,9 @@ def test_self_patch_is_the_identity_bit_for_bit(family):
     model, run = family.model, family.runs["clean"]
     engine = Engine(model)
     n, every = len(run.z), list(range(T))
-    patches = [HeadPatch(layer, list(range(run.z[layer].shape[1])), every, run.z[layer]) for layer in range(n)]
+    patches: list[HeadPatch | SublayerPatch] = [
+        HeadPatch(layer, list(range(run.z[layer].shape[1])), every, run.z[layer]) for layer in range(n)
+    ]
     patches += [SublayerPatch(layer, s, every, getattr(run, s)[layer]) for layer in range(n) for s in ("attn", "mlp")]
     ids = torch.tensor([family.ids["clean"]])
     with torch.no_grad(), engine.run():
@@ -216,15 +219,16 @@ def test_one_head_equals_float64_reference(family, direction):
     run_t, run_s = family.runs[target], family.runs[source]
     n_layers, h = len(run_t.z), n_heads(family.model)
     d = run_t.z[0].shape[-1]
-    sites = [Site("head", layer, head) for layer in range(n_layers) for head in range(h)]
+    heads = [(layer, head) for layer in range(n_layers) for head in range(h)]
+    sites = [Site("head", layer, head) for layer, head in heads]
     conds = [[SitePatch(s, torch.arange(T), run_s.value(s))] for s in sites]
     fast = family.runner.run(run_t, conds)
     naive = family.naive.run(family.naive.baselines([family.ids[target]])[0], conds)
-    for s, f, nv in zip(sites, fast, naive, strict=True):
+    for (layer, head), s, f, nv in zip(heads, sites, fast, naive, strict=True):
         refs = {}
         for name, ref in (("32", family.r32), ("64", family.r64)):
-            src = family.refs[name][source]["z"][s.layer][0, :, s.head * d : (s.head + 1) * d]
-            refs[name] = ref.run(family.ids[target], z_writes=[(s.layer, s.head, slice(None), src)])
+            src = family.refs[name][source]["z"][layer][0, :, head * d : (head + 1) * d]
+            refs[name] = ref.run(family.ids[target], z_writes=[(layer, head, slice(None), src)])
         _within(f, refs["32"], refs["64"], f"{family.arch} {s.label} fast")
         _within(nv, refs["32"], refs["64"], f"{family.arch} {s.label} naive")
 
@@ -292,7 +296,8 @@ def test_path_patching_equals_a_from_scratch_reference(arch, inputs, one_thread)
     runner = PatchRunner(model)
     c, k = runner.baselines([clean, corrupt])
     n_layers, h = len(c.z), n_heads(model)
-    sender, receiver = Site("head", 0, 1), (n_layers - 1, 2)
+    sh = 1  # the sender: head 1 of layer 0
+    sender, receiver = Site("head", 0, sh), (n_layers - 1, 2)
     got = runner.run_paths(
         c, {receiver[0]: [receiver[1]]}, inputs, [sender], runner.sender_delta(c, k, [sender], torch.arange(T))
     )[0]
@@ -303,7 +308,7 @@ def test_path_patching_equals_a_from_scratch_reference(arch, inputs, one_thread)
     d = m64.config.head_dim if getattr(m64.config, "head_dim", None) else m64.config.hidden_size // h
     attn0 = m64.model.layers[0].self_attn
     z = rc["z"][0].clone()
-    z[0, :, sender.head * d : (sender.head + 1) * d] = rk["z"][0][0, :, sender.head * d : (sender.head + 1) * d]
+    z[0, :, sh * d : (sh + 1) * d] = rk["z"][0][0, :, sh * d : (sh + 1) * d]
     delta = attn0.o_proj(z) - attn0.o_proj(rc["z"][0])
     layer = m64.model.layers[receiver[0]]
 
@@ -448,7 +453,9 @@ def test_heads_experiment(tok, small_corpus, one_thread):
     """Every mode and position class: the document's shape, normalisation against the raw metric, the identity
     null exactly 0, the fast path equal to the naive one, batch sizes equal within fp32 rounding."""
     lm = _lm(tok)
-    kw = dict(positions="all,marker,targets,last", ablations="zero,mean,resample", progress=False, fresh=True)
+    kw: dict[str, Any] = dict(
+        positions="all,marker,targets,last", ablations="zero,mean,resample", progress=False, fresh=True
+    )
     r = plipy.patch.heads(lm, small_corpus, batch_size=4, **kw)
     n_sites = 3 * 4 + 2 * 3
     assert len(r["sites"]) == n_sites and len(r["conditions"]) == 4 * 5
@@ -568,12 +575,13 @@ def test_paths_experiment_and_refusals(tok, small_corpus, one_thread):
     assert r["method"] == "path" and len(r["sites"]) == 2 * 4 and len(r["conditions"]) == 4
     assert [x["label"] for x in r["receivers"]] == ["L2.H1", "L2.H3"]
     assert all(n["exact"] for n in r["identity"])
-    for bad, param in (
+    bads: list[tuple[dict[str, Any], str]] = [
         (dict(receivers="9.0"), "receivers"),
         (dict(receivers="2.1", inputs="qx"), "inputs"),
         (dict(receivers="0.1"), "layers"),
         (dict(receivers="2.1", positions="middle"), "positions"),
-    ):
+    ]
+    for bad, param in bads:
         with pytest.raises(ParameterError) as e:
             plipy.patch.paths(lm, small_corpus, progress=False, **bad)
         assert e.value.param == param
@@ -604,6 +612,7 @@ def test_cli_views_and_round_trip(tok, small_corpus, tmp_path, capsys, monkeypat
     """`plipy patch heads` on a model folder: JSON, table, plots and HTML; the saved result reads back equal and its
     HTML holds a per-sample panel for a heatmap cell."""
     from conftest import cli_exit_code, tiny_llama_dir
+    from plipy.api import load_result
 
     d = tiny_llama_dir(tmp_path / "tiny", tok)
     path = tmp_path / "small.json"
@@ -632,7 +641,7 @@ def test_cli_views_and_round_trip(tok, small_corpus, tmp_path, capsys, monkeypat
     assert code == 0
     text = capsys.readouterr().out
     assert "denoising @ all" in text and "identity null (denoising)" in text and "unchanged exactly" in text
-    r = plipy.load_result(out)
+    r = load_result(out)
     assert r.kind == "patch" and (tmp_path / "p.csv").is_file() and (tmp_path / "p-heatmap.png").is_file()
     page = (tmp_path / "p.html").read_text()
     assert "Per-sample values" in page and "L0.H0" in page

@@ -29,7 +29,7 @@ def _metric(lm: Any, metric: str, answer: Any, wrong: Any) -> Any:
     """The metric with its tokens as ids (a text must be one token of the model's tokenizer)."""
     from plipy.experiments.patching import Metric
 
-    ids = {}
+    ids: dict[str, int | None] = {}
     for name, tok in (("answer", answer), ("wrong", wrong)):
         if tok is None:
             ids[name] = None
@@ -150,7 +150,7 @@ def heads(
     )
     if not site_list:
         raise ParameterError("heads", "names no site to patch")
-    common = {
+    common: dict[str, Any] = {
         "metric": _metric(lm, metric, answer, wrong),
         "groups": group_list,
         "pairs": given,
@@ -159,7 +159,7 @@ def heads(
         "n_resamples": resamples,
         "extra": {"offsets": offsets},
     }
-    exact = {"path": runner, "condition_batch": condition_batch}
+    exact: dict[str, Any] = {"path": runner, "condition_batch": condition_batch}
     if method == "attribution":
         est = front.execute(pt.PatchAttribution(corp, site_list, classes, dirs, **common), lm)
         chosen = sorted({j for js in pt.top_heads(est, top).values() for j in js})

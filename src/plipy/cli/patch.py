@@ -77,10 +77,11 @@ def heads(
     pairs: str | None = PAIRS,
     top: int = typer.Option(20, "--top", help="With --method attribution: the heads patched exactly to check it."),
     groups: list[str] | None = c.groups_option("the groups patched (default: python_doctest, rust_test)."),
-    o: SimpleNamespace = None,
+    *,
+    o: SimpleNamespace,
 ) -> None:
     """Patch every head's output (and each layer's attention block and MLP) from the counterfactual run."""
-    from plipy import patch
+    from plipy.api import patch
 
     with c.progress_bars() as start:
         result = patch.heads(
@@ -127,10 +128,11 @@ def paths(
     wrong: str | None = WRONG,
     pairs: str | None = PAIRS,
     groups: list[str] | None = c.groups_option("the groups patched (default: python_doctest, rust_test)."),
-    o: SimpleNamespace = None,
+    *,
+    o: SimpleNamespace,
 ) -> None:
     """Path patching: each sender head's direct effect on the receivers' query, key or value input."""
-    from plipy import patch
+    from plipy.api import patch
 
     with c.progress_bars() as start:
         result = patch.paths(

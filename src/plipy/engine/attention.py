@@ -122,8 +122,8 @@ def plipy_attention(
     n_rep = query.shape[1] // key.shape[1]
     value_full = _repeat_kv(value, n_rep)
 
-    idle = partial(sdpa_attention_forward, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    out = _rows_output(full, out, probs, value_full, rows, bias_rows, idle)
+    sdpa = partial(sdpa_attention_forward, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    out = _rows_output(full, out, probs, value_full, rows, bias_rows, sdpa)
 
     if capture:
         _record_capture(plan, layer, probs, scores, rows, cap_rows, value, value_full)

@@ -35,12 +35,14 @@ def install(model: torch.nn.Module) -> None:
             module, _scale = arch.contribution(layer, sub)
             plan.append((module, "post", _out_hook(layer, sub)))
     for module, where, fn in plan:
-        module._plipy_owner = id(model)  # a plan only applies to the model it was made for
+        # a plan only applies to the model it was made for (a plain attribute: Module.__setattr__ is typed for
+        # tensors and modules)
+        module.__dict__["_plipy_owner"] = id(model)
         if where == "pre":
             module.register_forward_pre_hook(fn)
         else:
             module.register_forward_hook(fn)
-    model._plipy_patch_hooked = True
+    model.__dict__["_plipy_patch_hooked"] = True
 
 
 def _entries(layer: int, site: str, module: torch.nn.Module) -> tuple[list[CompiledPatch], int] | None:

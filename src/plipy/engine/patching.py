@@ -25,7 +25,7 @@ key or value are taken from the twin (`plipy.engine.attention.QKVMix`).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,7 +327,7 @@ class PatchRunner:
     def run_paths(
         self,
         target: Run,
-        receivers: dict[int, Sequence[int]],
+        receivers: Mapping[int, Sequence[int]],
         inputs: Sequence[str],
         senders: Sequence[Site],
         deltas: torch.Tensor,

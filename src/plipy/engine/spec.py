@@ -243,7 +243,7 @@ def _patch_rows(
         if n_heads is not None and ((heads < 0) | (heads >= n_heads)).any():
             raise PlipyError(f"layer {patch.layer}: head out of range (the model has {n_heads} query heads)")
         per_item = v.ndim == 4
-        want = (len(pos), len(heads))
+        want: tuple[int, ...] = (len(pos), len(heads))
     else:
         per_item = v.ndim == 3
         want = (len(pos),)

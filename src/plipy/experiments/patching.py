@@ -29,7 +29,7 @@ import torch
 from plipy import stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
 from plipy.engine.batch import pad_id
-from plipy.engine.patching import PatchRunner, Run, Site, SitePatch
+from plipy.engine.patching import PatchRunner, Run, Site, SitePatch, Traced
 from plipy.errors import PlipyError
 from plipy.experiments.counterfactual import PAIRS_TEXT, RULE, RULE_TEXT, Twin, marker_twin, paired_twin
 from plipy.experiments.samples import DEFAULT_GROUPS, identity
@@ -619,9 +619,9 @@ class PatchAttribution(Experiment[PatchPlan, PatchResult]):
         runner = plan.runner
         ids = {"clean": list(plan.samples.positions[i].input_ids), "corrupt": list(plan.samples.twins[i].ids)}
         targets = {"corrupt" if d == "denoising" else "clean" for d in self.directions}
-        traced = {k: runner.traced(ids[k]) for k in ("clean", "corrupt") if k in targets}
+        traced: dict[str, Traced] = {k: runner.traced(ids[k]) for k in ("clean", "corrupt") if k in targets}
         plain = [k for k in ("clean", "corrupt") if k not in targets]
-        runs = {k: t.run for k, t in traced.items()}
+        runs: dict[str, Run] = {k: t.run for k, t in traced.items()}
         if plain:
             runs.update(zip(plain, runner.baselines([ids[k] for k in plain], pad_id(lm.tokenizer)), strict=True))
         pair = _Pair(self.metric, runs["clean"], runs["corrupt"])

@@ -8,6 +8,7 @@ the sites (heads, attention blocks, MLPs; path patching: the sender heads).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from plipy.results.base import Result
@@ -49,7 +50,7 @@ def condition_label(c: dict[str, Any]) -> str:
     return f"{what} @ {c['position']}"
 
 
-def condition_sites(data: dict[str, Any], c: dict[str, Any]) -> list[int]:
+def condition_sites(data: Mapping[str, Any], c: Mapping[str, Any]) -> list[int]:
     """The indices (into `sites`) of the sites a condition has values for (every site unless it names some)."""
     idx = c.get("site_index")
     return list(range(len(data["sites"]))) if idx is None else list(idx)
