@@ -670,3 +670,15 @@ def test_smollm_head_patch_equals_float64_reference(smollm):
         refs.append(ref.run(corrupt, z_writes=[(14, 3, slice(None), rc["z"][14][0, :, 3 * d : 4 * d])]))
     _within(got, refs[0], refs[1].double(), "smollm L14.H3")
     assert (got - k.logits).abs().max() > 0  # the patch changed something
+
+
+def test_smollm_identity_null_is_exact(smollm):
+    """SmolLM2 over the 10 python_doctest samples: each direction's target run patched with its own values at every
+    site gives the target's own KL bit for bit (the metric of a `[1, V]` row is never summed as part of a stack)."""
+    r = plipy.patch.heads(
+        smollm, groups="python_doctest", layers="14", sites="heads", progress=False, resume=False, batch_size=4
+    )
+    assert [n["direction"] for n in r["identity"]] == ["denoising", "noising"]
+    for n in r["identity"]:
+        assert n["n"] == 10 and n["exact"] and n["max_abs_metric_change"] == 0, n
+    assert all(s["identity"]["noising"] == 0 for s in r["samples"])  # KL(P_clean ‖ P_clean)

@@ -243,10 +243,11 @@ class _Pair:
         self.m_clean, self.m_corrupt = (float(v) for v in self.values([clean.logits, corrupt.logits]))
 
     def values(self, logits: Sequence[torch.Tensor]) -> np.ndarray:
-        """m of each logits vector, float64."""
+        """m of each logits vector, float64, one vector at a time: a vocabulary-wide sum over a `[n, V]` stack may
+        add in another order than over `[1, V]`, and the identity null must give the target's own m bit for bit."""
         with torch.no_grad():
-            v = self.metric.value(torch.stack(list(logits)), self.clean.logits, self.answer, self.wrong)
-        return v.cpu().numpy().astype(np.float64)
+            v = [self.metric.value(x, self.clean.logits, self.answer, self.wrong) for x in logits]
+        return torch.stack(v).cpu().numpy().astype(np.float64)
 
     def target(self, mode: str) -> Run:
         return self.corrupt if mode == "denoising" else self.clean
