@@ -527,3 +527,44 @@ def check_regexes(patterns: Sequence[str], *, param: str) -> None:
             re.compile(p)
         except (re.error, TypeError) as e:
             raise ParameterError(param, f"bad regex {p!r}: {e}") from None
+
+
+def parse_choices(value: Any, choices: Sequence[str], *, param: str) -> list[str]:
+    """Several values from a fixed set, from "a,b" or a list, in the order given (each once)."""
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else [value]
+    out = [str(x).strip() for item in items for x in str(item).split(",") if str(x).strip()]
+    if not out:
+        raise ParameterError(param, f"names nothing: use one or more of {', '.join(choices)}")
+    for x in out:
+        check_choice(x, choices, param=param)
+    repeated = sorted({x for x in out if out.count(x) > 1})
+    if repeated:
+        raise ParameterError(param, f"names {', '.join(repeated)} more than once")
+    return out
+
+
+LAYER_HEADS_GRAMMAR = "LAYER.HEAD[,LAYER.HEAD…], e.g. 14.3,16.2"
+
+
+def parse_head_sites(
+    value: Any, n_layers: int | None = None, n_heads: int | None = None, *, param: str
+) -> list[tuple[int, int]]:
+    """(layer, head) pairs from "14.3,16.2", [(14, 3)] or ["14.3"], sorted and each once; checked against the
+    model's sizes when given (without them: the grammar only, before any model loads)."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, Sequence) else [value]
+    out: set[tuple[int, int]] = set()
+    for item in items:
+        try:
+            layer, head = (int(x) for x in (item.strip().split(".") if isinstance(item, str) else item))
+        except (TypeError, ValueError):
+            raise ParameterError(param, f"cannot read {item!r}: use {LAYER_HEADS_GRAMMAR}") from None
+        if layer < 0 or head < 0:
+            raise ParameterError(param, f"{layer}.{head}: layers and heads count from 0")
+        if n_layers is not None and layer >= n_layers:
+            raise ParameterError(param, f"layer {layer} does not exist: the model has {n_layers} layers")
+        if n_heads is not None and head >= n_heads:
+            raise ParameterError(param, f"head {head} does not exist: the model has {n_heads} query heads")
+        out.add((layer, head))
+    if not out:
+        raise ParameterError(param, f"names no head: use {LAYER_HEADS_GRAMMAR}")
+    return sorted(out)

@@ -371,3 +371,41 @@ def per_head_welch(a: np.ndarray, b: np.ndarray) -> dict[str, list[list[float]]]
         t, p = np.where(bad, 0.0, t), np.where(bad, 1.0, p)
     p_bh = np.array(bh(p.ravel().tolist()), dtype=float).reshape(cells)
     return {"t": t.tolist(), "p": p.tolist(), "p_bh": p_bh.tolist()}
+
+
+def bootstrap_means(
+    values: Sequence[Sequence[float]] | np.ndarray, seed: int, n_resamples: int = 10000, confidence: float = 0.95
+) -> list[list[float] | None]:
+    """Seeded percentile-bootstrap CIs of the mean of each column of `values` [n samples, k columns]: the samples
+    are resampled together (one resample serves every column, as a sample's values of all columns belong
+    together). None for each column when n < 2."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 2:
+        raise StatsInputError(f"values must be [samples, columns], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise StatsInputError("values contain NaN/inf: drop excluded samples before computing statistics")
+    n, k = x.shape
+    if n < 2:
+        return [None] * k
+    rng = np.random.default_rng(seed)
+    step = _batch(n * max(k, 1), n_resamples)
+    means = []
+    for done in range(0, n_resamples, step):
+        idx = rng.integers(0, n, size=(min(step, n_resamples - done), n))
+        means.append(x[idx].mean(axis=1))  # [resamples, k]
+    dist = np.concatenate(means)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(dist, tail, axis=0), np.percentile(dist, 100 - tail, axis=0)
+    return [[float(a), float(b)] for a, b in zip(lo, hi, strict=True)]
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict[str, float | None]:
+    """Spearman's rank correlation of paired values (scipy) and its two-sided p; None for both with fewer than 3
+    pairs or a constant side (a rank correlation is undefined there)."""
+    x, y = _array(a, "a"), _array(b, "b")
+    if x.size != y.size:
+        raise StatsInputError(f"paired values of unequal lengths {x.size} and {y.size}")
+    if x.size < 3 or _constant(x) or _constant(y):
+        return {"rho": None, "p": None}
+    r = scipy.stats.spearmanr(x, y)
+    return {"rho": float(r.statistic), "p": float(r.pvalue)}

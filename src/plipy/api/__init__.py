@@ -4,6 +4,7 @@
     r = plipy.scan("smollm2-135m", layers="0-2")        # ScanResult
     k = plipy.knockout("smollm2-135m", layer=14)         # KnockoutResult
     d = plipy.steer.dose("smollm2-135m", layer=16)       # DoseResult
+    p = plipy.patch.heads("smollm2-135m")                # PatchResult (plipy.patch.paths: path patching)
     s = plipy.sae_attention("smollm2-135m", "saes/L9", latent=12, prompts="prompts.jsonl")
     logits, cache = plipy.trace("smollm2-135m", "def add(a, b):", names=["hook_pattern"], rows="last")
 
@@ -19,7 +20,7 @@ so every result it returns can draw itself.
 from __future__ import annotations
 
 from plipy import report  # noqa: F401  (registers every result kind's views)
-from plipy.api import steer
+from plipy.api import patch, steer
 from plipy.api.entities import label_entities
 from plipy.api.front import DEFAULT_MODEL, as_corpus, as_model
 from plipy.api.knockout import knockout
@@ -44,6 +45,7 @@ __all__ = [
     "label_entities",
     "lens",
     "load_result",
+    "patch",
     "probe",
     "qk",
     "sae_attention",

@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Idempotent: main() may be called many times in one process (tests, notebooks).
-    from plipy.cli import corpus, entities, knockout, lens, models, probe, qk, report, sae, scan, steer, sweep
+    from plipy.cli import corpus, entities, knockout, lens, models, patch, probe, qk, report, sae, scan, steer, sweep
 
     groups = {g.name for g in app.registered_groups}
     commands = {c.name for c in app.registered_commands}
@@ -31,6 +31,7 @@ def _register() -> None:
         ("steer", steer.app),
         ("entities", entities.app),
         ("lens", lens.app),
+        ("patch", patch.app),
     ):
         if name not in groups:
             app.add_typer(sub, name=name)

@@ -15,13 +15,36 @@ from contextlib import contextmanager
 
 import torch
 
-from plipy.engine import attention, residual
+from plipy.engine import attention, patch, residual
 from plipy.engine.arch import adapter, decoder_layers
-from plipy.engine.attention import NAME, ActivePlan
-from plipy.engine.spec import Capture, EdgeEdit, Record, ResidualAdd, ResidualCapture, compile_edits, rows_tensor
+from plipy.engine.attention import NAME, ActivePlan, QKVMix
+from plipy.engine.spec import (
+    Capture,
+    EdgeEdit,
+    HeadPatch,
+    Record,
+    ResidualAdd,
+    ResidualCapture,
+    SublayerPatch,
+    compile_edits,
+    compile_patches,
+    rows_tensor,
+)
 from plipy.errors import PlipyError
 
-__all__ = ["Engine", "Capture", "EdgeEdit", "ResidualAdd", "ResidualCapture", "Record", "NAME", "decoder_layers"]
+__all__ = [
+    "Engine",
+    "Capture",
+    "EdgeEdit",
+    "HeadPatch",
+    "SublayerPatch",
+    "QKVMix",
+    "ResidualAdd",
+    "ResidualCapture",
+    "Record",
+    "NAME",
+    "decoder_layers",
+]
 
 
 class Engine:
@@ -65,8 +88,12 @@ class Engine:
         edits: Iterable[EdgeEdit] = (),
         residual_adds: Iterable[ResidualAdd] = (),
         residual_capture: ResidualCapture | None = None,
+        patches: Iterable[HeadPatch | SublayerPatch] = (),
+        mix: dict[int, QKVMix] | None = None,
     ) -> Iterator[Record]:
-        """Within the block, forwards of this model capture and edit as asked; yields the Record they fill."""
+        """Within the block, forwards of this model capture and edit as asked; yields the Record they fill.
+        `patches` set head outputs and sublayer outputs (`plipy.engine.patch`); `mix` is path patching's twin
+        batch (`QKVMix`, per layer)."""
         record = Record()
         layers: frozenset[int] = frozenset()
         rows = None
@@ -87,7 +114,11 @@ class Engine:
             edits=compile_edits(edits, self.n_layers, self.n_heads),
             record=record,
             residual=residual.ResidualPlan.build(list(residual_adds), residual_capture, self.n_layers),
+            patches=compile_patches(patches, self.n_layers, self.n_heads) or None,
+            mix=mix or None,
         )
+        if plan.patches:
+            patch.install(self.model)
         token = attention.ACTIVE.set(plan)
         try:
             yield record

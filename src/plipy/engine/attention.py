@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from plipy.engine.arch import softmax_upcast
-from plipy.engine.spec import LayerEdit, Record
+from plipy.engine.spec import CompiledPatch, LayerEdit, Record
 from plipy.errors import CausalEdgeError, MaskedRowError, NonFiniteError, PlipyError
 
 NAME = "plipy"
@@ -38,6 +39,17 @@ class ActivePlan:
     edits: dict[int, list[LayerEdit]]
     record: Record
     residual: Any = None  # plipy.engine.residual.ResidualPlan
+    patches: dict[tuple[int, str], list[CompiledPatch]] | None = None  # (layer, "z" | "attn" | "mlp") → rows
+    mix: dict[int, QKVMix] | None = None  # path patching: layers whose batch is real items + their twins
+
+
+@dataclass(frozen=True)
+class QKVMix:
+    """Path patching at one layer: the batch holds n real items then their n twins (the same items' inputs with a
+    sender's direct effect added); the real items' `heads` take their query, key or value (`inputs`) from the twin."""
+
+    heads: tuple[int, ...]
+    inputs: frozenset[str]
 
 
 ACTIVE: ContextVar[ActivePlan | None] = ContextVar("plipy_active_plan", default=None)
@@ -66,6 +78,9 @@ def plipy_attention(
     plan, layer = _plan_for(module)
     edits: list[LayerEdit] = plan.edits.get(layer, []) if plan is not None else []
     capture = plan is not None and layer in plan.capture_layers
+    mixed = _patching(plan, module, query, key, value, attention_mask, scaling, edits, layer, **kwargs)
+    if mixed is not None:
+        return mixed
     if (edits or capture) and _keys_dropped(query, key, kwargs, edits, _capture_rows(plan, capture), layer):
         edits, capture = [], False  # nothing asked for lies in this call
     softcap = kwargs.get("softcap")
@@ -102,11 +117,9 @@ def plipy_attention(
     )
     n_rep = query.shape[1] // key.shape[1]
     value_full = _repeat_kv(value, n_rep)
-    if full:
-        out = torch.matmul(probs, value_full).transpose(1, 2).contiguous()
-    elif out is None:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)[0]
-        out = _patch_edited_rows(out, probs, value_full, rows, bias_rows)
+
+    sdpa = partial(sdpa_attention_forward, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    out = _rows_output(full, out, probs, value_full, rows, bias_rows, sdpa)
 
     if plan is not None and cap_rows is not None:
         _record_capture(plan, layer, probs, scores, rows, cap_rows, value, value_full)
@@ -126,6 +139,79 @@ def _plan_for(module: torch.nn.Module) -> tuple[ActivePlan | None, int]:
 def _capture_rows(plan: ActivePlan | None, capture: bool) -> torch.Tensor | None:
     """The plan's capture rows when this layer captures."""
     return plan.rows if plan is not None and capture else None
+
+
+def _rows_output(
+    full: bool,
+    out: torch.Tensor | None,
+    probs: torch.Tensor,
+    value_full: torch.Tensor,
+    rows: torch.Tensor,
+    bias_rows: torch.Tensor,
+    idle: Any,
+) -> torch.Tensor:
+    """The layer's output from the explicit rows: all of them (`full`), else the SDPA output (`idle()`, unless a
+    masked SDPA gave `out` already) with the rows an edit changed recomputed."""
+    if full:
+        return torch.matmul(probs, value_full).transpose(1, 2).contiguous()
+    if out is None:
+        out = _patch_edited_rows(idle()[0], probs, value_full, rows, bias_rows)
+    return out
+
+
+def _patching(
+    plan: ActivePlan | None,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    edits: Any,
+    layer: int | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None] | None:
+    """What activation and path patching need of a layer's attention: the offset of its first query row (patch
+    hooks place their rows with it) and, at a path-patching receiver layer, the mixed attention (else None)."""
+    if plan is None:
+        return None
+    if plan.patches:
+        plan.record.offsets[layer] = _causal_keys(query, key, value, attention_mask)[2]  # type: ignore[index]
+    if plan.mix and layer in plan.mix:
+        return _mixed(module, query, key, value, attention_mask, scaling, plan.mix[layer], edits, layer, **kwargs)
+    return None
+
+
+def _mixed(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    mix: QKVMix,
+    edits: Any,
+    layer: int | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of a real + twin batch where the real items' mixed heads read the twin's query, key or value
+    (explicit eager rows for every head; keys and values per query head, so one head of a GQA group can change)."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    n = query.shape[0] // 2
+    n_rep = query.shape[1] // key.shape[1]
+    key, value, offset = _causal_keys(query, key, value, attention_mask)
+    hs = torch.tensor(mix.heads, device=query.device, dtype=torch.long)
+    query, key, value = query.clone(), _repeat_kv(key, n_rep).clone(), _repeat_kv(value, n_rep).clone()
+    for name, t in (("q", query), ("k", key), ("v", value)):
+        if name in mix.inputs:
+            t[:n, hs] = t[n:, hs]
+    rows = torch.arange(query.shape[2], device=query.device)
+    chunk_edits = _edits_in_chunk(list(edits), offset, query.shape[2], query.shape[0], query.device)
+    probs, _, _ = _explicit_rows(
+        module, query, key, value, attention_mask, rows, offset, scaling, kwargs.get("softcap"), chunk_edits, layer
+    )
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 def _causal_keys(

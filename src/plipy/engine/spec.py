@@ -91,6 +91,8 @@ class Record:
     resid: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     # how each layer that did more than idle SDPA computed its edited rows: "explicit", "masked-sdpa" or "full"
     paths: dict[int, str] = field(default_factory=dict)
+    # absolute position of each layer's first query row in the last call (patch hooks place their rows with it)
+    offsets: dict[int, int] = field(default_factory=dict)
 
     def stack(self, what: str = "attn") -> torch.Tensor:
         """Captured tensors of all layers stacked in layer order: `[layers, ...]`."""
@@ -180,3 +182,97 @@ def rows_tensor(rows: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
     if (t < 0).any():
         raise PlipyError("capture rows must be ≥ 0")
     return t
+
+
+@dataclass
+class HeadPatch:
+    """Set the per-head attention outputs `z` of `layer` — each head's contribution before the output projection
+    (`o_proj`, GPT-2's `c_proj`, GPT-NeoX's and Phi's `dense`): the slice of its input that belongs to the head —
+    to `value` at absolute `positions` (as fed to the model, left padding included).
+
+    `value` is `[positions, heads, d_head]`, or `[batch, positions, heads, d_head]` (one value per batch item).
+    `batch` names the one batch item the patch applies to (None: every item), so each item of a batch can patch a
+    different (layer, head)."""
+
+    layer: int
+    heads: Sequence[int]
+    positions: Sequence[int] | torch.Tensor
+    value: torch.Tensor
+    batch: int | None = None
+
+
+SUBLAYERS = ("attn", "mlp")
+
+
+@dataclass
+class SublayerPatch:
+    """Set what the attention (`"attn"`) or MLP (`"mlp"`) sublayer of `layer` adds to the residual stream (TL's
+    `hook_attn_out` / `hook_mlp_out`: after Gemma-2/3's sandwich norms, before Granite's residual multiplier) to
+    `value` at absolute `positions`. `value` is `[positions, d_model]` or `[batch, positions, d_model]`; `batch` as
+    in `HeadPatch`."""
+
+    layer: int
+    sublayer: str
+    positions: Sequence[int] | torch.Tensor
+    value: torch.Tensor
+    batch: int | None = None
+
+
+@dataclass
+class CompiledPatch:
+    """One layer's patches of one site as flat tensors: per written row its batch item (`b`, -1: every item), its
+    absolute position (`p`), its head (`h`, None for a sublayer) and the row written (`value` `[n, d]`)."""
+
+    b: torch.Tensor
+    p: torch.Tensor
+    h: torch.Tensor | None
+    value: torch.Tensor
+
+
+def _patch_rows(
+    patch: HeadPatch | SublayerPatch, n_heads: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(batch, position, head, value rows) of one patch, flattened in that order."""
+    pos = torch.as_tensor(patch.positions, dtype=torch.long).reshape(-1)
+    if (pos < 0).any():
+        raise PlipyError(f"layer {patch.layer}: patch positions must be ≥ 0")
+    heads = None
+    v = patch.value
+    if isinstance(patch, HeadPatch):
+        heads = torch.as_tensor(list(patch.heads), dtype=torch.long).reshape(-1)
+        if n_heads is not None and ((heads < 0) | (heads >= n_heads)).any():
+            raise PlipyError(f"layer {patch.layer}: head out of range (the model has {n_heads} query heads)")
+        per_item = v.ndim == 4
+        want: tuple[int, ...] = (len(pos), len(heads))
+    else:
+        per_item = v.ndim == 3
+        want = (len(pos),)
+    got = tuple(v.shape[1 : 1 + len(want)] if per_item else v.shape[: len(want)])
+    if got != want:
+        raise PlipyError(f"layer {patch.layer}: patch value of shape {tuple(v.shape)} for {want} (positions, heads)")
+    if per_item and patch.batch is not None:
+        raise PlipyError(f"layer {patch.layer}: a per-item patch value needs batch=None")
+    n_items = v.shape[0] if per_item else 1
+    grid = [torch.arange(n_items) if per_item else torch.tensor([-1 if patch.batch is None else patch.batch])]
+    grid += [pos] + ([heads] if heads is not None else [])
+    mesh = torch.cartesian_prod(*grid) if len(grid) > 1 else grid[0][:, None]
+    mesh = mesh.reshape(-1, len(grid))
+    rows = v.reshape(-1, v.shape[-1])
+    return mesh[:, 0], mesh[:, 1], None if heads is None else mesh[:, 2], rows
+
+
+def compile_patches(
+    patches: Iterable[HeadPatch | SublayerPatch], n_layers: int, n_heads: int
+) -> dict[tuple[int, str], list[CompiledPatch]]:
+    """Validate patches once and group them per (layer, site), site `"z"`, `"attn"` or `"mlp"`."""
+    out: dict[tuple[int, str], list[CompiledPatch]] = {}
+    for patch in patches:
+        if not 0 <= patch.layer < n_layers:
+            raise PlipyError(f"layer {patch.layer} does not exist (the model has {n_layers} layers)")
+        if isinstance(patch, SublayerPatch) and patch.sublayer not in SUBLAYERS:
+            raise PlipyError(f"sublayer must be one of {', '.join(SUBLAYERS)}, got {patch.sublayer!r}")
+        site = "z" if isinstance(patch, HeadPatch) else patch.sublayer
+        b, p, h, value = _patch_rows(patch, n_heads)
+        if len(p):
+            out.setdefault((int(patch.layer), site), []).append(CompiledPatch(b, p, h, value.detach()))
+    return out

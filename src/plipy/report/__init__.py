@@ -4,6 +4,7 @@ each registered against its result class in `plipy.results.views.VIEWS` when thi
     base      colours, PNG writing, 95% CIs, number formats, text rendering
     scan      layer curves with nulls, layer × head heatmap, token row
     knockout  condition × sample heatmap, group means per condition
+    patching  layer × head heatmap of the normalised metric with CIs, top sites
     steer     dose-response, calibration, generation
     sae       SAE attention: per-head bars, scatter, heatmap, known/unknown boxes
     lens, probe, sweep, corpus, entities   the other kinds' reports
@@ -12,7 +13,7 @@ each registered against its result class in `plipy.results.views.VIEWS` when thi
 
 from __future__ import annotations
 
-from plipy.report import entities, knockout, lens, probe, qk, sae, scan, steer, sweep  # noqa: F401  (register their views)
+from plipy.report import entities, knockout, lens, patching, probe, qk, sae, scan, steer, sweep  # noqa: F401  (register views)
 from plipy.report.base import (
     COLORS,
     fmt_kl,
@@ -27,6 +28,7 @@ from plipy.report.base import (
 )
 from plipy.report.html import knockout as _html_knockout  # noqa: F401  (the HTML views register themselves)
 from plipy.report.html import lens as _html_lens  # noqa: F401
+from plipy.report.html import patching as _html_patching  # noqa: F401
 from plipy.report.html import qk as _html_qk  # noqa: F401
 from plipy.report.html import render as _render_page
 from plipy.report.html import sae as _html_sae  # noqa: F401

@@ -28,6 +28,7 @@ from plipy.results.entity_labels import EntityLabelsResult
 from plipy.results.generate import GenerateResult
 from plipy.results.knockout import KnockoutResult
 from plipy.results.lens import LensResult
+from plipy.results.patching import PatchResult
 from plipy.results.probe import ProbeResult
 from plipy.results.qk import QkResult
 from plipy.results.sae_attention import SaeAttentionResult
@@ -49,6 +50,7 @@ KINDS: dict[str, type[Result]] = {
         SweepResult,
         EntityLabelsResult,
         QkResult,
+        PatchResult,
     )
 }
 # Files written before provenance named their kind are recognised by their shape.
@@ -107,6 +109,7 @@ __all__ = [
     "GenerateResult",
     "KnockoutResult",
     "LensResult",
+    "PatchResult",
     "ProbeResult",
     "QkResult",
     "Result",
