@@ -3,7 +3,7 @@ order, one namespace and one working folder per page — or the block is marked 
 docs/tutorial.md is run by tests/test_tutorial.py. Blocks of other languages (JSON shapes, diagrams) are not code.
 
 The fast tests check the marks and that every `plipy` line (synopses included) names real commands and flags; the
-slow test executes the pages on the default model, with the bundled corpus cut to 4 samples per group so that the
+slow test executes the pages on the default model, with the bundled corpus cut to 3 samples per group so that the
 whole set takes minutes (the commands and calls are unchanged)."""
 
 from __future__ import annotations
@@ -160,12 +160,12 @@ def run_shell(line: str, where: str, cwd: Path) -> None:
 
 @pytest.fixture
 def small_default_corpus(tmp_path_factory, monkeypatch):
-    """The bundled corpus, 4 samples per group, where a page asks for the default one."""
+    """The bundled corpus, 3 samples per group, where a page asks for the default one."""
     import plipy.corpus as pc
     from conftest import corpus_subset
 
     folder = tmp_path_factory.mktemp("corpus")
-    corpus_subset(folder, {"python_doctest": 4, "rust_test": 4, "python_baseline": 4, "rust_baseline": 4})
+    corpus_subset(folder, {"python_doctest": 3, "rust_test": 3, "python_baseline": 3, "rust_baseline": 3})
     small = folder / "small.json"
     read = pc.read_corpus_bytes
     monkeypatch.setattr(pc, "read_corpus_bytes", lambda path: read(small if path is None else path))
