@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
@@ -46,6 +47,20 @@ def _register() -> None:
             app.command(name)(fn)
     if "sweep" not in commands:  # the experiment's own options pass through to it
         app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(sweep.sweep)
+
+
+def _plain_flags(command: Any) -> Any:
+    """On/off flags (and --help) show no `<bool>` type in the help: a flag takes no value. Newer Typer prints one
+    for every flag unless the option has a metavar, so give them an empty one."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    help_option = command.get_help_option(command.context_class(command))
+    if help_option is not None and help_option.metavar is None:
+        help_option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+    return command
 
 
 def _print_version(value: bool) -> None:
@@ -97,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
 
     _register()
     try:
-        rv = app(args=optional_values(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+        command = _plain_flags(typer.main.get_command(app))
+        rv = command(args=optional_values(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except PlipyError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -31,14 +31,17 @@ console = Console() if sys.stdout.isatty() else Console(width=4096)
 err_console = Console(stderr=True)
 
 DEFAULT_MODEL = "smollm2-135m"
+# Defaults that depend on the corpus or the model, as `--help` shows them (`[default: …]`).
+PLIP_GROUPS = "python_doctest,rust_test, else every group"
+PLIP_LAYER = "PLIP's layer: 16 for 28-31 layers as SmolLM2's 30, 20 for ≥ 32, else 14"
 
 # -- shared options ------------------------------------------------------------------------------------------------
 
 MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, local dir, .gguf file or HF id.")
-CORPUS = typer.Option(None, "--corpus", help="PLIP universal corpus JSON (default: bundled).")
+CORPUS = typer.Option(None, "--corpus", help="PLIP universal corpus JSON.", show_default="bundled")
 OFFSETS = typer.Option("chars", "--offsets", help="Corpus positions are 'chars' or UTF-8 'bytes' (PLIP-rs files).")
 HEADS = typer.Option("all", "--heads", help=f"Query heads: {HEADS_GRAMMAR}.")
-OUT = typer.Option(None, "--out", "-o", help="JSON result (default: results/<kind>-<model>….json).")
+OUT = typer.Option(None, "--out", "-o", help="JSON result.", show_default="results/<kind>-<model>….json")
 PLOT = typer.Option(False, "--plot", help="Write PNG plots beside the JSON.")
 HTML = typer.Option(False, "--html", help="Also write the interactive report <stem>.html (one offline file).")
 BOS = typer.Option(False, "--bos/--no-bos", help="Prepend the BOS token (PLIP never did).")
@@ -51,19 +54,19 @@ SKIP_INVALID = typer.Option(
     False, "--skip-invalid", help="Leave out (and list) samples whose targets come after the marker."
 )
 DTYPE = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 BATCH_SIZE = typer.Option(
     None,
     "--batch-size",
     "-b",
-    help="Samples per model forward, left-padded "
-    "(default: 16 on CPU, 64 on GPU; results equal one-by-one runs within fp32 rounding).",
+    help="Samples per model forward, left-padded (results equal one-by-one runs within fp32 rounding).",
+    show_default="16 on CPU, 64 on GPU",
 )
 DEVICE_MAP = typer.Option(
     None,
     "--device-map",
-    help="Spread a model too big for one device: auto | balanced | "
-    "sequential | a JSON file of module → device (accelerate).",
+    help="Spread a model too big for one device: auto | balanced | balanced_low_0 | sequential | a JSON file of "
+    "module → device (accelerate).",
 )
 MAX_MEMORY = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB.")
 RAY = typer.Option(
@@ -78,7 +81,8 @@ RAY = typer.Option(
 WORKERS = typer.Option(
     None,
     "--workers",
-    help="With --ray: Ray actors, each loading the model once (default: one per GPU, else one per node).",
+    help="With --ray: Ray actors, each loading the model once.",
+    show_default="one per GPU, else one per node",
 )
 FRESH = typer.Option(
     False,
@@ -162,14 +166,20 @@ def model_options(o: SimpleNamespace) -> dict[str, Any]:
     return {k: v for k, v in load_options(o).items() if k not in ("batch_size", "ray", "workers")}
 
 
-def groups_option(meaning: str) -> Any:
-    """`--groups A,B` (comma-separated or repeated); `meaning` says what the command does with them."""
-    return typer.Option(None, "--groups", help=f"Groups, comma-separated: {meaning}")
+def groups_option(meaning: str, default: str) -> Any:
+    """`--groups A,B` (comma-separated or repeated); `meaning` says what the command does with them, `default` which
+    groups it takes without the option."""
+    return typer.Option(None, "--groups", help=f"Groups, comma-separated: {meaning}", show_default=default)
 
 
 def layers_option(default: str | None, meaning: str) -> Any:
     """`--layers` with the one grammar; `meaning` says what the command does with them."""
     return typer.Option(default, "--layers", help=f"{meaning}: {LAYERS_GRAMMAR}.")
+
+
+def old_spelling(flag: str, new: str) -> Any:
+    """A hidden option that keeps a renamed flag working for a release (docs/cli.md lists them)."""
+    return typer.Option(None, flag, hidden=True, help=f"Old spelling of {new}.")
 
 
 def batch_size_option(default: int, what: str = "samples") -> Any:
@@ -185,7 +195,8 @@ FLAGS = {
     "random": "--random",
     "train_options": "options",
     "latent_means": "--latent-file",
-    "n_tokens": "--tokens",
+    "max_tokens": "--max-new-tokens",
+    "C": "--inverse-regularization",
     "label_limit": "--limit",
     "n_random": "--random",
     "tokens": "--token/--token-id",

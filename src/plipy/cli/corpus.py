@@ -22,7 +22,7 @@ app = typer.Typer(
 MODEL = typer.Option(
     "smollm2-135m", "--model", "-m", help="Model alias, local dir, .gguf file or HF id; only its tokenizer loads."
 )
-CORPUS = typer.Option(None, "--corpus", help="Corpus JSON file (default: the bundled PLIP universal corpus).")
+CORPUS = typer.Option(None, "--corpus", help="Corpus JSON file.", show_default="the bundled PLIP universal corpus")
 BOS = typer.Option(False, "--bos/--no-bos", help="Prepend the BOS token (PLIP adds none).")
 OFFSETS = typer.Option(
     "chars", "--offsets", help="How the file counts positions: chars, or bytes (UTF-8, PLIP-rs files)."
@@ -33,7 +33,7 @@ OFFSETS = typer.Option(
 def verify(
     model: str = MODEL,
     corpus: Path | None = CORPUS,
-    groups: str | None = typer.Option(None, "--groups", help="Comma-separated groups to check (default: all)."),
+    groups: str | None = typer.Option(None, "--groups", help="Comma-separated groups to check.", show_default="all"),
     bos: bool = BOS,
     offsets: str = OFFSETS,
     json_out: Path | None = typer.Option(None, "--out", "-o", help="Also write the report as JSON to this file."),
@@ -46,8 +46,8 @@ def verify(
     fix_out: Path | None = typer.Option(
         None,
         "--fix-out",
-        help="Where --fix writes (default: <corpus>.fixed.json "
-        "beside it; the input is never overwritten unless named here).",
+        help="Where --fix writes (the input is never overwritten unless named here).",
+        show_default="<corpus>.fixed.json beside it",
     ),
     window: int = typer.Option(8, "--window", help="--fix moves a position at most this many characters."),
 ) -> None:
@@ -205,10 +205,10 @@ def convert(
     rule: str | None = typer.Option(
         None,
         "--rule",
-        help="python | rust | rust-universal | rust-baseline | pytest | "
-        "go-test (default: by file suffix or group name).",
+        help="python | rust | rust-universal | rust-baseline | pytest | go-test.",
+        show_default="by file suffix or group name",
     ),
-    group: str | None = typer.Option(None, "--into", help="Put every sample in this group (default: the rule's)."),
+    group: str | None = typer.Option(None, "--into", help="Put every sample in this group.", show_default="the rule's"),
     marker: list[str] | None = typer.Option(
         None, "--marker", help="Marker text, tried in order (repeatable); overrides the rule's."
     ),

@@ -32,13 +32,17 @@ from plipy.cli import common as c
     "workers",
 )
 def knockout(
-    groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
-    layer: int | None = typer.Option(None, "--layer", help="Knock out one layer (default mode; PLIP's default layer)."),
+    groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared.", c.PLIP_GROUPS),
+    layer: int | None = typer.Option(
+        None, "--layer", help="Knock out one layer (the mode without a layer option).", show_default=c.PLIP_LAYER
+    ),
     layers: str | None = c.layers_option(None, "Knock out these layers together (one condition)"),
     scan_layers: bool = typer.Option(False, "--scan-layers", help="Each layer alone."),
     scan_windows: bool = typer.Option(False, "--scan-windows", help="Expanding windows c±r, r = 0…max-radius."),
-    center: int | None = typer.Option(None, "--center", help="Centre of --scan-windows (default: PLIP's layer)."),
-    max_radius: int | None = typer.Option(None, "--max-radius", help="Largest radius of --scan-windows (5)."),
+    center: int | None = typer.Option(None, "--center", help="Centre of --scan-windows.", show_default=c.PLIP_LAYER),
+    max_radius: int | None = typer.Option(
+        None, "--max-radius", help="Largest radius of --scan-windows.", show_default="5"
+    ),
     slide_window: int | None = typer.Option(None, "--slide-window", help="Every window of W consecutive layers."),
     edges: str = typer.Option(
         "marker-to-targets", "--edges", help="marker-to-targets | to-marker (PLIP's --all-edges) | from-marker"

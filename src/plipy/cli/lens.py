@@ -120,10 +120,11 @@ def emergence(
     prompts: Path | None = typer.Option(
         None,
         "--prompts",
-        help="JSON / JSON Lines of {id, prompt, expect: [...]} (default: PLIP-rs' test_emergence prompts).",
+        help="JSON / JSON Lines of {id, prompt, expect: [...]}.",
+        show_default="PLIP-rs' test_emergence prompts",
     ),
     top_k: int = typer.Option(
-        100, "--top-k", "-k", help="A string has emerged when a token containing it is in the top-k (PLIP-rs: 100)."
+        100, "--top-k", "-k", help="A string has emerged when a token containing it is in the top-k (PLIP-rs used 100)."
     ),
     layers: str = c.layers_option("all", "Layers to look at"),
     o: SimpleNamespace = c.OPTIONS,

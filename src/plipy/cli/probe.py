@@ -28,9 +28,7 @@ from plipy.cli import common as c
     "workers",
 )
 def probe(
-    groups: list[str] | None = c.groups_option(
-        "the groups (classes) to tell apart (default: python_doctest,rust_test, else every group)."
-    ),
+    groups: list[str] | None = c.groups_option("the groups (classes) to tell apart.", c.PLIP_GROUPS),
     label: str = typer.Option(
         "group", "--label", help="group (each group a class) | prefix (python_doctest and python_baseline → python)."
     ),
@@ -40,7 +38,10 @@ def probe(
     permutations: int = typer.Option(
         20, "--permutations", help="Shuffled-label refits per layer (the control; 0: none). p ≥ 1/(N+1)."
     ),
-    C: float = typer.Option(1.0, "--C", help="Inverse L2 regularisation strength of the logistic regression."),
+    C: float = typer.Option(
+        1.0, "--inverse-regularization", help="C of the logistic regression: the inverse of its L2 penalty's strength."
+    ),
+    old_c: float | None = c.old_spelling("--C", "--inverse-regularization"),
     o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Linear probes (PLIP-rs' plip-rs main): per layer, logistic regression on the residual after that layer, k-fold
@@ -58,7 +59,7 @@ def probe(
             layers=layers,
             folds=folds,
             permutations=permutations,
-            C=C,
+            C=C if old_c is None else old_c,
             seed=o.seed,
             bos=o.bos,
             offsets=o.offsets,

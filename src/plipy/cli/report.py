@@ -17,9 +17,10 @@ def report(
         None,
         "--out",
         "-o",
-        help="The HTML file (default: <first result>.html, or <first result>-compare.html for several).",
+        help="The HTML file.",
+        show_default="<first result>.html, or <first result>-compare.html for several",
     ),
-    title: str | None = typer.Option(None, "--title", help="Page title (default: kinds and models)."),
+    title: str | None = typer.Option(None, "--title", help="Page title.", show_default="kinds and models"),
 ) -> None:
     """Write one self-contained interactive HTML report (plotly inlined, opens offline) of saved results."""
     from plipy.errors import PlipyError

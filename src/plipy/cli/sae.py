@@ -12,6 +12,7 @@ import typer
 
 from plipy.cli import common as c
 from plipy.cli.common import console, err_console, progress_bars, split_list
+from plipy.errors import PlipyError
 
 app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no_args_is_help=True)
 
@@ -36,13 +37,14 @@ def attention(
     sae: Path | None = typer.Option(
         None, "--sae", help="SAELens folder (cfg.json + sae_weights.safetensors) or Gemma Scope params.npz."
     ),
-    sae_release: str | None = typer.Option(None, "--sae-release", help="SAELens release (needs plipy[saelens])."),
+    sae_release: str | None = typer.Option(None, "--sae-release", help="SAELens release (needs plipy\\[saelens])."),
     sae_id: str | None = typer.Option(None, "--sae-id", help="SAE id within --sae-release."),
     hook: str | None = typer.Option(None, "--hook", help="Override the SAE's hook, e.g. blocks.4.hook_resid_post."),
     layer: int | None = typer.Option(
         None,
         "--layer",
-        help="Steer at the input of this decoder layer (default: from the SAE's hook; resid_post of L-1 = input of L).",
+        help="Steer at the input of this decoder layer (resid_post of L-1 = input of L).",
+        show_default="from the SAE's hook",
     ),
     prompts: Path | None = typer.Option(
         None,
@@ -56,10 +58,13 @@ def attention(
         help="Entity list (one per line or JSON list), expanded with the template; needs --entity-type.",
     ),
     entity_type: str | None = typer.Option(None, "--entity-type", help="Entity type of --entities."),
-    label: str | None = typer.Option(None, "--label", help="Label of --entities (known / unknown)."),
+    label: str | None = typer.Option(None, "--entity-label", help="Label of --entities (known / unknown)."),
+    old_label: str | None = c.old_spelling("--label", "--entity-label"),
     template: str = typer.Option("The {entity_type} {entity} {relation}", "--template", help="Prompt template."),
     labels: list[str] | None = typer.Option(None, "--labels", help="Keep only prompts with these labels."),
-    limit: int | None = typer.Option(None, "--limit", help="First N prompts per (entity type, label); upstream 100."),
+    limit: int | None = typer.Option(
+        None, "--limit", help="First N prompts per (entity type, label); upstream used 100.", show_default="all"
+    ),
     coeff: str = typer.Option(
         "100",
         "--coeff",
@@ -73,15 +78,18 @@ def attention(
         "entity_last", "--pos", help="entity_last | entity | entity_to_end | entity_last_to_end | all"
     ),
     measures: list[str] | None = typer.Option(
-        None, "--measures", help="attn_weights, value_weighted, output_value_weighted, distance_based (default: all)."
+        None,
+        "--measures",
+        help="attn_weights, value_weighted, output_value_weighted, distance_based.",
+        show_default="all four",
     ),
     ovw_norm: str = typer.Option("l1", "--ovw-norm", help="Norm of output_value_weighted: l1 (upstream) or l2."),
     heads: str | None = typer.Option(
         None,
         "--heads",
         help="Saved/tested heads: L12H3,L14H0 (from the steering layer on), A-B | a,b,c (those heads of every "
-        "layer from the steering layer on) or all (every head of every layer); default: every head from the "
-        "steering layer on.",
+        "layer from the steering layer on) or all (every head of every layer).",
+        show_default="every head from the steering layer on",
     ),
     expect: str = typer.Option(
         "auto", "--expect", help="auto (known ↓, unknown ↑ as upstream) | increase | decrease | two-sided"
@@ -95,9 +103,11 @@ def attention(
     seed: int = typer.Option(42, "--seed", help="Seed of the random-latent draw."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the Welch tests, in (0, 1)."),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", help="Inputs (prompts, left-padded) per model forward (default 16)."
+        None, "--batch-size", "-b", help="Inputs (prompts, left-padded) per model forward.", show_default="16"
     ),
-    bos: bool = typer.Option(True, "--bos/--no-bos", help="Prepend BOS (TransformerLens does; on by default here)."),
+    bos: bool = typer.Option(
+        True, "--bos/--no-bos", help="Prepend BOS (as TransformerLens does, unlike the PLIP experiments)."
+    ),
     attn: str = typer.Option("eager", "--attn", help="eager (HF eager numerics) or sdpa (faster idle layers)."),
     npy: bool = typer.Option(
         False,
@@ -123,7 +133,7 @@ def attention(
             prompts,
             entities=entities,
             entity_type=entity_type,
-            label=label,
+            label=label if old_label is None else old_label,
             template=template,
             labels=split_list(labels),
             limit=limit,
@@ -194,14 +204,15 @@ def train(
         9,
         "--layer",
         help="Train on resid_post of this decoder layer (blocks.L.hook_resid_post;"
-        " its latents steer at the input of L+1). Default 9: a third of SmolLM2's 30 layers.",
+        " its latents steer at the input of L+1); 9 is a third of SmolLM2's 30 layers.",
     ),
     arch: str = typer.Option("topk", "--arch", help="topk or jumprelu."),
     width: int = typer.Option(4096, "--width", help="Number of latents."),
     k: int = typer.Option(32, "--k", help="TopK: active latents per token."),
     l0_coeff: float = typer.Option(2.0, "--l0-coeff", help="JumpReLU: weight of the L0 penalty."),
     lr: float = typer.Option(2e-3, "--lr", help="Adam learning rate (linear decay over the last 20 %)."),
-    tokens: int = typer.Option(50_000, "--tokens", help="Activation tokens to collect (BOS excluded)."),
+    tokens: int = typer.Option(50_000, "--n-tokens", help="Activation tokens to collect (BOS excluded)."),
+    old_tokens: int | None = c.old_spelling("--tokens", "--n-tokens"),
     epochs: int = typer.Option(3, "--epochs", help="Passes over the collected activations."),
     train_batch: int = typer.Option(512, "--train-batch", help="Activations per optimiser step."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per text sequence (BOS included)."),
@@ -213,7 +224,9 @@ def train(
         help="Entities per type whose attribute sentences join the training text (0: standard library text only).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the text order, init and batches."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default saes/<model>-L<layer>-<arch>)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder.", show_default="saes/<model>-L<layer>-<arch>"
+    ),
     o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Train an SAE on one layer's residual stream (offline text) and save it in SAELens format."""
@@ -232,7 +245,7 @@ def train(
             width=width,
             k=k,
             lr=lr,
-            n_tokens=tokens,
+            n_tokens=tokens if old_tokens is None else old_tokens,
             epochs=epochs,
             seq_len=seq_len,
             seed=seed,
@@ -254,9 +267,10 @@ def train(
 @c.shared("model", "dtype", "device")
 def latents(
     sae: Path = typer.Option(..., "--sae", help="SAELens folder or params.npz (with a residual hook)."),
-    labels: Path = typer.Option(..., "--labels", help="Labels JSON from `plipy entities label`."),
+    labels: Path | None = typer.Option(None, "--labels-file", help="Labels JSON from `plipy entities label`."),
+    old_labels: Path | None = c.old_spelling("--labels", "--labels-file"),
     hook: str | None = typer.Option(None, "--hook", help="Override the SAE's hook, e.g. blocks.9.hook_resid_post."),
-    split: str = typer.Option("train", "--split", help="Entities to score: train (default) or all (upstream)."),
+    split: str = typer.Option("train", "--split", help="Entities to score: train or all (upstream)."),
     general_filter: bool = typer.Option(
         True,
         "--general-text-filter/--no-general-text-filter",
@@ -266,7 +280,9 @@ def latents(
     general_tokens: int = typer.Option(4096, "--general-tokens", help="General-text tokens for the filter."),
     top_n: int = typer.Option(20, "--top", help="Top latents kept per label."),
     batch_size: int = c.batch_size_option(32, "prompts"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Latent file (default results/sae-latents-….json)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Latent file.", show_default="results/sae-latents-<model>-L<layer>.json"
+    ),
     o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Score SAE latents on known vs unknown entities (`The {entity_type} '{entity}'`, last entity token)."""
@@ -274,6 +290,9 @@ def latents(
     from plipy.report import sae as report_sae
     from plipy.workflows import sae_latents as sl
 
+    labels = labels if old_labels is None else old_labels
+    if labels is None:
+        raise PlipyError("--labels-file is required: the labels JSON from `plipy entities label`")
     with _metric_bars() as start:
         doc = api.score_latents(
             o.model,
@@ -299,11 +318,19 @@ def latents(
 @c.shared("model", "dtype", "device")
 def pipeline(
     quick: bool = typer.Option(False, "--quick", help="Tiny profile for tests (2 entities per type, tiny SAE)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default results/sae-pipeline-<model>)."),
-    limit: int | None = typer.Option(None, "--limit", help="Entities per type to label (default 24; quick 2)."),
-    layer: int | None = typer.Option(None, "--layer", help="SAE layer (resid_post; default 9)."),
-    coeff: str | None = typer.Option(None, "--coeff", help="Steering coefficient: number, norm (default) or mean."),
-    n_random: int | None = typer.Option(None, "--random", help="Random latents for the baseline (default 10)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder.", show_default="results/sae-pipeline-<model>"
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Entities per type to label.", show_default="24; --quick: 2"
+    ),
+    layer: int | None = typer.Option(None, "--layer", help="SAE layer (resid_post).", show_default="9"),
+    coeff: str | None = typer.Option(
+        None, "--coeff", help="Steering coefficient: a number, norm or mean.", show_default="norm"
+    ),
+    n_random: int | None = typer.Option(
+        None, "--random", help="Random latents for the baseline.", show_default="10; --quick: 2"
+    ),
     o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Data → labels → SAE → latents → attention analysis → plots, in one folder (a rerun resumes)."""

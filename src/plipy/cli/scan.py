@@ -30,11 +30,15 @@ from plipy.cli import common as c
     "workers",
 )
 def scan(
-    groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared."),
+    groups: list[str] | None = c.groups_option("the groups to measure; the first two are compared.", c.PLIP_GROUPS),
     layers: str = c.layers_option("all", "Layers to scan"),
     heads: str = typer.Option("all", "--heads", help="Query heads the metric averages: all | A-B | a,b,c."),
-    token_sample: str | None = typer.Option(None, "--token-sample", help="Sample id for the token-level plot."),
-    token_layer: int | None = typer.Option(None, "--token-layer", help="Layer for the token-level plot."),
+    token_sample: str | None = typer.Option(
+        None, "--token-sample", help="Sample id for the token-level plot.", show_default="the first measured sample"
+    ),
+    token_layer: int | None = typer.Option(
+        None, "--token-layer", help="Layer for the token-level plot.", show_default="the largest-effect layer"
+    ),
     o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Measure marker → target attention on every layer and head, beside the uniform and token-0 nulls."""

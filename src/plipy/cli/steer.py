@@ -11,7 +11,7 @@ from plipy.cli import common as c
 
 app = typer.Typer(help="Attention steering: calibrate, dose-response, steered generation.", no_args_is_help=True)
 
-LAYER = typer.Option(None, "--layer", help="Steer one layer (default: PLIP's, 16 on 30 layers).")
+LAYER = typer.Option(None, "--layer", help="Steer one layer.", show_default=c.PLIP_LAYER)
 HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A-B | a,b,c.")
 
 
@@ -37,7 +37,7 @@ HEADS = typer.Option("all", "--heads", help="Query heads steered: all | none | A
 )
 def calibrate(
     layer: int | None = LAYER,
-    groups: list[str] | None = c.groups_option("A,B — the scale brings B to A's level (python_doctest,rust_test)."),
+    groups: list[str] | None = c.groups_option("A,B — the scale brings B to A's level.", "python_doctest,rust_test"),
     o: SimpleNamespace = c.OPTIONS,
 ) -> None:
     """Baseline attention of two groups at one layer, their ratio, and the scale that brings B to A's level."""
@@ -82,7 +82,7 @@ def calibrate(
     "workers",
 )
 def dose(
-    groups: list[str] | None = c.groups_option("the groups to steer (rust_test)."),
+    groups: list[str] | None = c.groups_option("the groups to steer.", "rust_test"),
     layer: int | None = LAYER,
     layers: str | None = c.layers_option(None, "Steer several layers at once"),
     doses: str = typer.Option("0.5,1,2,3,4,6", "--doses", help="Comma-separated scales α."),
@@ -134,11 +134,12 @@ def dose(
     "workers",
 )
 def generate(
-    prompts: Path | None = typer.Option(None, "--prompts", help="Prompts JSON (default: bundled Rust prompts)."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="Prompts JSON.", show_default="bundled Rust prompts"),
     layer: int | None = LAYER,
     layers: str | None = c.layers_option(None, "Steer several layers at once"),
     scale: float = typer.Option(3.0, "--scale", help="α on the steered edge."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="New tokens per generation."),
+    max_tokens: int = typer.Option(64, "--max-new-tokens", help="New tokens per generation."),
+    old_max_tokens: int | None = c.old_spelling("--max-tokens", "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sampling (same seed for both)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler (set before each of the two generations)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the tokenizer's chat template."),
@@ -146,7 +147,7 @@ def generate(
     query_text: str = typer.Option("fn ", "--query-text", help="Edge query: the token of its last occurrence."),
     key_text: str = typer.Option("#[test]", "--key-text", help="Edge key: the token of its first occurrence."),
     heads: str = HEADS,
-    limit: int | None = typer.Option(None, "--limit", help="Only the first N prompts (N ≥ 1)."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N prompts (N ≥ 1).", show_default="all"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out prompts whose key is after the query."),
     o: SimpleNamespace = c.OPTIONS,
 ) -> None:
@@ -160,7 +161,7 @@ def generate(
             layer=layer,
             layers=layers,
             scale=scale,
-            max_tokens=max_tokens,
+            max_tokens=max_tokens if old_max_tokens is None else old_max_tokens,
             temperature=temperature,
             seed=seed,
             chat=chat,
