@@ -42,15 +42,18 @@ METRIC = typer.Option(
     help="kl (KL(P_clean ‖ P), float64) | prob | logit (of --answer) | logit-diff (--answer − --wrong)",
 )
 ANSWER = typer.Option(
-    None, "--answer", help="The answer token (text of one token); default: each sample's clean top-1."
+    None, "--answer", help="The answer token (text of one token).", show_default="each sample's clean top-1"
 )
 ANSWER_ID = typer.Option(None, "--answer-id", help="The answer token by id.")
-WRONG = typer.Option(None, "--wrong", help="logit-diff's other token; default: the corrupt run's top other token.")
+WRONG = typer.Option(
+    None, "--wrong", help="logit-diff's other token.", show_default="the corrupt run's top other token"
+)
 PAIRS = typer.Option(
     None,
     "--pairs",
     help="Counterfactuals: a JSON file (sample id → corrupted code) or 'corpus' (each sample's "
-    "'counterfactual' field); default: the marker replaced by a neutral string of the same token count.",
+    "'counterfactual' field).",
+    show_default="the marker replaced by a neutral string of the same token count",
 )
 LAYERS = c.layers_option("all", "Layers whose sites are patched")
 HEADS = typer.Option("all", "--heads", help="Heads patched in those layers: all | A-B | a,b,c.")
@@ -76,7 +79,7 @@ def heads(
     wrong: str | None = WRONG,
     pairs: str | None = PAIRS,
     top: int = typer.Option(20, "--top", help="With --method attribution: the heads patched exactly to check it."),
-    groups: list[str] | None = c.groups_option("the groups patched (default: python_doctest, rust_test)."),
+    groups: list[str] | None = c.groups_option("the groups patched.", c.PLIP_GROUPS),
     *,
     o: SimpleNamespace,
 ) -> None:
@@ -127,7 +130,7 @@ def paths(
     answer_id: int | None = ANSWER_ID,
     wrong: str | None = WRONG,
     pairs: str | None = PAIRS,
-    groups: list[str] | None = c.groups_option("the groups patched (default: python_doctest, rust_test)."),
+    groups: list[str] | None = c.groups_option("the groups patched.", c.PLIP_GROUPS),
     *,
     o: SimpleNamespace,
 ) -> None:

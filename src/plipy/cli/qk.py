@@ -31,11 +31,12 @@ def qk(
     layer: int | None = typer.Option(
         None,
         "--layer",
-        help="Layer to decompose (default: --scan's largest-effect layer, else the SAE's, else PLIP's).",
+        help="Layer to decompose.",
+        show_default="--scan's largest-effect layer, else the SAE's, else PLIP's",
     ),
     scan: Path | None = typer.Option(None, "--scan", help="A scan result whose largest-effect layer is decomposed."),
     heads: str = typer.Option("all", "--heads", help="Query heads to decompose: all | A-B | a,b,c."),
-    groups: list[str] | None = c.groups_option("the groups to decompose; the first two are contrasted."),
+    groups: list[str] | None = c.groups_option("the groups to decompose; the first two are contrasted.", c.PLIP_GROUPS),
     prompts: Path | None = typer.Option(
         None, "--prompts", help="Entity prompts (JSONL) instead of the corpus: last token → entity tokens."
     ),
@@ -45,7 +46,7 @@ def qk(
     sae: Path | None = typer.Option(None, "--sae", help="SAE reading the residual entering the layer: latents."),
     hook: str | None = typer.Option(None, "--hook", help="The SAE's hook, when its files do not name it."),
     steer: int | None = typer.Option(None, "--steer", help="Also decompose a run steered with this SAE latent."),
-    steer_sae: Path | None = typer.Option(None, "--steer-sae", help="The steering SAE (default: --sae)."),
+    steer_sae: Path | None = typer.Option(None, "--steer-sae", help="The steering SAE.", show_default="--sae"),
     steer_coeff: float = typer.Option(100.0, "--steer-coeff", help="Steering coefficient (× the decoder row)."),
     steer_pos: str | None = typer.Option(
         None, "--steer-pos", help="Steered positions: targets | marker | all (prompts: entity_last | entity | …)."
@@ -55,7 +56,7 @@ def qk(
     ),
     knockout_heads: str = typer.Option("all", "--knockout-heads", help="Heads of the knockout: all | A-B | a,b,c."),
     bos: bool | None = typer.Option(
-        None, "--bos/--no-bos", help="Prepend BOS (default: no for the corpus, yes for prompts)."
+        None, "--bos/--no-bos", help="Prepend BOS.", show_default="no for the corpus, yes for prompts"
     ),
     top: int = typer.Option(10, "--top", help="Top pairs and components reported per side."),
     o: SimpleNamespace | None = None,

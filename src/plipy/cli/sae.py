@@ -278,7 +278,7 @@ def latents(
     ),
     max_general_freq: float = typer.Option(0.02, "--max-general-freq", help="Threshold of the general-text filter."),
     general_tokens: int = typer.Option(4096, "--general-tokens", help="General-text tokens for the filter."),
-    top_n: int = typer.Option(20, "--top", help="Top latents kept per label."),
+    top: int = typer.Option(20, "--top", help="Top latents kept per label."),
     batch_size: int = c.batch_size_option(32, "prompts"),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Latent file.", show_default="results/sae-latents-<model>-L<layer>.json"
@@ -302,7 +302,7 @@ def latents(
             general_filter=general_filter,
             general_tokens=general_tokens,
             max_general_freq=max_general_freq,
-            top=top_n,
+            top=top,
             batch_size=batch_size,
             hook=hook,
             progress=start,
