@@ -167,7 +167,9 @@ def test_units_refuse_another_runs_folder_and_fresh_starts_over(tmp_path):
     assert got is not None and got[0]["y"] == [0.1, 1e-300] and got[0]["x"] != got[0]["x"]  # NaN kept
     with pytest.raises(plipy_error(), match="different run"):
         Units(folder, fingerprint({"a": 2}))
-    assert Units(folder, fingerprint({"a": 2}), fresh=True).get(0) is None
+    fresh = Units(folder, fingerprint({"a": 2}), fresh=True)
+    assert fresh.get(0) is None
+    fresh.put(0, {"x": 1.0})  # the folder (and its meta.json) is made with the first unit
     (folder / "meta.json").write_text("{not json")
     with pytest.raises(plipy_error(), match="corrupt"):
         Units(folder, fingerprint({"a": 2}))
