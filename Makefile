@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Tests may take the default model from ../shared/models (no download); plipy itself never needs it.
 SHARED_MODELS := $(wildcard $(CURDIR)/../shared/models)
 
-.PHONY: setup demo test lint bench screenshots clean
+.PHONY: test-slow setup demo test lint bench screenshots clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,12 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
+# The default suite (about 12 minutes on 2 idle cores); the tests marked slow (about 7 more) run in test-slow and CI.
 test: setup lint
-	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python -m pytest
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python -m pytest -m slow
 
 bench: setup
 	PLIPY_MODELS="$${PLIPY_MODELS:-$(SHARED_MODELS)}" $(BIN)/python benchmarks/engine_overhead.py
