@@ -16,14 +16,9 @@ Everything is imported on first use: `import plipy` stays cheap (no torch), so `
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 __version__ = "0.1.0"
 
 from plipy.errors import CausalEdgeError, MaskedRowError, ParameterError, PlipyError  # noqa: E402
-
-if TYPE_CHECKING:  # what a lazy submodule resolves to, for type checkers and editors (never imported here)
-    from plipy.api import patch as patch
 
 # Public names → the module that defines them, imported on first use (PEP 562): `import plipy` stays cheap.
 _LAZY = {
