@@ -81,6 +81,9 @@ def test_prompt_files(tmp_path):
     good.write_text('{"id": "a", "prompt": "#[", "expect": "test"}\n\n{"prompt": "x", "expect": ["y", "z"]}\n')
     prompts, _ = em.load_prompts(good)
     assert prompts[0]["expect"] == ["test"] and prompts[1]["id"] == "1"
+    one = tmp_path / "one.jsonl"  # one line of JSON Lines is also one JSON object: still one prompt
+    one.write_text('{"id": "a", "prompt": "#[", "expect": "test"}\n')
+    assert [p["id"] for p in em.load_prompts(one)[0]] == ["a"]
     for body, msg in (
         ('{"prompts": [{"id": "a", "prompt": "x"}]}', "'a': \"expect\" must be"),
         ('[{"id": "a", "prompt": "x", "expect": ["y"]}, {"id": "a", "prompt": "z", "expect": ["y"]}]', "duplicate id"),

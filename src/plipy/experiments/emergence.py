@@ -83,6 +83,8 @@ def load_prompts(path: str | Path | None = None) -> tuple[list[dict[str, Any]], 
             data = [json.loads(ln) for ln in lines]
         except json.JSONDecodeError:
             raise PlipyError(f"{where}: invalid JSON at line {first.lineno}: {first.msg} (nor JSON Lines)") from None
+    if isinstance(data, dict) and "prompts" not in data:
+        data = [data]  # a JSON Lines file of one prompt parses as one object
     items = data.get("prompts") if isinstance(data, dict) else data
     return check_prompts(items, where), where
 
