@@ -121,6 +121,11 @@ SHARED: dict[str, tuple[Any, Any]] = {
 OPTIONS = SimpleNamespace()
 
 
+# Shared options most result-writing commands take, in their help order: where the result goes, and how it runs.
+OUTPUT_OPTIONS = ("out", "plot", "html", "table_format")
+RUN_OPTIONS = ("dtype", "device", "fresh", "batch_size", "device_map", "max_memory", "ray", "workers")
+
+
 def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the named shared options (after its own, in this order); it receives them as `o.<name>`.
 

@@ -37,10 +37,7 @@ TOP_K = "Tokens listed per layer (ranks beyond it are still reported for tracked
     "model",
     "corpus",
     "offsets",
-    "out",
-    "plot",
-    "html",
-    "table_format",
+    *c.OUTPUT_OPTIONS,
     "bos",
     "dtype",
     "device",
@@ -103,10 +100,7 @@ def run(
 @app.command("emergence")
 @c.shared(
     "model",
-    "out",
-    "plot",
-    "html",
-    "table_format",
+    *c.OUTPUT_OPTIONS,
     "bos",
     "dtype",
     "device",

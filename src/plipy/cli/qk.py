@@ -14,18 +14,8 @@ from plipy.cli import common as c
     "model",
     "corpus",
     "offsets",
-    "out",
-    "plot",
-    "html",
-    "table_format",
-    "dtype",
-    "device",
-    "fresh",
-    "batch_size",
-    "device_map",
-    "max_memory",
-    "ray",
-    "workers",
+    *c.OUTPUT_OPTIONS,
+    *c.RUN_OPTIONS,
 )
 def qk(
     layer: int | None = typer.Option(

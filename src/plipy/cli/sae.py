@@ -20,10 +20,7 @@ app = typer.Typer(help="SAE steering and analyses (Do I know this entity?).", no
 @app.command("attention")
 @c.shared(
     "model",
-    "out",
-    "plot",
-    "html",
-    "table_format",
+    *c.OUTPUT_OPTIONS,
     "dtype",
     "device",
     "fresh",
