@@ -256,6 +256,29 @@ def test_layer_heads_and_mlp_equal_replacing_the_layer_output(family):
         _within(by_blocks, refs["32"], refs["64"], f"{family.arch} layer {layer} attn + mlp")
 
 
+def test_suffix_runs_reuse_the_shared_prefix(family):
+    """A run computed from the first token it differs in, on the other run's K/V (what attribution does): the
+    prefix's activations are the other run's bits, the rest and the logits equal the float64 model's within fp32
+    rounding, and a traced run from a prefix takes gradients from that token on only."""
+    runner, corrupt = family.runner, family.runs["corrupt"]
+    if runner.path != "fast":
+        pytest.skip(f"{family.arch}: no KV-cache fast path ({runner.reasons})")
+    clean = runner.suffix_run(family.ids["clean"], prefix=corrupt)
+    for layer in range(len(clean.z)):
+        assert torch.equal(clean.z[layer][:DIFF], corrupt.z[layer][:DIFF])
+        assert torch.equal(clean.mlp[layer][:DIFF], corrupt.mlp[layer][:DIFF])
+        h = clean.z[layer].shape[1]
+        for name in ("z", "mlp"):
+            got = clean.z[layer].reshape(T, -1) if name == "z" else clean.mlp[layer]
+            want32, want64 = (family.refs[k]["clean"][name][layer][0] for k in ("32", "64"))
+            _within(got, want32, want64, f"{family.arch} L{layer} {name} ({h} heads)")
+    _within(clean.logits, family.r32.run(family.ids["clean"]), family.r64.run(family.ids["clean"]), "logits")
+    traced = runner.traced(family.ids["clean"], prefix=corrupt)
+    assert traced.start == DIFF
+    grads = runner.gradients(traced, traced.logits.logsumexp(-1))
+    assert grads["z"][0].shape[0] == grads["mlp"][-1].shape[0] == T - DIFF
+
+
 def test_path_patching_fast_equals_naive(family):
     """The staircase with twins (fast) against one full forward per sender (naive), for q, k and v inputs."""
     run_t, run_s = family.runs["clean"], family.runs["corrupt"]

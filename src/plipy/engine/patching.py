@@ -356,41 +356,90 @@ class PatchRunner:
 
     # -- attribution ----------------------------------------------------------------------------------------------
 
-    def traced(self, input_ids: Sequence[int] | torch.Tensor) -> Traced:
+    def traced(self, input_ids: Sequence[int] | torch.Tensor, prefix: Run | None = None) -> Traced:
         """One forward in grad mode (weights frozen: the graph starts at the embedding output, so a backward
-        computes activation gradients only): the last-position logits with their graph, and the run."""
-        got = _Grab(self.arch, self.n_layers, self.n_heads, keep_graph=True)
-        embed = self.model.get_input_embeddings()  # type: ignore[operator]
+        computes activation gradients only): the last-position logits with their graph, and the run.
+
+        `prefix`: a run (with its K/V) of a sequence that shares this one's first tokens: only the positions from
+        the first differing token on are computed, and only they get gradients (`Traced.start`)."""
+        return self._forward_from(input_ids, prefix, grad=True)
+
+    def suffix_run(self, input_ids: Sequence[int] | torch.Tensor, prefix: Run) -> Run:
+        """The unpatched run of a sequence that shares its first tokens with `prefix`'s: the positions before the
+        first differing token are `prefix`'s own (causality: their activations are the same), the rest computed
+        from its K/V cache (a full forward where there is no cache or no shared token)."""
+        return self._forward_from(input_ids, prefix, grad=False).run
+
+    def _forward_from(self, input_ids: Sequence[int] | torch.Tensor, prefix: Run | None, grad: bool) -> Traced:
+        """A forward of the positions from q0 on (q0: the tokens shared with `prefix`, 0 without it), the rest
+        taken from `prefix`; K/V kept for every position on the fast path."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(self.device)
-        handle = embed.register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True))
+        q0 = _shared(ids, prefix) if self.path == "fast" and prefix is not None and prefix.kv is not None else 0
+        got = _Grab(self.arch, self.n_layers, self.n_heads, keep_graph=grad)
+        extra: dict[str, Any] = {}
+        if self.path == "fast":
+            extra = {"use_cache": True, self._cache_arg: full_cache() if q0 == 0 else _prefix_cache(prefix, q0)}
+        embed = self.model.get_input_embeddings()  # type: ignore[operator]
+        handle = embed.register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True)) if grad else None
         try:
-            with got.hooked(self.model), torch.enable_grad(), self.engine.run():
-                out = self.model(ids, **self._keep)
+            with got.hooked(self.model), torch.enable_grad() if grad else torch.inference_mode(), self.engine.run():
+                out = self.model(ids[:, q0:], **extra, **self._keep)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         self.stats.calls += 1
-        self.stats.layer_tokens += self.n_layers * ids.shape[1]
+        self.stats.layer_tokens += self.n_layers * (ids.shape[1] - q0)
+        kv = None
+        if self.path == "fast":
+            kv = [(layer.keys.detach(), layer.values.detach()) for layer in output_cache(out).layers]
+
+        def whole(part: list[torch.Tensor], before: list[torch.Tensor] | None) -> list[torch.Tensor]:
+            own = [x[0].detach() for x in part]
+            if before is None or q0 == 0:
+                return own
+            return [torch.cat([b[:q0], x]) for b, x in zip(before, own, strict=True)]
+
         t = ids.shape[1]
+        flat = [x.reshape(1, x.shape[1], -1) for x in got.z]  # with the graph, z is the projection's flat input
+        z = whole(flat, None if prefix is None else [x.reshape(x.shape[0], -1) for x in prefix.z])
         run = Run(
             ids,
             out.logits[0, -1].detach(),
-            [r[0].detach() for r in got.resid],
-            [z[0].detach().reshape(t, self.n_heads, -1) for z in got.z],
-            [a[0].detach() for a in got.attn],
-            [m[0].detach() for m in got.mlp],
+            whole(got.resid, None if prefix is None else prefix.resid),
+            [x.reshape(t, self.n_heads, -1) for x in z],
+            whole(got.attn, None if prefix is None else prefix.attn),
+            whole(got.mlp, None if prefix is None else prefix.mlp),
+            kv,
         )
-        return Traced(out.logits[0, -1], run, [*got.z, *got.attn, *got.mlp])
+        return Traced(out.logits[0, -1], run, [*got.z, *got.attn, *got.mlp] if grad else [], q0)
 
     def gradients(self, traced: Traced, value: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """The gradient of `value` (a scalar computed from `traced.logits`) with respect to every layer's per-head
-        outputs `z` `[T, heads, d_head]` and sublayer outputs `attn`, `mlp` `[T, d]`: one backward."""
+        outputs `z` `[T − start, heads, d_head]` and sublayer outputs `attn`, `mlp` `[T − start, d]` at the
+        positions the traced forward computed (from `traced.start` on): one backward."""
         grads = torch.autograd.grad(value, traced.inputs)
-        n, t = self.n_layers, traced.run.n_tokens
+        n, t = self.n_layers, traced.run.n_tokens - traced.start
         return {
             "z": [g[0].reshape(t, self.n_heads, -1) for g in grads[:n]],
             "attn": [g[0] for g in grads[n : 2 * n]],
             "mlp": [g[0] for g in grads[2 * n :]],
         }
+
+
+def _shared(ids: torch.Tensor, prefix: Run) -> int:
+    """How many leading tokens `ids` shares with `prefix`'s input, at most all but its last (which gives the logits)."""
+    other = prefix.input_ids.to(ids.device)
+    n = min(ids.shape[1] - 1, other.shape[1])
+    differ = (ids[0, :n] != other[0, :n]).nonzero()
+    return int(differ[0, 0]) if len(differ) else max(n, 0)
+
+
+def _prefix_cache(prefix: Run | None, q0: int) -> Any:
+    """A fresh KV cache holding `prefix`'s first q0 positions (never mutating the prefix run's tensors)."""
+    from transformers import DynamicCache
+
+    assert prefix is not None and prefix.kv is not None
+    return DynamicCache(ddp_cache_data=[(k[:, :, :q0], v[:, :, :q0]) for k, v in prefix.kv])
 
 
 @dataclass
@@ -401,9 +450,10 @@ class Traced:
     logits: torch.Tensor
     run: Run
     inputs: list[torch.Tensor]
+    start: int = 0  # the first position computed (and with gradients); earlier ones are a prefix run's
 
     def gradient(self, grads: dict[str, list[torch.Tensor]], site: Site) -> torch.Tensor:
-        """A site's gradient at every position, `[T, d]`."""
+        """A site's gradient at the positions from `start` on, `[T − start, d]`."""
         if site.kind == "head":
             return grads["z"][site.layer][:, site.head]
         return grads[site.kind][site.layer]

@@ -593,7 +593,7 @@ class PatchAttribution(Experiment[PatchPlan, PatchResult]):
             for p in self.positions
             for d in self.directions
         ]
-        return PatchPlan(samples, list(self.sites), conditions, PatchRunner(lm.model, path="naive"))
+        return PatchPlan(samples, list(self.sites), conditions, PatchRunner(lm.model))
 
     def settings(self, lm: Any, plan: PatchPlan, batch_size: int) -> Settings:
         config = {
@@ -620,11 +620,17 @@ class PatchAttribution(Experiment[PatchPlan, PatchResult]):
         runner = plan.runner
         ids = {"clean": list(plan.samples.positions[i].input_ids), "corrupt": list(plan.samples.twins[i].ids)}
         targets = {"corrupt" if d == "denoising" else "clean" for d in self.directions}
-        traced: dict[str, Traced] = {k: runner.traced(ids[k]) for k in ("clean", "corrupt") if k in targets}
-        plain = [k for k in ("clean", "corrupt") if k not in targets]
-        runs: dict[str, Run] = {k: t.run for k, t in traced.items()}
-        if plain:
-            runs.update(zip(plain, runner.baselines([ids[k] for k in plain], pad_id(lm.tokenizer)), strict=True))
+        # The second run computes only the positions from the first token the twins differ in, from the first
+        # run's K/V (before it the runs are the same: source − target is exactly 0 there, and so is every term).
+        first = "corrupt" if "corrupt" in targets else "clean"
+        second = "clean" if first == "corrupt" else "corrupt"
+        traced: dict[str, Traced] = {first: runner.traced(ids[first])}
+        runs: dict[str, Run] = {first: traced[first].run}
+        if second in targets:
+            traced[second] = runner.traced(ids[second], prefix=runs[first])
+            runs[second] = traced[second].run
+        else:
+            runs[second] = runner.suffix_run(ids[second], prefix=runs[first])
         pair = _Pair(self.metric, runs["clean"], runs["corrupt"])
         values = np.full((len(plan.conditions), len(plan.sites)), np.nan)
         for d in self.directions:
@@ -636,7 +642,7 @@ class PatchAttribution(Experiment[PatchPlan, PatchResult]):
                 if cond["direction"] != d or not pos:
                     continue
                 p = torch.as_tensor(pos, dtype=torch.long, device=t.run.logits.device)
-                values[ci] = first_order(runs[source], t.run, grads, plan.sites, p)
+                values[ci] = first_order(runs[source], t.run, grads, plan.sites, p, t.start)
         return pair.record(lm.tokenizer), {"estimate": values}
 
     def assemble(self, lm: Any, plan: PatchPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> PatchResult:
@@ -654,11 +660,19 @@ class PatchAttribution(Experiment[PatchPlan, PatchResult]):
 
 
 def first_order(
-    source: Run, target: Run, grads: dict[str, list[torch.Tensor]], sites: Sequence[Site], p: torch.Tensor
+    source: Run,
+    target: Run,
+    grads: dict[str, list[torch.Tensor]],
+    sites: Sequence[Site],
+    p: torch.Tensor,
+    start: int = 0,
 ) -> list[float]:
     """Per site, Σ over positions `p` and dimensions of (source − target activation) × gradient, in float64: the
-    first-order estimate of patching it. A layer's heads are summed in one pass (per-site calls cost more than the
-    backward on a CPU)."""
+    first-order estimate of patching it. `grads` cover the positions from `start` on; earlier positions of `p` add
+    nothing (the caller's two runs are equal there). A layer's heads are summed in one pass (per-site calls cost
+    more than the backward on a CPU)."""
+    p = p[p >= start]
+    g = p - start
     per_layer: dict[int, list[float]] = {}
     out = []
     for s in sites:
@@ -666,11 +680,11 @@ def first_order(
             assert s.head is not None
             if s.layer not in per_layer:
                 delta = (source.z[s.layer][p] - target.z[s.layer][p]).double()  # [P, heads, d_head]
-                per_layer[s.layer] = (delta * grads["z"][s.layer][p].double()).sum(dim=(0, 2)).tolist()
+                per_layer[s.layer] = (delta * grads["z"][s.layer][g].double()).sum(dim=(0, 2)).tolist()
             out.append(per_layer[s.layer][s.head])
         else:
             delta = (source.value(s)[p] - target.value(s)[p]).double()
-            out.append(float((delta * grads[s.kind][s.layer][p].double()).sum()))
+            out.append(float((delta * grads[s.kind][s.layer][g].double()).sum()))
     return out
 
 
