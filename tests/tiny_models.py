@@ -92,7 +92,8 @@ REF_EDITS: dict = {}
 
 
 def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Eager attention written from scratch; edits multiply post-softmax weights and renormalise each row."""
+    """Eager attention written from scratch; edits multiply post-softmax weights and renormalise each row, or set
+    the total weight of a row's keys (mass edits)."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     n_rep = query.shape[1] // key.shape[1]
@@ -114,6 +115,14 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
             hs = list(range(p.shape[1])) if heads is None else heads
             p[:, hs, q, kk] *= alpha
             p[:, hs, q, :] /= p[:, hs, q, :].sum(-1, keepdim=True)
+    # mass edits: (layer, query, keys, heads, per-head mass) — the row's keys scaled to that total, the rest to 1 − it
+    for layer, q, keys, heads, masses in REF_EDITS.get("masses", []):
+        if layer == module.layer_idx:
+            q, keys = q - off, [kk - off for kk in keys]
+            others = [kk for kk in range(p.shape[-1]) if kk not in keys]
+            for h, m in zip(range(p.shape[1]) if heads is None else heads, masses, strict=True):
+                p[:, h, q, keys] *= m / p[:, h, q, keys].sum(-1, keepdim=True)
+                p[:, h, q, others] *= (1 - m) / p[:, h, q, others].sum(-1, keepdim=True)
     REF_EDITS.setdefault("probs", {})[module.layer_idx] = p.to(out_dtype)
     out = torch.matmul(p.to(v.dtype), v).transpose(1, 2).contiguous()
     return out, p.to(out_dtype)

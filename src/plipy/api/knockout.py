@@ -53,6 +53,7 @@ def knockout(
     max_radius: int | None = None,
     slide_window: int | None = None,
     edges: str = "marker-to-targets",
+    ablation: str = "zero",
     heads: Any = "all",
     groups: Any = None,
     include_baselines: bool = False,
@@ -75,9 +76,12 @@ def knockout(
     progress: Progress | None = None,
 ) -> KnockoutResult:
     """Remove attention edges (marker → targets by default) in one layer, a set, each layer alone, or windows,
-    and measure the next-token KL on every sample (`plipy knockout`). `runner`: "auto" | "fast" | "naive" or a
+    and measure the next-token KL on every sample (`plipy knockout`). `ablation`: "zero" removes the edges;
+    "mean" / "resample" set each edge row's total weight to its group's mean / a donor sample's clean value (a
+    first pass records the clean weights). `runner`: "auto" | "fast" | "naive" or a
     `ConditionRunner` to reuse; `resume`/`fresh`/`batch_size` (baselines per forward) and `ray`/`workers` as in
     `scan`."""
+    from plipy.experiments.edge_ablation import ABLATIONS
     from plipy.experiments.knockout import EDGE_KINDS, Knockout, build_conditions
     from plipy.experiments.samples import choose_groups
 
@@ -104,6 +108,7 @@ def knockout(
         max_radius=max_radius,
     )
     opt.check_choice(edges, EDGE_KINDS, param="edges")
+    opt.check_choice(ablation, ABLATIONS, param="ablation")
     _check_mode_options(layer, layers, center, max_radius, slide_window)
     opt.check_selection(heads, param="heads", what="head")
     opt.check_resamples(resamples)
@@ -137,7 +142,10 @@ def knockout(
         max_batch=condition_batch,
         extra={"offsets": offsets},
         runner=the_runner,
+        ablation=ablation,
     )
+    if ablation != "zero":
+        experiment.masses = front.execute(experiment.masses_phase(lm), lm)
     return front.execute(experiment, lm)
 
 

@@ -37,6 +37,12 @@ def knockout(
     edges: str = typer.Option(
         "marker-to-targets", "--edges", help="marker-to-targets | to-marker (PLIP's --all-edges) | from-marker"
     ),
+    ablation: str = typer.Option(
+        "zero",
+        "--ablation",
+        help="zero (remove the edges) | mean (set each edge row's weight to its group's mean) | resample (to a "
+        "donor sample's).",
+    ),
     heads: str = typer.Option("all", "--heads", help="Query heads knocked out: all | none | A-B | a,b,c."),
     include_baselines: bool = typer.Option(
         False, "--include-baselines", help="Also measure the *_baseline groups (described, not tested)."
@@ -58,6 +64,7 @@ def knockout(
             center=center,
             max_radius=max_radius,
             edges=edges,
+            ablation=ablation,
             heads=heads,
             groups=c.split_list(groups),
             include_baselines=include_baselines,

@@ -317,25 +317,33 @@ def _record_capture(
 @dataclass
 class ChunkEdit:
     """One LayerEdit's edges that fall in this call's query chunk, on the call's device: `b` per edge (-1: every
-    batch item), `q` local row, `k` key."""
+    batch item), `q` local row, `k` key; a mass edit's `[E, heads]` masses."""
 
     b: torch.Tensor
     q: torch.Tensor
     k: torch.Tensor
     heads: list[int] | None
     bias: float
+    mass: torch.Tensor | None = None
 
-    def per_item(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(batch item, local row, key) of every edited entry, edges for every item repeated per item."""
+    def per_item(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch item, local row, key, edge index) of every edited entry, edges for every item repeated per item."""
         every = self.b < 0
-        b, q, k = self.b[~every], self.q[~every], self.k[~every]
+        src = torch.arange(len(self.b), device=self.b.device)
+        b, q, k, i = self.b[~every], self.q[~every], self.k[~every], src[~every]
         if every.any():
             n = int(every.sum())
             items = torch.arange(batch, device=self.b.device).repeat_interleave(n)
             b = torch.cat([b, items])
             q = torch.cat([q, self.q[every].repeat(batch)])
             k = torch.cat([k, self.k[every].repeat(batch)])
-        return b, q, k
+            i = torch.cat([i, src[every].repeat(batch)])
+        return b, q, k, i
+
+    def part(self, keep: torch.Tensor) -> ChunkEdit:
+        """The edges where `keep` holds."""
+        mass = None if self.mass is None else self.mass[keep.to(self.mass.device)]
+        return ChunkEdit(self.b[keep], self.q[keep], self.k[keep], self.heads, self.bias, mass)
 
 
 def _edits_in_chunk(
@@ -350,7 +358,10 @@ def _edits_in_chunk(
         b = e.b[inside]
         if (b >= batch).any():
             raise MaskedRowError(f"edge for batch item {int(b.max())}, but the batch has {batch} items")
-        out.append(ChunkEdit(b.to(device), (e.q[inside] - offset).to(device), e.k[inside].to(device), e.heads, e.bias))
+        mass = None if e.mass is None else e.mass[inside].to(device)
+        out.append(
+            ChunkEdit(b.to(device), (e.q[inside] - offset).to(device), e.k[inside].to(device), e.heads, e.bias, mass)
+        )
     return out
 
 
@@ -360,7 +371,7 @@ def _edits_for_rows(chunk_edits: list[ChunkEdit], rows: torch.Tensor) -> list[Ch
     for e in chunk_edits:
         keep = torch.isin(e.q, rows)
         if keep.any():
-            out.append(ChunkEdit(e.b[keep], e.q[keep], e.k[keep], e.heads, e.bias))
+            out.append(e.part(keep))
     return out
 
 
@@ -371,7 +382,7 @@ MASKED_SDPA_MIN_ROWS = 16
 
 def _use_masked_sdpa(chunk_edits: list[ChunkEdit]) -> bool:
     """Whether this call's edits are knockouts of many rows sharing one head set (the masked-SDPA case)."""
-    if not chunk_edits or any(e.bias != -math.inf for e in chunk_edits):
+    if not chunk_edits or any(e.bias != -math.inf or e.mass is not None for e in chunk_edits):
         return False
     if len({None if e.heads is None else tuple(e.heads) for e in chunk_edits}) != 1:
         return False
@@ -401,7 +412,7 @@ def _masked_sdpa(query, key, value, mask, chunk_edits, offset, scaling, layer, i
     edited = base.clone()
     rows_all = []
     for e in chunk_edits:
-        bi, qi, ki = e.per_item(b)
+        bi, qi, ki, _ = e.per_item(b)
         _check_allowed(base, bi, qi, ki, qi + offset, layer)
         edited[bi, 0, qi, ki] = False
         rows_all.append(qi)
@@ -486,34 +497,80 @@ def _explicit_rows(
 
     probs = _empty_rows_to_zero(torch.softmax(scores, dim=-1, dtype=torch.float32 if upcast else None), allowed)
     bias_rows = torch.zeros(b, rows.numel(), dtype=torch.bool, device=query.device)
-    if chunk_edits:
-        # exp(bias) = α applied after the softmax and renormalised: the same function as adding log α to the
-        # score, without rounding log α into a score of magnitude ~10–30 in fp32.
-        factor = torch.ones_like(probs)
-        all_heads = torch.arange(n_heads, device=query.device)
-        for e in chunk_edits:  # one scatter per LayerEdit, whatever its number of edges
-            bi, qi, ki = e.per_item(b)
-            r = torch.searchsorted(rows, qi)
-            _check_allowed(allowed, bi, r, ki, qi + offset, layer)
-            hs = all_heads if e.heads is None else torch.tensor(e.heads, device=query.device)
-            idx = (bi[:, None], hs[None, :], r[:, None], ki[:, None])
-            factor[idx] = factor[idx] * math.exp(e.bias)
-            bias_rows[bi, r] = True
-        edited = (factor != 1).any(-1, keepdim=True)
-        probs = probs * factor
-        total = probs.sum(-1, keepdim=True)
-        dead = edited.squeeze(-1) & (total.squeeze(-1) == 0)
-        if dead.any():
-            bi, hi, ri = dead.nonzero(as_tuple=True)
-            raise MaskedRowError(
-                f"layer {layer}: the intervention removes every key of query row {int(rows[ri[0]]) + offset} "
-                f"(batch item {int(bi[0])}, head {int(hi[0])}): softmax over no keys is undefined"
-            )
-        probs = torch.where(edited, probs / total, probs)  # untouched rows stay bit-identical
-        scores = scores + factor.log()  # the equivalent pre-softmax scores, for the record
+    scaled = [e for e in chunk_edits if e.mass is None]
+    if scaled:
+        probs, scores = _scale_edges(probs, scores, scaled, rows, allowed, offset, layer, bias_rows)
+    for e in chunk_edits:
+        if e.mass is not None:
+            probs, scores = _set_mass(probs, scores, e, rows, allowed, offset, layer, bias_rows)
     _require_finite_rows(probs, rows, offset, layer)
     probs = probs.to(query.dtype)
     return probs, scores, bias_rows
+
+
+def _edit_index(
+    e: ChunkEdit, probs: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor, offset: int, layer: int | None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """The edit's entries as an index into `probs` `[batch, heads, rows, keys]` (edges × heads), each entry's
+    computed-row index, and its edge index; CausalEdgeError for an edge the model's own mask hides."""
+    bi, qi, ki, src = e.per_item(probs.shape[0])
+    r = torch.searchsorted(rows, qi)
+    _check_allowed(allowed, bi, r, ki, qi + offset, layer)
+    hs = torch.arange(probs.shape[1], device=probs.device) if e.heads is None else torch.tensor(e.heads)
+    hs = hs.to(probs.device)
+    return (bi[:, None], hs[None, :], r[:, None], ki[:, None]), r, src
+
+
+def _scale_edges(probs, scores, chunk_edits, rows, allowed, offset, layer, bias_rows):
+    """Scale edits: each edge's weight × exp(bias), its row renormalised (exp(bias) = α applied after the softmax
+    and renormalised is the same function as adding log α to the score, without rounding log α into a score of
+    magnitude ~10–30 in fp32)."""
+    factor = torch.ones_like(probs)
+    for e in chunk_edits:  # one scatter per LayerEdit, whatever its number of edges
+        idx, r, _ = _edit_index(e, probs, rows, allowed, offset, layer)
+        factor[idx] = factor[idx] * math.exp(e.bias)
+        bias_rows[idx[0][:, 0], r] = True
+    edited = (factor != 1).any(-1, keepdim=True)
+    probs = probs * factor
+    total = probs.sum(-1, keepdim=True)
+    dead = edited.squeeze(-1) & (total.squeeze(-1) == 0)
+    if dead.any():
+        bi, hi, ri = dead.nonzero(as_tuple=True)
+        raise MaskedRowError(
+            f"layer {layer}: the intervention removes every key of query row {int(rows[ri[0]]) + offset} "
+            f"(batch item {int(bi[0])}, head {int(hi[0])}): softmax over no keys is undefined"
+        )
+    probs = torch.where(edited, probs / total, probs)  # untouched rows stay bit-identical
+    return probs, scores + factor.log()  # the equivalent pre-softmax scores, for the record
+
+
+def _set_mass(probs, scores, e, rows, allowed, offset, layer, bias_rows):
+    """A mass edit: in each edited (item, head, row) the edges' keys scaled to carry the row's mass in total and
+    the other keys the rest, each side in its own proportions (float64; a row that already carries its mass is
+    left as it is, bit for bit)."""
+    idx, r, src = _edit_index(e, probs, rows, allowed, offset, layer)
+    assert e.mass is not None
+    chosen = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    chosen[idx] = True
+    target = torch.full(probs.shape[:-1], math.nan, dtype=torch.float64, device=probs.device)
+    target[idx[:3]] = e.mass[src.to(e.mass.device)].to(probs.device)
+    p64 = probs.double()
+    inside, outside = (p64 * chosen).sum(-1), (p64 * ~chosen).sum(-1)
+    todo = ~torch.isnan(target) & (target != inside)
+    stuck = todo & (((inside == 0) & (target > 0)) | ((outside == 0) & (target < 1)))
+    if stuck.any():
+        bi, hi, ri = (int(x) for x in stuck.nonzero()[0])
+        raise MaskedRowError(
+            f"layer {layer}: query row {int(rows[ri]) + offset} (batch item {bi}, head {hi}) has weight "
+            f"{float(inside[bi, hi, ri]):.3g} on the edited keys and {float(outside[bi, hi, ri]):.3g} elsewhere: "
+            f"no rescaling gives the edges a total of {float(target[bi, hi, ri]):.3g}"
+        )
+    f_in = torch.where(todo & (inside > 0), target / inside, 1.0)
+    f_out = torch.where(todo & (outside > 0), (1 - target) / outside, 1.0)
+    factor = torch.where(chosen, f_in[..., None], f_out[..., None])
+    probs = torch.where(todo[..., None], (p64 * factor).to(probs.dtype), probs)
+    bias_rows |= todo.any(1)
+    return probs, torch.where(todo[..., None], scores + factor.log().to(scores.dtype), scores)
 
 
 def _empty_rows_to_zero(probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

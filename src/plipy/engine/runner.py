@@ -27,7 +27,7 @@ import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -248,7 +248,9 @@ class ConditionRunner:
         """Condition i as a plan to run, or its Outcome already when it needs no forward (identity, masked)."""
         # materialise iterables: the edits are read again when batched
         edits = [
-            EdgeEdit(list(e.layers), edge_tensor(e.edges), e.scale, None if e.heads is None else list(e.heads))
+            replace(
+                e, layers=list(e.layers), edges=edge_tensor(e.edges), heads=None if e.heads is None else list(e.heads)
+            )
             for e in edits
         ]
         try:
@@ -351,11 +353,7 @@ class ConditionRunner:
         n_items = len(chunk)
         starts = [p.first_layer for p in chunk]
         active = [bisect.bisect_right(starts, layer) for layer in range(self.n_layers)]  # items computed per layer
-        edits = [
-            EdgeEdit(layers=e.layers, edges=_on_item(j, e.edges), scale=e.scale, heads=e.heads)
-            for j, p in enumerate(chunk)
-            for e in p.edits
-        ]
+        edits = [replace(e, edges=_on_item(j, e.edges)) for j, p in enumerate(chunk) for e in p.edits]
         suffix = base.input_ids[:, q0:].expand(n_items, -1)
         cache = None
         if q0 > 0:

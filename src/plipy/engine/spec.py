@@ -41,15 +41,24 @@ class EdgeEdit:
     scaling; `scale=0` adds -inf (knockout). Edges are `(query, key)` for every batch element or
     `(batch, query, key)` for one, as tuples or one `[E, 2 | 3]` integer tensor (cheaper for thousands of edges).
     `heads=None` means every query head.
+
+    `mass` (instead of `scale`, which it overrides): set the total weight of each query row's edited keys to a
+    value, the row's other keys rescaled in their own proportions to carry the rest (1 − mass). One value per edge
+    (`[E]`, every edited head alike) or per edge and edited head (`[E, heads]`, in `heads` order, every query head
+    when `heads` is None); the edges of one row share their row's value. Mass 0 is a knockout; a row that already
+    carries its mass is left as it is, bit for bit. Mean and resample ablation of edges set it from other runs.
     """
 
     layers: Iterable[int]
     edges: Sequence[Edge] | torch.Tensor
     scale: float = 0.0
     heads: Sequence[int] | None = None
+    mass: torch.Tensor | Sequence[float] | None = None
 
     def bias(self) -> float:
-        """The additive pre-softmax bias this edit stands for."""
+        """The additive pre-softmax bias this edit stands for (0 for a mass edit: its bias depends on the row)."""
+        if self.mass is not None:
+            return 0.0
         if self.scale < 0 or math.isnan(self.scale):
             raise PlipyError(f"an attention scale must be ≥ 0, got {self.scale}")
         return -math.inf if self.scale == 0 else math.log(self.scale)
@@ -103,14 +112,16 @@ class Record:
 @dataclass
 class LayerEdit:
     """One compiled edit for one layer: absolute edges as tensors (`b` is -1 where the edge applies to every batch
-    item), a head list (None: every head) and the additive bias. Tensors, so a layer applies thousands of edges
-    (every query → the marker on a long input) with one scatter instead of a Python loop."""
+    item), a head list (None: every head) and the additive bias, or per edge its row's mass `[E, heads]` (float64).
+    Tensors, so a layer applies thousands of edges (every query → the marker on a long input) with one scatter
+    instead of a Python loop."""
 
     b: torch.Tensor  # [E] long, -1 = every batch item
     q: torch.Tensor  # [E] long, absolute query positions
     k: torch.Tensor  # [E] long, absolute key positions
     heads: list[int] | None
     bias: float
+    mass: torch.Tensor | None = None  # [E, heads] float64: a mass edit (`EdgeEdit.mass`)
 
     @property
     def edges(self) -> list[tuple[int | None, int, int]]:
@@ -151,25 +162,49 @@ def compile_edits(edits: Iterable[EdgeEdit], n_layers: int, n_heads: int) -> dic
             if not 0 <= h < n_heads:
                 raise PlipyError(f"head {h} does not exist (the model has {n_heads} query heads: 0-{n_heads - 1})")
         t = edge_tensor(e.edges)
-        later = t[:, 2] > t[:, 1]
-        if later.any():
-            q, k = t[later][0, 1:].tolist()
-            raise CausalEdgeError(
-                f"edge query {q} → key {k} is causally masked (the key comes after the query): "
-                "there is no attention to remove or steer"
-            )
-        if (t[:, 1:] < 0).any():
-            q, k = t[(t[:, 1:] < 0).any(1)][0, 1:].tolist()
-            raise PlipyError(f"edge query {q} → key {k}: positions must be ≥ 0")
-        if bias == 0.0 or not len(t) or heads == []:
+        _check_positions(t)
+        if (bias == 0.0 and e.mass is None) or not len(t) or heads == []:
             continue
-        t = torch.unique(t, dim=0)
-        layer_edit = LayerEdit(t[:, 0].contiguous(), t[:, 1].contiguous(), t[:, 2].contiguous(), heads, bias)
+        mass = None if e.mass is None else _edge_mass(e, t, n_heads)
+        t, inverse = torch.unique(t, dim=0, return_inverse=True)
+        if mass is not None:
+            mass = torch.empty(len(t), mass.shape[1], dtype=torch.float64).index_copy_(0, inverse, mass)
+        layer_edit = LayerEdit(t[:, 0].contiguous(), t[:, 1].contiguous(), t[:, 2].contiguous(), heads, bias, mass)
         for layer in e.layers:
             if not 0 <= layer < n_layers:
                 raise PlipyError(f"layer {layer} does not exist (the model has {n_layers} layers: 0-{n_layers - 1})")
             out.setdefault(int(layer), []).append(layer_edit)
     return out
+
+
+def _check_positions(t: torch.Tensor) -> None:
+    """CausalEdgeError for an edge whose key comes after its query; PlipyError for a negative position."""
+    later = t[:, 2] > t[:, 1]
+    if later.any():
+        q, k = t[later][0, 1:].tolist()
+        raise CausalEdgeError(
+            f"edge query {q} → key {k} is causally masked (the key comes after the query): "
+            "there is no attention to remove or steer"
+        )
+    if (t[:, 1:] < 0).any():
+        q, k = t[(t[:, 1:] < 0).any(1)][0, 1:].tolist()
+        raise PlipyError(f"edge query {q} → key {k}: positions must be ≥ 0")
+
+
+def _edge_mass(e: EdgeEdit, t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """A mass edit's values as `[E, heads]` float64, checked: finite, in [0, 1], one value per (row, head)."""
+    width = n_heads if e.heads is None else len({int(h) for h in e.heads})
+    m = torch.as_tensor(e.mass, dtype=torch.float64).detach().cpu()
+    m = m[:, None].expand(-1, width) if m.ndim == 1 else m
+    if m.shape != (len(t), width):
+        raise PlipyError(f"edge mass of shape {tuple(m.shape)} for {len(t)} edges and {width} heads")
+    if not bool(torch.isfinite(m).all()) or bool(((m < 0) | (m > 1)).any()):
+        raise PlipyError("an edge mass is a total attention weight: finite, between 0 and 1")
+    _, row = torch.unique(t[:, :2], dim=0, return_inverse=True)
+    first = torch.zeros(int(row.max()) + 1, width, dtype=torch.float64).index_copy_(0, row, m)
+    if not torch.equal(first[row], m):
+        raise PlipyError("the edges of one query row were given different masses: a row has one total weight")
+    return m.contiguous()
 
 
 def rows_tensor(rows: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:

@@ -10,13 +10,19 @@ Edge sets (m = the marker token, S = sequence length):
 - `marker-to-targets` (PLIP's default): query m → each target key before or at m (exact token matches only);
 - `to-marker` (PLIP's `--all-edges`): every query q ≥ m → key m, the marker's self edge included;
 - `from-marker`: query m → every key k < m (the whole marker row except its self edge).
+
+`ablation`: `zero` removes the edges (the knockout); `mean` and `resample` set each edge row's total weight to the
+group's mean or a donor's clean value instead (`plipy.experiments.edge_ablation`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from plipy import divergence, stats
 from plipy.corpus import Corpus, SamplePositions, token_positions, valid_targets
@@ -25,6 +31,14 @@ from plipy.engine.batch import pad_id
 from plipy.engine.runner import RULES_VERSION, Baseline, ConditionRunner, dead_row, layer_windows
 from plipy.engine.spec import compile_edits
 from plipy.errors import ParameterError, PlipyError
+from plipy.experiments.edge_ablation import (
+    ABLATIONS,
+    DESCRIPTIONS,
+    AblationValues,
+    EdgeMasses,
+    ablation_values,
+    mass_edits,
+)
 from plipy.experiments.samples import after_marker, choose_groups, identity
 from plipy.finite import naming
 from plipy.models import LoadedModel
@@ -224,10 +238,17 @@ def run_sample(
     heads: list[int] | None,
     windows: list[int | None],
     top_k: int = 5,
+    values: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """One sample under every condition, from its baseline: one measure row per condition (or a status row)."""
-    edges = [tuple(e) for e in rec["edges"]]
-    conds = [condition_edits(edges, c.layers, heads, windows) for c in conditions]
+    """One sample under every condition, from its baseline: one measure row per condition (or a status row).
+    `values`: the edge masses a mean or resample ablation sets (`[layers, heads, rows]`); None knocks out."""
+    edges = [(int(q), int(k)) for q, k in rec["edges"]]
+    conds = [
+        condition_edits(edges, c.layers, heads, windows)
+        if values is None
+        else mass_edits(edges, c.layers, heads, windows, values)
+        for c in conditions
+    ]
     rows = []
     for out in runner.run(base, conds):
         row: dict[str, Any] = {"id": rec["id"], "group": rec["group"]}
@@ -281,6 +302,7 @@ class KnockoutPlan:
     positions: list[SamplePositions]
     windows: list[int | None]  # per layer, its sliding window (None: full attention)
     runner: ConditionRunner
+    ablation: AblationValues | None = None  # mean or resample: what each sample's edge rows are set to
 
 
 @dataclass
@@ -309,15 +331,19 @@ class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
     top_k: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
     runner: ConditionRunner | None = None
+    ablation: str = "zero"
+    masses: dict[str, np.ndarray] | None = None  # clean edge masses per sample id (`masses_phase`), for mean/resample
 
     def __post_init__(self) -> None:
         if self.runner is not None:  # the workers of a Ray run build the runner the caller gave
             self.path, self.max_batch = self.runner.path, self.runner.max_batch
+        check_choice(self.ablation, ABLATIONS, param="ablation")
 
     def local_only(self) -> tuple[str, ...]:
         return ("runner",)  # it holds this process' model
 
-    def plan(self, lm: LoadedModel) -> KnockoutPlan:
+    def _samples(self, lm: LoadedModel) -> tuple[list[int] | None, list[str], tuple[str, str], list, list]:
+        """(heads, groups, compared pair, sample records, positions), checked."""
         check_choice(self.edges, EDGE_KINDS, param="edges")
         if not self.conditions:
             raise ParameterError("conditions", "no knockout condition to run")
@@ -328,10 +354,25 @@ class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
         if self.include_baselines:
             groups = groups + [g for g in self.corpus.group_names if g.endswith("_baseline") and g not in groups]
         samples, positions = prepare_samples(lm, self.corpus, self.edges, self.bos, groups, pair, heads)
+        return heads, groups, pair, samples, positions
+
+    def masses_phase(self, lm: LoadedModel) -> EdgeMasses:
+        """The phase that records every usable sample's clean edge masses (run it, set `masses`, then run this)."""
+        _, _, _, samples, positions = self._samples(lm)
+        return EdgeMasses(self.corpus, samples, positions, self.edges)
+
+    def plan(self, lm: LoadedModel) -> KnockoutPlan:
+        heads, groups, pair, samples, positions = self._samples(lm)
         runner = self.runner or ConditionRunner(lm.model, Engine(lm.model), path=self.path, max_batch=self.max_batch)
         all_heads = heads if heads is not None else list(range(lm.n_heads))
         windows = layer_windows(lm.model, lm.n_layers)
-        return KnockoutPlan(heads, all_heads, groups, pair, samples, positions, windows, runner)
+        values = None
+        if self.ablation != "zero":
+            if self.masses is None:
+                raise PlipyError(f"{self.ablation} ablation needs the clean edge masses (Knockout.masses_phase)")
+            values = ablation_values(self.ablation, samples, self.masses, self.seed)
+            _mark_no_donor(samples, values)
+        return KnockoutPlan(heads, all_heads, groups, pair, samples, positions, windows, runner, values)
 
     def settings(self, lm: LoadedModel, plan: KnockoutPlan, batch_size: int) -> Settings:
         config = {
@@ -348,10 +389,13 @@ class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
             "kl": KL_NOTE,
             "kl_plip": KL_PLIP_NOTE,
             "batch_size": batch_size,
+            "ablation": self.ablation,
             **self.extra,
         }
         # fast and naive agree to rounding, not bit for bit: units of one never finish a run of the other
-        key = {"runner": self.path, "runner_rules": RULES_VERSION}
+        key: dict[str, Any] = {"runner": self.path, "runner_rules": RULES_VERSION}
+        if plan.ablation is not None:  # the values set are part of what the units computed
+            key["ablation_values"] = _digest(plan.ablation.values)
         return Settings(config, self.corpus, self.seed, key, described={"runner": plan.runner.describe()})
 
     def work(self, plan: KnockoutPlan, batch_size: int) -> Work:
@@ -366,8 +410,9 @@ class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
         out: list[Unit] = []
         for i, b in zip(batch, bases, strict=True):
             with naming(f"sample {plan.samples[i]['id']!r}"):
+                values = None if plan.ablation is None else plan.ablation.values[plan.samples[i]["id"]]
                 sample = run_sample(
-                    lm, plan.runner, plan.samples[i], b, self.conditions, plan.heads, plan.windows, self.top_k
+                    lm, plan.runner, plan.samples[i], b, self.conditions, plan.heads, plan.windows, self.top_k, values
                 )
             out.append((sample, {}))
         return out
@@ -395,18 +440,53 @@ class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
         _compare(runs, plan.pair, self.seed, self.n_resamples)
         # what the runner did (its forward calls, a fallback): known only now that it ran
         provenance["config"]["runner"] = plan.runner.describe()
-        return KnockoutResult(
-            {
-                "provenance": provenance,
-                "mode": self.mode,
-                "edges": self.edges,
-                "heads": plan.all_heads,
-                "groups_compared": list(plan.pair),
-                "samples": plan.samples,
-                "excluded": _excluded(plan.samples, runs),
-                "runs": runs,
-            }
-        )
+        doc = {
+            "provenance": provenance,
+            "mode": self.mode,
+            "edges": self.edges,
+            "heads": plan.all_heads,
+            "groups_compared": list(plan.pair),
+            "samples": plan.samples,
+            "excluded": _excluded(plan.samples, runs),
+            "runs": runs,
+        }
+        if plan.ablation is not None:  # a knockout (zero ablation) keeps the document it always had
+            doc["ablation"] = _ablation_block(self.ablation, plan, self.conditions)
+        return KnockoutResult(doc)
+
+
+def _mark_no_donor(samples: list[dict[str, Any]], values: AblationValues) -> None:
+    """Resample ablation: a usable sample without a donor (no other sample of its group has as many edge rows)
+    gets the status `no-donor` and is left out, named."""
+    for rec in samples:
+        if rec["status"] == "ok" and rec["id"] not in values.values:
+            rec["status"] = "no-donor"
+            rec["note"] = f"no other usable sample of group {rec['group']!r} has as many edge rows to resample from"
+    for rec in samples:
+        if rec["id"] in values.donors and rec["status"] == "ok":
+            rec["donor"] = values.donors[rec["id"]]
+
+
+def _ablation_block(kind: str, plan: KnockoutPlan, conditions: Sequence[Condition]) -> dict[str, Any]:
+    """What the result says about a mean or resample ablation: the rule and, for mean, the values set per group,
+    layer and head (the layers of the conditions)."""
+    assert plan.ablation is not None
+    block: dict[str, Any] = {"kind": kind, "description": DESCRIPTIONS[kind]}
+    if kind == "mean":
+        layers = sorted({layer for c in conditions for layer in c.layers})
+        block["means"] = {
+            g: {str(layer): [float(m[layer, h]) for h in plan.all_heads] for layer in layers}
+            for g, m in plan.ablation.means.items()
+        }
+    return block
+
+
+def _digest(values: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(values):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(values[key]).tobytes())
+    return h.hexdigest()
 
 
 def _kls(run: dict, group: str) -> list[float]:

@@ -23,13 +23,21 @@ def heads_label(heads: list[int]) -> str:
     return f"{len(heads)} heads"
 
 
+def _short(result: Mapping[str, Any]) -> str:
+    """What the intervened run is called in titles: `knockout`, or `mean` / `resample` for those ablations."""
+    ablation = result.get("ablation")
+    return ablation["kind"] if ablation else "knockout"
+
+
 @VIEWS.summary(KnockoutResult)
 def summary(result: Mapping[str, Any]) -> list[Any]:
     """The console report of a knockout: per-condition KL table, described groups, the runner, exclusions."""
     ga, gb = result["groups_compared"]
+    ablation = result.get("ablation")
+    what = "Knockout" if not ablation else f"{ablation['kind'].capitalize()} ablation of the edges"
     t = Table(
-        title=f"Knockout ({result['edges']}, {heads_label(result['heads'])}): mean KL(base ‖ knockout) in nats\n"
-        f"A = {ga}, B = {gb}; flips = samples whose top-1 token changed",
+        title=f"{what} ({result['edges']}, {heads_label(result['heads'])}): mean KL(base ‖ {_short(result)}) in "
+        f"nats\nA = {ga}, B = {gb}; flips = samples whose top-1 token changed",
         header_style="bold",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
@@ -53,6 +61,8 @@ def summary(result: Mapping[str, Any]) -> list[Any]:
             f"{flips[ga]}/{flips[gb]}",
         )
     out: list[Any] = [t]
+    if ablation:
+        out.append(f"{ablation['kind']} ablation: {ablation['description']}")
     others = [g for g in result["provenance"]["config"]["groups"] if g not in (ga, gb)]
     for g in others:
         means = ", ".join(f"{r['label']}: {fmt_kl(r['groups'][g]['mean'])}" for r in result["runs"][:8])
@@ -103,7 +113,7 @@ def heatmap_figure(result: Mapping[str, Any], **_options: Any) -> Any:
         if prev is not None and g != prev:
             ax.axvline(j - 0.5, color="white", lw=1.5)
         prev = g
-    ax.set(xlabel="sample", ylabel="layers knocked out", title=f"log10 KL(base ‖ knockout), {result['edges']}")
+    ax.set(xlabel="sample", ylabel="layers knocked out", title=f"log10 KL(base ‖ {_short(result)}), {result['edges']}")
     fig.colorbar(im, ax=ax, fraction=0.04, label="log10 KL (nats)")
     return fig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from plipy.results.base import Result
@@ -14,6 +15,12 @@ class KnockoutResult(Result):
 
     def rows(self) -> list[dict[str, Any]]:
         return sample_rows(self._data)
+
+    def default_path(self) -> Path:
+        """`knockout-<model>-<mode>-<edges>.json`; a mean or resample ablation adds `-mean` / `-resample`."""
+        path = super().default_path()
+        ablation = self._data.get("ablation")
+        return path.with_name(f"{path.stem}-{ablation['kind']}{path.suffix}") if ablation else path
 
 
 def sample_rows(result: dict) -> list[dict[str, Any]]:
