@@ -86,9 +86,6 @@ class EdgeMasses(Experiment[EdgeMassPlan, dict]):
     positions: list[SamplePositions]
     edges: str = "marker-to-targets"
 
-    def local_only(self) -> tuple[str, ...]:
-        return ()
-
     def plan(self, lm: LoadedModel) -> EdgeMassPlan:
         return EdgeMassPlan(self.samples, self.positions, ConditionRunner(lm.model, Engine(lm.model), path="naive"))
 
