@@ -240,3 +240,22 @@ def test_ctrl_c_through_the_entry_point(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not any(p.suffix == ".tmp" for p in tmp_path.rglob("*"))
+
+
+def test_one_spelling_of_a_head_of_a_layer():
+    """SAE heads and patching receivers read the same spellings — `L12H3`, `12.3` and results' label `L12.H3` — and
+    refuse anything else with the grammar named."""
+    from plipy import options
+    from plipy.errors import ParameterError
+
+    for text in ("L2H1", "l2h1", "2.1", "L2.H1", " 2.1 "):
+        assert options.read_head_site(text) == (2, 1), text
+    for text in ("21", "2.", "L2", "x.1", "-1.2", "2.1.0"):
+        assert options.read_head_site(text) is None, text
+    assert options.parse_head_sites("L16H2,14.3,L14.H3", 30, 9, param="receivers") == [(14, 3), (16, 2)]
+    assert options.parse_layer_heads("L2H1,0.3", 3, 4) == [(2, 1), (0, 3)]
+    assert options.parse_layer_heads("0,3", 3, 4, first=2) == [(2, 0), (2, 3)]
+    with pytest.raises(ParameterError, match="receivers: cannot read '14': use L12H3 or 12.3"):
+        options.parse_head_sites("14", param="receivers")
+    with pytest.raises(ParameterError, match="L0.H1 is in layer 0, before the first steered layer 1"):
+        options.check_layer_heads("L0.H1", first=1)

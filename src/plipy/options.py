@@ -7,6 +7,7 @@ same. Errors are `ParameterError`s naming the parameter; the CLI shows the match
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,17 +155,28 @@ def parse_heads(value: Any, n_heads: int, *, param: str = "heads", all_as_none: 
     return _checked(_ranges(value, param, "head"), n_heads, param, "head")
 
 
-LAYER_HEADS_GRAMMAR = f"L12H3,L14H0 (heads of layers) or {HEADS_GRAMMAR} (those heads of every layer from the first)"
+HEAD_SITE_GRAMMAR = "L12H3 or 12.3 (layer 12, query head 3; L12.H3 as results label it), comma-separated"
+LAYER_HEADS_GRAMMAR = (
+    f"{HEAD_SITE_GRAMMAR} (heads of layers) or {HEADS_GRAMMAR} (those heads of every layer from the first)"
+)
+_HEAD_SITE = re.compile(r"L?(\d+)(?:\.H?|H)(\d+)", re.IGNORECASE)
+
+
+def read_head_site(text: str) -> tuple[int, int] | None:
+    """(layer, head) of one head written `L12H3`, `L12.H3` (as results label it) or `12.3`; None if it is none of
+    these. The one spelling of a head of a layer everywhere (SAE heads, patching receivers)."""
+    m = _HEAD_SITE.fullmatch(text.strip())
+    return (int(m[1]), int(m[2])) if m else None
 
 
 def _named_heads(text: str, first: int | None, param: str) -> list[tuple[int, int]]:
-    """`L12H3,L14H0` → [(12, 3), (14, 0)]; a head in a layer before `first` is refused (nothing there can change)."""
+    """`L12H3,14.0` → [(12, 3), (14, 0)]; a head in a layer before `first` is refused (nothing there can change)."""
     out = []
     for part in text.split(","):
-        try:
-            la, h = (int(x) for x in part.strip().upper().lstrip("L").split("H"))
-        except ValueError:
-            raise ParameterError(param, f"cannot read head {part!r}: write L12H3 ({LAYER_HEADS_GRAMMAR})") from None
+        site = read_head_site(part)
+        if site is None:
+            raise ParameterError(param, f"cannot read head {part!r}: write {HEAD_SITE_GRAMMAR}")
+        la, h = site
         if first is not None and la < first:
             raise ParameterError(
                 param, f"{part.strip()} is in layer {la}, before the first steered layer {first}: it cannot change"
@@ -180,10 +192,15 @@ def check_layer_heads(value: Any, *, first: int | None = None, param: str = "hea
     text = value if isinstance(value, str) else ",".join(str(v) for v in value)
     if text.strip() == "all":
         return
-    if "H" in text.upper():
+    if _names_layers(text):
         _named_heads(text, first, param)
     else:
         check_selection(text, param=param, what="head")
+
+
+def _names_layers(text: str) -> bool:
+    """Whether a head list names heads of layers (`L12H3`, `12.3`) rather than head numbers (`0,3`, `0-4`)."""
+    return "H" in text.upper() or "." in text
 
 
 def parse_layer_heads(
@@ -196,7 +213,7 @@ def parse_layer_heads(
     text = value if isinstance(value, str) else ",".join(str(v) for v in value)
     if text.strip() == "all":
         return [(la, h) for la in range(n_layers) for h in range(n_heads)]
-    if "H" not in text.upper():
+    if not _names_layers(text):
         hs = parse_heads(text, n_heads, param=param) or []
         return [(la, h) for la in range(first or 0, n_layers) for h in hs]
     out = _named_heads(text, first, param)
@@ -543,21 +560,27 @@ def parse_choices(value: Any, choices: Sequence[str], *, param: str) -> list[str
     return out
 
 
-LAYER_HEADS_GRAMMAR = "LAYER.HEAD[,LAYER.HEAD…], e.g. 14.3,16.2"
+def _int_pair(item: Any) -> tuple[int, int] | None:
+    """(layer, head) from a pair of integers, None from anything else."""
+    try:
+        layer, head = (int(x) for x in item)
+    except (TypeError, ValueError):
+        return None
+    return layer, head
 
 
 def parse_head_sites(
     value: Any, n_layers: int | None = None, n_heads: int | None = None, *, param: str
 ) -> list[tuple[int, int]]:
-    """(layer, head) pairs from "14.3,16.2", [(14, 3)] or ["14.3"], sorted and each once; checked against the
+    """(layer, head) pairs from "14.3,L16H2", [(14, 3)] or ["14.3"], sorted and each once; checked against the
     model's sizes when given (without them: the grammar only, before any model loads)."""
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, Sequence) else [value]
     out: set[tuple[int, int]] = set()
     for item in items:
-        try:
-            layer, head = (int(x) for x in (item.strip().split(".") if isinstance(item, str) else item))
-        except (TypeError, ValueError):
-            raise ParameterError(param, f"cannot read {item!r}: use {LAYER_HEADS_GRAMMAR}") from None
+        site = read_head_site(item) if isinstance(item, str) else _int_pair(item)
+        if site is None:
+            raise ParameterError(param, f"cannot read {item!r}: use {HEAD_SITE_GRAMMAR}")
+        layer, head = site
         if layer < 0 or head < 0:
             raise ParameterError(param, f"{layer}.{head}: layers and heads count from 0")
         if n_layers is not None and layer >= n_layers:
@@ -566,5 +589,5 @@ def parse_head_sites(
             raise ParameterError(param, f"head {head} does not exist: the model has {n_heads} query heads")
         out.add((layer, head))
     if not out:
-        raise ParameterError(param, f"names no head: use {LAYER_HEADS_GRAMMAR}")
+        raise ParameterError(param, f"names no head: use {HEAD_SITE_GRAMMAR}")
     return sorted(out)

@@ -224,7 +224,7 @@ def paths(
         progress=progress,
     )
     if receivers is None:
-        raise ParameterError("receivers", f"name the receiver heads: {opt.LAYER_HEADS_GRAMMAR}")
+        raise ParameterError("receivers", f"name the receiver heads: {opt.HEAD_SITE_GRAMMAR}")
     opt.parse_head_sites(receivers, param="receivers")
     input_list = _inputs(inputs)
     classes = opt.parse_choices(positions, pt.POSITIONS, param="positions")

@@ -119,7 +119,7 @@ def heads(
 @app.command("paths")
 @c.shared(*SHARED)
 def paths(
-    receivers: str = typer.Option(..., "--receivers", help="Receiver heads: LAYER.HEAD,… e.g. 20.3,24.1"),
+    receivers: str = typer.Option(..., "--receivers", help="Receiver heads: e.g. 20.3,24.1 or L20H3,L24H1."),
     inputs: str = typer.Option("q,k,v", "--inputs", help="Receiver inputs, one condition each: q | k | v | kv …"),
     layers: str = c.layers_option("all", "Sender layers (those before the last receiver's)"),
     heads: str = typer.Option("all", "--heads", help="Sender heads: all | A-B | a,b,c."),
