@@ -1,4 +1,5 @@
-"""Scale-out on a real local Ray cluster (2 CPUs): scan, knockout --scan-layers and sae attention run on two actors
+"""Scale-out on a real local Ray cluster (2 CPUs): every runtime experiment (scan, knockout and its mean ablation,
+steering, lens, probe, qk, patching, sae attention) run on two actors
 give the JSON (provenance aside) and table bytes of a local run; a worker killed mid-run and a driver killed mid-run
 lose nothing and count nothing twice; `plipy sweep` writes each model's result and the comparison table.
 
@@ -74,11 +75,15 @@ CASES = {
     "lens": ["lens", "fn add(a: i32) -> i32 {\n}\n\n#[", "--positions", "all", "--top-k", "5", "--token", " test"],
     "lens emergence": ["lens", "emergence", "--top-k", "20"],
     "probe": ["probe", CORPUS, "--permutations", "3", "--folds", "2"],
+    "knockout mean": ["knockout", "--layers", "12-14", "--ablation", "mean", CORPUS, *RESAMPLES],
+    "qk": ["qk", "--layer", "13", CORPUS],
+    "patch heads": ["patch", "heads", "--layers", "13-14", "--positions", "last", CORPUS, *RESAMPLES],
 }
-ONE_INPUT_PER_FORWARD = ("lens", "lens emergence", "probe")  # no --batch-size: batching would change their numbers
+ONE_INPUT_PER_FORWARD = ("lens", "lens emergence", "probe", "qk")  # no --batch-size: batching would change them
+SLOW = {"knockout mean", "qk", "patch heads"}  # the newer experiments: in `make test-slow`
 
 
-@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in CASES])
 def test_ray_run_equals_local_run(kind, cluster, corpus, tmp_path):
     args = [a for x in CASES[kind] for a in (["--corpus", str(corpus.path)] if x == CORPUS else [x])]
     common = [*args, "--table-format", "csv", *([] if kind in ONE_INPUT_PER_FORWARD else ["-b", "2"])]

@@ -72,10 +72,22 @@ CASES = {
     "scan": (["scan"], {}),
     "knockout": (["knockout", "--scan-layers"], {"scan_layers": True}),
     "dose": (["steer", "dose", "--groups", "rust_test,python_doctest"], {"groups": "rust_test,python_doctest"}),
+    # two phases (the clean edge masses, then the conditions): the kill may land in either
+    "knockout mean": (
+        ["knockout", "--scan-layers", "--ablation", "mean"],
+        {"scan_layers": True, "ablation": "mean"},
+    ),
+    "qk": (["qk", "--layer", "13", "--per-head-components"], {"layer": 13, "per_head_components": True}),
+    "patch": (
+        ["patch", "heads", "--layers", "12-14", "--positions", "marker,last"],
+        {"layers": "12-14", "positions": "marker,last"},
+    ),
 }
+SLOW_CASES = {"knockout mean", "qk", "patch"}  # the newer experiments: in `make test-slow`
+NO_RESAMPLES = {"dose", "qk"}
 
 
-@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_CASES else k for k in CASES])
 def test_killed_run_resumes_to_identical_bytes(kind, smollm, tmp_path, monkeypatch):
     import plipy
 
@@ -86,7 +98,7 @@ def test_killed_run_resumes_to_identical_bytes(kind, smollm, tmp_path, monkeypat
     env = {**os.environ, "PLIPY_RUNS": str(runs)}
     args, api_kw = CASES[kind]
     common = ["--corpus", str(corpus.path), "--table-format", "csv"]
-    if kind != "dose":
+    if kind not in NO_RESAMPLES:
         common += ["--resamples", "300"]
     out = tmp_path / "resumed.json"
     cmd = [sys.executable, "-m", "plipy", *args, *common, "--out", str(out)]
@@ -99,8 +111,15 @@ def test_killed_run_resumes_to_identical_bytes(kind, smollm, tmp_path, monkeypat
     assert _units(runs) == 0 and not any(runs.iterdir())  # the units go once the result is complete
 
     # the reference: one uninterrupted run, nothing kept or resumed
-    fn = {"scan": plipy.scan, "knockout": plipy.knockout, "dose": plipy.steer.dose}[kind]
-    kw = {} if kind == "dose" else {"resamples": 300}
+    fn = {
+        "scan": plipy.scan,
+        "knockout": plipy.knockout,
+        "dose": plipy.steer.dose,
+        "knockout mean": plipy.knockout,
+        "qk": plipy.qk,
+        "patch": plipy.patch.heads,
+    }[kind]
+    kw = {} if kind in NO_RESAMPLES else {"resamples": 300}
     ref = fn(smollm, corpus.path, resume=False, **api_kw, **kw)
     ref_files = ref.save(tmp_path / "reference.json", table_format="csv")
     assert _doc(out) == _doc(Path(ref_files["json"]))

@@ -62,17 +62,24 @@ class NormMap:
         return y if self.gain is None else y * self.gain
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """A weight in float64 on the CPU; a Ray driver's weightless (meta) model keeps meta tensors: its map only
+    describes the layer, the workers compute with their own."""
+    t = t.detach().double()
+    return t if t.is_meta else t.cpu()
+
+
 def norm_map(module: torch.nn.Module, plus_one: bool) -> NormMap:
     """The `NormMap` of a LayerNorm or an RMSNorm module (a PlipyError for anything else)."""
     if isinstance(module, torch.nn.LayerNorm):
-        gain = None if module.weight is None else module.weight.detach().double().cpu()
-        bias = None if module.bias is None else module.bias.detach().double().cpu()
+        gain = None if module.weight is None else _f64(module.weight)
+        bias = None if module.bias is None else _f64(module.bias)
         return NormMap(True, gain, bias, float(module.eps))
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     weight = getattr(module, "weight", None)
     if "RMSNorm" not in type(module).__name__ or eps is None or not isinstance(weight, torch.Tensor):
         raise PlipyError(f"{type(module).__name__}: plipy's QK decomposition knows LayerNorm and RMSNorm only")
-    gain = weight.detach().double().cpu() + (1.0 if plus_one else 0.0)
+    gain = _f64(weight) + (1.0 if plus_one else 0.0)
     return NormMap(False, gain, None, float(eps))
 
 
@@ -121,7 +128,7 @@ def _linear(attn: torch.nn.Module, name: str) -> tuple[torch.Tensor, torch.Tenso
     """(weight, bias) of the projection `name` of `attn`, float64 on the CPU (bias None when it has none)."""
     proj = getattr(attn, name)
     b = proj.bias
-    return proj.weight.detach().double().cpu(), None if b is None else b.detach().double().cpu()
+    return _f64(proj.weight), None if b is None else _f64(b)
 
 
 def _weights(
