@@ -61,12 +61,21 @@ EXTRA = {
     ),
     "phi": lambda: tf.PhiConfig(**COMMON, qk_layernorm=True),
     "smollm3": lambda: tf.SmolLM3Config(**COMMON, num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0),
+    # Llama's attention layout under other names: accepted, so checked here too
+    "mistral": lambda: tf.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=None),
+    "mixtral": lambda: tf.MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        **COMMON, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32
+    ),
 }
 
 
 def _extra(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(EXTRA[name](), attn_implementation="eager", dtype=torch.float32)
+    # eager experts (MoE families): the grouped matmul kernel has no float64, which the reference copy runs in
+    model = tf.AutoModelForCausalLM.from_config(
+        EXTRA[name](), attn_implementation="eager", experts_implementation="eager", dtype=torch.float32
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" not in n and p.ndim >= 2:
