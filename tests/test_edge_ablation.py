@@ -116,7 +116,8 @@ def test_mass_edits_are_refused_where_they_cannot_apply():
 
 
 def test_fast_runner_equals_naive_for_mass_edits():
-    """The knockout runner's cached-prefix path gives the naive path's logits for mass edits (several layers)."""
+    """The knockout runner's cached-prefix path and its naive path both give the float64 reference's logits for
+    mass edits (several layers)."""
     model = build("qwen2", "sdpa")
     engine = Engine(model)
     fast, naive = ConditionRunner(model, engine, max_batch=3), ConditionRunner(model, engine, path="naive")
@@ -127,8 +128,14 @@ def test_fast_runner_equals_naive_for_mass_edits():
     ]
     of, on = fast.run(fast.baseline(ids), conds), naive.run(naive.baseline(ids), conds)
     assert [o.status for o in of] == ["ok"] * 3
-    for a, b in zip(of, on, strict=True):
-        assert (a.logits - b.logits).abs().max() <= 1e-5
+    register_reference()
+    ref32, ref64 = variant(model, REF), variant(float64(model), REF)
+    n_heads = model.config.num_attention_heads
+    for (layers, m), a, b in zip((([0], 0.3), ([1, 2], 0.9), ([0, 1, 2], 0.0)), of, on, strict=True):
+        masses = [(layer, 10, [3, 4], None, [m] * n_heads) for layer in layers]
+        r32, r64 = _ref_logits(ref32, ids, masses)[0], _ref_logits(ref64, ids, masses)[0]
+        for got in (a.logits, b.logits):  # each path against the float64 reference
+            assert (got.double() - r64).abs().max().item() <= fp32_bound(r32, r64), layers
 
 
 # -- the knockout experiment ------------------------------------------------------------------------------------
@@ -202,9 +209,10 @@ def test_knockout_ablation_equals_the_reference(setting, kind):
         else:
             assert rec["donor"] != rec["id"] and recs[rec["donor"]]["group"] == rec["group"]
             value = clean[rec["donor"]]
-        ids = plipy.token_positions(by_id[s["id"]], tok).input_ids
-        (m,) = {q for q, _ in rec["edges"]}
-        keys = [k for _, k in rec["edges"]]
+        sp = plipy.token_positions(by_id[s["id"]], tok)
+        ids, m = sp.input_ids, sp.marker_token
+        keys = sorted({t for t in sp.target_tokens if t is not None and t < m})  # the edges by the rule
+        assert rec["edges"] == [[m, k] for k in keys], s["id"]
         edits = [(layer, m, keys, None, value[layer].tolist()) for layer in (0, 1)]
         b32, b64 = _ref_logits(ref32, ids)[0], _ref_logits(ref64, ids)[0]
         k32, k64 = _ref_logits(ref32, ids, edits)[0], _ref_logits(ref64, ids, edits)[0]
@@ -241,4 +249,7 @@ def test_cli_mean_ablation(monkeypatch, setting, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Mean ablation of the edges (marker-to-targets" in text and "KL(base ‖ mean)" in text
     assert "mean ablation: each edited row's total weight" in " ".join(text.split())
-    assert plipy.load_result(out)["ablation"]["kind"] == "mean"
+    doc = plipy.load_result(out)
+    api = plipy.knockout(lm, corpus, layer=1, ablation="mean", resamples=50, progress=False, fresh=True)
+    assert doc["ablation"] == api["ablation"]  # the flag reached the api as given
+    assert [s["kl"] for s in doc["runs"][0]["samples"]] == [s["kl"] for s in api["runs"][0]["samples"]]

@@ -250,6 +250,8 @@ def _check_against_hf(tiny, corpus, r, run="", add_at=None, knock_layers=()):
         assert s["id"] == sample.id and s["query_token"] == sp.marker_token
         got = s[run] if run else s
         q, keys = s["query_token"], got["keys"]
+        # the keys by the rule, from the corpus' own positions: the targets before the marker, duplicates kept
+        assert keys == [t for t in sp.target_tokens if t is not None and t < sp.marker_token], s["id"]
         ids = torch.tensor([sp.input_ids])
         add = None if add_at is None else (add_at[0], sorted(set(keys)), add_at[1])
         knock = {layer: [(q, k) for k in sorted(set(keys))] for layer in knock_layers}
