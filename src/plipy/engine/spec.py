@@ -197,7 +197,10 @@ def _edge_mass(e: EdgeEdit, t: torch.Tensor, n_heads: int) -> torch.Tensor:
     m = torch.as_tensor(e.mass, dtype=torch.float64).detach().cpu()
     m = m[:, None].expand(-1, width) if m.ndim == 1 else m
     if m.shape != (len(t), width):
-        raise PlipyError(f"edge mass of shape {tuple(m.shape)} for {len(t)} edges and {width} heads")
+        raise PlipyError(
+            f"edge mass of shape {tuple(m.shape)} for {len(t)} edges and {width} heads: give [{len(t)}] (every head "
+            f"alike) or [{len(t)}, {width}] (one column per edited head, in `heads` order)"
+        )
     if not bool(torch.isfinite(m).all()) or bool(((m < 0) | (m > 1)).any()):
         raise PlipyError("an edge mass is a total attention weight: finite, between 0 and 1")
     _, row = torch.unique(t[:, :2], dim=0, return_inverse=True)

@@ -56,13 +56,18 @@ def edge_rows(edges: Sequence[Sequence[int]]) -> list[int]:
     return sorted({int(q) for q, _ in edges})
 
 
-def row_masses(attn: dict[int, torch.Tensor], edges: Sequence[Sequence[int]]) -> np.ndarray:
-    """The clean edge mass `[layers, heads, rows]` (float64) from captured rows `{layer: [heads, rows, keys]}`."""
+def row_masses(attn: dict[int, torch.Tensor], edges: Sequence[Sequence[int]], n_layers: int) -> np.ndarray:
+    """The clean edge mass `[n_layers, heads, rows]` (float64; NaN at layers not captured) from captured rows
+    `{layer: [heads, rows, keys]}`."""
     rows = edge_rows(edges)
-    keys = torch.zeros(len(rows), next(iter(attn.values())).shape[-1], dtype=torch.float64)
-    for q, k in edges:
-        keys[rows.index(int(q)), int(k)] = 1.0
-    return np.stack([(attn[layer].double().cpu() * keys).sum(-1).numpy() for layer in sorted(attn)])
+    r = torch.tensor([rows.index(int(q)) for q, _ in edges])
+    k = torch.tensor([int(k) for _, k in edges])
+    n_heads = next(iter(attn.values())).shape[0]
+    out = np.full((n_layers, n_heads, len(rows)), np.nan)
+    for layer, a in attn.items():
+        weights = a.double().cpu()[:, r, k]  # [heads, edges]: each edge's weight
+        out[layer] = torch.zeros(n_heads, len(rows), dtype=torch.float64).index_add_(1, r, weights).numpy()
+    return out
 
 
 @dataclass
@@ -85,12 +90,13 @@ class EdgeMasses(Experiment[EdgeMassPlan, dict]):
     samples: list[dict[str, Any]]
     positions: list[SamplePositions]
     edges: str = "marker-to-targets"
+    layers: list[int] | None = None  # the layers the conditions edit (None: every layer)
 
     def plan(self, lm: LoadedModel) -> EdgeMassPlan:
         return EdgeMassPlan(self.samples, self.positions, ConditionRunner(lm.model, Engine(lm.model), path="naive"))
 
     def settings(self, lm: LoadedModel, plan: EdgeMassPlan, batch_size: int) -> Settings:
-        config = {"edges": self.edges, "samples": [s["id"] for s in self.samples]}
+        config = {"edges": self.edges, "samples": [s["id"] for s in self.samples], "layers": self.layers}
         return Settings(config, corpus=self.corpus, key={"batch_size": batch_size})
 
     def work(self, plan: EdgeMassPlan, batch_size: int) -> Work:
@@ -102,12 +108,15 @@ class EdgeMasses(Experiment[EdgeMassPlan, dict]):
         rows = [edge_rows(plan.samples[i]["edges"]) for i in batch]
         with naming([f"sample {plan.samples[i]['id']!r}" for i in batch]):
             bases = plan.runner.baselines(
-                [plan.positions[i].input_ids for i in batch], rows=rows, pad_token=pad_id(lm.tokenizer)
+                [plan.positions[i].input_ids for i in batch],
+                rows=rows,
+                layers=self.layers,
+                pad_token=pad_id(lm.tokenizer),
             )
         out: list[Unit] = []
         for i, base in zip(batch, bases, strict=True):
             assert base.attn is not None
-            out.append(({}, {"mass": row_masses(base.attn, plan.samples[i]["edges"])}))
+            out.append(({}, {"mass": row_masses(base.attn, plan.samples[i]["edges"], lm.n_layers)}))
         return out
 
     def assemble(self, lm: LoadedModel, plan: EdgeMassPlan, units: dict[int, Unit], provenance: dict[str, Any]) -> dict:

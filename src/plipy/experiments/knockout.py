@@ -359,7 +359,8 @@ class Knockout(Experiment[KnockoutPlan, KnockoutResult]):
     def masses_phase(self, lm: LoadedModel) -> EdgeMasses:
         """The phase that records every usable sample's clean edge masses (run it, set `masses`, then run this)."""
         _, _, _, samples, positions = self._samples(lm)
-        return EdgeMasses(self.corpus, samples, positions, self.edges)
+        layers = sorted({layer for c in self.conditions for layer in c.layers})
+        return EdgeMasses(self.corpus, samples, positions, self.edges, layers)
 
     def plan(self, lm: LoadedModel) -> KnockoutPlan:
         heads, groups, pair, samples, positions = self._samples(lm)

@@ -33,6 +33,7 @@ from plipy.engine import EdgeEdit, ResidualAdd
 from plipy.engine import qk as eq
 from plipy.engine.arch import adapter
 from plipy.errors import PlipyError
+from plipy.experiments.knockout import condition_edits
 from plipy.experiments.samples import after_marker, identity
 from plipy.results.qk import COLUMNS, QkResult
 from plipy.runtime.experiment import Experiment, Settings, Unit, Work
@@ -134,17 +135,11 @@ class KnockoutSpec:
 
 
 def knockout_edits(spec: KnockoutSpec, item: Item, windows: Sequence[int | None]) -> list[EdgeEdit]:
-    """The item's query → key edges in the spec's layers; on sliding-window layers the edges the window already
-    masks are dropped (knocking them out would be a no-op)."""
+    """The item's query → key edges in the spec's layers, built as knockout builds them (`condition_edits`: edges a
+    sliding window already masks are dropped)."""
     assert item.query is not None
     edges = [(item.query, k) for k in sorted(set(item.keys))]
-    by_window: dict[int | None, list[int]] = {}
-    for layer in spec.layers:
-        by_window.setdefault(windows[layer], []).append(layer)
-    return [
-        EdgeEdit(layers=ls, edges=edges if w is None else [(q, k) for q, k in edges if q - k < w], heads=spec.heads)
-        for w, ls in by_window.items()
-    ]
+    return condition_edits(edges, spec.layers, spec.heads, list(windows))
 
 
 # -- the decomposition of one input ----------------------------------------------------------------------------------
@@ -207,7 +202,10 @@ def decompose(qmap: eq.QkMap, cap: eq.QkCapture, item: Item, heads: list[int], s
     keys = [k for k in item.keys if bool(torch.isfinite(observed[:, k]).all())]
     masked = sorted({k for k in item.keys if k not in keys})
     if not keys:
-        raise PlipyError(f"{item.record['id']}: every key is masked for the query (a sliding window)")
+        raise PlipyError(
+            f"{item.record['id']}: every key lies outside layer {qmap.layer}'s sliding window as seen from the query: "
+            "decompose a full-attention layer (layer=…), or leave this input out (groups=…)"
+        )
     per_key: dict[int, tuple[list[str], torch.Tensor]] = {}
     for k in dict.fromkeys(keys):
         names, parts = _side(qmap, cap, k, "k", sae)
